@@ -1,0 +1,285 @@
+//! `lifecycle bench`: end-to-end ingest throughput against the broker's raw ceiling, measured
+//! in the same run on the same machine.
+//!
+//! The ceiling is N messages published with confirms to a quorum queue, then consumed and
+//! acked (one ack per message) by bare lapin consumers with the same prefetch and consumer
+//! count as ingest. The end-to-end figure is the same N enrolment events published to the
+//! exchange, then consumed by the real ingest: parsed, applied in PostgreSQL transactions
+//! (inbox, member, planned welcome message), committed and acked. Both sides start with the
+//! messages already queued, so each measures consumption alone. Everything runs in its own
+//! exchange, queues and database, removed afterwards.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeleteOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection};
+
+use crate::app::{App, Roles, Worker};
+use crate::config::Settings;
+use crate::ingest;
+use crate::metrics::Metrics;
+use crate::publish::Publisher;
+
+/// Figures of one run.
+#[derive(Debug, Clone, Copy)]
+pub struct Report {
+    /// Events in each phase.
+    pub events: usize,
+    /// Publishing with confirms, messages/s.
+    pub publish_rate: f64,
+    /// Bare consume + ack, messages/s.
+    pub ceiling_rate: f64,
+    /// Ingest, events/s committed and acked.
+    pub ingest_rate: f64,
+    /// Peak resident memory of the whole bench process, MiB.
+    pub peak_rss_mib: f64,
+}
+
+impl Report {
+    /// Ingest as a share of the ceiling.
+    pub fn ratio(&self) -> f64 {
+        self.ingest_rate / self.ceiling_rate
+    }
+}
+
+/// Runs the benchmark and prints its report.
+pub async fn run(mut settings: Settings, events: usize) -> anyhow::Result<()> {
+    if events == 0 {
+        bail!("--events must be at least 1");
+    }
+    let tag = format!("bench{}", std::process::id());
+    settings.exchange = format!("lifecycle.{tag}.events");
+    settings.ingest.queue = format!("lifecycle.{tag}.events");
+    settings.ingest.dead_letter_exchange = format!("lifecycle.{tag}.dlx");
+    settings.ingest.dead_letter_queue = format!("lifecycle.{tag}.dead");
+    settings.ingest.retry_queue = format!("lifecycle.{tag}.retry");
+    let database = format!("{}_bench", settings.database_url.database());
+    settings.database_url = settings.database_url.with_database(&database);
+    crate::db::drop_database(&settings.database_url).await?;
+
+    println!(
+        "lifecycle bench: {events} enrolment events, {} consumers, prefetch {}, batches of up to {}",
+        settings.ingest.consumers, settings.ingest.prefetch, settings.ingest.batch_size
+    );
+    let bodies: Vec<String> = (0..events).map(|i| enrolment(&tag, i)).collect();
+    let connection = ingest::connect(&settings.amqp_url, "lifecycle-bench").await?;
+
+    let (publish_rate, ceiling_rate) = ceiling(&connection, &settings, &tag, &bodies).await?;
+    println!("broker publish (confirms):      {publish_rate:>9.0} msg/s");
+    println!("broker ceiling (consume + ack): {ceiling_rate:>9.0} msg/s");
+
+    let ingest_rate = end_to_end(&settings, &bodies).await;
+    cleanup(&connection, &settings).await;
+    let ingest_rate = ingest_rate?;
+    let report = Report {
+        events,
+        publish_rate,
+        ceiling_rate,
+        ingest_rate,
+        peak_rss_mib: peak_rss_mib(),
+    };
+    println!(
+        "lifecycle ingest (end to end):  {:>9.0} events/s",
+        report.ingest_rate
+    );
+    println!("ratio to ceiling:               {:>9.2}", report.ratio());
+    println!(
+        "peak resident memory:           {:>9.1} MiB (whole bench process)",
+        report.peak_rss_mib
+    );
+    Ok(())
+}
+
+/// A `member.enrolled` event with email consent, as a shop would send it.
+fn enrolment(tag: &str, i: usize) -> String {
+    serde_json::json!({
+        "specversion": "1.0", "id": format!("{tag}-{i}"), "source": "bench", "type": "member.enrolled",
+        "time": "2026-11-22T10:00:00Z",
+        "data": {
+            "member_id": format!("{tag}-m{i}"), "email": format!("member{i}@example.com"),
+            "first_name": "Bench", "locale": (["en", "ko", "tr"][i % 3]), "timezone": "Europe/Istanbul",
+            "consent": {"email": true, "sms": false}
+        }
+    })
+    .to_string()
+}
+
+/// Publishes to a bare quorum queue, then consumes and acks every message: (publish, consume) rates.
+async fn ceiling(
+    connection: &Connection,
+    settings: &Settings,
+    tag: &str,
+    bodies: &[String],
+) -> anyhow::Result<(f64, f64)> {
+    let queue = format!("lifecycle.{tag}.ceiling");
+    let channel = connection.create_channel().await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await?;
+
+    let publisher = Publisher::open(connection).await?;
+    let started = Instant::now();
+    let mut pending = Vec::new();
+    for body in bodies {
+        pending.push(
+            publisher
+                .publish_raw(
+                    "",
+                    &queue,
+                    body.as_bytes(),
+                    &BasicProperties::default(),
+                    FieldTable::default(),
+                )
+                .await,
+        );
+        if pending.len() >= 2_000 {
+            for confirm in pending.drain(..) {
+                Publisher::confirmed(confirm).await?;
+            }
+        }
+    }
+    for confirm in pending.drain(..) {
+        Publisher::confirmed(confirm).await?;
+    }
+    let publish_rate = bodies.len() as f64 / started.elapsed().as_secs_f64();
+
+    let total = bodies.len();
+    let acked = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for n in 0..settings.ingest.consumers {
+        let channel = connection.create_channel().await?;
+        channel
+            .basic_qos(settings.ingest.prefetch, BasicQosOptions::default())
+            .await?;
+        let mut consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                format!("ceiling-{n}").as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let acked = acked.clone();
+        tasks.push(tokio::spawn(async move {
+            while acked.load(Ordering::Relaxed) < total {
+                let next = tokio::time::timeout(Duration::from_millis(200), consumer.next()).await;
+                match next {
+                    Ok(Some(Ok(delivery))) => {
+                        delivery.ack(BasicAckOptions::default()).await?;
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Some(Err(e))) => return Err(anyhow::Error::from(e)),
+                    Ok(None) => break,
+                    Err(_) => {}
+                }
+            }
+            channel.close(200, "done".into()).await.ok();
+            Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let ceiling_rate = total as f64 / started.elapsed().as_secs_f64();
+    channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await?;
+    Ok((publish_rate, ceiling_rate))
+}
+
+/// Publishes the events to the exchange, then runs ingest until all are applied: events/s.
+async fn end_to_end(settings: &Settings, bodies: &[String]) -> anyhow::Result<f64> {
+    let app = App::open(settings.clone()).await?;
+    crate::demo::publish(settings, bodies).await?;
+    let total = bodies.len() as u64;
+    let started = Instant::now();
+    let worker = Worker::start(
+        app.clone(),
+        Roles {
+            ingest: true,
+            dispatch: false,
+        },
+    )
+    .await?;
+    let deadline = started + Duration::from_secs(300);
+    while Metrics::get(&app.metrics.events_applied) < total {
+        if Instant::now() > deadline {
+            worker.stop().await.ok();
+            bail!(
+                "ingest applied {} of {total} events in 300 s",
+                Metrics::get(&app.metrics.events_applied)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed();
+    worker.stop().await?;
+    let (inbox, planned): (i64, i64) =
+        sqlx::query_as("select (select count(*) from inbox), (select count(*) from messages)")
+            .fetch_one(&app.pool)
+            .await?;
+    if inbox as u64 != total || planned as u64 != total {
+        bail!(
+            "after ingest the inbox holds {inbox} events and the outbox {planned} messages, not {total}"
+        );
+    }
+    app.pool.close().await;
+    Ok(total as f64 / elapsed.as_secs_f64())
+}
+
+async fn cleanup(connection: &Connection, settings: &Settings) {
+    let s = &settings.ingest;
+    if let Ok(channel) = connection.create_channel().await {
+        for queue in [&s.queue, &s.dead_letter_queue, &s.retry_queue] {
+            channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .ok();
+        }
+        for exchange in [&settings.exchange, &s.dead_letter_exchange] {
+            channel
+                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                .await
+                .ok();
+        }
+    }
+    if let Err(error) = crate::db::drop_database(&settings.database_url)
+        .await
+        .context("dropping the bench database")
+    {
+        tracing::warn!(error = format!("{error:#}"), "Cleanup incomplete.");
+    }
+}
+
+/// Peak resident set size of this process (VmHWM), in MiB.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}

@@ -1,0 +1,821 @@
+//! Typed settings: an optional `lifecycle.toml` overlaid by `LIFECYCLE_…` environment variables.
+//!
+//! Every key is parsed into its final type while loading, so a wrong value is one error line that
+//! names the key (in both its file and its environment form). Secrets (`Secret`, passwords inside
+//! URLs) are redacted by `Debug` and `Display`, so printing settings never leaks them.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
+use serde::de::{self, Deserializer};
+use serde::{Deserialize, Serialize};
+
+/// Prefix of every environment variable that overlays the file.
+const ENV_PREFIX: &str = "LIFECYCLE_";
+/// Names the configuration file; not itself a setting.
+const ENV_CONFIG_FILE: &str = "LIFECYCLE_CONFIG";
+
+/// All settings of a lifecycle process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// RabbitMQ connection (`LIFECYCLE_AMQP_URL`).
+    #[serde(deserialize_with = "parsed")]
+    pub amqp_url: AmqpUrl,
+    /// PostgreSQL connection; `migrate` creates this database when missing.
+    #[serde(deserialize_with = "parsed")]
+    pub database_url: DatabaseUrl,
+    /// Topic exchange the platform publishes to.
+    pub exchange: String,
+    /// Address of the HTTP server (health, metrics, admin API).
+    #[serde(deserialize_with = "parsed")]
+    pub http_addr: SocketAddr,
+    /// Email providers, tried in order.
+    #[serde(deserialize_with = "list")]
+    pub email_providers: Vec<EmailProviderKind>,
+    /// SMS providers, tried in order.
+    #[serde(deserialize_with = "list")]
+    pub sms_providers: Vec<SmsProviderKind>,
+    /// SMTP relay, in lettre's URL form.
+    #[serde(deserialize_with = "parsed")]
+    pub smtp_url: SmtpUrl,
+    /// Twilio API base (tests point it at a local fake).
+    pub twilio_base_url: String,
+    /// Twilio account.
+    pub twilio_account_sid: Option<String>,
+    /// Twilio auth token; also checks `X-Twilio-Signature` on inbound webhooks.
+    pub twilio_auth_token: Option<Secret>,
+    /// Sender number or messaging service of SMS.
+    pub twilio_from: Option<String>,
+    /// SendGrid API base.
+    pub sendgrid_base_url: String,
+    /// SendGrid API key.
+    pub sendgrid_api_key: Option<Secret>,
+    /// Where the `webhook` provider posts rendered messages.
+    pub webhook_url: Option<String>,
+    /// Key of the `webhook` provider's body signature.
+    pub webhook_secret: Option<Secret>,
+    /// Base of unsubscribe links and callback URLs.
+    #[serde(deserialize_with = "parsed")]
+    pub public_url: HttpUrl,
+    /// The sender of email.
+    #[serde(deserialize_with = "parsed")]
+    pub from: lettre::message::Mailbox,
+    /// Where the `file` providers write `.eml` and `.json` files.
+    pub outbox_dir: PathBuf,
+    /// Bearer token of the admin API; unset refuses every request.
+    pub admin_token: Option<Secret>,
+    /// Fixes the clock at this instant (tests and demos only).
+    #[serde(deserialize_with = "parsed_opt")]
+    pub now: Option<Instant>,
+    /// The shop's name as messages show it.
+    pub shop_name: String,
+    /// Root of the default templates.
+    pub templates_dir: PathBuf,
+    /// Consuming events.
+    pub ingest: IngestSettings,
+    /// Sending messages.
+    pub dispatch: DispatchSettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        let parse = |s: &str| s.parse().expect("default settings parse");
+        Self {
+            amqp_url: parse_default("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            database_url: parse_default("postgres://postgres@127.0.0.1:5432/lifecycle"),
+            exchange: "commerce.events".into(),
+            http_addr: parse("127.0.0.1:8080"),
+            email_providers: vec![EmailProviderKind::File],
+            sms_providers: vec![SmsProviderKind::File],
+            smtp_url: parse_default("smtp://127.0.0.1:25"),
+            twilio_base_url: "https://api.twilio.com".into(),
+            twilio_account_sid: None,
+            twilio_auth_token: None,
+            twilio_from: None,
+            sendgrid_base_url: "https://api.sendgrid.com".into(),
+            sendgrid_api_key: None,
+            webhook_url: None,
+            webhook_secret: None,
+            public_url: parse_default("http://127.0.0.1:8080"),
+            from: parse_default("Loyalty <loyalty@localhost>"),
+            outbox_dir: "outbox".into(),
+            admin_token: None,
+            now: None,
+            shop_name: "Loyalty Club".into(),
+            templates_dir: "templates".into(),
+            ingest: IngestSettings::default(),
+            dispatch: DispatchSettings::default(),
+        }
+    }
+}
+
+fn parse_default<T: FromStr>(s: &str) -> T
+where
+    T::Err: fmt::Display,
+{
+    match s.parse() {
+        Ok(value) => value,
+        Err(error) => panic!("default setting {s:?} does not parse: {error}"),
+    }
+}
+
+/// How events are consumed: the queue topology of DESIGN.md and the batching of ingest.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestSettings {
+    /// The worker's input queue (quorum).
+    pub queue: String,
+    /// Fanout exchange of dead letters.
+    pub dead_letter_exchange: String,
+    /// Queue that keeps dead letters for inspection and replay.
+    pub dead_letter_queue: String,
+    /// Queue where early events wait before they are tried again.
+    pub retry_queue: String,
+    /// How long an early event waits in the retry queue, in milliseconds.
+    #[serde(deserialize_with = "parsed")]
+    pub retry_delay_ms: u64,
+    /// How often an early event is tried before it is dead-lettered.
+    #[serde(deserialize_with = "parsed")]
+    pub max_retries: u32,
+    /// Unacknowledged deliveries the broker may push to one consumer.
+    #[serde(deserialize_with = "parsed")]
+    pub prefetch: u16,
+    /// Most deliveries handled in one database transaction.
+    #[serde(deserialize_with = "parsed")]
+    pub batch_size: usize,
+    /// Consumers (each its own channel and transaction) per process.
+    #[serde(deserialize_with = "parsed")]
+    pub consumers: usize,
+    /// Redeliveries before the broker itself dead-letters a message (`x-delivery-limit`).
+    #[serde(deserialize_with = "parsed")]
+    pub delivery_limit: u32,
+    /// Largest accepted event body, in bytes.
+    #[serde(deserialize_with = "parsed")]
+    pub max_event_bytes: usize,
+}
+
+impl Default for IngestSettings {
+    fn default() -> Self {
+        Self {
+            queue: "lifecycle.events".into(),
+            dead_letter_exchange: "lifecycle.dlx".into(),
+            dead_letter_queue: "lifecycle.dead".into(),
+            retry_queue: "lifecycle.retry".into(),
+            retry_delay_ms: 5_000,
+            max_retries: 20,
+            prefetch: 1_000,
+            batch_size: 500,
+            consumers: 2,
+            delivery_limit: 20,
+            max_event_bytes: 256 * 1024,
+        }
+    }
+}
+
+impl IngestSettings {
+    /// The retry queue's delay as a duration.
+    pub fn retry_delay(&self) -> Duration {
+        Duration::from_millis(self.retry_delay_ms)
+    }
+}
+
+/// How planned messages are sent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DispatchSettings {
+    /// Most messages claimed at once.
+    #[serde(deserialize_with = "parsed")]
+    pub batch_size: i64,
+    /// Sends in flight at once.
+    #[serde(deserialize_with = "parsed")]
+    pub concurrency: usize,
+    /// Pause between polls when nothing is due, in milliseconds.
+    #[serde(deserialize_with = "parsed")]
+    pub poll_interval_ms: u64,
+    /// How long a claim holds a message before another worker may take it, in seconds.
+    #[serde(deserialize_with = "parsed")]
+    pub lease_secs: u64,
+    /// Attempts before a transiently failing message ends `failed`.
+    #[serde(deserialize_with = "parsed")]
+    pub max_attempts: i32,
+    /// First retry delay, in milliseconds; doubles with every attempt.
+    #[serde(deserialize_with = "parsed")]
+    pub retry_base_ms: u64,
+    /// Pooled SMTP connections.
+    #[serde(deserialize_with = "parsed")]
+    pub smtp_pool_size: usize,
+    /// Time limit of one provider call, in milliseconds.
+    #[serde(deserialize_with = "parsed")]
+    pub send_timeout_ms: u64,
+}
+
+impl Default for DispatchSettings {
+    fn default() -> Self {
+        Self {
+            batch_size: 200,
+            concurrency: 32,
+            poll_interval_ms: 200,
+            lease_secs: 60,
+            max_attempts: 8,
+            retry_base_ms: 2_000,
+            smtp_pool_size: 8,
+            send_timeout_ms: 15_000,
+        }
+    }
+}
+
+impl DispatchSettings {
+    /// The idle poll interval as a duration.
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.poll_interval_ms)
+    }
+
+    /// The time limit of one provider call.
+    pub fn send_timeout(&self) -> Duration {
+        Duration::from_millis(self.send_timeout_ms)
+    }
+}
+
+/// An email provider name of `LIFECYCLE_EMAIL_PROVIDERS`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmailProviderKind {
+    /// An SMTP relay (`LIFECYCLE_SMTP_URL`).
+    Smtp,
+    /// SendGrid's v3 mail send API.
+    Sendgrid,
+    /// A signed JSON POST to `LIFECYCLE_WEBHOOK_URL`.
+    Webhook,
+    /// `.eml` and `.json` files in `LIFECYCLE_OUTBOX_DIR`.
+    File,
+}
+
+/// An SMS provider name of `LIFECYCLE_SMS_PROVIDERS`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmsProviderKind {
+    /// Twilio's Messages API.
+    Twilio,
+    /// A signed JSON POST to `LIFECYCLE_WEBHOOK_URL`.
+    Webhook,
+    /// `.json` files in `LIFECYCLE_OUTBOX_DIR`.
+    File,
+}
+
+/// A secret value: never shown by `Debug` or `Display`.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// An instant in UTC, parsed from RFC 3339.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Instant(pub DateTime<Utc>);
+
+impl FromStr for Instant {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        DateTime::parse_from_rfc3339(s)
+            .map(|t| Instant(t.with_timezone(&Utc)))
+            .map_err(|e| {
+                format!("`{s}` is not an RFC 3339 time such as 2026-11-22T10:00:00Z ({e})")
+            })
+    }
+}
+
+/// Replaces the password of a URL with `***` for display.
+fn redact_password(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut url) if url.password().is_some() => {
+            let _ = url.set_password(Some("***"));
+            url.to_string()
+        }
+        _ => raw.to_owned(),
+    }
+}
+
+/// An AMQP URL, checked by lapin's own parser.
+#[derive(Clone)]
+pub struct AmqpUrl(String);
+
+impl AmqpUrl {
+    /// The URL with its password, for connecting.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for AmqpUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        lapin::uri::AMQPUri::from_str(s)
+            .map(|_| AmqpUrl(s.to_owned()))
+            .map_err(|e| format!("`{}` is not an AMQP URL ({e})", redact_password(s)))
+    }
+}
+
+impl fmt::Display for AmqpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_password(&self.0))
+    }
+}
+
+impl fmt::Debug for AmqpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+/// A PostgreSQL URL naming a database.
+#[derive(Clone)]
+pub struct DatabaseUrl {
+    url: url::Url,
+}
+
+impl DatabaseUrl {
+    /// The name of the database.
+    pub fn database(&self) -> &str {
+        self.url.path().trim_start_matches('/')
+    }
+
+    /// The same server with another database (used to create databases and by the benchmark).
+    pub fn with_database(&self, name: &str) -> DatabaseUrl {
+        let mut url = self.url.clone();
+        url.set_path(&format!("/{name}"));
+        DatabaseUrl { url }
+    }
+
+    /// The URL with its password, for connecting.
+    pub fn expose(&self) -> &str {
+        self.url.as_str()
+    }
+}
+
+impl FromStr for DatabaseUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let url = url::Url::parse(s)
+            .map_err(|e| format!("`{}` is not a URL ({e})", redact_password(s)))?;
+        if !matches!(url.scheme(), "postgres" | "postgresql") {
+            return Err(format!("`{}` is not a postgres:// URL", redact_password(s)));
+        }
+        let name = url.path().trim_start_matches('/');
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!(
+                "`{}` must name a database of letters, digits and `_`",
+                redact_password(s)
+            ));
+        }
+        Ok(DatabaseUrl { url })
+    }
+}
+
+impl fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_password(self.url.as_str()))
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+/// How an SMTP connection is secured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmtpTls {
+    /// Plain text (a local relay or a test sink).
+    None,
+    /// STARTTLS when the server offers it.
+    Opportunistic,
+    /// STARTTLS, or fail.
+    Required,
+    /// TLS from the first byte (`smtps://`).
+    Wrapper,
+}
+
+/// An SMTP relay in lettre's URL form: `smtp://user:pass@host:port?tls=required`, `smtps://…`.
+#[derive(Clone)]
+pub struct SmtpUrl {
+    /// Host name, also the name checked in the server's certificate.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Transport security.
+    pub tls: SmtpTls,
+    /// User and password, when the relay wants authentication.
+    pub credentials: Option<(String, Secret)>,
+}
+
+impl FromStr for SmtpUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let shown = redact_password(s);
+        let url = url::Url::parse(s).map_err(|e| format!("`{shown}` is not a URL ({e})"))?;
+        let (default_port, mut tls) = match url.scheme() {
+            "smtp" => (25, SmtpTls::None),
+            "smtps" => (465, SmtpTls::Wrapper),
+            other => return Err(format!("`{shown}`: scheme `{other}` is not smtp or smtps")),
+        };
+        for (key, value) in url.query_pairs() {
+            match (&*key, &*value) {
+                ("tls", "required") if tls == SmtpTls::None => tls = SmtpTls::Required,
+                ("tls", "opportunistic") if tls == SmtpTls::None => tls = SmtpTls::Opportunistic,
+                _ => return Err(format!("`{shown}`: unknown parameter `{key}={value}`")),
+            }
+        }
+        let host = url
+            .host_str()
+            .ok_or_else(|| format!("`{shown}` has no host"))?
+            .trim_matches(['[', ']'])
+            .to_owned();
+        let credentials = (!url.username().is_empty()).then(|| {
+            let decode = |s: &str| {
+                url::form_urlencoded::parse(s.as_bytes())
+                    .map(|(k, _)| k)
+                    .collect::<String>()
+            };
+            (
+                decode(url.username()),
+                Secret(decode(url.password().unwrap_or(""))),
+            )
+        });
+        Ok(SmtpUrl {
+            host,
+            port: url.port().unwrap_or(default_port),
+            tls,
+            credentials,
+        })
+    }
+}
+
+impl fmt::Debug for SmtpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SmtpUrl")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("tls", &self.tls)
+            .field("user", &self.credentials.as_ref().map(|(user, _)| user))
+            .finish()
+    }
+}
+
+/// An absolute http(s) URL without a trailing slash.
+#[derive(Debug, Clone)]
+pub struct HttpUrl(String);
+
+impl HttpUrl {
+    /// The URL as text, without a trailing slash.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for HttpUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let url = url::Url::parse(s).map_err(|e| format!("`{s}` is not a URL ({e})"))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(format!("`{s}` is not an http(s) URL"));
+        }
+        Ok(HttpUrl(s.trim_end_matches('/').to_owned()))
+    }
+}
+
+impl Settings {
+    /// Loads the file named by `path` (or `LIFECYCLE_CONFIG`, or `lifecycle.toml` when present)
+    /// and overlays the process environment.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Settings> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        let path = path.map(Path::to_path_buf).or_else(|| {
+            env.iter()
+                .find(|(k, _)| k == ENV_CONFIG_FILE)
+                .map(|(_, v)| v.into())
+        });
+        let file = match &path {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading configuration file {}", path.display()))?,
+            ),
+            None => std::fs::read_to_string("lifecycle.toml").ok(),
+        };
+        Self::from_sources(file.as_deref(), env)
+    }
+
+    /// Builds settings from a file's text and environment pairs (those without the prefix are
+    /// ignored).
+    pub fn from_sources(
+        file: Option<&str>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Settings> {
+        let mut table = match file {
+            Some(text) => text
+                .parse::<toml::Table>()
+                .map_err(|e| anyhow::anyhow!("configuration file is not valid TOML: {e}"))?,
+            None => toml::Table::new(),
+        };
+        for (key, value) in env {
+            let Some(name) = key.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            if key == ENV_CONFIG_FILE {
+                continue;
+            }
+            overlay(&mut table, &name.to_ascii_lowercase(), value)
+                .with_context(|| format!("environment variable {key}"))?;
+        }
+        let settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let env = format!(
+                    "{ENV_PREFIX}{}",
+                    path.replace('.', "__").to_ascii_uppercase()
+                );
+                if path == "." {
+                    anyhow::anyhow!("invalid configuration: {}", e.inner().message())
+                } else {
+                    anyhow::anyhow!("invalid setting `{path}` ({env}): {}", e.inner().message())
+                }
+            })?;
+        settings.check()?;
+        Ok(settings)
+    }
+
+    /// Cross-field checks that no single key's parser can make.
+    fn check(&self) -> anyhow::Result<()> {
+        if self.email_providers.is_empty() {
+            bail!(
+                "invalid setting `email_providers` (LIFECYCLE_EMAIL_PROVIDERS): name at least one provider"
+            );
+        }
+        if self.sms_providers.is_empty() {
+            bail!(
+                "invalid setting `sms_providers` (LIFECYCLE_SMS_PROVIDERS): name at least one provider"
+            );
+        }
+        let positive = [
+            ("ingest.batch_size", self.ingest.batch_size as u64),
+            ("ingest.consumers", self.ingest.consumers as u64),
+            ("ingest.prefetch", self.ingest.prefetch as u64),
+            (
+                "dispatch.batch_size",
+                self.dispatch.batch_size.max(0) as u64,
+            ),
+            ("dispatch.concurrency", self.dispatch.concurrency as u64),
+            (
+                "dispatch.smtp_pool_size",
+                self.dispatch.smtp_pool_size as u64,
+            ),
+            (
+                "dispatch.max_attempts",
+                self.dispatch.max_attempts.max(0) as u64,
+            ),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                let env = format!(
+                    "{ENV_PREFIX}{}",
+                    key.replace('.', "__").to_ascii_uppercase()
+                );
+                bail!("invalid setting `{key}` ({env}): must be at least 1");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Puts one environment value at its dotted place in the table (`INGEST__PREFETCH` →
+/// `ingest.prefetch`). Values stay strings; the typed parsers read them.
+fn overlay(table: &mut toml::Table, key: &str, value: String) -> anyhow::Result<()> {
+    let mut parts: Vec<&str> = key.split("__").collect();
+    let last = parts.pop().unwrap_or_default();
+    let mut current = table;
+    for part in parts {
+        let entry = current
+            .entry(part.to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = match entry {
+            toml::Value::Table(t) => t,
+            _ => bail!("`{part}` is a value, not a section"),
+        };
+    }
+    current.insert(last.to_owned(), toml::Value::String(value));
+    Ok(())
+}
+
+/// Parses a value from its text (environment) or its native TOML form (file).
+fn parsed<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr,
+    T::Err: fmt::Display,
+{
+    let value = toml::Value::deserialize(deserializer)?;
+    let text = match value {
+        toml::Value::String(s) => s,
+        toml::Value::Integer(i) => i.to_string(),
+        toml::Value::Float(f) => f.to_string(),
+        toml::Value::Boolean(b) => b.to_string(),
+        toml::Value::Datetime(d) => d.to_string(),
+        other => {
+            return Err(de::Error::custom(format!(
+                "expected a single value, found {}",
+                other.type_str()
+            )));
+        }
+    };
+    text.trim().parse().map_err(de::Error::custom)
+}
+
+fn parsed_opt<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr,
+    T::Err: fmt::Display,
+{
+    parsed::<D, T>(deserializer).map(Some)
+}
+
+/// A list, from a TOML array or a comma-separated string (`smtp,file`).
+fn list<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    let value = toml::Value::deserialize(deserializer)?;
+    let items: Vec<toml::Value> = match value {
+        toml::Value::String(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| toml::Value::String(s.to_owned()))
+            .collect(),
+        toml::Value::Array(items) => items,
+        other => {
+            return Err(de::Error::custom(format!(
+                "expected a list, found {}",
+                other.type_str()
+            )));
+        }
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let shown = match &item {
+            toml::Value::String(s) => format!("{s:?}"),
+            other => other.type_str().to_owned(),
+        };
+        let parsed = T::deserialize(item)
+            .map_err(|_| de::Error::custom(format!("unknown provider {shown}")))?;
+        out.push(parsed);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(file: Option<&str>, env: &[(&str, &str)]) -> anyhow::Result<Settings> {
+        Settings::from_sources(
+            file,
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    fn error(file: Option<&str>, env: &[(&str, &str)]) -> String {
+        load(file, env).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_follow_the_design() {
+        let s = load(None, &[]).unwrap();
+        assert_eq!(s.exchange, "commerce.events");
+        assert_eq!(s.database_url.database(), "lifecycle");
+        assert_eq!(s.email_providers, vec![EmailProviderKind::File]);
+        assert_eq!(s.http_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.ingest.queue, "lifecycle.events");
+        assert_eq!(s.smtp_url.port, 25);
+    }
+
+    #[test]
+    fn environment_overlays_file() {
+        let file = "exchange = \"from.file\"\n[ingest]\nprefetch = 10\nbatch_size = 7\n";
+        let s = load(
+            Some(file),
+            &[
+                ("LIFECYCLE_EXCHANGE", "from.env"),
+                ("LIFECYCLE_INGEST__PREFETCH", "99"),
+                ("LIFECYCLE_EMAIL_PROVIDERS", "smtp, file"),
+                ("LIFECYCLE_NOW", "2026-11-22T10:00:00+01:00"),
+                ("OTHER", "ignored"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.exchange, "from.env");
+        assert_eq!(s.ingest.prefetch, 99);
+        assert_eq!(s.ingest.batch_size, 7);
+        assert_eq!(
+            s.email_providers,
+            vec![EmailProviderKind::Smtp, EmailProviderKind::File]
+        );
+        assert_eq!(s.now.unwrap().0.to_rfc3339(), "2026-11-22T09:00:00+00:00");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (
+                &[("LIFECYCLE_INGEST__PREFETCH", "lots")],
+                "`ingest.prefetch` (LIFECYCLE_INGEST__PREFETCH)",
+            ),
+            (
+                &[("LIFECYCLE_AMQP_URL", "http://x")],
+                "`amqp_url` (LIFECYCLE_AMQP_URL)",
+            ),
+            (
+                &[("LIFECYCLE_EMAIL_PROVIDERS", "smtp,pigeon")],
+                "unknown provider \"pigeon\"",
+            ),
+            (&[("LIFECYCLE_NOW", "yesterday")], "`now` (LIFECYCLE_NOW)"),
+            (
+                &[("LIFECYCLE_FROM", "not a mailbox")],
+                "`from` (LIFECYCLE_FROM)",
+            ),
+            (
+                &[("LIFECYCLE_AMPQ_URL", "amqp://x")],
+                "unknown field `ampq_url`",
+            ),
+            (
+                &[("LIFECYCLE_DATABASE_URL", "postgres://u:hunter2@h/")],
+                "must name a database",
+            ),
+            (
+                &[("LIFECYCLE_INGEST__CONSUMERS", "0")],
+                "`ingest.consumers` (LIFECYCLE_INGEST__CONSUMERS)",
+            ),
+        ];
+        for (env, expected) in cases {
+            let message = error(None, env);
+            assert!(message.contains(expected), "{env:?}: {message}");
+            assert!(!message.contains('\n'), "one line: {message}");
+        }
+    }
+
+    #[test]
+    fn secrets_are_not_printed() {
+        let s = load(
+            None,
+            &[
+                (
+                    "LIFECYCLE_DATABASE_URL",
+                    "postgres://app:hunter2@db/lifecycle",
+                ),
+                ("LIFECYCLE_AMQP_URL", "amqp://app:hunter3@mq:5672/%2f"),
+                (
+                    "LIFECYCLE_SMTP_URL",
+                    "smtp://mailer:hunter4@relay:587?tls=required",
+                ),
+                ("LIFECYCLE_ADMIN_TOKEN", "hunter5"),
+            ],
+        )
+        .unwrap();
+        let shown = format!("{s:?}");
+        for secret in ["hunter2", "hunter3", "hunter4", "hunter5"] {
+            assert!(!shown.contains(secret), "{secret} leaked: {shown}");
+        }
+        assert_eq!(s.smtp_url.tls, SmtpTls::Required);
+        assert_eq!(
+            s.smtp_url.credentials.as_ref().unwrap().1.expose(),
+            "hunter4"
+        );
+        let bad = error(
+            None,
+            &[("LIFECYCLE_DATABASE_URL", "mysql://app:hunter6@db/x")],
+        );
+        assert!(!bad.contains("hunter6"), "{bad}");
+    }
+}

@@ -1,0 +1,102 @@
+//! PostgreSQL: connecting, creating the database, migrations, and what a failure means.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgPool};
+
+use crate::config::DatabaseUrl;
+
+/// The schema, embedded in the binary.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+fn options(url: &DatabaseUrl) -> anyhow::Result<PgConnectOptions> {
+    let options: PgConnectOptions = url
+        .expose()
+        .parse()
+        .with_context(|| format!("parsing database URL {url}"))?;
+    Ok(options
+        .application_name("lifecycle")
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1)))
+}
+
+/// A pool of at most `max` connections. Connections are made lazily, so a database that is
+/// down at start-up is waited for by the callers' retries rather than failing the process.
+pub fn pool(url: &DatabaseUrl, max: u32) -> anyhow::Result<PgPool> {
+    Ok(PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(options(url)?))
+}
+
+/// Creates the database named by `url` when it does not exist.
+pub async fn create_if_missing(url: &DatabaseUrl) -> anyhow::Result<()> {
+    let name = url.database();
+    let mut admin = options(&url.with_database("postgres"))?
+        .connect()
+        .await
+        .with_context(|| format!("connecting to PostgreSQL at {url}"))?;
+    let exists: bool =
+        sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
+            .bind(name)
+            .fetch_one(&mut admin)
+            .await?;
+    if !exists {
+        // The name was checked to be letters, digits and `_` when the URL was parsed.
+        match sqlx::query(&format!("create database \"{name}\""))
+            .execute(&mut admin)
+            .await
+        {
+            Ok(_) => tracing::info!(database = name, "Created database."),
+            // Another process created it first.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+            Err(e) => return Err(e).with_context(|| format!("creating database {name}")),
+        }
+    }
+    admin.close().await.ok();
+    Ok(())
+}
+
+/// Creates the database when missing and applies pending migrations.
+pub async fn migrate(url: &DatabaseUrl) -> anyhow::Result<PgPool> {
+    create_if_missing(url).await?;
+    let pool = pool(url, 10)?;
+    MIGRATOR
+        .run(&pool)
+        .await
+        .with_context(|| format!("applying migrations to {url}"))?;
+    Ok(pool)
+}
+
+/// Drops a database (tests and the benchmark clean up with it).
+pub async fn drop_database(url: &DatabaseUrl) -> anyhow::Result<()> {
+    let mut admin = options(&url.with_database("postgres"))?.connect().await?;
+    sqlx::query(&format!(
+        "drop database if exists \"{}\" with (force)",
+        url.database()
+    ))
+    .execute(&mut admin)
+    .await?;
+    Ok(())
+}
+
+/// Whether a database error may pass if the same work is tried again: lost connections,
+/// deadlocks and serialization failures, a server shutting down or short of resources, and a
+/// unique violation from a concurrent worker doing the same thing.
+pub fn is_transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(e) => {
+            let code = e.code().unwrap_or_default();
+            matches!(&code[..2.min(code.len())], "08" | "40" | "53" | "57" | "58")
+                || code == "23505"
+        }
+        _ => false,
+    }
+}

@@ -1,0 +1,203 @@
+//! `lifecycle demo`: publish sample events, process them with a real worker, show the result.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use sqlx::{PgPool, Row};
+
+use crate::app::{App, Roles, Worker};
+use crate::config::Settings;
+use crate::domain::{Email, Phone};
+use crate::ingest;
+use crate::metrics::Metrics;
+use crate::publish::Publisher;
+
+/// Declares the topology and publishes event bodies to the exchange; returns how many.
+pub async fn publish(settings: &Settings, bodies: &[String]) -> anyhow::Result<usize> {
+    let connection = ingest::connect(&settings.amqp_url, "lifecycle-publish").await?;
+    ingest::declare_topology(&connection.create_channel().await?, settings).await?;
+    let publisher = Publisher::open(&connection).await?;
+    let n = publisher.publish_events(&settings.exchange, bodies).await?;
+    connection.close(200, "bye".into()).await.ok();
+    Ok(n)
+}
+
+/// Runs the demo: migrate, publish `events`, process them, print the messages.
+pub async fn run(settings: Settings, events: &Path) -> anyhow::Result<()> {
+    let lines = crate::publish::read_lines(events)?;
+    let member_ids: Vec<String> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["data"]["member_id"].as_str().map(str::to_owned))
+        .collect();
+    let app = App::open(settings).await?;
+    let worker = Worker::start(
+        app.clone(),
+        Roles {
+            ingest: true,
+            dispatch: true,
+        },
+    )
+    .await?;
+    let published = publish(&app.settings, &lines).await?;
+    println!(
+        "Published {published} events from {} to exchange {}.",
+        events.display(),
+        app.settings.exchange
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let handled = app.metrics.events_handled() as usize;
+        let due: i64 = sqlx::query_scalar(
+            "select count(*) from messages
+             where status in ('pending', 'sending') and due_at <= $1 and member_id = any($2)",
+        )
+        .bind(app.clock.now())
+        .bind(&member_ids)
+        .fetch_one(&app.pool)
+        .await?;
+        if handled >= published && due == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            worker.stop().await.ok();
+            bail!(
+                "the demo did not finish in 60 s: {handled} of {published} events handled, {due} messages still due"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    worker.stop().await?;
+
+    let m = &app.metrics;
+    println!(
+        "Events: {} applied, {} duplicates (event ids already applied), {} waiting for a prerequisite, {} dead-lettered to {}.",
+        Metrics::get(&m.events_applied),
+        Metrics::get(&m.events_duplicate),
+        Metrics::get(&m.events_deferred),
+        Metrics::get(&m.events_dead_lettered),
+        app.settings.ingest.dead_letter_queue,
+    );
+    let rows = recent_messages(&app.pool, Some(&member_ids), 100).await?;
+    println!("\nMessages for the demo's members:\n");
+    print!("{}", table(&rows));
+    println!(
+        "\nFiles written by the file providers are in {}/.",
+        app.settings.outbox_dir.display()
+    );
+    Ok(())
+}
+
+/// One message as the demo and `deliveries` show it.
+pub struct MessageRow {
+    /// Outbox id.
+    pub id: i64,
+    /// Trigger name.
+    pub trigger: String,
+    /// email or sms.
+    pub channel: String,
+    /// Masked recipient.
+    pub to: String,
+    /// Final or current status.
+    pub status: String,
+    /// Provider and its reference, or the error.
+    pub detail: String,
+}
+
+/// The most recent messages, of the given members when `members` is set.
+pub async fn recent_messages(
+    pool: &PgPool,
+    members: Option<&[String]>,
+    limit: i64,
+) -> anyhow::Result<Vec<MessageRow>> {
+    let rows = sqlx::query(
+        "select m.id, m.trigger, m.channel, m.status, m.provider, m.provider_ref, m.last_error,
+                mem.email, mem.phone
+         from messages m join members mem using (member_id)
+         where $1::text[] is null or m.member_id = any($1)
+         order by m.id desc limit $2",
+    )
+    .bind(members)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+    .context("reading messages")?;
+    let mut out: Vec<MessageRow> = rows
+        .into_iter()
+        .map(|r| {
+            let channel: String = r.get("channel");
+            let to = match channel.as_str() {
+                "email" => r
+                    .get::<Option<String>, _>("email")
+                    .and_then(|e| Email::parse(&e).ok())
+                    .map(|e| e.masked()),
+                _ => r
+                    .get::<Option<String>, _>("phone")
+                    .and_then(|p| Phone::parse(&p).ok())
+                    .map(|p| p.masked()),
+            };
+            let detail = match (
+                r.get::<Option<String>, _>("provider"),
+                r.get::<Option<String>, _>("provider_ref"),
+            ) {
+                (Some(provider), Some(reference)) => format!("{provider}: {reference}"),
+                _ => r.get::<Option<String>, _>("last_error").unwrap_or_default(),
+            };
+            MessageRow {
+                id: r.get("id"),
+                trigger: r.get("trigger"),
+                channel,
+                to: to.unwrap_or_else(|| "-".into()),
+                status: r.get("status"),
+                detail,
+            }
+        })
+        .collect();
+    out.reverse();
+    Ok(out)
+}
+
+/// Formats messages as an aligned text table.
+pub fn table(rows: &[MessageRow]) -> String {
+    let header = ["id", "trigger", "channel", "to", "status", "where"];
+    let cells: Vec<[String; 6]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.id.to_string(),
+                r.trigger.clone(),
+                r.channel.clone(),
+                r.to.clone(),
+                r.status.clone(),
+                r.detail.clone(),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(|h| h.chars().count());
+    for row in &cells {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let mut s = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(cell);
+            } else {
+                s.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        s.trim_end().to_owned() + "\n"
+    };
+    let mut out = line(&header.map(str::to_owned));
+    for row in &cells {
+        out.push_str(&line(row));
+    }
+    if cells.is_empty() {
+        out.push_str("(no messages)\n");
+    }
+    out
+}

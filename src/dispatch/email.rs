@@ -1,0 +1,63 @@
+//! Composing an email: MIME with UTF-8 headers, text and HTML parts, and the tracing headers.
+
+use lettre::Message;
+use lettre::message::header::{Header, HeaderName, HeaderValue};
+use lettre::message::{Mailbox, MultiPart};
+
+use crate::domain::Email;
+use crate::render::RenderedEmail;
+use crate::triggers::Trigger;
+
+/// `X-Lifecycle-Trigger: welcome`
+#[derive(Debug, Clone)]
+struct TriggerHeader(String);
+
+/// `X-Lifecycle-Message-Id: 42`
+#[derive(Debug, Clone)]
+struct MessageIdHeader(String);
+
+macro_rules! text_header {
+    ($type:ident, $name:literal) => {
+        impl Header for $type {
+            fn name() -> HeaderName {
+                HeaderName::new_from_ascii_str($name)
+            }
+
+            fn parse(s: &str) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+                Ok(Self(s.to_owned()))
+            }
+
+            fn display(&self) -> HeaderValue {
+                HeaderValue::new(Self::name(), self.0.clone())
+            }
+        }
+    };
+}
+
+text_header!(TriggerHeader, "X-Lifecycle-Trigger");
+text_header!(MessageIdHeader, "X-Lifecycle-Message-Id");
+
+/// The formatted message (RFC 5322 bytes) of a rendered email. Names and subjects are
+/// encoded by lettre (RFC 2047), and the subject is already one line, so no value can add a
+/// header.
+pub(super) fn compose(
+    from: &Mailbox,
+    to: &Email,
+    name: Option<&str>,
+    message_id: i64,
+    trigger: Trigger,
+    rendered: &RenderedEmail,
+) -> anyhow::Result<Vec<u8>> {
+    let to = Mailbox::new(name.map(str::to_owned), to.as_str().parse()?);
+    let message = Message::builder()
+        .from(from.clone())
+        .to(to)
+        .subject(rendered.subject.clone())
+        .header(TriggerHeader(trigger.as_str().to_owned()))
+        .header(MessageIdHeader(message_id.to_string()))
+        .multipart(MultiPart::alternative_plain_html(
+            rendered.text.clone(),
+            rendered.html.clone(),
+        ))?;
+    Ok(message.formatted())
+}

@@ -1,0 +1,433 @@
+//! Sending planned messages: claim, check consent, render, send, record.
+//!
+//! A dispatcher claims due messages with `FOR UPDATE SKIP LOCKED` and a lease, so any number
+//! of dispatchers share the outbox; a crashed one's lease lapses and its messages are claimed
+//! again. Each claimed message is checked against the member's current consent and address,
+//! rendered, and handed to the channel's providers in order. Every attempt is recorded; a
+//! message ends `sent`, `suppressed` or `failed`, or goes back to `pending` with a later due
+//! time after a transient failure.
+
+mod email;
+pub mod providers;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use serde_json::Value;
+use sqlx::Row;
+use tracing::{debug, info, warn};
+
+use crate::app::App;
+use crate::domain::{Channel, Email, Locale, Phone};
+use crate::ingest::Backoff;
+use crate::metrics::Metrics;
+use crate::render::Templates;
+use crate::shutdown::Shutdown;
+use crate::triggers::Trigger;
+pub use providers::{Accepted, Content, Failure, Outgoing, Provider};
+
+/// What one step of the dispatcher did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing was due.
+    Idle,
+    /// This many messages were claimed and settled.
+    Settled(usize),
+}
+
+/// A claimed message with what is needed to send it.
+struct Claimed {
+    id: i64,
+    attempt: i32,
+    trigger: String,
+    channel: String,
+    context: Value,
+    email: Option<String>,
+    phone: Option<String>,
+    first_name: Option<String>,
+    locale: String,
+    consent_email: bool,
+    consent_sms: bool,
+}
+
+/// How a claimed message was settled.
+struct Settled {
+    id: i64,
+    status: &'static str,
+    recipient: Option<String>,
+    provider: Option<String>,
+    provider_ref: Option<String>,
+    error: Option<String>,
+    /// For a transient failure: when to try again.
+    retry_at: Option<DateTime<Utc>>,
+    attempts: Vec<Attempt>,
+}
+
+/// One provider call, as recorded in `delivery_attempts`.
+struct Attempt {
+    provider: &'static str,
+    outcome: &'static str,
+    error: Option<String>,
+    latency: Duration,
+}
+
+/// The sending side of the worker.
+pub struct Dispatcher {
+    app: App,
+    templates: Arc<Templates>,
+    email_providers: Vec<Provider>,
+    sms_providers: Vec<Provider>,
+}
+
+impl Dispatcher {
+    /// A dispatcher with the providers of the settings; fails when one cannot be built.
+    pub fn new(app: App, templates: Arc<Templates>) -> anyhow::Result<Dispatcher> {
+        let email_providers = providers::email_providers(&app.settings)?;
+        let sms_providers = providers::sms_providers(&app.settings)?;
+        Ok(Dispatcher {
+            app,
+            templates,
+            email_providers,
+            sms_providers,
+        })
+    }
+
+    /// Sends until shutdown; wakes early when ingest planned new messages.
+    pub async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        while !shutdown.is_triggered() {
+            match self.try_execute_once().await {
+                Ok(Step::Settled(_)) => backoff.reset(),
+                Ok(Step::Idle) => {
+                    tokio::select! {
+                        _ = self.app.outbox_ready.notified() => {}
+                        _ = shutdown.sleep(self.app.settings.dispatch.poll_interval()) => {}
+                    }
+                }
+                Err(error) => {
+                    warn!(
+                        error = format!("{error:#}"),
+                        "Dispatch step failed; retrying."
+                    );
+                    shutdown.sleep(backoff.next()).await;
+                }
+            }
+        }
+        info!("Dispatch stopped.");
+        Ok(())
+    }
+
+    /// Claims one batch of due messages, sends them, and records the results.
+    pub async fn try_execute_once(&self) -> anyhow::Result<Step> {
+        let claimed = self.claim().await?;
+        if claimed.is_empty() {
+            return Ok(Step::Idle);
+        }
+        let n = claimed.len();
+        let settled: Vec<Settled> = futures_util::stream::iter(claimed)
+            .map(|c| self.settle(c))
+            .buffer_unordered(self.app.settings.dispatch.concurrency)
+            .collect()
+            .await;
+        self.record(&settled).await?;
+        Ok(Step::Settled(n))
+    }
+
+    async fn claim(&self) -> anyhow::Result<Vec<Claimed>> {
+        let d = &self.app.settings.dispatch;
+        let rows = sqlx::query(
+            "with due as (
+                 select id from messages
+                 where (status = 'pending' and due_at <= $1)
+                    or (status = 'sending' and claimed_until < now())
+                 order by due_at
+                 limit $2
+                 for update skip locked
+             )
+             update messages m
+             set status = 'sending', claimed_until = now() + make_interval(secs => $3),
+                 attempts = m.attempts + 1
+             from due, members mem
+             where m.id = due.id and mem.member_id = m.member_id
+             returning m.id, m.attempts, m.trigger, m.channel, m.context, mem.email, mem.phone,
+                       mem.first_name, mem.locale, mem.consent_email, mem.consent_sms",
+        )
+        .bind(self.app.clock.now())
+        .bind(d.batch_size)
+        .bind(d.lease_secs as f64)
+        .fetch_all(&self.app.pool)
+        .await
+        .context("claiming due messages")?;
+        Ok(rows
+            .into_iter()
+            .map(|r| Claimed {
+                id: r.get("id"),
+                attempt: r.get("attempts"),
+                trigger: r.get("trigger"),
+                channel: r.get("channel"),
+                context: r.get("context"),
+                email: r.get("email"),
+                phone: r.get("phone"),
+                first_name: r.get("first_name"),
+                locale: r.get("locale"),
+                consent_email: r.get("consent_email"),
+                consent_sms: r.get("consent_sms"),
+            })
+            .collect())
+    }
+
+    /// Decides and sends one claimed message.
+    async fn settle(&self, c: Claimed) -> Settled {
+        let mut settled = Settled {
+            id: c.id,
+            status: "failed",
+            recipient: None,
+            provider: None,
+            provider_ref: None,
+            error: None,
+            retry_at: None,
+            attempts: Vec::new(),
+        };
+        let outgoing = match self.prepare(&c) {
+            Ok(Ok(outgoing)) => outgoing,
+            Ok(Err(suppressed)) => {
+                debug!(
+                    message_id = c.id,
+                    reason = suppressed,
+                    "Message suppressed."
+                );
+                Metrics::inc(&self.app.metrics.messages_suppressed);
+                settled.status = "suppressed";
+                settled.error = Some(suppressed.to_owned());
+                settled.attempts.push(Attempt {
+                    provider: "policy",
+                    outcome: "suppressed",
+                    error: settled.error.clone(),
+                    latency: Duration::ZERO,
+                });
+                return settled;
+            }
+            Err(error) => {
+                let error = format!("{error:#}");
+                warn!(message_id = c.id, error, "Message cannot be rendered.");
+                Metrics::inc(&self.app.metrics.messages_failed);
+                settled.error = Some(error);
+                return settled;
+            }
+        };
+        settled.recipient = Some(outgoing.to.clone());
+        let providers = match outgoing.channel {
+            Channel::Email => &self.email_providers,
+            Channel::Sms => &self.sms_providers,
+        };
+        let mut last_failure = None;
+        for provider in providers {
+            let started = Instant::now();
+            let result = tokio::time::timeout(
+                self.app.settings.dispatch.send_timeout(),
+                provider.send(&outgoing),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(Failure::transient(
+                    None,
+                    "the provider did not answer in time",
+                ))
+            });
+            let latency = started.elapsed();
+            match result {
+                Ok(accepted) => {
+                    settled.attempts.push(Attempt {
+                        provider: provider.name(),
+                        outcome: "sent",
+                        error: None,
+                        latency,
+                    });
+                    settled.status = "sent";
+                    settled.provider = Some(provider.name().to_owned());
+                    settled.provider_ref = Some(accepted.reference);
+                    Metrics::inc(&self.app.metrics.messages_sent);
+                    debug!(
+                        message_id = c.id,
+                        provider = provider.name(),
+                        to = outgoing.masked_to(),
+                        "Message sent."
+                    );
+                    return settled;
+                }
+                Err(failure) => {
+                    let outcome = if failure.is_permanent() {
+                        "permanent"
+                    } else {
+                        "transient"
+                    };
+                    warn!(message_id = c.id, provider = provider.name(), to = outgoing.masked_to(), error = %failure, "Provider failed.");
+                    settled.attempts.push(Attempt {
+                        provider: provider.name(),
+                        outcome,
+                        error: Some(failure.to_string()),
+                        latency,
+                    });
+                    let permanent = failure.is_permanent();
+                    last_failure = Some(failure);
+                    if permanent {
+                        break;
+                    }
+                }
+            }
+        }
+        let failure = last_failure.expect("at least one provider per channel");
+        settled.provider = settled.attempts.last().map(|a| a.provider.to_owned());
+        settled.error = Some(failure.to_string());
+        let d = &self.app.settings.dispatch;
+        if failure.is_permanent() || c.attempt >= d.max_attempts {
+            Metrics::inc(&self.app.metrics.messages_failed);
+            settled.status = "failed";
+        } else {
+            Metrics::inc(&self.app.metrics.messages_retried);
+            let backoff = Duration::from_millis(
+                d.retry_base_ms
+                    .saturating_mul(1 << (c.attempt - 1).clamp(0, 16)),
+            );
+            let delay = failure
+                .retry_after()
+                .unwrap_or(backoff)
+                .max(backoff.mul_f64(rand::random::<f64>()));
+            settled.status = "pending";
+            settled.retry_at =
+                Some(self.app.clock.now() + chrono::Duration::from_std(delay).unwrap_or_default());
+        }
+        settled
+    }
+
+    /// Builds the outgoing message, or says why it must not be sent (`Ok(Err(reason))`).
+    fn prepare(&self, c: &Claimed) -> anyhow::Result<Result<Outgoing, &'static str>> {
+        let trigger = Trigger::parse(&c.trigger)
+            .with_context(|| format!("unknown trigger {:?}", c.trigger))?;
+        let channel = Channel::parse(&c.channel)?;
+        let locale = Locale::parse(&c.locale)?;
+        let locale = self.templates.resolve_locale(trigger, &locale).to_owned();
+        let mut context = c.context.clone();
+        if let Value::Object(map) = &mut context {
+            map.insert(
+                "shop_name".into(),
+                Value::String(self.app.settings.shop_name.clone()),
+            );
+        }
+        let (to, content) = match channel {
+            Channel::Email => {
+                let Some(address) = c.email.as_deref() else {
+                    return Ok(Err("no email address"));
+                };
+                if !c.consent_email {
+                    return Ok(Err("no consent for email"));
+                }
+                let to = Email::parse(address)?;
+                let rendered = self.templates.render_email(trigger, &locale, &context)?;
+                let mime = email::compose(
+                    &self.app.settings.from,
+                    &to,
+                    c.first_name.as_deref(),
+                    c.id,
+                    trigger,
+                    &rendered,
+                )?;
+                (to.to_string(), Content::Email { rendered, mime })
+            }
+            Channel::Sms => {
+                let Some(number) = c.phone.as_deref() else {
+                    return Ok(Err("no phone number"));
+                };
+                if !c.consent_sms {
+                    return Ok(Err("no consent for SMS"));
+                }
+                let to = Phone::parse(number)?;
+                (
+                    to.to_string(),
+                    Content::Sms {
+                        body: self.templates.render_sms(trigger, &locale, &context)?,
+                    },
+                )
+            }
+        };
+        Ok(Ok(Outgoing {
+            message_id: c.id,
+            trigger,
+            channel,
+            locale,
+            to,
+            content,
+        }))
+    }
+
+    /// Writes the outcome of a batch: message states and every attempt, one statement each.
+    async fn record(&self, settled: &[Settled]) -> anyhow::Result<()> {
+        let mut tx = self.app.pool.begin().await?;
+        let ids: Vec<i64> = settled.iter().map(|s| s.id).collect();
+        let statuses: Vec<&str> = settled.iter().map(|s| s.status).collect();
+        let recipients: Vec<Option<&str>> =
+            settled.iter().map(|s| s.recipient.as_deref()).collect();
+        let providers: Vec<Option<&str>> = settled.iter().map(|s| s.provider.as_deref()).collect();
+        let refs: Vec<Option<&str>> = settled.iter().map(|s| s.provider_ref.as_deref()).collect();
+        let errors: Vec<Option<&str>> = settled.iter().map(|s| s.error.as_deref()).collect();
+        let retry_at: Vec<Option<DateTime<Utc>>> = settled.iter().map(|s| s.retry_at).collect();
+        sqlx::query(
+            "update messages m
+             set status = r.status, claimed_until = null, recipient = coalesce(r.recipient, m.recipient),
+                 provider = r.provider, provider_ref = r.ref, last_error = r.error,
+                 due_at = coalesce(r.retry_at, m.due_at),
+                 finished_at = case when r.status = 'pending' then null else now() end
+             from unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[])
+                  as r(id, status, recipient, provider, ref, error, retry_at)
+             where m.id = r.id and m.status = 'sending'",
+        )
+        .bind(&ids)
+        .bind(&statuses)
+        .bind(&recipients)
+        .bind(&providers)
+        .bind(&refs)
+        .bind(&errors)
+        .bind(&retry_at)
+        .execute(&mut *tx)
+        .await
+        .context("recording message states")?;
+
+        // Attempts of one claim (one per provider tried) share the claim's number.
+        let attempts: Vec<(i64, &Attempt)> = settled
+            .iter()
+            .flat_map(|s| s.attempts.iter().map(move |a| (s.id, a)))
+            .collect();
+        if !attempts.is_empty() {
+            let message_ids: Vec<i64> = attempts.iter().map(|(id, _)| *id).collect();
+            let names: Vec<&str> = attempts.iter().map(|(_, a)| a.provider).collect();
+            let outcomes: Vec<&str> = attempts.iter().map(|(_, a)| a.outcome).collect();
+            let errors: Vec<Option<&str>> =
+                attempts.iter().map(|(_, a)| a.error.as_deref()).collect();
+            let latencies: Vec<i32> = attempts
+                .iter()
+                .map(|(_, a)| a.latency.as_millis().min(i32::MAX as u128) as i32)
+                .collect();
+            sqlx::query(
+                "insert into delivery_attempts (message_id, attempt, provider, outcome, error, latency_ms)
+                 select r.id, m.attempts, r.provider, r.outcome, r.error, r.latency
+                 from unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::int[])
+                      with ordinality as r(id, provider, outcome, error, latency, n)
+                 join messages m on m.id = r.id
+                 order by r.n",
+            )
+            .bind(&message_ids)
+            .bind(&names)
+            .bind(&outcomes)
+            .bind(&errors)
+            .bind(&latencies)
+            .execute(&mut *tx)
+            .await
+            .context("recording delivery attempts")?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,192 @@
+//! Providers: where a rendered message is handed over. One enum, one variant per provider.
+
+mod file;
+mod smtp;
+
+use std::fmt;
+use std::time::Duration;
+
+use anyhow::bail;
+
+use crate::config::{EmailProviderKind, Settings, SmsProviderKind};
+use crate::domain::{Channel, Email, Phone};
+use crate::render::RenderedEmail;
+use crate::triggers::Trigger;
+
+pub use file::FileProvider;
+pub use smtp::SmtpProvider;
+
+/// A message ready for a provider.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// Outbox id: `X-Lifecycle-Message-Id` and the idempotency key of provider APIs.
+    pub message_id: i64,
+    /// Why it is sent.
+    pub trigger: Trigger,
+    /// Email or SMS.
+    pub channel: Channel,
+    /// Locale of the templates used.
+    pub locale: String,
+    /// The address or number (full; use `masked_to` in logs).
+    pub to: String,
+    /// What is sent.
+    pub content: Content,
+}
+
+impl Outgoing {
+    /// The recipient as logs may show it.
+    pub fn masked_to(&self) -> String {
+        match self.channel {
+            Channel::Email => Email::parse(&self.to)
+                .map(|e| e.masked())
+                .unwrap_or_else(|_| "***".into()),
+            Channel::Sms => Phone::parse(&self.to)
+                .map(|p| p.masked())
+                .unwrap_or_else(|_| "***".into()),
+        }
+    }
+
+    /// The JSON form of DESIGN.md (`message_id`, `trigger`, `channel`, `locale`, `to`,
+    /// `subject`, `body`), as the `file` and `webhook` providers write it.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut json = serde_json::json!({
+            "message_id": self.message_id.to_string(),
+            "trigger": self.trigger.as_str(),
+            "channel": self.channel.as_str(),
+            "locale": self.locale,
+            "to": self.to,
+        });
+        match &self.content {
+            Content::Email { rendered, .. } => {
+                json["subject"] = rendered.subject.clone().into();
+                json["body"] = rendered.text.clone().into();
+                json["html"] = rendered.html.clone().into();
+            }
+            Content::Sms { body } => json["body"] = body.clone().into(),
+        }
+        json
+    }
+}
+
+/// The rendered content of a message.
+#[derive(Debug, Clone)]
+pub enum Content {
+    /// An email: its parts and the composed RFC 5322 message.
+    Email {
+        /// Subject, HTML and text.
+        rendered: RenderedEmail,
+        /// The full message as sent over SMTP or written to `.eml`.
+        mime: Vec<u8>,
+    },
+    /// An SMS body.
+    Sms {
+        /// The text.
+        body: String,
+    },
+}
+
+/// A provider took the message.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    /// The provider's reference: its message id, the SMTP reply, or the file written.
+    pub reference: String,
+}
+
+/// A provider did not take the message.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    permanent: bool,
+    retry_after: Option<Duration>,
+    message: String,
+}
+
+impl Failure {
+    /// Worth trying again later (SMTP 4xx, HTTP 429/5xx, timeouts, lost connections).
+    pub fn transient(retry_after: Option<Duration>, message: impl Into<String>) -> Failure {
+        Failure {
+            permanent: false,
+            retry_after,
+            message: message.into(),
+        }
+    }
+
+    /// Will fail the same way again (SMTP 5xx, HTTP 4xx).
+    pub fn permanent(message: impl Into<String>) -> Failure {
+        Failure {
+            permanent: true,
+            retry_after: None,
+            message: message.into(),
+        }
+    }
+
+    /// Whether retrying cannot help.
+    pub fn is_permanent(&self) -> bool {
+        self.permanent
+    }
+
+    /// How long the provider asked us to wait.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// A configured provider.
+pub enum Provider {
+    /// SMTP relay.
+    Smtp(Box<SmtpProvider>),
+    /// Files in the outbox directory.
+    File(FileProvider),
+}
+
+impl Provider {
+    /// The provider's name as configured and recorded.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Provider::Smtp(_) => "smtp",
+            Provider::File(_) => "file",
+        }
+    }
+
+    /// Hands the message over.
+    pub async fn send(&self, message: &Outgoing) -> Result<Accepted, Failure> {
+        match self {
+            Provider::Smtp(p) => p.send(message).await,
+            Provider::File(p) => p.send(message).await,
+        }
+    }
+}
+
+/// The email providers of the settings, in order.
+pub fn email_providers(settings: &Settings) -> anyhow::Result<Vec<Provider>> {
+    settings
+        .email_providers
+        .iter()
+        .map(|kind| match kind {
+            EmailProviderKind::Smtp => Ok(Provider::Smtp(Box::new(SmtpProvider::new(settings)))),
+            EmailProviderKind::File => Ok(Provider::File(FileProvider::new(settings)?)),
+            other => bail!(
+                "invalid setting `email_providers` (LIFECYCLE_EMAIL_PROVIDERS): provider {other:?} is not implemented yet; use smtp or file"
+            ),
+        })
+        .collect()
+}
+
+/// The SMS providers of the settings, in order.
+pub fn sms_providers(settings: &Settings) -> anyhow::Result<Vec<Provider>> {
+    settings
+        .sms_providers
+        .iter()
+        .map(|kind| match kind {
+            SmsProviderKind::File => Ok(Provider::File(FileProvider::new(settings)?)),
+            other => bail!(
+                "invalid setting `sms_providers` (LIFECYCLE_SMS_PROVIDERS): provider {other:?} is not implemented yet; use file"
+            ),
+        })
+        .collect()
+}

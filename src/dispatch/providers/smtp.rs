@@ -1,0 +1,162 @@
+//! The `smtp` provider: a pool of SMTP connections made with TCP_NODELAY.
+//!
+//! lettre 0.11's own pool never sets TCP_NODELAY, and Nagle's algorithm then holds each small
+//! SMTP command for the peer's delayed ACK: about 40 ms a message. So the socket is made here,
+//! with nodelay, and handed to lettre (`connect_with_transport`); the pool is a stack of idle
+//! connections bounded by a semaphore.
+
+use std::time::Duration;
+
+use lettre::address::Envelope;
+use lettre::transport::smtp::authentication::{Credentials, Mechanism};
+use lettre::transport::smtp::client::{AsyncSmtpConnection, TlsParameters};
+use lettre::transport::smtp::extension::ClientId;
+use tokio::net::TcpStream;
+use tokio::sync::{Mutex, Semaphore};
+
+use super::{Accepted, Content, Failure, Outgoing};
+use crate::config::{Settings, SmtpTls, SmtpUrl};
+
+/// An SMTP relay with pooled connections.
+pub struct SmtpProvider {
+    url: SmtpUrl,
+    from: lettre::Address,
+    hello: ClientId,
+    connect_timeout: Duration,
+    idle: Mutex<Vec<AsyncSmtpConnection>>,
+    slots: Semaphore,
+}
+
+impl SmtpProvider {
+    /// A provider for the relay of the settings; connects on first use.
+    pub fn new(settings: &Settings) -> SmtpProvider {
+        SmtpProvider {
+            url: settings.smtp_url.clone(),
+            from: settings.from.email.clone(),
+            hello: ClientId::default(),
+            connect_timeout: Duration::from_secs(10),
+            idle: Mutex::new(Vec::new()),
+            slots: Semaphore::new(settings.dispatch.smtp_pool_size),
+        }
+    }
+
+    pub(super) async fn send(&self, message: &Outgoing) -> Result<Accepted, Failure> {
+        let Content::Email { mime, .. } = &message.content else {
+            return Err(Failure::permanent("the smtp provider sends email only"));
+        };
+        let to: lettre::Address = message
+            .to
+            .parse()
+            .map_err(|e| Failure::permanent(format!("bad recipient: {e}")))?;
+        let envelope = Envelope::new(Some(self.from.clone()), vec![to])
+            .map_err(|e| Failure::permanent(e.to_string()))?;
+        let _slot = self.slots.acquire().await.expect("semaphore never closed");
+
+        // A pooled connection may have been closed by the server while idle; then the send
+        // fails before the server saw the message, and one fresh connection is tried.
+        let pooled = self.idle.lock().await.pop();
+        let reused = pooled.is_some();
+        let mut connection = match pooled {
+            Some(c) => c,
+            None => self.connect().await?,
+        };
+        let mut result = connection.send(&envelope, mime).await;
+        if reused && matches!(&result, Err(e) if !e.is_response()) {
+            connection.abort().await;
+            connection = self.connect().await?;
+            result = connection.send(&envelope, mime).await;
+        }
+        match result {
+            Ok(response) => {
+                self.idle.lock().await.push(connection);
+                Ok(Accepted {
+                    reference: response.message().collect::<Vec<_>>().join(" "),
+                })
+            }
+            Err(error) => {
+                if connection.has_broken() {
+                    connection.abort().await;
+                } else {
+                    // The server answered (e.g. a 4xx or 5xx to RCPT); the session is reusable
+                    // after a reset.
+                    match connection
+                        .command(lettre::transport::smtp::commands::Rset)
+                        .await
+                    {
+                        Ok(_) => self.idle.lock().await.push(connection),
+                        Err(_) => connection.abort().await,
+                    }
+                }
+                Err(classify(&error))
+            }
+        }
+    }
+
+    /// Opens a connection: TCP with nodelay, then STARTTLS and AUTH as the URL asks.
+    async fn connect(&self) -> Result<AsyncSmtpConnection, Failure> {
+        let address = (self.url.host.as_str(), self.url.port);
+        let unavailable = |e: &dyn std::fmt::Display| {
+            Failure::transient(
+                None,
+                format!("connecting to {}:{}: {e}", self.url.host, self.url.port),
+            )
+        };
+        let mut connection = if self.url.tls == SmtpTls::Wrapper {
+            // Implicit TLS goes through lettre's own connect, which cannot set nodelay.
+            let tls = TlsParameters::new(self.url.host.clone()).map_err(|e| unavailable(&e))?;
+            tokio::time::timeout(
+                self.connect_timeout,
+                AsyncSmtpConnection::connect_tokio1(
+                    address,
+                    Some(self.connect_timeout),
+                    &self.hello,
+                    Some(tls),
+                    None,
+                ),
+            )
+            .await
+            .map_err(|_| unavailable(&"timed out"))?
+            .map_err(|e| unavailable(&e))?
+        } else {
+            let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(address))
+                .await
+                .map_err(|_| unavailable(&"timed out"))?
+                .map_err(|e| unavailable(&e))?;
+            stream.set_nodelay(true).map_err(|e| unavailable(&e))?;
+            AsyncSmtpConnection::connect_with_transport(Box::new(stream), &self.hello)
+                .await
+                .map_err(|e| classify(&e))?
+        };
+        let wants_tls = matches!(self.url.tls, SmtpTls::Required | SmtpTls::Opportunistic);
+        if wants_tls && connection.can_starttls() {
+            let tls = TlsParameters::new(self.url.host.clone()).map_err(|e| unavailable(&e))?;
+            connection
+                .starttls(tls, &self.hello)
+                .await
+                .map_err(|e| classify(&e))?;
+        } else if self.url.tls == SmtpTls::Required {
+            return Err(Failure::transient(
+                None,
+                "the SMTP server does not offer STARTTLS, which tls=required demands",
+            ));
+        }
+        if let Some((user, password)) = &self.url.credentials {
+            let credentials = Credentials::new(user.clone(), password.expose().to_owned());
+            connection
+                .auth(&[Mechanism::Plain, Mechanism::Login], &credentials)
+                .await
+                .map_err(|e| classify(&e))?;
+        }
+        Ok(connection)
+    }
+}
+
+/// SMTP 5xx is permanent; 4xx, timeouts and connection trouble are transient.
+fn classify(error: &lettre::transport::smtp::Error) -> Failure {
+    let message = format!("smtp: {error}");
+    if error.is_permanent() {
+        Failure::permanent(message)
+    } else {
+        Failure::transient(None, message)
+    }
+}

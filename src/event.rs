@@ -1,0 +1,846 @@
+//! The wire format: CloudEvents 1.0 structured JSON, parsed into domain events.
+//!
+//! The serde structs here are the boundary; everything past `parse` works on `Event`, whose
+//! values are already valid. A parse failure is a `Rejection` whose text becomes the
+//! `x-lifecycle-error` header of the dead letter, so it names the field and what is wrong.
+
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+
+use crate::domain::{
+    Birthday, Consent, Currency, Email, EventId, Invalid, Locale, MemberId, Money, Phone, RecordId,
+    TimeZone, quoted,
+};
+
+/// Why an event was refused; the text is the dead letter's reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Rejection(pub String);
+
+impl From<Invalid> for Rejection {
+    fn from(value: Invalid) -> Self {
+        Rejection(value.0)
+    }
+}
+
+/// A valid event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// Idempotency key.
+    pub id: EventId,
+    /// The platform that published it.
+    pub source: String,
+    /// When the platform says it happened.
+    pub time: Option<DateTime<Utc>>,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+/// The event types of DESIGN.md.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventKind {
+    /// `member.enrolled`
+    MemberEnrolled(Profile),
+    /// `member.updated`
+    MemberUpdated(ProfileChanges),
+    /// `order.placed`
+    OrderPlaced(Order),
+    /// `order.refunded`
+    OrderRefunded(Refund),
+    /// `points.adjusted`
+    PointsAdjusted(Adjustment),
+    /// `points.redeemed`
+    PointsRedeemed(Redemption),
+    /// `cart.updated`
+    CartUpdated(Cart),
+    /// `cart.checked_out`
+    CartCheckedOut(CartRef),
+}
+
+impl EventKind {
+    /// The CloudEvents `type`, also the routing key.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            EventKind::MemberEnrolled(_) => "member.enrolled",
+            EventKind::MemberUpdated(_) => "member.updated",
+            EventKind::OrderPlaced(_) => "order.placed",
+            EventKind::OrderRefunded(_) => "order.refunded",
+            EventKind::PointsAdjusted(_) => "points.adjusted",
+            EventKind::PointsRedeemed(_) => "points.redeemed",
+            EventKind::CartUpdated(_) => "cart.updated",
+            EventKind::CartCheckedOut(_) => "cart.checked_out",
+        }
+    }
+
+    /// The member the event is about; every type has one.
+    pub fn member_id(&self) -> &MemberId {
+        match self {
+            EventKind::MemberEnrolled(p) => &p.member_id,
+            EventKind::MemberUpdated(p) => &p.member_id,
+            EventKind::OrderPlaced(o) => &o.member_id,
+            EventKind::OrderRefunded(r) => &r.member_id,
+            EventKind::PointsAdjusted(a) => &a.member_id,
+            EventKind::PointsRedeemed(r) => &r.member_id,
+            EventKind::CartUpdated(c) => &c.member_id,
+            EventKind::CartCheckedOut(c) => &c.member_id,
+        }
+    }
+}
+
+/// A member as `member.enrolled` describes them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Profile {
+    /// Who.
+    pub member_id: MemberId,
+    /// Email address, if any.
+    pub email: Option<Email>,
+    /// Mobile number, if any.
+    pub phone: Option<Phone>,
+    /// Given name for greetings.
+    pub first_name: Option<String>,
+    /// Language of messages.
+    pub locale: Locale,
+    /// Zone of quiet hours and birthdays.
+    pub timezone: TimeZone,
+    /// Birthday, if given.
+    pub birthday: Option<Birthday>,
+    /// Consent per channel.
+    pub consent: Consent,
+}
+
+/// The fields `member.updated` changes: `None` leaves a field alone, `Some(None)` clears it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProfileChanges {
+    /// Who.
+    pub member_id: MemberId,
+    /// New address, or cleared.
+    pub email: Option<Option<Email>>,
+    /// New number, or cleared.
+    pub phone: Option<Option<Phone>>,
+    /// New name, or cleared.
+    pub first_name: Option<Option<String>>,
+    /// New language.
+    pub locale: Option<Locale>,
+    /// New zone.
+    pub timezone: Option<TimeZone>,
+    /// New birthday, or cleared.
+    pub birthday: Option<Option<Birthday>>,
+    /// New email consent.
+    pub consent_email: Option<bool>,
+    /// New SMS consent.
+    pub consent_sms: Option<bool>,
+}
+
+/// One line of an order or cart.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Item {
+    /// Stock keeping unit.
+    pub sku: String,
+    /// Product name as shown to the customer.
+    pub name: String,
+    /// How many, at least 1.
+    pub quantity: u32,
+    /// Price of one, in minor units.
+    pub unit_price: i64,
+}
+
+/// `order.placed`
+#[derive(Debug, Clone, PartialEq)]
+pub struct Order {
+    /// The order.
+    pub order_id: RecordId,
+    /// The buyer.
+    pub member_id: MemberId,
+    /// What was paid.
+    pub total: Money,
+    /// What was bought.
+    pub items: Vec<Item>,
+    /// The cart this order checks out, if any.
+    pub cart_id: Option<RecordId>,
+}
+
+/// `order.refunded`
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refund {
+    /// The refunded order.
+    pub order_id: RecordId,
+    /// The buyer.
+    pub member_id: MemberId,
+    /// How much of it was refunded.
+    pub amount: Money,
+}
+
+/// `points.adjusted`
+#[derive(Debug, Clone, PartialEq)]
+pub struct Adjustment {
+    /// Whose points.
+    pub member_id: MemberId,
+    /// Points added (positive) or removed (negative), never 0.
+    pub points: i64,
+    /// Why (`referral`, `review`, `manual`, …).
+    pub reason: String,
+}
+
+/// `points.redeemed`
+#[derive(Debug, Clone, PartialEq)]
+pub struct Redemption {
+    /// Whose points.
+    pub member_id: MemberId,
+    /// Points spent, positive.
+    pub points: i64,
+    /// What they bought, if said.
+    pub reward: Option<String>,
+}
+
+/// `cart.updated`
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cart {
+    /// The cart.
+    pub cart_id: RecordId,
+    /// Its owner.
+    pub member_id: MemberId,
+    /// What is in it.
+    pub items: Vec<Item>,
+    /// Its value.
+    pub total: Money,
+    /// Where the customer resumes checkout (http or https).
+    pub checkout_url: String,
+}
+
+/// `cart.checked_out`
+#[derive(Debug, Clone, PartialEq)]
+pub struct CartRef {
+    /// The cart.
+    pub cart_id: RecordId,
+    /// Its owner.
+    pub member_id: MemberId,
+}
+
+/// The CloudEvents envelope as it arrives.
+#[derive(Deserialize)]
+struct Envelope {
+    specversion: String,
+    id: String,
+    source: String,
+    #[serde(rename = "type")]
+    kind: String,
+    time: Option<String>,
+    datacontenttype: Option<String>,
+    data: Option<serde_json::Value>,
+}
+
+/// Parses an event body; `max_bytes` bounds the body before any parsing.
+pub fn parse(body: &[u8], max_bytes: usize) -> Result<Event, Rejection> {
+    if body.len() > max_bytes {
+        return Err(Rejection(format!(
+            "event body is {} bytes, over the limit of {max_bytes}",
+            body.len()
+        )));
+    }
+    let envelope: Envelope = serde_json::from_slice(body).map_err(|e| {
+        if e.is_syntax() || e.is_eof() {
+            Rejection(format!("not JSON: {e}"))
+        } else {
+            Rejection(format!("not a CloudEvent: {e}"))
+        }
+    })?;
+    if envelope.specversion != "1.0" {
+        return Err(Rejection(format!(
+            "specversion {} is not \"1.0\"",
+            quoted(&envelope.specversion)
+        )));
+    }
+    if let Some(content_type) = &envelope.datacontenttype
+        && !content_type.starts_with("application/json")
+    {
+        return Err(Rejection(format!(
+            "datacontenttype {} is not application/json",
+            quoted(content_type)
+        )));
+    }
+    let id = EventId::parse(&envelope.id)?;
+    if envelope.source.is_empty() {
+        return Err(Rejection("source must not be empty".into()));
+    }
+    let time = envelope
+        .time
+        .as_deref()
+        .map(|t| {
+            DateTime::parse_from_rfc3339(t)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|_| Rejection(format!("time {} is not RFC 3339", quoted(t))))
+        })
+        .transpose()?;
+    let data = envelope.data.unwrap_or(serde_json::Value::Null);
+    let kind = match envelope.kind.as_str() {
+        "member.enrolled" => EventKind::MemberEnrolled(decode::<wire::Profile>(data)?.try_into()?),
+        "member.updated" => {
+            EventKind::MemberUpdated(decode::<wire::ProfileChanges>(data)?.try_into()?)
+        }
+        "order.placed" => EventKind::OrderPlaced(decode::<wire::Order>(data)?.try_into()?),
+        "order.refunded" => EventKind::OrderRefunded(decode::<wire::Refund>(data)?.try_into()?),
+        "points.adjusted" => {
+            EventKind::PointsAdjusted(decode::<wire::Adjustment>(data)?.try_into()?)
+        }
+        "points.redeemed" => {
+            EventKind::PointsRedeemed(decode::<wire::Redemption>(data)?.try_into()?)
+        }
+        "cart.updated" => EventKind::CartUpdated(decode::<wire::Cart>(data)?.try_into()?),
+        "cart.checked_out" => EventKind::CartCheckedOut(decode::<wire::CartRef>(data)?.try_into()?),
+        other => return Err(Rejection(format!("unknown event type {}", quoted(other)))),
+    };
+    Ok(Event {
+        id,
+        source: envelope.source,
+        time,
+        kind,
+    })
+}
+
+/// Decodes `data` into its wire struct, naming the path of a bad field.
+fn decode<T: DeserializeOwned>(data: serde_json::Value) -> Result<T, Rejection> {
+    if !data.is_object() {
+        return Err(Rejection("data must be a JSON object".into()));
+    }
+    serde_path_to_error::deserialize(data).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." {
+            Rejection(format!("data: {}", e.inner()))
+        } else {
+            Rejection(format!("data.{path}: {}", e.inner()))
+        }
+    })
+}
+
+/// Prefixes a domain error with the field it came from, unless it already names it.
+fn field<T>(name: &str, result: Result<T, Invalid>) -> Result<T, Rejection> {
+    result.map_err(|e| Rejection(format!("data.{name}: {e}")))
+}
+
+/// A display name: trimmed, at most 100 characters, no control characters (CR, LF, NUL …), so
+/// it is safe in a mail header and a greeting.
+fn display_name(name: &str, raw: String) -> Result<Option<String>, Rejection> {
+    let trimmed = raw.trim();
+    if trimmed.chars().any(char::is_control) {
+        return Err(Rejection(format!(
+            "data.{name}: must not contain control characters"
+        )));
+    }
+    if trimmed.chars().count() > 100 {
+        return Err(Rejection(format!(
+            "data.{name}: longer than 100 characters"
+        )));
+    }
+    Ok((!trimmed.is_empty()).then(|| trimmed.to_owned()))
+}
+
+fn money(name: &str, minor: i64, currency: &str) -> Result<Money, Rejection> {
+    let currency = field("currency", Currency::parse(currency))?;
+    field(name, Money::new(name, minor, currency))
+}
+
+fn items(raw: Vec<wire::Item>) -> Result<Vec<Item>, Rejection> {
+    if raw.len() > 500 {
+        return Err(Rejection("data.items: more than 500 lines".into()));
+    }
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let at = |what: &str| format!("data.items[{i}].{what}");
+            if item.quantity == 0 {
+                return Err(Rejection(format!("{}: must be at least 1", at("quantity"))));
+            }
+            if item.unit_price < 0 {
+                return Err(Rejection(format!(
+                    "{}: must not be negative",
+                    at("unit_price")
+                )));
+            }
+            let name = display_name(&format!("items[{i}].name"), item.name)?
+                .ok_or_else(|| Rejection(format!("{}: must not be empty", at("name"))))?;
+            let sku = RecordId::parse("sku", &item.sku)
+                .map_err(|e| Rejection(format!("{}: {e}", at("sku"))))?;
+            Ok(Item {
+                sku: sku.to_string(),
+                name,
+                quantity: item.quantity,
+                unit_price: item.unit_price,
+            })
+        })
+        .collect()
+}
+
+/// Wire structs: exactly the JSON of DESIGN.md's event table. Unknown fields are ignored so
+/// the platform can add fields without breaking the worker.
+mod wire {
+    use super::*;
+
+    /// Distinguishes an absent field (`None`) from an explicit `null` (`Some(None)`).
+    fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+        d: D,
+    ) -> Result<Option<Option<T>>, D::Error> {
+        Option::<T>::deserialize(d).map(Some)
+    }
+
+    #[derive(Deserialize)]
+    pub struct ConsentWire {
+        pub email: bool,
+        pub sms: bool,
+    }
+
+    #[derive(Deserialize)]
+    pub struct PartialConsent {
+        pub email: Option<bool>,
+        pub sms: Option<bool>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct Profile {
+        pub member_id: String,
+        pub email: Option<String>,
+        pub phone: Option<String>,
+        pub first_name: Option<String>,
+        pub locale: String,
+        pub timezone: String,
+        pub birthday: Option<String>,
+        pub consent: ConsentWire,
+    }
+
+    impl TryFrom<Profile> for super::Profile {
+        type Error = Rejection;
+
+        fn try_from(w: Profile) -> Result<Self, Rejection> {
+            Ok(super::Profile {
+                member_id: field("member_id", MemberId::parse(&w.member_id))?,
+                email: w
+                    .email
+                    .as_deref()
+                    .map(|e| field("email", Email::parse(e)))
+                    .transpose()?,
+                phone: w
+                    .phone
+                    .as_deref()
+                    .map(|p| field("phone", Phone::parse(p)))
+                    .transpose()?,
+                first_name: w
+                    .first_name
+                    .map(|n| display_name("first_name", n))
+                    .transpose()?
+                    .flatten(),
+                locale: field("locale", Locale::parse(&w.locale))?,
+                timezone: field("timezone", TimeZone::parse(&w.timezone))?,
+                birthday: w
+                    .birthday
+                    .as_deref()
+                    .map(|b| field("birthday", Birthday::parse(b)))
+                    .transpose()?,
+                consent: Consent {
+                    email: w.consent.email,
+                    sms: w.consent.sms,
+                },
+            })
+        }
+    }
+
+    #[derive(Deserialize)]
+    pub struct ProfileChanges {
+        pub member_id: String,
+        #[serde(default, deserialize_with = "nullable")]
+        pub email: Option<Option<String>>,
+        #[serde(default, deserialize_with = "nullable")]
+        pub phone: Option<Option<String>>,
+        #[serde(default, deserialize_with = "nullable")]
+        pub first_name: Option<Option<String>>,
+        pub locale: Option<String>,
+        pub timezone: Option<String>,
+        #[serde(default, deserialize_with = "nullable")]
+        pub birthday: Option<Option<String>>,
+        pub consent: Option<PartialConsent>,
+    }
+
+    impl TryFrom<ProfileChanges> for super::ProfileChanges {
+        type Error = Rejection;
+
+        fn try_from(w: ProfileChanges) -> Result<Self, Rejection> {
+            let consent = w.consent.unwrap_or(PartialConsent {
+                email: None,
+                sms: None,
+            });
+            Ok(super::ProfileChanges {
+                member_id: field("member_id", MemberId::parse(&w.member_id))?,
+                email: w
+                    .email
+                    .map(|e| {
+                        e.as_deref()
+                            .map(|e| field("email", Email::parse(e)))
+                            .transpose()
+                    })
+                    .transpose()?,
+                phone: w
+                    .phone
+                    .map(|p| {
+                        p.as_deref()
+                            .map(|p| field("phone", Phone::parse(p)))
+                            .transpose()
+                    })
+                    .transpose()?,
+                first_name: w
+                    .first_name
+                    .map(|n| {
+                        n.map(|n| display_name("first_name", n))
+                            .transpose()
+                            .map(Option::flatten)
+                    })
+                    .transpose()?,
+                locale: w
+                    .locale
+                    .as_deref()
+                    .map(|l| field("locale", Locale::parse(l)))
+                    .transpose()?,
+                timezone: w
+                    .timezone
+                    .as_deref()
+                    .map(|t| field("timezone", TimeZone::parse(t)))
+                    .transpose()?,
+                birthday: w
+                    .birthday
+                    .map(|b| {
+                        b.as_deref()
+                            .map(|b| field("birthday", Birthday::parse(b)))
+                            .transpose()
+                    })
+                    .transpose()?,
+                consent_email: consent.email,
+                consent_sms: consent.sms,
+            })
+        }
+    }
+
+    #[derive(Deserialize)]
+    pub struct Item {
+        pub sku: String,
+        pub name: String,
+        pub quantity: u32,
+        pub unit_price: i64,
+    }
+
+    #[derive(Deserialize)]
+    pub struct Order {
+        pub order_id: String,
+        pub member_id: String,
+        pub total: i64,
+        pub currency: String,
+        #[serde(default)]
+        pub items: Vec<Item>,
+        pub cart_id: Option<String>,
+    }
+
+    impl TryFrom<Order> for super::Order {
+        type Error = Rejection;
+
+        fn try_from(w: Order) -> Result<Self, Rejection> {
+            Ok(super::Order {
+                order_id: field("order_id", RecordId::parse("order_id", &w.order_id))?,
+                member_id: field("member_id", MemberId::parse(&w.member_id))?,
+                total: money("total", w.total, &w.currency)?,
+                items: items(w.items)?,
+                cart_id: w
+                    .cart_id
+                    .as_deref()
+                    .map(|c| field("cart_id", RecordId::parse("cart_id", c)))
+                    .transpose()?,
+            })
+        }
+    }
+
+    #[derive(Deserialize)]
+    pub struct Refund {
+        pub order_id: String,
+        pub member_id: String,
+        pub amount: i64,
+        pub currency: String,
+    }
+
+    impl TryFrom<Refund> for super::Refund {
+        type Error = Rejection;
+
+        fn try_from(w: Refund) -> Result<Self, Rejection> {
+            let amount = money("amount", w.amount, &w.currency)?;
+            if amount.minor == 0 {
+                return Err(Rejection("data.amount: must be more than 0".into()));
+            }
+            Ok(super::Refund {
+                order_id: field("order_id", RecordId::parse("order_id", &w.order_id))?,
+                member_id: field("member_id", MemberId::parse(&w.member_id))?,
+                amount,
+            })
+        }
+    }
+
+    #[derive(Deserialize)]
+    pub struct Adjustment {
+        pub member_id: String,
+        pub points: i64,
+        pub reason: String,
+    }
+
+    impl TryFrom<Adjustment> for super::Adjustment {
+        type Error = Rejection;
+
+        fn try_from(w: Adjustment) -> Result<Self, Rejection> {
+            if w.points == 0 || w.points.abs() > 100_000_000 {
+                return Err(Rejection(
+                    "data.points: must be non-zero and at most 100000000 either way".into(),
+                ));
+            }
+            let reason = field("reason", RecordId::parse("reason", &w.reason))?;
+            Ok(super::Adjustment {
+                member_id: field("member_id", MemberId::parse(&w.member_id))?,
+                points: w.points,
+                reason: reason.to_string(),
+            })
+        }
+    }
+
+    #[derive(Deserialize)]
+    pub struct Redemption {
+        pub member_id: String,
+        pub points: i64,
+        pub reward: Option<String>,
+    }
+
+    impl TryFrom<Redemption> for super::Redemption {
+        type Error = Rejection;
+
+        fn try_from(w: Redemption) -> Result<Self, Rejection> {
+            if !(1..=100_000_000).contains(&w.points) {
+                return Err(Rejection(
+                    "data.points: must be between 1 and 100000000".into(),
+                ));
+            }
+            Ok(super::Redemption {
+                member_id: field("member_id", MemberId::parse(&w.member_id))?,
+                points: w.points,
+                reward: w
+                    .reward
+                    .map(|r| display_name("reward", r))
+                    .transpose()?
+                    .flatten(),
+            })
+        }
+    }
+
+    #[derive(Deserialize)]
+    pub struct Cart {
+        pub cart_id: String,
+        pub member_id: String,
+        #[serde(default)]
+        pub items: Vec<Item>,
+        pub total: i64,
+        pub currency: String,
+        pub checkout_url: String,
+    }
+
+    impl TryFrom<Cart> for super::Cart {
+        type Error = Rejection;
+
+        fn try_from(w: Cart) -> Result<Self, Rejection> {
+            let url_ok = url::Url::parse(&w.checkout_url)
+                .map(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+                .unwrap_or(false);
+            if !url_ok || w.checkout_url.len() > 2048 {
+                return Err(Rejection(format!(
+                    "data.checkout_url: {} is not an http(s) URL",
+                    quoted(&w.checkout_url)
+                )));
+            }
+            Ok(super::Cart {
+                cart_id: field("cart_id", RecordId::parse("cart_id", &w.cart_id))?,
+                member_id: field("member_id", MemberId::parse(&w.member_id))?,
+                items: items(w.items)?,
+                total: money("total", w.total, &w.currency)?,
+                checkout_url: w.checkout_url,
+            })
+        }
+    }
+
+    #[derive(Deserialize)]
+    pub struct CartRef {
+        pub cart_id: String,
+        pub member_id: String,
+    }
+
+    impl TryFrom<CartRef> for super::CartRef {
+        type Error = Rejection;
+
+        fn try_from(w: CartRef) -> Result<Self, Rejection> {
+            Ok(super::CartRef {
+                cart_id: field("cart_id", RecordId::parse("cart_id", &w.cart_id))?,
+                member_id: field("member_id", MemberId::parse(&w.member_id))?,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: usize = 64 * 1024;
+
+    fn event(kind: &str, data: &str) -> String {
+        format!(
+            r#"{{"specversion":"1.0","id":"e1","source":"shop","type":"{kind}","time":"2026-11-22T10:00:00Z","data":{data}}}"#
+        )
+    }
+
+    fn rejected(body: &str) -> String {
+        parse(body.as_bytes(), MAX).unwrap_err().0
+    }
+
+    #[test]
+    fn parses_every_type() {
+        let cases = [
+            (
+                "member.enrolled",
+                r#"{"member_id":"m1","email":"a@b.co","phone":"+14155550123","first_name":"Ada","locale":"ko-KR","timezone":"Asia/Seoul","birthday":"02-29","consent":{"email":true,"sms":false}}"#,
+            ),
+            (
+                "member.updated",
+                r#"{"member_id":"m1","email":null,"consent":{"sms":true}}"#,
+            ),
+            (
+                "order.placed",
+                r#"{"order_id":"o1","member_id":"m1","total":12000,"currency":"KRW","items":[{"sku":"s","name":"Tea","quantity":2,"unit_price":6000}],"cart_id":"c1"}"#,
+            ),
+            (
+                "order.refunded",
+                r#"{"order_id":"o1","member_id":"m1","amount":500,"currency":"USD"}"#,
+            ),
+            (
+                "points.adjusted",
+                r#"{"member_id":"m1","points":-20,"reason":"manual"}"#,
+            ),
+            (
+                "points.redeemed",
+                r#"{"member_id":"m1","points":100,"reward":"$10 off"}"#,
+            ),
+            (
+                "cart.updated",
+                r#"{"cart_id":"c1","member_id":"m1","items":[],"total":0,"currency":"EUR","checkout_url":"https://shop.example/cart/c1"}"#,
+            ),
+            ("cart.checked_out", r#"{"cart_id":"c1","member_id":"m1"}"#),
+        ];
+        for (kind, data) in cases {
+            let parsed =
+                parse(event(kind, data).as_bytes(), MAX).unwrap_or_else(|e| panic!("{kind}: {e}"));
+            assert_eq!(parsed.kind.type_name(), kind);
+            assert_eq!(parsed.kind.member_id().as_str(), "m1");
+        }
+    }
+
+    #[test]
+    fn updated_distinguishes_null_from_absent() {
+        let e = parse(
+            event("member.updated", r#"{"member_id":"m1","email":null}"#).as_bytes(),
+            MAX,
+        )
+        .unwrap();
+        let EventKind::MemberUpdated(changes) = e.kind else {
+            panic!()
+        };
+        assert_eq!(changes.email, Some(None));
+        assert_eq!(changes.phone, None);
+    }
+
+    #[test]
+    fn rejections_say_what_is_wrong() {
+        let enrolled = |data: &str| event("member.enrolled", data);
+        let base = r#""member_id":"m1","locale":"en","timezone":"UTC","consent":{"email":true,"sms":true}"#;
+        let cases: Vec<(String, &str)> = vec![
+            ("not json".into(), "not JSON"),
+            ("[1,2]".into(), "not a CloudEvent"),
+            (
+                r#"{"specversion":"1.0","source":"s","type":"member.enrolled","data":{}}"#.into(),
+                "missing field `id`",
+            ),
+            (
+                event("member.exploded", "{}"),
+                "unknown event type \"member.exploded\"",
+            ),
+            (
+                r#"{"specversion":"0.3","id":"x","source":"s","type":"t"}"#.into(),
+                "specversion",
+            ),
+            (
+                enrolled(&format!(r#"{{{base},"email":"nope"}}"#)),
+                "data.email: email \"nope\" is not a valid address",
+            ),
+            (
+                enrolled(&format!(r#"{{{base},"phone":"555-0100"}}"#)),
+                "data.phone:",
+            ),
+            (
+                enrolled(&format!(r#"{{{base},"first_name":"Eve\r\nBcc: x@y.z"}}"#)),
+                "data.first_name: must not contain control",
+            ),
+            (
+                enrolled(
+                    r#"{"member_id":"m1","locale":"en","timezone":"Mars/Olympus","consent":{"email":true,"sms":true}}"#,
+                ),
+                "data.timezone",
+            ),
+            (
+                enrolled(r#"{"member_id":"m1","locale":"en","timezone":"UTC"}"#),
+                "data: missing field `consent`",
+            ),
+            (
+                event(
+                    "order.placed",
+                    r#"{"order_id":"o","member_id":"m","total":"12","currency":"USD"}"#,
+                ),
+                "data.total: invalid type",
+            ),
+            (
+                event(
+                    "order.placed",
+                    r#"{"order_id":"o","member_id":"m","total":1,"currency":"XYZ"}"#,
+                ),
+                "data.currency",
+            ),
+            (
+                event(
+                    "order.placed",
+                    r#"{"order_id":"o","member_id":"m","total":1,"currency":"USD","items":[{"sku":"s","name":"n","quantity":0,"unit_price":1}]}"#,
+                ),
+                "data.items[0].quantity",
+            ),
+            (
+                event(
+                    "cart.updated",
+                    r#"{"cart_id":"c","member_id":"m","total":1,"currency":"USD","checkout_url":"javascript:alert(1)"}"#,
+                ),
+                "data.checkout_url",
+            ),
+            (
+                event("points.redeemed", r#"{"member_id":"m","points":0}"#),
+                "data.points",
+            ),
+            (event("order.placed", "42"), "data must be a JSON object"),
+        ];
+        for (body, expected) in cases {
+            let reason = rejected(&body);
+            assert!(
+                reason.contains(expected),
+                "{body}\n  gave: {reason}\n  wanted: {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_bodies_are_refused_before_parsing() {
+        let body = vec![b' '; MAX + 1];
+        assert!(parse(&body, MAX).unwrap_err().0.contains("over the limit"));
+    }
+}

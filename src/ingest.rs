@@ -1,0 +1,500 @@
+//! Consuming events: AMQP topology, the batched consume loop, ack or dead-letter by outcome,
+//! reconnecting.
+//!
+//! Architecture invariant: only this module acks, and only after the transaction holding the
+//! delivery has committed (or, for a refused event, after its dead letter was confirmed by the
+//! broker). A crash anywhere before the ack means redelivery, and the inbox makes a redelivered
+//! event a no-op.
+
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use futures_util::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use tracing::{debug, info, warn};
+
+use crate::app::App;
+use crate::config::{AmqpUrl, Settings};
+use crate::event::{self, Event};
+use crate::ledger::{self, Outcome};
+use crate::metrics::Metrics;
+use crate::publish::Publisher;
+use crate::shutdown::Shutdown;
+
+/// Header that carries a dead letter's reason.
+pub const ERROR_HEADER: &str = "x-lifecycle-error";
+/// Header that counts how often an early event went through the retry queue.
+pub const RETRIES_HEADER: &str = "x-lifecycle-retries";
+/// Routing-key patterns that bind the input queue to the exchange.
+const BINDINGS: [&str; 4] = ["member.#", "order.#", "cart.#", "points.#"];
+
+/// Connects to RabbitMQ with automatic recovery of the connection, channels and consumers.
+pub async fn connect(url: &AmqpUrl, name: &str) -> anyhow::Result<Connection> {
+    let properties = ConnectionProperties::default()
+        .with_connection_name(name.into())
+        .enable_auto_recover();
+    Connection::connect(url.expose(), properties)
+        .await
+        .with_context(|| format!("connecting to RabbitMQ at {url}"))
+}
+
+/// Declares the exchanges and queues of DESIGN.md; safe to run any number of times.
+pub async fn declare_topology(channel: &Channel, settings: &Settings) -> anyhow::Result<()> {
+    let s = &settings.ingest;
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let durable_queue = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let quorum = |extra: &[(&str, AMQPValue)]| {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        for (key, value) in extra {
+            args.insert((*key).into(), value.clone());
+        }
+        args
+    };
+    let text = |s: &str| AMQPValue::LongString(s.into());
+    let context = |what: &str, name: &str| {
+        format!(
+            "declaring {what} {name} (an existing one with other arguments must be deleted first)"
+        )
+    };
+
+    channel
+        .exchange_declare(
+            settings.exchange.as_str().into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| context("exchange", &settings.exchange))?;
+    channel
+        .exchange_declare(
+            s.dead_letter_exchange.as_str().into(),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| context("exchange", &s.dead_letter_exchange))?;
+    channel
+        .queue_declare(
+            s.dead_letter_queue.as_str().into(),
+            durable_queue,
+            quorum(&[]),
+        )
+        .await
+        .with_context(|| context("queue", &s.dead_letter_queue))?;
+    channel
+        .queue_bind(
+            s.dead_letter_queue.as_str().into(),
+            s.dead_letter_exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    // Dead-lettering at least once needs the target to push back rather than drop.
+    let safe_dead_lettering = [
+        ("x-dead-letter-strategy", text("at-least-once")),
+        ("x-overflow", text("reject-publish")),
+    ];
+    let mut input_args = vec![
+        (
+            "x-delivery-limit",
+            AMQPValue::LongInt(s.delivery_limit as i32),
+        ),
+        ("x-dead-letter-exchange", text(&s.dead_letter_exchange)),
+    ];
+    input_args.extend(safe_dead_lettering.iter().cloned());
+    channel
+        .queue_declare(s.queue.as_str().into(), durable_queue, quorum(&input_args))
+        .await
+        .with_context(|| context("queue", &s.queue))?;
+    for pattern in BINDINGS {
+        channel
+            .queue_bind(
+                s.queue.as_str().into(),
+                settings.exchange.as_str().into(),
+                pattern.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    // Early events wait here, then expire back into the input queue (through the default
+    // exchange, so other consumers of the platform's exchange do not see them twice).
+    let mut retry_args = vec![
+        (
+            "x-message-ttl",
+            AMQPValue::LongLongInt(s.retry_delay_ms as i64),
+        ),
+        ("x-dead-letter-exchange", text("")),
+        ("x-dead-letter-routing-key", text(&s.queue)),
+    ];
+    retry_args.extend(safe_dead_lettering.iter().cloned());
+    channel
+        .queue_declare(
+            s.retry_queue.as_str().into(),
+            durable_queue,
+            quorum(&retry_args),
+        )
+        .await
+        .with_context(|| context("queue", &s.retry_queue))?;
+    Ok(())
+}
+
+/// The consuming side of the worker.
+#[derive(Clone)]
+pub struct Ingest {
+    app: App,
+}
+
+impl Ingest {
+    /// An ingest for this process.
+    pub fn new(app: App) -> Ingest {
+        Ingest { app }
+    }
+
+    /// Consumes until `shutdown`, reconnecting whenever the broker goes away.
+    pub async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        while !shutdown.is_triggered() {
+            match self.session(&shutdown).await {
+                Ok(()) => backoff.reset(),
+                Err(error) => {
+                    warn!(
+                        error = format!("{error:#}"),
+                        "Ingest session ended; reconnecting."
+                    );
+                    shutdown.sleep(backoff.next()).await;
+                }
+            }
+        }
+        info!("Ingest stopped.");
+        Ok(())
+    }
+
+    /// One connection's life: declare, then run the consumers until one fails or shutdown.
+    async fn session(&self, shutdown: &Shutdown) -> anyhow::Result<()> {
+        let connection = connect(&self.app.settings.amqp_url, "lifecycle-ingest").await?;
+        declare_topology(&connection.create_channel().await?, &self.app.settings).await?;
+        let mut consumers = Vec::new();
+        for n in 0..self.app.settings.ingest.consumers {
+            let this = self.clone();
+            let channel = connection.create_channel().await?;
+            let publisher = Publisher::open(&connection).await?;
+            let shutdown = shutdown.clone();
+            consumers.push(tokio::spawn(async move {
+                this.consume(n, channel, publisher, shutdown).await
+            }));
+        }
+        let mut result = Ok(());
+        for consumer in consumers {
+            match consumer.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => result = Err(e),
+                Err(e) => result = Err(anyhow!("consumer task failed: {e}")),
+            }
+        }
+        connection.close(200, "bye".into()).await.ok();
+        result
+    }
+
+    /// Consumes in batches on one channel until shutdown (Ok) or an unrecoverable error.
+    async fn consume(
+        &self,
+        n: usize,
+        channel: Channel,
+        publisher: Publisher,
+        shutdown: Shutdown,
+    ) -> anyhow::Result<()> {
+        let s = &self.app.settings.ingest;
+        channel
+            .basic_qos(s.prefetch, BasicQosOptions::default())
+            .await?;
+        let tag = format!("lifecycle-{}-{n}", std::process::id());
+        let mut consumer = channel
+            .basic_consume(
+                s.queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("consuming from {}", s.queue))?;
+        debug!(consumer = tag, "Consuming.");
+        let mut batch: Vec<Delivery> = Vec::with_capacity(s.batch_size);
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.triggered() => break,
+                next = consumer.next() => next,
+            };
+            let mut pending_error = match first {
+                // The server cancelled the consumer (queue deleted, node shutting down).
+                None => return Err(anyhow!("the broker cancelled consumer {tag}")),
+                Some(Err(error)) => Some(error),
+                Some(Ok(delivery)) => {
+                    batch.push(delivery);
+                    None
+                }
+            };
+            while pending_error.is_none() && batch.len() < s.batch_size {
+                match consumer.next().now_or_never() {
+                    Some(Some(Ok(delivery))) => batch.push(delivery),
+                    Some(Some(Err(error))) => pending_error = Some(error),
+                    _ => break,
+                }
+            }
+            if !batch.is_empty() {
+                self.handle_batch(&batch, &publisher, &shutdown).await;
+                batch.clear();
+            }
+            if let Some(error) = pending_error {
+                warn!(%error, "Channel error; waiting for recovery.");
+                channel
+                    .wait_for_recovery(error)
+                    .await
+                    .context("the channel could not be recovered")?;
+            }
+        }
+        // Stop the flow; prefetched deliveries return to the queue when the channel closes.
+        channel
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+            .await
+            .ok();
+        channel.close(200, "shutdown".into()).await.ok();
+        Ok(())
+    }
+
+    /// Handles one batch: parse, apply in one transaction, publish dead letters and retries,
+    /// then ack every delivery at once.
+    pub(crate) async fn handle_batch(
+        &self,
+        batch: &[Delivery],
+        publisher: &Publisher,
+        shutdown: &Shutdown,
+    ) {
+        let max = self.app.settings.ingest.max_event_bytes;
+        let parsed: Vec<Result<Event, event::Rejection>> =
+            batch.iter().map(|d| event::parse(&d.data, max)).collect();
+        let valid: Vec<&Event> = parsed.iter().filter_map(|p| p.as_ref().ok()).collect();
+        let Some(outcomes) = self.apply_with_retry(&valid, shutdown).await else {
+            // Shutting down while the database is away: leave the batch unacked for redelivery.
+            return;
+        };
+        if outcomes
+            .iter()
+            .any(|o| matches!(o, Outcome::Applied { planned } if *planned > 0))
+        {
+            self.app.outbox_ready.notify_one();
+        }
+        let mut applied = outcomes.into_iter();
+
+        let mut confirms = Vec::new();
+        for (delivery, parsed) in batch.iter().zip(&parsed) {
+            let outcome = match parsed {
+                Err(rejection) => Outcome::Rejected(rejection.0.clone()),
+                Ok(_) => applied.next().expect("an outcome per valid event"),
+            };
+            match outcome {
+                Outcome::Applied { .. } => Metrics::inc(&self.app.metrics.events_applied),
+                Outcome::Duplicate => Metrics::inc(&self.app.metrics.events_duplicate),
+                Outcome::Rejected(reason) => {
+                    Metrics::inc(&self.app.metrics.events_dead_lettered);
+                    warn!(reason, routing_key = %delivery.routing_key, "Event dead-lettered.");
+                    confirms.push(self.dead_letter(publisher, delivery, &reason).await);
+                }
+                Outcome::Deferred(reason) => {
+                    let retries = retries_of(delivery);
+                    if retries >= self.app.settings.ingest.max_retries {
+                        Metrics::inc(&self.app.metrics.events_dead_lettered);
+                        let reason = format!("{reason} (gave up after {retries} retries)");
+                        warn!(reason, "Early event dead-lettered.");
+                        confirms.push(self.dead_letter(publisher, delivery, &reason).await);
+                    } else {
+                        Metrics::inc(&self.app.metrics.events_deferred);
+                        debug!(reason, retries, "Event deferred.");
+                        confirms.push(self.retry_later(publisher, delivery, retries + 1).await);
+                    }
+                }
+            }
+        }
+        for confirm in confirms {
+            if let Err(error) = Publisher::confirmed(confirm).await {
+                // Without the dead letter or retry safely stored, the original must stay.
+                warn!(
+                    error = format!("{error:#}"),
+                    "A dead letter or retry was not confirmed; the batch stays unacked."
+                );
+                return;
+            }
+        }
+        let last = batch.last().expect("non-empty batch");
+        match last.acker.ack(BasicAckOptions { multiple: true }).await {
+            Ok(true) => {}
+            Ok(false) => warn!(
+                "The channel was lost before the ack; the broker will redeliver and the inbox skips them."
+            ),
+            Err(error) => {
+                warn!(%error, "Ack failed; the broker will redeliver and the inbox skips them.")
+            }
+        }
+    }
+
+    /// Applies the valid events of a batch, retrying transient database errors with backoff.
+    /// An event the database itself refuses is isolated by applying the batch one event at a
+    /// time. `None` when shutdown interrupted the retries.
+    async fn apply_with_retry(
+        &self,
+        events: &[&Event],
+        shutdown: &Shutdown,
+    ) -> Option<Vec<Outcome>> {
+        if events.is_empty() {
+            return Some(Vec::new());
+        }
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            match self.apply_once(events).await {
+                Ok(outcomes) => return Some(outcomes),
+                Err(error) if crate::db::is_transient(&error) => {
+                    warn!(%error, "Database unavailable; retrying the batch.");
+                    if shutdown.is_triggered() {
+                        return None;
+                    }
+                    shutdown.sleep(backoff.next()).await;
+                }
+                Err(error) if events.len() > 1 => {
+                    warn!(%error, "The database refused a batch; applying its events one by one.");
+                    let mut outcomes = Vec::with_capacity(events.len());
+                    for event in events {
+                        outcomes.extend(Box::pin(self.apply_with_retry(&[event], shutdown)).await?);
+                    }
+                    return Some(outcomes);
+                }
+                Err(error) => {
+                    return Some(vec![Outcome::Rejected(format!(
+                        "the database refused the event: {error}"
+                    ))]);
+                }
+            }
+        }
+    }
+
+    async fn apply_once(&self, events: &[&Event]) -> Result<Vec<Outcome>, sqlx::Error> {
+        let mut tx = self.app.pool.begin().await?;
+        let outcomes = ledger::apply_batch(&mut tx, events, self.app.clock.now()).await?;
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+
+    /// Publishes the delivery to the dead-letter exchange with its reason.
+    async fn dead_letter(
+        &self,
+        publisher: &Publisher,
+        delivery: &Delivery,
+        reason: &str,
+    ) -> anyhow::Result<lapin::PublisherConfirm> {
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            ERROR_HEADER.into(),
+            AMQPValue::LongString(LongString::from(truncate(reason, 1000))),
+        );
+        let exchange = &self.app.settings.ingest.dead_letter_exchange;
+        publisher
+            .publish_raw(
+                exchange,
+                delivery.routing_key.as_str(),
+                &delivery.data,
+                &delivery.properties,
+                headers,
+            )
+            .await
+    }
+
+    /// Publishes the delivery to the retry queue with its retry count raised.
+    async fn retry_later(
+        &self,
+        publisher: &Publisher,
+        delivery: &Delivery,
+        retries: u32,
+    ) -> anyhow::Result<lapin::PublisherConfirm> {
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(RETRIES_HEADER.into(), AMQPValue::LongUInt(retries));
+        let queue = &self.app.settings.ingest.retry_queue;
+        publisher
+            .publish_raw("", queue, &delivery.data, &delivery.properties, headers)
+            .await
+    }
+}
+
+/// The retry count of a delivery (0 when it never was deferred).
+fn retries_of(delivery: &Delivery) -> u32 {
+    let header: ShortString = RETRIES_HEADER.into();
+    match delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(&header).cloned())
+    {
+        Some(AMQPValue::LongUInt(n)) => n,
+        Some(AMQPValue::LongInt(n)) => n.max(0) as u32,
+        Some(AMQPValue::LongLongInt(n)) => n.clamp(0, u32::MAX as i64) as u32,
+        _ => 0,
+    }
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// Exponential backoff with full jitter.
+pub(crate) struct Backoff {
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub(crate) fn new(base: Duration, max: Duration) -> Backoff {
+        Backoff {
+            base,
+            max,
+            attempt: 0,
+        }
+    }
+
+    pub(crate) fn next(&mut self) -> Duration {
+        let ceiling = self
+            .base
+            .saturating_mul(1 << self.attempt.min(16))
+            .min(self.max);
+        self.attempt += 1;
+        ceiling.mul_f64(0.5 + rand::random::<f64>() / 2.0)
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}

@@ -1,0 +1,210 @@
+//! Members: the profile the platform sends, stored one row per member.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, Row};
+
+use crate::domain::{Birthday, Consent, Email, Locale, MemberId, Phone, TimeZone};
+use crate::event::{Profile, ProfileChanges};
+
+/// A member as the ledger knows them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Member {
+    /// Who.
+    pub member_id: MemberId,
+    /// Email address, if any.
+    pub email: Option<Email>,
+    /// Mobile number, if any.
+    pub phone: Option<Phone>,
+    /// Given name for greetings.
+    pub first_name: Option<String>,
+    /// Language of messages.
+    pub locale: Locale,
+    /// Zone of quiet hours and birthdays.
+    pub timezone: TimeZone,
+    /// Birthday, if known.
+    pub birthday: Option<Birthday>,
+    /// Consent per channel.
+    pub consent: Consent,
+    /// When they first enrolled (business time).
+    pub enrolled_at: DateTime<Utc>,
+}
+
+impl Member {
+    /// The member a `member.enrolled` describes.
+    pub fn enrolled(p: &Profile, enrolled_at: DateTime<Utc>) -> Member {
+        Member {
+            member_id: p.member_id.clone(),
+            email: p.email.clone(),
+            phone: p.phone.clone(),
+            first_name: p.first_name.clone(),
+            locale: p.locale.clone(),
+            timezone: p.timezone,
+            birthday: p.birthday,
+            consent: p.consent,
+            enrolled_at,
+        }
+    }
+
+    /// This member with a `member.updated`'s changes.
+    pub fn updated(&self, c: &ProfileChanges) -> Member {
+        let mut m = self.clone();
+        if let Some(email) = &c.email {
+            m.email = email.clone();
+        }
+        if let Some(phone) = &c.phone {
+            m.phone = phone.clone();
+        }
+        if let Some(first_name) = &c.first_name {
+            m.first_name = first_name.clone();
+        }
+        if let Some(locale) = &c.locale {
+            m.locale = locale.clone();
+        }
+        if let Some(timezone) = c.timezone {
+            m.timezone = timezone;
+        }
+        if let Some(birthday) = c.birthday {
+            m.birthday = birthday;
+        }
+        m.consent.email = c.consent_email.unwrap_or(m.consent.email);
+        m.consent.sms = c.consent_sms.unwrap_or(m.consent.sms);
+        m
+    }
+}
+
+/// Takes the transaction-scoped lock of each member, in one fixed order.
+pub(super) async fn lock(conn: &mut PgConnection, sorted_ids: &[&str]) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "select pg_advisory_xact_lock(k)
+         from (select hashtextextended(m, 7) as k from unnest($1::text[]) as m order by 1) as keys",
+    )
+    .bind(sorted_ids)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Loads the members among `ids` that exist.
+pub(super) async fn load(
+    conn: &mut PgConnection,
+    ids: &[&str],
+) -> Result<HashMap<MemberId, Member>, sqlx::Error> {
+    let rows = sqlx::query(
+        "select member_id, email, phone, first_name, locale, timezone, birthday_month, birthday_day,
+                birthday_year, consent_email, consent_sms, enrolled_at
+         from members where member_id = any($1)",
+    )
+    .bind(ids)
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            let member = from_row(row).map_err(|e| sqlx::Error::Decode(e.into()))?;
+            Ok((member.member_id.clone(), member))
+        })
+        .collect()
+}
+
+/// Decodes a stored member, re-checking each value (a hand edit of the table is caught here).
+pub(crate) fn from_row(row: &sqlx::postgres::PgRow) -> Result<Member, crate::domain::Invalid> {
+    let text = |name: &str| row.get::<Option<String>, _>(name);
+    let birthday = match (
+        row.get::<Option<i16>, _>("birthday_month"),
+        row.get::<Option<i16>, _>("birthday_day"),
+        row.get::<Option<i16>, _>("birthday_year"),
+    ) {
+        (Some(m), Some(d), None) => Some(Birthday::parse(&format!("{m:02}-{d:02}"))?),
+        (Some(m), Some(d), Some(y)) => Some(Birthday::parse(&format!("{y:04}-{m:02}-{d:02}"))?),
+        _ => None,
+    };
+    Ok(Member {
+        member_id: MemberId::parse(&row.get::<String, _>("member_id"))?,
+        email: text("email").as_deref().map(Email::parse).transpose()?,
+        phone: text("phone").as_deref().map(Phone::parse).transpose()?,
+        first_name: text("first_name"),
+        locale: Locale::parse(&row.get::<String, _>("locale"))?,
+        timezone: TimeZone::parse(&row.get::<String, _>("timezone"))?,
+        birthday,
+        consent: Consent {
+            email: row.get("consent_email"),
+            sms: row.get("consent_sms"),
+        },
+        enrolled_at: row.get("enrolled_at"),
+    })
+}
+
+/// Inserts or replaces the given members.
+pub(super) async fn save(
+    conn: &mut PgConnection,
+    members: &[&Member],
+    now: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    if members.is_empty() {
+        return Ok(());
+    }
+    let n = members.len();
+    let (mut ids, mut emails, mut phones, mut names) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut locales, mut zones, mut months, mut days, mut years) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut consent_email, mut consent_sms, mut enrolled) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for m in members {
+        ids.push(m.member_id.as_str());
+        emails.push(m.email.as_ref().map(Email::as_str));
+        phones.push(m.phone.as_ref().map(Phone::as_str));
+        names.push(m.first_name.as_deref());
+        locales.push(m.locale.as_str());
+        zones.push(m.timezone.name());
+        months.push(m.birthday.map(|b| b.month() as i16));
+        days.push(m.birthday.map(|b| b.day() as i16));
+        years.push(m.birthday.and_then(|b| b.year()).map(|y| y as i16));
+        consent_email.push(m.consent.email);
+        consent_sms.push(m.consent.sms);
+        enrolled.push(m.enrolled_at);
+    }
+    sqlx::query(
+        "insert into members (member_id, email, phone, first_name, locale, timezone, birthday_month,
+                              birthday_day, birthday_year, consent_email, consent_sms, enrolled_at, updated_at)
+         select *, $13::timestamptz
+         from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                     $7::smallint[], $8::smallint[], $9::smallint[], $10::bool[], $11::bool[], $12::timestamptz[])
+         on conflict (member_id) do update set
+             email = excluded.email, phone = excluded.phone, first_name = excluded.first_name,
+             locale = excluded.locale, timezone = excluded.timezone,
+             birthday_month = excluded.birthday_month, birthday_day = excluded.birthday_day,
+             birthday_year = excluded.birthday_year, consent_email = excluded.consent_email,
+             consent_sms = excluded.consent_sms, enrolled_at = excluded.enrolled_at,
+             updated_at = excluded.updated_at",
+    )
+    .bind(&ids)
+    .bind(&emails)
+    .bind(&phones)
+    .bind(&names)
+    .bind(&locales)
+    .bind(&zones)
+    .bind(&months)
+    .bind(&days)
+    .bind(&years)
+    .bind(&consent_email)
+    .bind(&consent_sms)
+    .bind(&enrolled)
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,32 @@
+//! lifecycle: loyalty lifecycle messaging. Events in from RabbitMQ, a points ledger in
+//! PostgreSQL, templated email and SMS out through providers.
+//!
+//! # Layout
+//!
+//! In the order data moves:
+//!
+//! - [`config`]: typed settings, a file overlaid by `LIFECYCLE_` variables.
+//! - [`event`]: the wire format (CloudEvents JSON) parsed into domain events ([`domain`]).
+//! - [`ingest`]: AMQP topology, the batched consume loop, ack after commit, dead letters.
+//! - [`ledger`]: member state; a batch of events applied in one transaction.
+//! - [`triggers`]: pure functions from (before, event, after) to planned messages.
+//! - [`render`]: Handlebars registries with locale fallback.
+//! - [`dispatch`]: claiming due messages, consent, rendering, providers, recording attempts.
+//! - [`app`]: the shared handles and the worker's roles; [`demo`] and [`bench`] drive them.
+
+pub mod app;
+pub mod bench;
+pub mod clock;
+pub mod config;
+pub mod db;
+pub mod demo;
+pub mod dispatch;
+pub mod domain;
+pub mod event;
+pub mod ingest;
+pub mod ledger;
+pub mod metrics;
+pub mod publish;
+pub mod render;
+pub mod shutdown;
+pub mod triggers;

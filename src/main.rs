@@ -1,0 +1,153 @@
+//! The `lifecycle` command: parse the command line, load settings, run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use lifecycle::app::{App, Roles, Worker};
+use lifecycle::config::Settings;
+
+/// Loyalty lifecycle messaging worker.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Configuration file (default: lifecycle.toml when present, or LIFECYCLE_CONFIG).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Consume events and send messages until SIGINT or SIGTERM.
+    Serve {
+        /// Do not consume events.
+        #[arg(long)]
+        no_ingest: bool,
+        /// Do not send messages.
+        #[arg(long)]
+        no_dispatch: bool,
+    },
+    /// Create the database if missing and apply migrations.
+    Migrate,
+    /// Publish a JSON-lines file of events to the exchange.
+    Publish {
+        /// One CloudEvent per line.
+        file: PathBuf,
+    },
+    /// Publish the sample events, process them, and show the messages produced.
+    Demo {
+        /// Events to publish.
+        #[arg(long, default_value = "examples/demo-events.jsonl")]
+        events: PathBuf,
+    },
+    /// Measure ingest throughput against the broker's raw ceiling.
+    Bench {
+        /// Events to publish.
+        #[arg(long, default_value_t = 50_000)]
+        events: usize,
+    },
+    /// Check that every template compiles.
+    Templates {
+        #[command(subcommand)]
+        action: TemplatesAction,
+    },
+    /// Show the most recent messages and what became of them.
+    Deliveries {
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+}
+
+#[derive(Subcommand)]
+enum TemplatesAction {
+    /// Compile every template and report the first error.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,lifecycle=info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run(cli.command, settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
+    match command {
+        Command::Serve {
+            no_ingest,
+            no_dispatch,
+        } => {
+            let app = App::open(settings).await?;
+            let worker = Worker::start(
+                app,
+                Roles {
+                    ingest: !no_ingest,
+                    dispatch: !no_dispatch,
+                },
+            )
+            .await?;
+            tokio::select! {
+                _ = lifecycle::shutdown::signal() => tracing::info!("Signal received; finishing work in hand."),
+                _ = worker.stopped() => {}
+            }
+            worker.stop().await
+        }
+        Command::Migrate => {
+            lifecycle::db::migrate(&settings.database_url).await?;
+            println!(
+                "database {} is up to date",
+                settings.database_url.database()
+            );
+            Ok(())
+        }
+        Command::Publish { file } => {
+            let lines = lifecycle::publish::read_lines(&file)?;
+            let n = lifecycle::demo::publish(&settings, &lines).await?;
+            println!("published {n} events to exchange {}", settings.exchange);
+            Ok(())
+        }
+        Command::Demo { events } => lifecycle::demo::run(settings, &events).await,
+        Command::Bench { events } => lifecycle::bench::run(settings, events).await,
+        Command::Templates {
+            action: TemplatesAction::Check,
+        } => {
+            lifecycle::render::Templates::load(&settings.templates_dir)?;
+            println!(
+                "templates in {} are valid",
+                settings.templates_dir.display()
+            );
+            Ok(())
+        }
+        Command::Deliveries { limit } => {
+            let app = App::open(settings).await?;
+            let rows = lifecycle::demo::recent_messages(&app.pool, None, limit).await?;
+            print!("{}", lifecycle::demo::table(&rows));
+            Ok(())
+        }
+    }
+}

@@ -198,7 +198,8 @@ pub struct DispatchSettings {
     /// Pause between polls when nothing is due, in milliseconds.
     #[serde(deserialize_with = "parsed")]
     pub poll_interval_ms: u64,
-    /// How long a claim holds a message before another worker may take it, in seconds.
+    /// How long a claim holds a message before another worker may take it, in seconds. It
+    /// must outlast a whole batch (`batch_size / concurrency` rounds of `send_timeout_ms`).
     #[serde(deserialize_with = "parsed")]
     pub lease_secs: u64,
     /// Attempts before a transiently failing message ends `failed`.
@@ -221,11 +222,11 @@ impl Default for DispatchSettings {
             batch_size: 200,
             concurrency: 32,
             poll_interval_ms: 200,
-            lease_secs: 60,
+            lease_secs: 120,
             max_attempts: 8,
             retry_base_ms: 2_000,
             smtp_pool_size: 8,
-            send_timeout_ms: 15_000,
+            send_timeout_ms: 10_000,
         }
     }
 }

@@ -193,22 +193,27 @@ impl Ingest {
     async fn session(&self, shutdown: &Shutdown) -> anyhow::Result<()> {
         let connection = connect(&self.app.settings.amqp_url, "lifecycle-ingest").await?;
         declare_topology(&connection.create_channel().await?, &self.app.settings).await?;
-        let mut consumers = Vec::new();
+        let mut consumers = tokio::task::JoinSet::new();
         for n in 0..self.app.settings.ingest.consumers {
             let this = self.clone();
             let channel = connection.create_channel().await?;
             let publisher = Publisher::open(&connection).await?;
             let shutdown = shutdown.clone();
-            consumers.push(tokio::spawn(async move {
-                this.consume(n, channel, publisher, shutdown).await
-            }));
+            consumers.spawn(async move { this.consume(n, channel, publisher, shutdown).await });
         }
+        // The first consumer to fail ends the session: closing the connection returns every
+        // unacked delivery to the queue, and `run` reconnects.
         let mut result = Ok(());
-        for consumer in consumers {
-            match consumer.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => result = Err(e),
-                Err(e) => result = Err(anyhow!("consumer task failed: {e}")),
+        while let Some(joined) = consumers.join_next().await {
+            let failed = match joined {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e),
+                Err(e) if e.is_cancelled() => None,
+                Err(e) => Some(anyhow!("consumer task failed: {e}")),
+            };
+            if let Some(error) = failed {
+                consumers.abort_all();
+                result = Err(error);
             }
         }
         connection.close(200, "bye".into()).await.ok();
@@ -261,8 +266,11 @@ impl Ingest {
                 }
             }
             if !batch.is_empty() {
-                self.handle_batch(&batch, &publisher, &shutdown).await;
+                let handled = self.handle_batch(&batch, &publisher, &shutdown).await;
                 batch.clear();
+                // An unacked batch must not be acked by a later batch's `multiple` ack: give
+                // the channel up, which returns its unacked deliveries to the queue.
+                handled.context("a batch could not be settled")?;
             }
             if let Some(error) = pending_error {
                 warn!(%error, "Channel error; waiting for recovery.");
@@ -282,20 +290,19 @@ impl Ingest {
     }
 
     /// Handles one batch: parse, apply in one transaction, publish dead letters and retries,
-    /// then ack every delivery at once.
-    pub(crate) async fn handle_batch(
+    /// then ack every delivery at once. An `Err` means the batch was left unacked.
+    async fn handle_batch(
         &self,
         batch: &[Delivery],
         publisher: &Publisher,
         shutdown: &Shutdown,
-    ) {
+    ) -> anyhow::Result<()> {
         let max = self.app.settings.ingest.max_event_bytes;
         let parsed: Vec<Result<Event, event::Rejection>> =
             batch.iter().map(|d| event::parse(&d.data, max)).collect();
         let valid: Vec<&Event> = parsed.iter().filter_map(|p| p.as_ref().ok()).collect();
         let Some(outcomes) = self.apply_with_retry(&valid, shutdown).await else {
-            // Shutting down while the database is away: leave the batch unacked for redelivery.
-            return;
+            return Err(anyhow!("shutting down while the database is unavailable"));
         };
         if outcomes
             .iter()
@@ -335,14 +342,10 @@ impl Ingest {
             }
         }
         for confirm in confirms {
-            if let Err(error) = Publisher::confirmed(confirm).await {
-                // Without the dead letter or retry safely stored, the original must stay.
-                warn!(
-                    error = format!("{error:#}"),
-                    "A dead letter or retry was not confirmed; the batch stays unacked."
-                );
-                return;
-            }
+            // Without the dead letter or retry safely stored, the original must stay.
+            Publisher::confirmed(confirm)
+                .await
+                .context("a dead letter or retry was not confirmed")?;
         }
         let last = batch.last().expect("non-empty batch");
         match last.acker.ack(BasicAckOptions { multiple: true }).await {
@@ -354,6 +357,7 @@ impl Ingest {
                 warn!(%error, "Ack failed; the broker will redeliver and the inbox skips them.")
             }
         }
+        Ok(())
     }
 
     /// Applies the valid events of a batch, retrying transient database errors with backoff.

@@ -114,9 +114,9 @@ async fn confirm_all(pending: &mut Vec<PublisherConfirm>) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// The routing key (`type`) and id of an event body; a body that is not an event is routed
-/// as `invalid.event`, which no binding catches... so it is published with a key the input
-/// queue binds (`member.invalid`) to let the worker dead-letter it with a reason.
+/// The routing key (`type`) and id of an event body. A body without a usable `type` is
+/// published as `member.invalid`, a key the input queue binds, so the worker dead-letters it
+/// with a reason instead of the broker dropping it unrouted.
 fn routing_of(body: &[u8]) -> (String, Option<String>) {
     let value: Option<serde_json::Value> = serde_json::from_slice(body).ok();
     let field = |name: &str| {

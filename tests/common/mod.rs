@@ -1,0 +1,389 @@
+//! Test harness: real RabbitMQ, PostgreSQL and smtp-sink, isolated per test.
+//!
+//! Each `TestEnv` has its own database, exchange and queues (random names), outbox directory,
+//! and, when asked, its own smtp-sink process on a free port. Waits poll a condition until a
+//! deadline; nothing sleeps and hopes.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lapin::BasicProperties;
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeleteOptions,
+};
+use lifecycle::app::{App, Roles, Worker};
+use lifecycle::config::Settings;
+
+/// How long any wait may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// An isolated environment for one test.
+pub struct TestEnv {
+    /// Settings naming this test's database, exchange, queues and directories.
+    pub settings: Settings,
+    /// Random part of every name.
+    pub tag: String,
+    /// The file providers' directory.
+    pub outbox: tempfile::TempDir,
+    /// The `LIFECYCLE_…` variables the settings were made from.
+    vars: Vec<(String, String)>,
+}
+
+impl TestEnv {
+    /// A new environment; `extra` overrides settings as `LIFECYCLE_…` variables would.
+    pub fn new(extra: &[(&str, String)]) -> TestEnv {
+        let filter =
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "off".into());
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init()
+            .ok();
+        let tag = format!("t{:016x}", rand::random::<u64>());
+        let outbox = tempfile::tempdir().unwrap();
+        let base_db = std::env::var("LIFECYCLE_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/lifecycle".into());
+        let db: lifecycle::config::DatabaseUrl = base_db.parse().unwrap();
+        let mut env: Vec<(String, String)> = vec![
+            (
+                "LIFECYCLE_DATABASE_URL".into(),
+                db.with_database(&format!("lifecycle_{tag}"))
+                    .expose()
+                    .to_owned(),
+            ),
+            ("LIFECYCLE_EXCHANGE".into(), format!("{tag}.events")),
+            ("LIFECYCLE_INGEST__QUEUE".into(), format!("{tag}.events")),
+            (
+                "LIFECYCLE_INGEST__DEAD_LETTER_EXCHANGE".into(),
+                format!("{tag}.dlx"),
+            ),
+            (
+                "LIFECYCLE_INGEST__DEAD_LETTER_QUEUE".into(),
+                format!("{tag}.dead"),
+            ),
+            (
+                "LIFECYCLE_INGEST__RETRY_QUEUE".into(),
+                format!("{tag}.retry"),
+            ),
+            ("LIFECYCLE_INGEST__RETRY_DELAY_MS".into(), "300".into()),
+            (
+                "LIFECYCLE_OUTBOX_DIR".into(),
+                outbox.path().display().to_string(),
+            ),
+            (
+                "LIFECYCLE_TEMPLATES_DIR".into(),
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("templates")
+                    .display()
+                    .to_string(),
+            ),
+            ("LIFECYCLE_DISPATCH__POLL_INTERVAL_MS".into(), "50".into()),
+            ("LIFECYCLE_DISPATCH__RETRY_BASE_MS".into(), "100".into()),
+        ];
+        if let Ok(url) = std::env::var("LIFECYCLE_AMQP_URL") {
+            env.push(("LIFECYCLE_AMQP_URL".into(), url));
+        }
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
+        let settings = Settings::from_sources(None, env.clone()).unwrap();
+        TestEnv {
+            settings,
+            tag,
+            outbox,
+            vars: env,
+        }
+    }
+
+    /// The settings as environment variables, for a child `lifecycle` process.
+    pub fn env_vars(&self) -> Vec<(String, String)> {
+        let mut vars = self.vars.clone();
+        vars.push(("LIFECYCLE_DISPATCH__LEASE_SECS".into(), "2".into()));
+        vars
+    }
+
+    /// Migrates this test's database and opens the shared handles.
+    pub async fn app(&self) -> App {
+        App::open(self.settings.clone()).await.unwrap()
+    }
+
+    /// Starts a worker in this process.
+    pub async fn start(&self, roles: Roles) -> Worker {
+        Worker::start(self.app().await, roles).await.unwrap()
+    }
+
+    /// Publishes event bodies as the platform would (declaring the topology first).
+    pub async fn publish(&self, bodies: &[String]) {
+        lifecycle::demo::publish(&self.settings, bodies)
+            .await
+            .unwrap();
+    }
+
+    /// Publishes raw bytes with a routing key the input queue binds.
+    pub async fn publish_raw(&self, routing_key: &str, body: &[u8]) {
+        let connection = lifecycle::ingest::connect(&self.settings.amqp_url, "test")
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        lifecycle::ingest::declare_topology(&channel, &self.settings)
+            .await
+            .unwrap();
+        channel.confirm_select(Default::default()).await.unwrap();
+        channel
+            .basic_publish(
+                self.settings.exchange.as_str().into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        connection.close(200, "bye".into()).await.ok();
+    }
+
+    /// Takes every message from the dead-letter queue: (body, reason header).
+    pub async fn take_dead_letters(&self) -> Vec<(Vec<u8>, String)> {
+        let connection = lifecycle::ingest::connect(&self.settings.amqp_url, "test")
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let mut out = Vec::new();
+        while let Some(message) = channel
+            .basic_get(
+                self.settings.ingest.dead_letter_queue.as_str().into(),
+                BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+        {
+            let reason = lifecycle::publish::header_text(
+                &message.delivery.properties,
+                lifecycle::ingest::ERROR_HEADER,
+            )
+            .unwrap_or_default();
+            out.push((message.delivery.data, reason));
+        }
+        connection.close(200, "bye".into()).await.ok();
+        out
+    }
+
+    /// Removes this test's queues, exchanges and database.
+    pub async fn cleanup(self) {
+        if let Ok(connection) = lifecycle::ingest::connect(&self.settings.amqp_url, "test").await {
+            let channel = connection.create_channel().await.unwrap();
+            let s = &self.settings.ingest;
+            for q in [&s.queue, &s.dead_letter_queue, &s.retry_queue] {
+                channel
+                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                    .await
+                    .ok();
+            }
+            for e in [&self.settings.exchange, &s.dead_letter_exchange] {
+                channel
+                    .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+                    .await
+                    .ok();
+            }
+            connection.close(200, "bye".into()).await.ok();
+        }
+        lifecycle::db::drop_database(&self.settings.database_url)
+            .await
+            .ok();
+    }
+}
+
+/// Polls `check` until it returns `Some`, or fails the test after `DEADLINE`.
+pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A count from the test's database.
+pub async fn count(app: &App, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(&app.pool).await.unwrap()
+}
+
+/// A `member.enrolled` event body.
+pub fn enrolled(
+    id: &str,
+    member: &str,
+    email: Option<&str>,
+    phone: Option<&str>,
+    locale: &str,
+    first_name: &str,
+    consent: (bool, bool),
+) -> String {
+    serde_json::json!({
+        "specversion": "1.0", "id": id, "source": "test", "type": "member.enrolled",
+        "time": "2026-11-22T10:00:00Z",
+        "data": {
+            "member_id": member, "email": email, "phone": phone, "first_name": first_name,
+            "locale": locale, "timezone": "Europe/Istanbul",
+            "consent": {"email": consent.0, "sms": consent.1}
+        }
+    })
+    .to_string()
+}
+
+/// A real SMTP server (postfix's smtp-sink) dumping each message to a file.
+pub struct SmtpSink {
+    child: Child,
+    dir: tempfile::TempDir,
+    /// The port it listens on.
+    pub port: u16,
+}
+
+impl SmtpSink {
+    /// Starts smtp-sink on a free port; `extra` adds flags such as `-r RCPT` (soft rejects).
+    pub fn start(extra: &[&str]) -> SmtpSink {
+        let dir = tempfile::tempdir().unwrap();
+        let binary = ["/usr/sbin/smtp-sink", "/usr/bin/smtp-sink"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("smtp-sink is installed (Debian package postfix)");
+        for _ in 0..20 {
+            let port = free_port();
+            let mut child = Command::new(binary)
+                .args(["-u", "root", "-d"])
+                .arg(format!("{}/%M.", dir.path().display()))
+                .args(extra)
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("256")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("starting smtp-sink");
+            // Ready when it accepts connections; gone if the port was taken meanwhile.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return SmtpSink { child, dir, port };
+                }
+                if child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            child.kill().ok();
+            child.wait().ok();
+        }
+        panic!("smtp-sink did not start");
+    }
+
+    /// `smtp://127.0.0.1:<port>`
+    pub fn url(&self) -> String {
+        format!("smtp://127.0.0.1:{}", self.port)
+    }
+
+    /// Every message received so far, as raw bytes (smtp-sink's own X- lines stripped).
+    pub fn messages(&self) -> Vec<Vec<u8>> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        files
+            .into_iter()
+            .filter_map(|p| std::fs::read(p).ok())
+            .filter(|raw| {
+                raw.windows(4)
+                    .any(|w| w == b"\r\n\r\n" || &w[..2] == b"\n\n")
+            })
+            .map(|raw| {
+                // smtp-sink writes its own headers, then "Received:", then the message.
+                let start = find(&raw, b"From: ").unwrap_or(0);
+                raw[start..].to_vec()
+            })
+            .collect()
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A parsed email.
+pub struct Mail {
+    /// Decoded subject.
+    pub subject: String,
+    /// Decoded text part.
+    pub text: String,
+    /// Decoded HTML part.
+    pub html: String,
+    /// `X-Lifecycle-Trigger`.
+    pub trigger: String,
+    /// `X-Lifecycle-Message-Id`.
+    pub message_id: String,
+    /// The `To` address.
+    pub to: String,
+}
+
+/// Parses an email as a mail client would.
+pub fn parse_mail(raw: &[u8]) -> Mail {
+    let message = mail_parser::MessageParser::default()
+        .parse(raw)
+        .expect("a parseable email");
+    let header = |name: &str| {
+        message
+            .header_raw(name)
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_default()
+    };
+    Mail {
+        subject: message.subject().unwrap_or_default().to_owned(),
+        text: message
+            .body_text(0)
+            .map(|t| t.into_owned())
+            .unwrap_or_default(),
+        html: message
+            .body_html(0)
+            .map(|t| t.into_owned())
+            .unwrap_or_default(),
+        trigger: header("X-Lifecycle-Trigger"),
+        message_id: header("X-Lifecycle-Message-Id"),
+        to: message
+            .to()
+            .and_then(|a| a.first())
+            .and_then(|a| a.address())
+            .unwrap_or_default()
+            .to_owned(),
+    }
+}
+
+/// Both roles.
+pub const ALL_ROLES: Roles = Roles {
+    ingest: true,
+    dispatch: true,
+};

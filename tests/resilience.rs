@@ -1,0 +1,176 @@
+//! Crashes and outages: nothing lost, nothing applied twice.
+//!
+//! The restart tests stop RabbitMQ or PostgreSQL for everyone on the machine, so they are
+//! ignored in the parallel run and run one at a time by `scripts/test` (`--run-ignored only`).
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+
+use common::{ALL_ROLES, TestEnv, count, enrolled, wait_for};
+
+const EVENTS: usize = 3_000;
+
+fn events(env: &TestEnv) -> Vec<String> {
+    (0..EVENTS)
+        .map(|i| {
+            enrolled(
+                &format!("{}-{i}", env.tag),
+                &format!("m-{i}"),
+                Some(&format!("m{i}@example.com")),
+                None,
+                "en",
+                "M",
+                (true, false),
+            )
+        })
+        .collect()
+}
+
+fn spawn_worker(env: &TestEnv) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_lifecycle"))
+        .arg("serve")
+        .envs(env.env_vars())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting lifecycle serve")
+}
+
+/// Every message planned, sent, and written exactly once per member.
+async fn assert_everything_once(env: &TestEnv, app: &lifecycle::app::App) {
+    wait_for("every event applied and every welcome sent", || async {
+        let applied = count(app, "select count(*) from inbox").await;
+        let sent = count(app, "select count(*) from messages where status = 'sent'").await;
+        (applied == EVENTS as i64 && sent == EVENTS as i64).then_some(())
+    })
+    .await;
+    assert_eq!(
+        count(app, "select count(*) from messages").await,
+        EVENTS as i64,
+        "one welcome per member"
+    );
+    assert_eq!(
+        count(app, "select count(distinct member_id) from messages").await,
+        EVENTS as i64
+    );
+    assert_eq!(
+        count(app, "select count(*) from members").await,
+        EVENTS as i64
+    );
+    let emails = std::fs::read_dir(env.outbox.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "eml")
+        })
+        .count();
+    assert_eq!(
+        emails, EVENTS,
+        "one .eml per message: a re-send after a crash rewrites the same file"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_mid_stream_then_restart_processes_every_event_once() {
+    let env = TestEnv::new(&[]);
+    let app = env.app().await;
+    env.publish(&events(&env)).await;
+
+    let mut first = spawn_worker(&env);
+    wait_for("ingest under way", || async {
+        (count(&app, "select count(*) from inbox").await >= 300).then_some(())
+    })
+    .await;
+    first.kill().unwrap(); // SIGKILL
+    first.wait().unwrap();
+    let applied_before_restart = count(&app, "select count(*) from inbox").await;
+    assert!(
+        applied_before_restart < EVENTS as i64,
+        "killed mid-stream ({applied_before_restart} of {EVENTS} applied)"
+    );
+
+    let mut second = spawn_worker(&env);
+    assert_everything_once(&env, &app).await;
+    // SIGTERM: finish in-flight work and exit 0.
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(second.id().to_string())
+        .status()
+        .unwrap();
+    let status = second.wait().unwrap();
+    assert!(status.success(), "graceful shutdown exits 0, got {status}");
+    env.cleanup().await;
+}
+
+fn run(command: &str, args: &[&str]) {
+    let status = Command::new(command)
+        .args(args)
+        .status()
+        .unwrap_or_else(|e| panic!("{command}: {e}"));
+    assert!(status.success(), "{command} {args:?} failed: {status}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "restarts RabbitMQ; run alone with --run-ignored only"]
+async fn broker_restart_mid_stream_loses_and_duplicates_nothing() {
+    let env = TestEnv::new(&[("LIFECYCLE_DISPATCH__LEASE_SECS", "2".into())]);
+    env.publish(&events(&env)).await;
+    let worker = env.start(ALL_ROLES).await;
+    let app = worker.app.clone();
+    wait_for("ingest under way", || async {
+        (count(&app, "select count(*) from inbox").await >= 300).then_some(())
+    })
+    .await;
+    let applied = count(&app, "select count(*) from inbox").await;
+    assert!(
+        applied < EVENTS as i64,
+        "restarted mid-stream ({applied} of {EVENTS} applied)"
+    );
+    run("rabbitmqctl", &["stop_app"]);
+    run("rabbitmqctl", &["start_app"]);
+    run("rabbitmqctl", &["await_startup"]);
+    assert_everything_once(&env, &app).await;
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "restarts PostgreSQL; run alone with --run-ignored only"]
+async fn postgres_restart_mid_stream_loses_and_duplicates_nothing() {
+    let env = TestEnv::new(&[("LIFECYCLE_DISPATCH__LEASE_SECS", "2".into())]);
+    env.publish(&events(&env)).await;
+    let worker = env.start(ALL_ROLES).await;
+    let app = worker.app.clone();
+    wait_for("ingest under way", || async {
+        (count(&app, "select count(*) from inbox").await >= 300).then_some(())
+    })
+    .await;
+    let applied = count(&app, "select count(*) from inbox").await;
+    assert!(
+        applied < EVENTS as i64,
+        "restarted mid-stream ({applied} of {EVENTS} applied)"
+    );
+    let cluster = std::fs::read_dir("/etc/postgresql")
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .file_name();
+    run(
+        "pg_ctlcluster",
+        &[
+            "--skip-systemctl-redirect",
+            cluster.to_str().unwrap(),
+            "main",
+            "restart",
+        ],
+    );
+    assert_everything_once(&env, &app).await;
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}

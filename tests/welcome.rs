@@ -1,0 +1,363 @@
+//! An event in from RabbitMQ, a welcome message out, exactly once, on real services.
+
+mod common;
+
+use common::{ALL_ROLES, SmtpSink, TestEnv, count, enrolled, parse_mail, wait_for};
+use lifecycle::app::Roles;
+use lifecycle::dispatch::{Dispatcher, Step};
+use lifecycle::render::Templates;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn enrolment_yields_a_welcome_email_in_the_member_language() {
+    let sink = SmtpSink::start(&[]);
+    let env = TestEnv::new(&[
+        ("LIFECYCLE_EMAIL_PROVIDERS", "smtp".into()),
+        ("LIFECYCLE_SMTP_URL", sink.url()),
+    ]);
+    let worker = env.start(ALL_ROLES).await;
+    let t = &env.tag;
+    env.publish(&[
+        enrolled(
+            &format!("{t}-1"),
+            "m-en",
+            Some("ada@example.com"),
+            None,
+            "en-GB",
+            "Ada",
+            (true, true),
+        ),
+        enrolled(
+            &format!("{t}-2"),
+            "m-ko",
+            Some("jiwoo@example.kr"),
+            None,
+            "ko-KR",
+            "지우",
+            (true, true),
+        ),
+        enrolled(
+            &format!("{t}-3"),
+            "m-tr",
+            Some("ozge@example.com.tr"),
+            None,
+            "tr",
+            "Özge Çağlar",
+            (true, true),
+        ),
+    ])
+    .await;
+
+    let mails = wait_for("three emails at the SMTP server", || async {
+        let messages = sink.messages();
+        (messages.len() >= 3).then_some(messages)
+    })
+    .await;
+    let mut mails: Vec<_> = mails.iter().map(|raw| parse_mail(raw)).collect();
+    mails.sort_by(|a, b| a.to.cmp(&b.to));
+    let expected = [
+        (
+            "ada@example.com",
+            "Welcome to Loyalty Club, Ada!",
+            "Thank you for joining the Loyalty Club loyalty programme.",
+        ),
+        (
+            "jiwoo@example.kr",
+            "지우님, Loyalty Club에 오신 것을 환영합니다!",
+            "멤버십에 가입해 주셔서 감사합니다.",
+        ),
+        (
+            "ozge@example.com.tr",
+            "Loyalty Club'a hoş geldiniz, Özge Çağlar!",
+            "sadakat programına katıldığınız için teşekkür ederiz.",
+        ),
+    ];
+    assert_eq!(mails.len(), 3);
+    for (mail, (to, subject, body)) in mails.iter().zip(expected) {
+        assert_eq!(mail.to, to);
+        assert_eq!(mail.subject, subject, "subject for {to}");
+        assert!(mail.text.contains(body), "text for {to}: {}", mail.text);
+        assert!(mail.html.contains(body), "html for {to}: {}", mail.html);
+        assert_eq!(mail.trigger, "welcome");
+        let row_id: i64 =
+            sqlx::query_scalar("select id from messages where recipient = $1 and status = 'sent'")
+                .bind(to)
+                .fetch_one(&worker.app.pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            mail.message_id,
+            row_id.to_string(),
+            "X-Lifecycle-Message-Id names the outbox row"
+        );
+    }
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_event_twice_yields_one_message_and_two_members_two() {
+    let sink = SmtpSink::start(&[]);
+    let env = TestEnv::new(&[
+        ("LIFECYCLE_EMAIL_PROVIDERS", "smtp".into()),
+        ("LIFECYCLE_SMTP_URL", sink.url()),
+    ]);
+    let worker = env.start(ALL_ROLES).await;
+    let t = &env.tag;
+    let first = enrolled(
+        &format!("{t}-1"),
+        "m-1",
+        Some("one@example.com"),
+        None,
+        "en",
+        "One",
+        (true, false),
+    );
+    let second = enrolled(
+        &format!("{t}-2"),
+        "m-2",
+        Some("two@example.com"),
+        None,
+        "en",
+        "Two",
+        (true, false),
+    );
+    env.publish(&[first.clone(), first.clone(), second]).await;
+    // A redelivery after the first was applied and sent.
+    wait_for("two sent messages", || async {
+        (count(
+            &worker.app,
+            "select count(*) from messages where status = 'sent'",
+        )
+        .await
+            == 2)
+            .then_some(())
+    })
+    .await;
+    env.publish(&[first]).await;
+    wait_for("four events handled", || async {
+        (worker.app.metrics.events_handled() == 4).then_some(())
+    })
+    .await;
+
+    // Let dispatch run dry, then count what reached the server.
+    let app = &worker.app;
+    assert_eq!(count(app, "select count(*) from inbox").await, 2);
+    assert_eq!(count(app, "select count(*) from messages").await, 2);
+    assert_eq!(
+        lifecycle::metrics::Metrics::get(&app.metrics.events_duplicate),
+        2
+    );
+    worker.stop().await.unwrap();
+    let mut recipients: Vec<String> = sink.messages().iter().map(|m| parse_mail(m).to).collect();
+    recipients.sort();
+    assert_eq!(recipients, ["one@example.com", "two@example.com"]);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_events_are_dead_lettered_with_a_reason_and_the_queue_moves_on() {
+    let env = TestEnv::new(&[]);
+    let worker = env.start(ALL_ROLES).await;
+    let t = &env.tag;
+    env.publish_raw("member.enrolled", b"this is not json {")
+        .await;
+    env.publish_raw(
+        "member.exploded",
+        br#"{"specversion":"1.0","id":"x1","source":"s","type":"member.exploded","data":{}}"#,
+    )
+    .await;
+    env.publish_raw(
+        "member.enrolled",
+        br#"{"specversion":"1.0","source":"s","type":"member.enrolled","data":{}}"#,
+    )
+    .await;
+    env.publish(&[enrolled(
+        &format!("{t}-bad"),
+        "m-bad",
+        Some("not-an-address"),
+        None,
+        "en",
+        "Bad",
+        (true, false),
+    )])
+    .await;
+    let mut huge = enrolled(
+        &format!("{t}-huge"),
+        "m-huge",
+        Some("huge@example.com"),
+        None,
+        "en",
+        "Huge",
+        (true, false),
+    );
+    huge.insert_str(
+        huge.len() - 1,
+        &format!(r#","padding":"{}""#, "x".repeat(1024 * 1024)),
+    );
+    env.publish_raw("member.enrolled", huge.as_bytes()).await;
+    env.publish(&[enrolled(
+        &format!("{t}-good"),
+        "m-good",
+        Some("good@example.com"),
+        None,
+        "en",
+        "Good",
+        (true, false),
+    )])
+    .await;
+
+    wait_for("the good event's welcome", || async {
+        (count(
+            &worker.app,
+            "select count(*) from messages where member_id = 'm-good' and status = 'sent'",
+        )
+        .await
+            == 1)
+            .then_some(())
+    })
+    .await;
+    wait_for("five dead letters counted", || async {
+        (lifecycle::metrics::Metrics::get(&worker.app.metrics.events_dead_lettered) == 5)
+            .then_some(())
+    })
+    .await;
+    let dead = env.take_dead_letters().await;
+    let reasons: Vec<&str> = dead.iter().map(|(_, r)| r.as_str()).collect();
+    let expected = [
+        "not JSON",
+        "unknown event type \"member.exploded\"",
+        "missing field `id`",
+        "data.email: email \"not-an-address\" is not a valid address",
+        "over the limit of 262144",
+    ];
+    assert_eq!(dead.len(), expected.len(), "{reasons:?}");
+    for (reason, wanted) in reasons.iter().zip(expected) {
+        assert!(reason.contains(wanted), "{reason:?} should say {wanted:?}");
+    }
+    assert_eq!(
+        dead[0].0, b"this is not json {",
+        "the dead letter keeps the original body"
+    );
+    assert_eq!(
+        count(
+            &worker.app,
+            "select count(*) from members where member_id in ('m-bad', 'm-huge')"
+        )
+        .await,
+        0
+    );
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_consent_no_message_and_consent_withdrawn_before_sending_suppresses() {
+    let sink = SmtpSink::start(&[]);
+    let env = TestEnv::new(&[
+        ("LIFECYCLE_EMAIL_PROVIDERS", "smtp".into()),
+        ("LIFECYCLE_SMTP_URL", sink.url()),
+    ]);
+    let t = &env.tag;
+    // Ingest only, so the messages wait in the outbox while consent changes.
+    let worker = env
+        .start(Roles {
+            ingest: true,
+            dispatch: false,
+        })
+        .await;
+    let withdrawn = serde_json::json!({
+        "specversion": "1.0", "id": format!("{t}-3"), "source": "test", "type": "member.updated",
+        "data": {"member_id": "m-withdrawn", "consent": {"email": false}}
+    });
+    env.publish(&[
+        enrolled(
+            &format!("{t}-1"),
+            "m-sms-only",
+            Some("sms-only@example.com"),
+            Some("+905321234567"),
+            "tr",
+            "Ece",
+            (false, true),
+        ),
+        enrolled(
+            &format!("{t}-2"),
+            "m-withdrawn",
+            Some("later@example.com"),
+            None,
+            "en",
+            "Lee",
+            (true, false),
+        ),
+        withdrawn.to_string(),
+    ])
+    .await;
+    wait_for("three events applied", || async {
+        (worker.app.metrics.events_handled() == 3).then_some(())
+    })
+    .await;
+    let app = worker.app.clone();
+    worker.stop().await.unwrap();
+
+    let planned: Vec<(String, String)> =
+        sqlx::query_as("select member_id, channel from messages order by member_id, channel")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        planned,
+        [
+            ("m-sms-only".into(), "sms".into()),
+            ("m-withdrawn".into(), "email".into())
+        ],
+        "no email is planned without email consent"
+    );
+
+    let templates = Templates::load(&env.settings.templates_dir).unwrap();
+    let dispatcher = Dispatcher::new(app.clone(), std::sync::Arc::new(templates)).unwrap();
+    assert_eq!(
+        dispatcher.try_execute_once().await.unwrap(),
+        Step::Settled(2)
+    );
+    assert_eq!(dispatcher.try_execute_once().await.unwrap(), Step::Idle);
+    let outcome: Vec<(String, String, Option<String>)> =
+        sqlx::query_as("select channel, status, last_error from messages order by member_id")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(outcome[0], ("sms".into(), "sent".into(), None));
+    assert_eq!(
+        outcome[1],
+        (
+            "email".into(),
+            "suppressed".into(),
+            Some("no consent for email".into())
+        )
+    );
+    assert!(
+        sink.messages().is_empty(),
+        "nothing reached the SMTP server"
+    );
+    let sms: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(env.outbox.path().join(format!(
+            "{}-welcome-sms.json",
+            planned_id(&app, "m-sms-only").await
+        )))
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(sms["to"], "+905321234567");
+    assert_eq!(sms["locale"], "tr");
+    assert!(
+        sms["body"].as_str().unwrap().contains("Hoş geldiniz, Ece!"),
+        "{sms}"
+    );
+    env.cleanup().await;
+}
+
+async fn planned_id(app: &lifecycle::app::App, member: &str) -> i64 {
+    sqlx::query_scalar("select id from messages where member_id = $1")
+        .bind(member)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+}

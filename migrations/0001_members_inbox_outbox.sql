@@ -33,7 +33,9 @@ create table messages (
     -- one per trigger occurrence and channel (welcome:<member>:email); planning the same
     -- thing twice inserts nothing
     dedupe_key    text not null unique,
-    member_id     text not null references members,
+    -- no foreign key: the ledger plans messages only for a member it loaded or saved in the
+    -- same transaction, and the key's check (with its row lock) cost half of this insert
+    member_id     text not null,
     trigger       text not null,
     channel       text not null check (channel in ('email', 'sms')),
     -- the trigger's template variables, fixed when the message was planned

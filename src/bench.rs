@@ -2,8 +2,8 @@
 //! in the same run on the same machine.
 //!
 //! The ceiling is N messages published with confirms to a quorum queue, then consumed and
-//! acked (one ack per message) by bare lapin consumers with the same prefetch and consumer
-//! count as ingest. The end-to-end figure is the same N enrolment events published to the
+//! acked by bare lapin consumers with the same prefetch, consumer count and ack batching as
+//! ingest (one `multiple` ack per batch of what has arrived), doing nothing else. The end-to-end figure is the same N enrolment events published to the
 //! exchange, then consumed by the real ingest: parsed, applied in PostgreSQL transactions
 //! (inbox, member, planned welcome message), committed and acked. Both sides start with the
 //! messages already queued, so each measures consumption alone. Everything runs in its own
@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeleteOptions,
     QueueDeclareOptions, QueueDeleteOptions,
@@ -23,7 +23,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
 
 use crate::app::{App, Roles, Worker};
-use crate::config::Settings;
+use crate::config::{EmailProviderKind, Settings, SmtpUrl};
 use crate::ingest;
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
@@ -50,8 +50,15 @@ impl Report {
     }
 }
 
-/// Runs the benchmark and prints its report.
-pub async fn run(mut settings: Settings, events: usize) -> anyhow::Result<()> {
+/// Runs the benchmark and prints its report. With `smtp`, the welcome messages planned by the
+/// ingest phase are then dispatched to that server, first with TCP_NODELAY (as lifecycle
+/// sends) and then without (as lettre's own transport does), `messages` of them each time.
+pub async fn run(
+    mut settings: Settings,
+    events: usize,
+    smtp: Option<SmtpUrl>,
+    messages: usize,
+) -> anyhow::Result<()> {
     if events == 0 {
         bail!("--events must be at least 1");
     }
@@ -76,9 +83,9 @@ pub async fn run(mut settings: Settings, events: usize) -> anyhow::Result<()> {
     println!("broker publish (confirms):      {publish_rate:>9.0} msg/s");
     println!("broker ceiling (consume + ack): {ceiling_rate:>9.0} msg/s");
 
-    let ingest_rate = end_to_end(&settings, &bodies).await;
+    let result = measure(&settings, &bodies, smtp, messages.min(events)).await;
     cleanup(&connection, &settings).await;
-    let ingest_rate = ingest_rate?;
+    let (ingest_rate, dispatch) = result?;
     let report = Report {
         events,
         publish_rate,
@@ -91,11 +98,69 @@ pub async fn run(mut settings: Settings, events: usize) -> anyhow::Result<()> {
         report.ingest_rate
     );
     println!("ratio to ceiling:               {:>9.2}", report.ratio());
+    if let Some((n, with_nodelay, without)) = dispatch {
+        println!("dispatch over SMTP, nodelay:    {with_nodelay:>9.0} msg/s ({n} messages)");
+        println!("dispatch over SMTP, no nodelay: {without:>9.0} msg/s (lettre's default socket)");
+    }
     println!(
         "peak resident memory:           {:>9.1} MiB (whole bench process)",
         report.peak_rss_mib
     );
     Ok(())
+}
+
+/// The end-to-end phase, then the SMTP phases: (ingest rate, (messages, nodelay rate, plain rate)).
+async fn measure(
+    settings: &Settings,
+    bodies: &[String],
+    smtp: Option<SmtpUrl>,
+    messages: usize,
+) -> anyhow::Result<(f64, Option<(usize, f64, f64)>)> {
+    let ingest_rate = end_to_end(settings, bodies).await?;
+    let Some(smtp) = smtp else {
+        return Ok((ingest_rate, None));
+    };
+    let mut settings = settings.clone();
+    settings.email_providers = vec![EmailProviderKind::Smtp];
+    settings.smtp_url = smtp;
+    let with_nodelay = dispatch(&settings, messages).await?;
+    settings.dispatch.smtp_nodelay = false;
+    // Without nodelay each message takes tens of milliseconds: a tenth of the messages is enough.
+    let without = dispatch(&settings, (messages / 10).max(1)).await?;
+    Ok((ingest_rate, Some((messages, with_nodelay, without))))
+}
+
+/// Runs dispatch alone until `messages` more messages were sent: messages/s.
+async fn dispatch(settings: &Settings, messages: usize) -> anyhow::Result<f64> {
+    let app = App::open(settings.clone()).await?;
+    let started = Instant::now();
+    let worker = Worker::start(
+        app.clone(),
+        Roles {
+            ingest: false,
+            dispatch: true,
+        },
+    )
+    .await?;
+    let deadline = started + Duration::from_secs(300);
+    while (Metrics::get(&app.metrics.messages_sent) as usize) < messages {
+        let failed = Metrics::get(&app.metrics.messages_failed)
+            + Metrics::get(&app.metrics.messages_retried);
+        if failed > 0 || Instant::now() > deadline {
+            worker.stop().await.ok();
+            bail!(
+                "dispatch over SMTP: {} sent, {failed} failed or retried (is the server at {}:{} up?)",
+                Metrics::get(&app.metrics.messages_sent),
+                settings.smtp_url.host,
+                settings.smtp_url.port
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed();
+    worker.stop().await?;
+    app.pool.close().await;
+    Ok(messages as f64 / elapsed.as_secs_f64())
 }
 
 /// A `member.enrolled` event with email consent, as a shop would send it.
@@ -112,7 +177,8 @@ fn enrolment(tag: &str, i: usize) -> String {
     .to_string()
 }
 
-/// Publishes to a bare quorum queue, then consumes and acks every message: (publish, consume) rates.
+/// Publishes to a bare quorum queue, then consumes and acks every message as ingest batches
+/// them: (publish, consume) rates.
 async fn ceiling(
     connection: &Connection,
     settings: &Settings,
@@ -181,21 +247,33 @@ async fn ceiling(
             )
             .await?;
         let acked = acked.clone();
+        let batch_size = settings.ingest.batch_size;
         tasks.push(tokio::spawn(async move {
+            // The same batching as ingest: take what has arrived (up to a batch), ack it with
+            // one `multiple` ack. Nothing else is done with the messages.
             while acked.load(Ordering::Relaxed) < total {
-                let next = tokio::time::timeout(Duration::from_millis(200), consumer.next()).await;
-                match next {
-                    Ok(Some(Ok(delivery))) => {
-                        delivery.ack(BasicAckOptions::default()).await?;
-                        acked.fetch_add(1, Ordering::Relaxed);
+                let first =
+                    match tokio::time::timeout(Duration::from_millis(200), consumer.next()).await {
+                        Ok(Some(delivery)) => delivery?,
+                        Ok(None) => break,
+                        Err(_) => continue,
+                    };
+                let mut last = first;
+                let mut n = 1;
+                while n < batch_size {
+                    match consumer.next().now_or_never() {
+                        Some(Some(delivery)) => {
+                            last = delivery?;
+                            n += 1;
+                        }
+                        _ => break,
                     }
-                    Ok(Some(Err(e))) => return Err(anyhow::Error::from(e)),
-                    Ok(None) => break,
-                    Err(_) => {}
                 }
+                last.ack(BasicAckOptions { multiple: true }).await?;
+                acked.fetch_add(n, Ordering::Relaxed);
             }
             channel.close(200, "done".into()).await.ok();
-            Ok(())
+            Ok::<(), anyhow::Error>(())
         }));
     }
     for task in tasks {

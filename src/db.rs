@@ -18,6 +18,10 @@ fn options(url: &DatabaseUrl) -> anyhow::Result<PgConnectOptions> {
         .with_context(|| format!("parsing database URL {url}"))?;
     Ok(options
         .application_name("lifecycle")
+        // Statements are prepared once per connection. A generic plan made while a table was
+        // small (a new database, after a purge) scans it sequentially forever after; custom
+        // plans see the table's current size. Planning these statements costs microseconds.
+        .options([("plan_cache_mode", "force_custom_plan")])
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1)))
 }
 

@@ -297,6 +297,7 @@ impl Ingest {
         publisher: &Publisher,
         shutdown: &Shutdown,
     ) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
         let max = self.app.settings.ingest.max_event_bytes;
         let parsed: Vec<Result<Event, event::Rejection>> =
             batch.iter().map(|d| event::parse(&d.data, max)).collect();
@@ -347,6 +348,7 @@ impl Ingest {
                 .await
                 .context("a dead letter or retry was not confirmed")?;
         }
+        let applied_at = started.elapsed();
         let last = batch.last().expect("non-empty batch");
         match last.acker.ack(BasicAckOptions { multiple: true }).await {
             Ok(true) => {}
@@ -357,6 +359,12 @@ impl Ingest {
                 warn!(%error, "Ack failed; the broker will redeliver and the inbox skips them.")
             }
         }
+        debug!(
+            size = batch.len(),
+            apply_ms = applied_at.as_secs_f64() * 1e3,
+            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            "Batch settled."
+        );
         Ok(())
     }
 

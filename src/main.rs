@@ -42,11 +42,17 @@ enum Command {
         #[arg(long, default_value = "examples/demo-events.jsonl")]
         events: PathBuf,
     },
-    /// Measure ingest throughput against the broker's raw ceiling.
+    /// Measure ingest throughput against the broker's raw ceiling, and optionally SMTP dispatch.
     Bench {
         /// Events to publish.
         #[arg(long, default_value_t = 50_000)]
         events: usize,
+        /// Also measure dispatch to this SMTP server (e.g. smtp-sink), with and without TCP_NODELAY.
+        #[arg(long)]
+        smtp: Option<String>,
+        /// Messages to dispatch in the SMTP phase (at most --events).
+        #[arg(long, default_value_t = 5_000)]
+        messages: usize,
     },
     /// Check that every template compiles.
     Templates {
@@ -132,7 +138,17 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo { events } => lifecycle::demo::run(settings, &events).await,
-        Command::Bench { events } => lifecycle::bench::run(settings, events).await,
+        Command::Bench {
+            events,
+            smtp,
+            messages,
+        } => {
+            let smtp = smtp
+                .map(|url| url.parse())
+                .transpose()
+                .map_err(|e: String| anyhow::anyhow!("--smtp: {e}"))?;
+            lifecycle::bench::run(settings, events, smtp, messages).await
+        }
         Command::Templates {
             action: TemplatesAction::Check,
         } => {

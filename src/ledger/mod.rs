@@ -1,10 +1,10 @@
 //! Member state and every change to it, applied a batch of events per transaction.
 //!
-//! A batch runs as: skip event ids already in the inbox; take each member's lock (advisory,
-//! in key order, so two workers never deadlock and a member not yet inserted is covered too);
-//! load the members; apply the events in memory in delivery order (`apply`, pure); write back
-//! changed members, inbox rows and planned messages with one statement each. The caller
-//! commits, then acks.
+//! A batch runs as: take each member's lock (advisory, in key order, so two workers never
+//! deadlock and a member not yet inserted is covered too); insert the event ids into the
+//! inbox, keeping those that were new; load the members; apply the new events in memory in
+//! delivery order (`apply`, pure); write back changed members and planned messages with one
+//! statement each. The caller commits, then acks.
 
 mod members;
 
@@ -70,29 +70,25 @@ pub async fn apply_batch(
     events: &[&Event],
     now: DateTime<Utc>,
 ) -> Result<Vec<Outcome>, sqlx::Error> {
-    let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
-    let seen: HashSet<String> =
-        sqlx::query_scalar("select event_id from inbox where event_id = any($1)")
-            .bind(&ids)
-            .fetch_all(&mut *conn)
-            .await?
-            .into_iter()
-            .collect();
-
+    // Members first: a redelivered copy of an event is for the same member, so a second worker
+    // handling it waits here rather than deadlocking on the inbox row below.
     let mut member_ids: Vec<&str> = events.iter().map(|e| e.kind.member_id().as_str()).collect();
     member_ids.sort_unstable();
     member_ids.dedup();
     members::lock(conn, &member_ids).await?;
+    let fresh = claim_inbox(conn, events).await?;
     let mut state = members::load(conn, &member_ids).await?;
 
     let mut outcomes = Vec::with_capacity(events.len());
-    let mut applied_ids: HashSet<&str> = HashSet::new();
-    let mut inbox: Vec<(&str, &str)> = Vec::new();
+    let mut settled: HashSet<&str> = HashSet::new();
+    let mut not_applied: Vec<&str> = Vec::new();
     let mut changed: HashSet<MemberId> = HashSet::new();
     let mut planned: Vec<(MemberId, Planned)> = Vec::new();
     for event in events {
         let id = event.id.as_str();
-        if seen.contains(id) || applied_ids.contains(id) {
+        // Applied before this batch, or earlier in it (a copy deferred here travels on as
+        // the retry, so a second copy is a duplicate too).
+        if !fresh.contains(id) || !settled.insert(id) {
             outcomes.push(Outcome::Duplicate);
             continue;
         }
@@ -106,32 +102,52 @@ pub async fn apply_batch(
                     changed.insert(after.member_id.clone());
                 }
                 planned.extend(messages.into_iter().map(|p| (after.member_id.clone(), p)));
-                applied_ids.insert(id);
-                inbox.push((id, event.kind.type_name()));
             }
-            Verdict::Deferred(reason) => outcomes.push(Outcome::Deferred(reason)),
+            Verdict::Deferred(reason) => {
+                not_applied.push(id);
+                outcomes.push(Outcome::Deferred(reason));
+            }
         }
     }
 
     let changed: Vec<&Member> = changed.iter().map(|id| &state[id]).collect();
     members::save(conn, &changed, now).await?;
-    record_inbox(conn, &inbox).await?;
+    release_inbox(conn, &not_applied).await?;
     insert_planned(conn, &planned).await?;
     Ok(outcomes)
 }
 
-async fn record_inbox(conn: &mut PgConnection, rows: &[(&str, &str)]) -> Result<(), sqlx::Error> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let (ids, types): (Vec<&str>, Vec<&str>) = rows.iter().copied().unzip();
-    sqlx::query(
-        "insert into inbox (event_id, event_type) select * from unnest($1::text[], $2::text[])",
+/// Records every event id of the batch in the inbox and returns those that were not there:
+/// the events to apply. A concurrent transaction inserting the same id makes this wait for
+/// its outcome.
+async fn claim_inbox(
+    conn: &mut PgConnection,
+    events: &[&Event],
+) -> Result<HashSet<String>, sqlx::Error> {
+    let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
+    let types: Vec<&str> = events.iter().map(|e| e.kind.type_name()).collect();
+    let fresh: Vec<String> = sqlx::query_scalar(
+        "insert into inbox (event_id, event_type) select * from unnest($1::text[], $2::text[])
+         on conflict (event_id) do nothing
+         returning event_id",
     )
     .bind(&ids)
     .bind(&types)
-    .execute(conn)
+    .fetch_all(conn)
     .await?;
+    Ok(fresh.into_iter().collect())
+}
+
+/// Removes the inbox rows of events that were claimed but not applied (deferred), so they
+/// are applied when they come back.
+async fn release_inbox(conn: &mut PgConnection, ids: &[&str]) -> Result<(), sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("delete from inbox where event_id = any($1)")
+        .bind(ids)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 

@@ -23,6 +23,7 @@ pub struct SmtpProvider {
     from: lettre::Address,
     hello: ClientId,
     connect_timeout: Duration,
+    nodelay: bool,
     idle: Mutex<Vec<AsyncSmtpConnection>>,
     slots: Semaphore,
 }
@@ -35,6 +36,7 @@ impl SmtpProvider {
             from: settings.from.email.clone(),
             hello: ClientId::default(),
             connect_timeout: Duration::from_secs(10),
+            nodelay: settings.dispatch.smtp_nodelay,
             idle: Mutex::new(Vec::new()),
             slots: Semaphore::new(settings.dispatch.smtp_pool_size),
         }
@@ -122,7 +124,9 @@ impl SmtpProvider {
                 .await
                 .map_err(|_| unavailable(&"timed out"))?
                 .map_err(|e| unavailable(&e))?;
-            stream.set_nodelay(true).map_err(|e| unavailable(&e))?;
+            stream
+                .set_nodelay(self.nodelay)
+                .map_err(|e| unavailable(&e))?;
             AsyncSmtpConnection::connect_with_transport(Box::new(stream), &self.hello)
                 .await
                 .map_err(|e| classify(&e))?

@@ -115,9 +115,9 @@ fn run(command: &str, args: &[&str]) {
     assert!(status.success(), "{command} {args:?} failed: {status}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "restarts RabbitMQ; run alone with --run-ignored only"]
-async fn broker_restart_mid_stream_loses_and_duplicates_nothing() {
+/// Starts a worker on queued events, runs `restart` once ingest is under way, and checks
+/// that everything still happens exactly once.
+async fn restart_mid_stream(restart: impl FnOnce()) {
     let env = TestEnv::new(&[("LIFECYCLE_DISPATCH__LEASE_SECS", "2".into())]);
     env.publish(&events(&env)).await;
     let worker = env.start(ALL_ROLES).await;
@@ -131,46 +131,42 @@ async fn broker_restart_mid_stream_loses_and_duplicates_nothing() {
         applied < EVENTS as i64,
         "restarted mid-stream ({applied} of {EVENTS} applied)"
     );
-    run("rabbitmqctl", &["stop_app"]);
-    run("rabbitmqctl", &["start_app"]);
-    run("rabbitmqctl", &["await_startup"]);
+    restart();
     assert_everything_once(&env, &app).await;
     worker.stop().await.unwrap();
     env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "restarts PostgreSQL; run alone with --run-ignored only"]
-async fn postgres_restart_mid_stream_loses_and_duplicates_nothing() {
-    let env = TestEnv::new(&[("LIFECYCLE_DISPATCH__LEASE_SECS", "2".into())]);
-    env.publish(&events(&env)).await;
-    let worker = env.start(ALL_ROLES).await;
-    let app = worker.app.clone();
-    wait_for("ingest under way", || async {
-        (count(&app, "select count(*) from inbox").await >= 300).then_some(())
+#[ignore = "restarts RabbitMQ; run alone with --run-ignored only"]
+async fn broker_restart_mid_stream_loses_and_duplicates_nothing() {
+    restart_mid_stream(|| {
+        run("rabbitmqctl", &["stop_app"]);
+        run("rabbitmqctl", &["start_app"]);
+        run("rabbitmqctl", &["await_startup"]);
     })
     .await;
-    let applied = count(&app, "select count(*) from inbox").await;
-    assert!(
-        applied < EVENTS as i64,
-        "restarted mid-stream ({applied} of {EVENTS} applied)"
-    );
-    let cluster = std::fs::read_dir("/etc/postgresql")
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .file_name();
-    run(
-        "pg_ctlcluster",
-        &[
-            "--skip-systemctl-redirect",
-            cluster.to_str().unwrap(),
-            "main",
-            "restart",
-        ],
-    );
-    assert_everything_once(&env, &app).await;
-    worker.stop().await.unwrap();
-    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "restarts PostgreSQL; run alone with --run-ignored only"]
+async fn postgres_restart_mid_stream_loses_and_duplicates_nothing() {
+    restart_mid_stream(|| {
+        let cluster = std::fs::read_dir("/etc/postgresql")
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .file_name();
+        run(
+            "pg_ctlcluster",
+            &[
+                "--skip-systemctl-redirect",
+                cluster.to_str().unwrap(),
+                "main",
+                "restart",
+            ],
+        );
+    })
+    .await;
 }

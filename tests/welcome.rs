@@ -10,10 +10,7 @@ use lifecycle::render::Templates;
 #[tokio::test(flavor = "multi_thread")]
 async fn enrolment_yields_a_welcome_email_in_the_member_language() {
     let sink = SmtpSink::start(&[]);
-    let env = TestEnv::new(&[
-        ("LIFECYCLE_EMAIL_PROVIDERS", "smtp".into()),
-        ("LIFECYCLE_SMTP_URL", sink.url()),
-    ]);
+    let env = TestEnv::with_smtp(&sink);
     let worker = env.start(ALL_ROLES).await;
     let t = &env.tag;
     env.publish(&[
@@ -97,10 +94,7 @@ async fn enrolment_yields_a_welcome_email_in_the_member_language() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_same_event_twice_yields_one_message_and_two_members_two() {
     let sink = SmtpSink::start(&[]);
-    let env = TestEnv::new(&[
-        ("LIFECYCLE_EMAIL_PROVIDERS", "smtp".into()),
-        ("LIFECYCLE_SMTP_URL", sink.url()),
-    ]);
+    let env = TestEnv::with_smtp(&sink);
     let worker = env.start(ALL_ROLES).await;
     let t = &env.tag;
     let first = enrolled(
@@ -253,10 +247,7 @@ async fn bad_events_are_dead_lettered_with_a_reason_and_the_queue_moves_on() {
 #[tokio::test(flavor = "multi_thread")]
 async fn no_consent_no_message_and_consent_withdrawn_before_sending_suppresses() {
     let sink = SmtpSink::start(&[]);
-    let env = TestEnv::new(&[
-        ("LIFECYCLE_EMAIL_PROVIDERS", "smtp".into()),
-        ("LIFECYCLE_SMTP_URL", sink.url()),
-    ]);
+    let env = TestEnv::with_smtp(&sink);
     let t = &env.tag;
     // Ingest only, so the messages wait in the outbox while consent changes.
     let worker = env
@@ -360,4 +351,82 @@ async fn planned_id(app: &lifecycle::app::App, member: &str) -> i64 {
         .fetch_one(&app.pool)
         .await
         .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_early_event_waits_for_its_prerequisite_or_is_dead_lettered_with_the_reason() {
+    let env = TestEnv::new(&[("LIFECYCLE_INGEST__MAX_RETRIES", "3".into())]);
+    let worker = env.start(ALL_ROLES).await;
+    let t = &env.tag;
+    let update = |id: &str, member: &str| {
+        serde_json::json!({
+            "specversion": "1.0", "id": id, "source": "test", "type": "member.updated",
+            "data": {"member_id": member, "first_name": "Updated"}
+        })
+        .to_string()
+    };
+    // The update comes first; its member enrols only after the update's first try.
+    env.publish(&[
+        update(&format!("{t}-u1"), "m-late"),
+        update(&format!("{t}-u2"), "m-never"),
+    ])
+    .await;
+    wait_for("the update deferred", || async {
+        (lifecycle::metrics::Metrics::get(&worker.app.metrics.events_deferred) >= 2).then_some(())
+    })
+    .await;
+    env.publish(&[enrolled(
+        &format!("{t}-e1"),
+        "m-late",
+        Some("late@example.com"),
+        None,
+        "en",
+        "First",
+        (true, false),
+    )])
+    .await;
+
+    wait_for("the update applied after the enrolment", || async {
+        let name: Option<String> =
+            sqlx::query_scalar("select first_name from members where member_id = 'm-late'")
+                .fetch_optional(&worker.app.pool)
+                .await
+                .unwrap()
+                .flatten();
+        (name.as_deref() == Some("Updated")).then_some(())
+    })
+    .await;
+    let dead = wait_for("the orphan update dead-lettered", || async {
+        let dead = env.take_dead_letters().await;
+        (!dead.is_empty()).then_some(dead)
+    })
+    .await;
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0]
+            .1
+            .contains("member m-never is not enrolled yet (gave up after 3 retries)"),
+        "{}",
+        dead[0].1
+    );
+    assert!(String::from_utf8_lossy(&dead[0].0).contains("m-never"));
+    assert_eq!(
+        count(
+            &worker.app,
+            "select count(*) from inbox where event_id like '%-u2'"
+        )
+        .await,
+        0,
+        "a deferred event leaves no inbox row"
+    );
+    assert_eq!(
+        count(
+            &worker.app,
+            "select count(*) from inbox where event_id like '%-u1'"
+        )
+        .await,
+        1
+    );
+    worker.stop().await.unwrap();
+    env.cleanup().await;
 }

@@ -97,6 +97,14 @@ impl TestEnv {
         }
     }
 
+    /// A new environment whose email goes to `sink`.
+    pub fn with_smtp(sink: &SmtpSink) -> TestEnv {
+        TestEnv::new(&[
+            ("LIFECYCLE_EMAIL_PROVIDERS", "smtp".into()),
+            ("LIFECYCLE_SMTP_URL", sink.url()),
+        ])
+    }
+
     /// The settings as environment variables, for a child `lifecycle` process.
     pub fn env_vars(&self) -> Vec<(String, String)> {
         let mut vars = self.vars.clone();

@@ -170,3 +170,57 @@ async fn postgres_restart_mid_stream_loses_and_duplicates_nothing() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_cancel_is_followed_by_a_new_consumer() {
+    let env = TestEnv::new(&[]);
+    let worker = env.start(ALL_ROLES).await;
+    let app = worker.app.clone();
+    let t = &env.tag;
+    env.publish(&[enrolled(
+        &format!("{t}-1"),
+        "m-1",
+        Some("one@example.com"),
+        None,
+        "en",
+        "One",
+        (true, false),
+    )])
+    .await;
+    wait_for("the first event applied", || async {
+        (count(&app, "select count(*) from inbox").await == 1).then_some(())
+    })
+    .await;
+
+    // Deleting the queue makes the broker cancel every consumer of it.
+    let connection = lifecycle::ingest::connect(&env.settings.amqp_url, "test")
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .queue_delete(
+            env.settings.ingest.queue.as_str().into(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    connection.close(200, "bye".into()).await.ok();
+
+    // Publishing declares the topology again; only a worker that consumes again applies this.
+    env.publish(&[enrolled(
+        &format!("{t}-2"),
+        "m-2",
+        Some("two@example.com"),
+        None,
+        "en",
+        "Two",
+        (true, false),
+    )])
+    .await;
+    wait_for("the second event applied by a new consumer", || async {
+        (count(&app, "select count(*) from inbox").await == 2).then_some(())
+    })
+    .await;
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}

@@ -44,6 +44,17 @@ async fn enrolment_yields_a_welcome_email_in_the_member_language() {
     ])
     .await;
 
+    // Sending precedes recording, so wait for both the server and the outbox.
+    wait_for("three messages recorded as sent", || async {
+        (count(
+            &worker.app,
+            "select count(*) from messages where status = 'sent'",
+        )
+        .await
+            == 3)
+            .then_some(())
+    })
+    .await;
     let mails = wait_for("three emails at the SMTP server", || async {
         let messages = sink.messages();
         (messages.len() >= 3).then_some(messages)
@@ -142,7 +153,13 @@ async fn the_same_event_twice_yields_one_message_and_two_members_two() {
         2
     );
     worker.stop().await.unwrap();
-    let mut recipients: Vec<String> = sink.messages().iter().map(|m| parse_mail(m).to).collect();
+    // Nothing is in flight any more; smtp-sink may still be writing its last file.
+    let messages = wait_for("two emails at the SMTP server", || async {
+        let messages = sink.messages();
+        (messages.len() >= 2).then_some(messages)
+    })
+    .await;
+    let mut recipients: Vec<String> = messages.iter().map(|m| parse_mail(m).to).collect();
     recipients.sort();
     assert_eq!(recipients, ["one@example.com", "two@example.com"]);
     env.cleanup().await;

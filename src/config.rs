@@ -81,6 +81,8 @@ pub struct Settings {
     pub ingest: IngestSettings,
     /// Sending messages.
     pub dispatch: DispatchSettings,
+    /// The loyalty programme's rules.
+    pub program: crate::program::Program,
 }
 
 impl Default for Settings {
@@ -111,6 +113,7 @@ impl Default for Settings {
             templates_dir: "templates".into(),
             ingest: IngestSettings::default(),
             dispatch: DispatchSettings::default(),
+            program: crate::program::Program::default(),
         }
     }
 }
@@ -568,6 +571,10 @@ impl Settings {
                 }
             })?;
         settings.check()?;
+        settings
+            .program
+            .check()
+            .map_err(|e| anyhow::anyhow!("invalid setting {e}"))?;
         Ok(settings)
     }
 
@@ -634,7 +641,7 @@ fn overlay(table: &mut toml::Table, key: &str, value: String) -> anyhow::Result<
 }
 
 /// Parses a value from its text (environment) or its native TOML form (file).
-fn parsed<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+pub(crate) fn parsed<'de, D, T>(deserializer: D) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,
     T: FromStr,
@@ -725,6 +732,25 @@ mod tests {
         assert_eq!(s.http_addr.to_string(), "127.0.0.1:8080");
         assert_eq!(s.ingest.queue, "lifecycle.events");
         assert_eq!(s.smtp_url.port, 25);
+        assert_eq!(s.program.signup_bonus, 100);
+    }
+
+    #[test]
+    fn the_program_comes_from_the_file() {
+        let file = r#"
+            [program]
+            signup_bonus = 50
+            tiers = [{ name = "Member", threshold = 0 }, { name = "VIP", threshold = 1000, benefits = ["Lounge"] }]
+            [program.earn]
+            GBP = { points = 2, per = 1 }
+        "#;
+        let s = load(Some(file), &[("LIFECYCLE_PROGRAM__BIRTHDAY_BONUS", "25")]).unwrap();
+        assert_eq!(s.program.signup_bonus, 50);
+        assert_eq!(s.program.birthday_bonus, 25);
+        assert_eq!(s.program.tiers[1].benefits, ["Lounge"]);
+        assert_eq!(s.program.earn["GBP"].points, 2);
+        let bad = "[program]\ntiers = [{ name = \"Gold\", threshold = 10 }]\n";
+        assert!(error(Some(bad), &[]).contains("first tier must have threshold 0"));
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //!
 //! In the order data moves:
 //!
-//! - [`config`]: typed settings, a file overlaid by `LIFECYCLE_` variables.
+//! - [`config`]: typed settings, a file overlaid by `LIFECYCLE_` variables; [`program`], the
+//!   loyalty programme's rules.
 //! - [`event`]: the wire format (CloudEvents JSON) parsed into domain events ([`domain`]).
 //! - [`ingest`]: AMQP topology, the batched consume loop, ack after commit, dead letters.
 //! - [`ledger`]: member state; a batch of events applied in one transaction.
@@ -26,6 +27,7 @@ pub mod event;
 pub mod ingest;
 pub mod ledger;
 pub mod metrics;
+pub mod program;
 pub mod publish;
 pub mod render;
 pub mod shutdown;

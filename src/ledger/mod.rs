@@ -7,6 +7,7 @@
 //! statement each. The caller commits, then acks.
 
 mod members;
+pub mod points;
 
 use std::collections::{HashMap, HashSet};
 

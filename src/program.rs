@@ -1,0 +1,319 @@
+//! The loyalty programme's rules (`[program]` in lifecycle.toml), checked once at start-up.
+//!
+//! Defaults follow DESIGN.md: earn 1 point per USD or EUR, per ₩1000, per ₺10; a 100-point
+//! signup bonus; a reward at every 100 points; lots expire 12 months after they are earned;
+//! Bronze 0, Silver 500, Gold 1500 qualifying points in a rolling 12 months; birthday messages
+//! at 09:00 local time; carts abandoned after an hour; expiry notices 30 and 7 days ahead.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, ensure};
+use chrono::NaiveTime;
+use serde::Deserialize;
+
+use crate::domain::{Currency, Money};
+
+/// How many points an amount in one currency earns: `points` per `per` major units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EarnRate {
+    /// Points earned for every `per` major units.
+    pub points: i64,
+    /// Major units (dollars, won, lira) that earn `points`.
+    pub per: i64,
+}
+
+/// A reward a member can redeem points for.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reward {
+    /// Points it costs; crossing this balance upward fires redemption-ready.
+    pub points: i64,
+    /// What it buys, in major units of the member's currency (10 = "10 off").
+    pub discount: i64,
+}
+
+/// A tier and what it brings.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tier {
+    /// Name shown to members (Bronze, Silver, Gold).
+    pub name: String,
+    /// Qualifying points in the rolling window needed to hold it.
+    pub threshold: i64,
+    /// Benefits listed in the tier-up message.
+    #[serde(default)]
+    pub benefits: Vec<String>,
+}
+
+/// The programme's rules.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Program {
+    /// Earn rate per ISO 4217 code; orders in other currencies earn nothing (and say so).
+    pub earn: BTreeMap<String, EarnRate>,
+    /// Points given on enrolment.
+    #[serde(deserialize_with = "crate::config::parsed")]
+    pub signup_bonus: i64,
+    /// Rewards, by their cost in points.
+    pub rewards: Vec<Reward>,
+    /// Months after which an earned lot expires.
+    #[serde(deserialize_with = "crate::config::parsed")]
+    pub expiry_months: u32,
+    /// Months of the rolling window of qualifying points.
+    #[serde(deserialize_with = "crate::config::parsed")]
+    pub tier_window_months: u32,
+    /// Tiers, lowest first; the first must start at 0.
+    pub tiers: Vec<Tier>,
+    /// Points given on the birthday (0: none).
+    #[serde(deserialize_with = "crate::config::parsed")]
+    pub birthday_bonus: i64,
+    /// Local time of the birthday message, `HH:MM`.
+    pub birthday_time: String,
+    /// Minutes a cart must stay open and unchanged to be abandoned.
+    #[serde(deserialize_with = "crate::config::parsed")]
+    pub abandoned_cart_minutes: u32,
+    /// Days before a lot's expiry at which a notice goes out, farthest first.
+    pub expiring_notice_days: Vec<u32>,
+}
+
+impl Default for Program {
+    fn default() -> Self {
+        let rate = |points, per| EarnRate { points, per };
+        let tier = |name: &str, threshold, benefits: &[&str]| Tier {
+            name: name.into(),
+            threshold,
+            benefits: benefits.iter().map(|b| (*b).into()).collect(),
+        };
+        Program {
+            earn: [
+                ("USD", rate(1, 1)),
+                ("EUR", rate(1, 1)),
+                ("KRW", rate(1, 1000)),
+                ("TRY", rate(1, 10)),
+            ]
+            .into_iter()
+            .map(|(code, rate)| (code.to_owned(), rate))
+            .collect(),
+            signup_bonus: 100,
+            rewards: vec![Reward {
+                points: 100,
+                discount: 10,
+            }],
+            expiry_months: 12,
+            tier_window_months: 12,
+            tiers: vec![
+                tier("Bronze", 0, &["Points on every order"]),
+                tier(
+                    "Silver",
+                    500,
+                    &["Free standard shipping", "Early access to sales"],
+                ),
+                tier(
+                    "Gold",
+                    1500,
+                    &[
+                        "Free express shipping",
+                        "Early access to sales",
+                        "A gift every quarter",
+                    ],
+                ),
+            ],
+            birthday_bonus: 0,
+            birthday_time: "09:00".into(),
+            abandoned_cart_minutes: 60,
+            expiring_notice_days: vec![30, 7],
+        }
+    }
+}
+
+impl Program {
+    /// Refuses a programme that cannot work, naming the key.
+    pub fn check(&self) -> anyhow::Result<()> {
+        for (code, rate) in &self.earn {
+            Currency::parse(code).map_err(|e| anyhow::anyhow!("program.earn.{code}: {e}"))?;
+            ensure!(
+                rate.points >= 0,
+                "program.earn.{code}: points must not be negative"
+            );
+            ensure!(rate.per > 0, "program.earn.{code}: per must be at least 1");
+        }
+        ensure!(
+            self.signup_bonus >= 0,
+            "program.signup_bonus must not be negative"
+        );
+        ensure!(
+            self.birthday_bonus >= 0,
+            "program.birthday_bonus must not be negative"
+        );
+        for pair in self.rewards.windows(2) {
+            ensure!(
+                pair[0].points < pair[1].points,
+                "program.rewards must be in increasing order of points"
+            );
+        }
+        for reward in &self.rewards {
+            ensure!(
+                reward.points > 0 && reward.discount > 0,
+                "program.rewards: points and discount must be at least 1"
+            );
+        }
+        match self.tiers.first() {
+            Some(first) if first.threshold == 0 => {}
+            _ => bail!("program.tiers: the first tier must have threshold 0"),
+        }
+        for pair in self.tiers.windows(2) {
+            ensure!(
+                pair[0].threshold < pair[1].threshold,
+                "program.tiers must be in increasing order of threshold ({} then {})",
+                pair[0].name,
+                pair[1].name
+            );
+        }
+        ensure!(
+            self.expiry_months >= 1,
+            "program.expiry_months must be at least 1"
+        );
+        ensure!(
+            self.tier_window_months >= 1,
+            "program.tier_window_months must be at least 1"
+        );
+        ensure!(
+            self.abandoned_cart_minutes >= 1,
+            "program.abandoned_cart_minutes must be at least 1"
+        );
+        self.birthday_time()?;
+        for pair in self.expiring_notice_days.windows(2) {
+            ensure!(
+                pair[0] > pair[1],
+                "program.expiring_notice_days must be in decreasing order"
+            );
+        }
+        Ok(())
+    }
+
+    /// Points an order total earns: whole points only, rounded down.
+    pub fn earned(&self, total: Money) -> i64 {
+        let Some(rate) = self.earn.get(total.currency.code()) else {
+            return 0;
+        };
+        let minor_per_major = 10_i128.pow(u32::from(total.currency.minor_digits()));
+        let earned = i128::from(total.minor) * i128::from(rate.points)
+            / (i128::from(rate.per) * minor_per_major);
+        earned.min(i128::from(i64::MAX)) as i64
+    }
+
+    /// The tier held with `points` qualifying points (the highest whose threshold is met).
+    pub fn tier_for(&self, points: i64) -> usize {
+        self.tiers
+            .iter()
+            .rposition(|t| points >= t.threshold)
+            .unwrap_or(0)
+    }
+
+    /// Local time of birthday messages.
+    pub fn birthday_time(&self) -> anyhow::Result<NaiveTime> {
+        NaiveTime::parse_from_str(&self.birthday_time, "%H:%M").map_err(|_| {
+            anyhow::anyhow!(
+                "program.birthday_time {:?} is not HH:MM",
+                self.birthday_time
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn money(minor: i64, code: &str) -> Money {
+        Money::new("total", minor, Currency::parse(code).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn earning_follows_the_currency() {
+        let p = Program::default();
+        let cases = [
+            (money(4599, "USD"), 45),
+            (money(100, "EUR"), 1),
+            (money(99, "EUR"), 0),
+            (money(12_000, "KRW"), 12),
+            (money(999, "KRW"), 0),
+            (money(123_456, "TRY"), 123),
+            (money(100_000, "JPY"), 0), // no earn rate configured
+        ];
+        for (total, expected) in cases {
+            assert_eq!(p.earned(total), expected, "{total:?}");
+        }
+    }
+
+    #[test]
+    fn tiers_by_threshold() {
+        let p = Program::default();
+        for (points, tier) in [
+            (0, "Bronze"),
+            (499, "Bronze"),
+            (500, "Silver"),
+            (1499, "Silver"),
+            (1500, "Gold"),
+            (99_999, "Gold"),
+        ] {
+            assert_eq!(p.tiers[p.tier_for(points)].name, tier, "{points}");
+        }
+    }
+
+    /// A change that makes the default programme invalid.
+    type Breakage = Box<dyn Fn(&mut Program)>;
+
+    #[test]
+    fn invalid_programmes_are_refused_with_the_key() {
+        let cases: Vec<(Breakage, &str)> = vec![
+            (
+                Box::new(|p| p.tiers.swap(1, 2)),
+                "program.tiers must be in increasing order",
+            ),
+            (
+                Box::new(|p| p.tiers[0].threshold = 10),
+                "first tier must have threshold 0",
+            ),
+            (
+                Box::new(|p| p.earn.get_mut("USD").unwrap().points = -1),
+                "program.earn.USD: points must not be negative",
+            ),
+            (
+                Box::new(|p| {
+                    p.earn.insert("XYZ".into(), EarnRate { points: 1, per: 1 });
+                }),
+                "program.earn.XYZ",
+            ),
+            (
+                Box::new(|p| p.earn.get_mut("KRW").unwrap().per = 0),
+                "program.earn.KRW: per",
+            ),
+            (
+                Box::new(|p| p.birthday_time = "9am".into()),
+                "program.birthday_time",
+            ),
+            (
+                Box::new(|p| p.expiring_notice_days = vec![7, 30]),
+                "expiring_notice_days",
+            ),
+            (
+                Box::new(|p| {
+                    p.rewards.push(Reward {
+                        points: 50,
+                        discount: 5,
+                    })
+                }),
+                "program.rewards",
+            ),
+        ];
+        for (change, expected) in cases {
+            let mut p = Program::default();
+            change(&mut p);
+            let error = p.check().unwrap_err().to_string();
+            assert!(error.contains(expected), "{error}");
+        }
+        Program::default().check().unwrap();
+    }
+}

@@ -58,7 +58,6 @@ create table messages (
     finished_at   timestamptz
 );
 create index messages_due on messages (due_at) where status in ('pending', 'sending');
-create index messages_member on messages (member_id);
 
 -- Every attempt to hand a message to a provider, successful or not.
 create table delivery_attempts (

@@ -86,14 +86,14 @@ pub(super) async fn lock(conn: &mut PgConnection, sorted_ids: &[&str]) -> Result
     Ok(())
 }
 
-/// Loads the members among `ids` that exist.
+/// Loads the members among `ids` that exist, with their lifetime points.
 pub(super) async fn load(
     conn: &mut PgConnection,
     ids: &[&str],
-) -> Result<HashMap<MemberId, Member>, sqlx::Error> {
+) -> Result<HashMap<MemberId, (Member, i64)>, sqlx::Error> {
     let rows = sqlx::query(
         "select member_id, email, phone, first_name, locale, timezone, birthday_month, birthday_day,
-                birthday_year, consent_email, consent_sms, enrolled_at
+                birthday_year, consent_email, consent_sms, enrolled_at, lifetime
          from members where member_id = any($1)",
     )
     .bind(ids)
@@ -102,7 +102,7 @@ pub(super) async fn load(
     rows.iter()
         .map(|row| {
             let member = from_row(row).map_err(|e| sqlx::Error::Decode(e.into()))?;
-            Ok((member.member_id.clone(), member))
+            Ok((member.member_id.clone(), (member, row.get("lifetime"))))
         })
         .collect()
 }
@@ -135,12 +135,15 @@ pub(crate) fn from_row(row: &sqlx::postgres::PgRow) -> Result<Member, crate::dom
     })
 }
 
-/// Inserts or replaces the given members.
+/// Inserts or replaces the given members, with their point totals.
 pub(super) async fn save(
     conn: &mut PgConnection,
-    members: &[&Member],
+    states: &[&super::MemberState],
     now: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
+    let members: Vec<&Member> = states.iter().map(|s| &s.member).collect();
+    let balances: Vec<i64> = states.iter().map(|s| s.points.balance()).collect();
+    let lifetimes: Vec<i64> = states.iter().map(|s| s.points.lifetime).collect();
     if members.is_empty() {
         return Ok(());
     }
@@ -163,7 +166,7 @@ pub(super) async fn save(
         Vec::with_capacity(n),
         Vec::with_capacity(n),
     );
-    for m in members {
+    for m in &members {
         ids.push(m.member_id.as_str());
         emails.push(m.email.as_ref().map(Email::as_str));
         phones.push(m.phone.as_ref().map(Phone::as_str));
@@ -179,17 +182,19 @@ pub(super) async fn save(
     }
     sqlx::query(
         "insert into members (member_id, email, phone, first_name, locale, timezone, birthday_month,
-                              birthday_day, birthday_year, consent_email, consent_sms, enrolled_at, updated_at)
+                              birthday_day, birthday_year, consent_email, consent_sms, enrolled_at,
+                              balance, lifetime, updated_at)
          select *, $13::timestamptz
          from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                     $7::smallint[], $8::smallint[], $9::smallint[], $10::bool[], $11::bool[], $12::timestamptz[])
+                     $7::smallint[], $8::smallint[], $9::smallint[], $10::bool[], $11::bool[], $12::timestamptz[],
+                     $14::bigint[], $15::bigint[])
          on conflict (member_id) do update set
              email = excluded.email, phone = excluded.phone, first_name = excluded.first_name,
              locale = excluded.locale, timezone = excluded.timezone,
              birthday_month = excluded.birthday_month, birthday_day = excluded.birthday_day,
              birthday_year = excluded.birthday_year, consent_email = excluded.consent_email,
              consent_sms = excluded.consent_sms, enrolled_at = excluded.enrolled_at,
-             updated_at = excluded.updated_at",
+             balance = excluded.balance, lifetime = excluded.lifetime, updated_at = excluded.updated_at",
     )
     .bind(&ids)
     .bind(&emails)
@@ -204,6 +209,8 @@ pub(super) async fn save(
     .bind(&consent_sms)
     .bind(&enrolled)
     .bind(now)
+    .bind(&balances)
+    .bind(&lifetimes)
     .execute(conn)
     .await?;
     Ok(())

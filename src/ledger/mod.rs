@@ -2,12 +2,14 @@
 //!
 //! A batch runs as: take each member's lock (advisory, in key order, so two workers never
 //! deadlock and a member not yet inserted is covered too); insert the event ids into the
-//! inbox, keeping those that were new; load the members; apply the new events in memory in
-//! delivery order (`apply`, pure); write back changed members and planned messages with one
-//! statement each. The caller commits, then acks.
+//! inbox, keeping those that were new; load the members, their points and the orders the
+//! events name; apply the new events in memory in delivery order (`apply`, pure); write back
+//! changed members, lots, journal entries, orders and planned messages with one statement
+//! each. The caller commits, then acks.
 
 mod members;
 pub mod points;
+mod store;
 
 use std::collections::{HashMap, HashSet};
 
@@ -15,10 +17,13 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
 pub use members::Member;
+pub use store::OrderRecord;
 
-use crate::domain::MemberId;
+use crate::domain::{MemberId, quoted};
 use crate::event::{Event, EventKind};
+use crate::program::Program;
 use crate::triggers::{self, Planned};
+use points::{Entry, EntryKind, OrderPoints, Points};
 
 /// What became of one event in a batch.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,32 +41,182 @@ pub enum Outcome {
     Rejected(String),
 }
 
+/// A member with their points.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemberState {
+    /// The profile.
+    pub member: Member,
+    /// Lots, qualifying points and lifetime.
+    pub points: Points,
+}
+
+/// Everything a batch works on, loaded once.
+struct State {
+    members: HashMap<MemberId, MemberState>,
+    orders: HashMap<String, OrderRecord>,
+}
+
 /// The verdict of applying one event in memory (returned once and matched at once, so the
 /// size of `Applied` costs nothing worth a box).
 #[allow(clippy::large_enum_variant)]
 enum Verdict {
     Applied {
-        before: Option<Member>,
-        after: Member,
+        /// The member before the event, after lapsed lots were expired.
+        before: Option<MemberState>,
+        after: MemberState,
+        /// Journal entries, expiries first.
+        entries: Vec<Entry>,
+        /// The order the event created or changed.
+        order: Option<OrderRecord>,
     },
     Deferred(String),
+    Rejected(String),
 }
 
-/// Applies one event to the in-memory members. Pure: no I/O, time comes in as `now`.
-fn apply(members: &mut HashMap<MemberId, Member>, event: &Event, now: DateTime<Utc>) -> Verdict {
+/// Applies one event to the in-memory state. Pure: no I/O, time comes in as `now`. Nothing
+/// changes unless the verdict is `Applied`.
+///
+/// An overdraft is deferred, not refused at once: with several consumers a member's events
+/// can arrive out of order, and the points that cover a redemption may still be on their way.
+/// After `ingest.max_retries` it is dead-lettered with the overdraft as its reason.
+fn apply(state: &mut State, event: &Event, program: &Program, now: DateTime<Utc>) -> Verdict {
     let member_id = event.kind.member_id();
-    let before = members.get(member_id).cloned();
+    let mut entries = Vec::new();
+    let before = state.members.get(member_id).cloned().map(|mut m| {
+        entries.extend(m.points.expire(now, program.tier_window_months));
+        m
+    });
+    let mut order = None;
     let after = match (&event.kind, &before) {
-        (EventKind::MemberEnrolled(profile), _) => {
-            Member::enrolled(profile, before.as_ref().map_or(now, |b| b.enrolled_at))
+        (EventKind::MemberEnrolled(profile), Some(before)) => {
+            // A second enrolment updates the profile; the bonus was given once.
+            MemberState {
+                member: Member::enrolled(profile, before.member.enrolled_at),
+                points: before.points.clone(),
+            }
         }
-        (EventKind::MemberUpdated(changes), Some(before)) => before.updated(changes),
+        (EventKind::MemberEnrolled(profile), None) => {
+            let mut points = Points::default();
+            entries.extend(points.earn(
+                EntryKind::Signup,
+                program.signup_bonus,
+                now,
+                program.expiry_months,
+            ));
+            MemberState {
+                member: Member::enrolled(profile, now),
+                points,
+            }
+        }
         (_, None) => return Verdict::Deferred(format!("member {member_id} is not enrolled yet")),
-        // Orders, points and carts reach the ledger with issue 3; until then they are recorded.
-        (_, Some(before)) => before.clone(),
+        (EventKind::MemberUpdated(changes), Some(before)) => MemberState {
+            member: before.member.updated(changes),
+            points: before.points.clone(),
+        },
+        (EventKind::OrderPlaced(placed), Some(before)) => {
+            let mut after = before.clone();
+            // An order id seen before (republished under a new event id) earns nothing again.
+            if !state.orders.contains_key(placed.order_id.as_str()) {
+                let earned = program.earned(placed.total);
+                entries.extend(after.points.earn(
+                    EntryKind::Order,
+                    earned,
+                    now,
+                    program.expiry_months,
+                ));
+                order = Some(OrderRecord {
+                    order_id: placed.order_id.to_string(),
+                    member_id: member_id.clone(),
+                    currency: placed.total.currency.code().to_owned(),
+                    points: OrderPoints {
+                        total_minor: placed.total.minor,
+                        earned,
+                        refunded_minor: 0,
+                        reversed: 0,
+                    },
+                    cart_id: placed.cart_id.as_ref().map(ToString::to_string),
+                    placed_at: now,
+                });
+            }
+            after
+        }
+        (EventKind::OrderRefunded(refund), Some(before)) => {
+            let Some(record) = state.orders.get(refund.order_id.as_str()) else {
+                return Verdict::Deferred(format!("order {} is not known yet", refund.order_id));
+            };
+            if &record.member_id != member_id {
+                return Verdict::Rejected(format!(
+                    "order {} belongs to another member",
+                    refund.order_id
+                ));
+            }
+            if record.currency != refund.amount.currency.code() {
+                return Verdict::Rejected(format!(
+                    "refund in {} of order {} placed in {}",
+                    refund.amount.currency.code(),
+                    refund.order_id,
+                    quoted(&record.currency)
+                ));
+            }
+            let mut after = before.clone();
+            let (entry, points) = after
+                .points
+                .reverse(record.points, refund.amount.minor, now);
+            entries.extend(entry);
+            order = Some(OrderRecord {
+                points,
+                ..record.clone()
+            });
+            after
+        }
+        (EventKind::PointsAdjusted(adjustment), Some(before)) => {
+            let mut after = before.clone();
+            if adjustment.points > 0 {
+                entries.extend(after.points.earn(
+                    EntryKind::Adjustment,
+                    adjustment.points,
+                    now,
+                    program.expiry_months,
+                ));
+            } else {
+                match after
+                    .points
+                    .spend(EntryKind::Adjustment, -adjustment.points, now)
+                {
+                    Ok(entry) => entries.push(entry),
+                    Err(overdraft) => {
+                        return Verdict::Deferred(format!("adjustment refused: {overdraft}"));
+                    }
+                }
+            }
+            after
+        }
+        (EventKind::PointsRedeemed(redemption), Some(before)) => {
+            let mut after = before.clone();
+            match after
+                .points
+                .spend(EntryKind::Redemption, redemption.points, now)
+            {
+                Ok(entry) => entries.push(entry),
+                Err(overdraft) => {
+                    return Verdict::Deferred(format!("redemption refused: {overdraft}"));
+                }
+            }
+            after
+        }
+        // Carts reach the ledger with the abandoned-cart trigger; until then they are recorded.
+        (EventKind::CartUpdated(_) | EventKind::CartCheckedOut(_), Some(before)) => before.clone(),
     };
-    members.insert(member_id.clone(), after.clone());
-    Verdict::Applied { before, after }
+    if let Some(order) = &order {
+        state.orders.insert(order.order_id.clone(), order.clone());
+    }
+    state.members.insert(member_id.clone(), after.clone());
+    Verdict::Applied {
+        before,
+        after,
+        entries,
+        order,
+    }
 }
 
 /// Applies a batch of valid events inside the caller's transaction and returns one outcome per
@@ -69,6 +224,7 @@ fn apply(members: &mut HashMap<MemberId, Member>, event: &Event, now: DateTime<U
 pub async fn apply_batch(
     conn: &mut PgConnection,
     events: &[&Event],
+    program: &Program,
     now: DateTime<Utc>,
 ) -> Result<Vec<Outcome>, sqlx::Error> {
     // Members first: a redelivered copy of an event is for the same member, so a second worker
@@ -78,12 +234,26 @@ pub async fn apply_batch(
     member_ids.dedup();
     members::lock(conn, &member_ids).await?;
     let fresh = claim_inbox(conn, events).await?;
-    let mut state = members::load(conn, &member_ids).await?;
+    let order_ids: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::OrderPlaced(o) => Some(o.order_id.as_str()),
+            EventKind::OrderRefunded(r) => Some(r.order_id.as_str()),
+            _ => None,
+        })
+        .collect();
+    let mut state = State {
+        members: store::load_members(conn, &member_ids, program, now).await?,
+        orders: store::load_orders(conn, &order_ids).await?,
+    };
+    let existed: HashSet<MemberId> = state.members.keys().cloned().collect();
 
     let mut outcomes = Vec::with_capacity(events.len());
     let mut settled: HashSet<&str> = HashSet::new();
     let mut not_applied: Vec<&str> = Vec::new();
     let mut changed: HashSet<MemberId> = HashSet::new();
+    let mut journal: Vec<(MemberId, Entry, &str)> = Vec::new();
+    let mut orders: HashMap<String, OrderRecord> = HashMap::new();
     let mut planned: Vec<(MemberId, Planned)> = Vec::new();
     for event in events {
         let id = event.id.as_str();
@@ -93,26 +263,52 @@ pub async fn apply_batch(
             outcomes.push(Outcome::Duplicate);
             continue;
         }
-        match apply(&mut state, event, now) {
-            Verdict::Applied { before, after } => {
-                let messages = triggers::plan(before.as_ref(), event, &after, now);
+        match apply(&mut state, event, program, now) {
+            Verdict::Applied {
+                before,
+                after,
+                entries,
+                order,
+            } => {
+                let messages = triggers::plan(
+                    before.as_ref().map(|b| &b.member),
+                    event,
+                    &after.member,
+                    now,
+                );
                 outcomes.push(Outcome::Applied {
                     planned: messages.len(),
                 });
-                if before.as_ref() != Some(&after) {
-                    changed.insert(after.member_id.clone());
+                let member_id = after.member.member_id.clone();
+                if before.as_ref() != Some(&after) || !entries.is_empty() {
+                    changed.insert(member_id.clone());
                 }
-                planned.extend(messages.into_iter().map(|p| (after.member_id.clone(), p)));
+                journal.extend(entries.into_iter().map(|e| (member_id.clone(), e, id)));
+                if let Some(order) = order {
+                    orders.insert(order.order_id.clone(), order);
+                }
+                planned.extend(messages.into_iter().map(|p| (member_id.clone(), p)));
             }
             Verdict::Deferred(reason) => {
                 not_applied.push(id);
                 outcomes.push(Outcome::Deferred(reason));
             }
+            Verdict::Rejected(reason) => {
+                not_applied.push(id);
+                outcomes.push(Outcome::Rejected(reason));
+            }
         }
     }
 
-    let changed: Vec<&Member> = changed.iter().map(|id| &state[id]).collect();
+    let existed: Vec<&str> = changed
+        .iter()
+        .filter(|id| existed.contains(*id))
+        .map(MemberId::as_str)
+        .collect();
+    let changed: Vec<&MemberState> = changed.iter().map(|id| &state.members[id]).collect();
     members::save(conn, &changed, now).await?;
+    store::save_points(conn, &changed, &existed, &journal).await?;
+    store::save_orders(conn, &orders.into_values().collect::<Vec<_>>()).await?;
     release_inbox(conn, &not_applied).await?;
     insert_planned(conn, &planned).await?;
     Ok(outcomes)
@@ -139,8 +335,8 @@ async fn claim_inbox(
     Ok(fresh.into_iter().collect())
 }
 
-/// Removes the inbox rows of events that were claimed but not applied (deferred), so they
-/// are applied when they come back.
+/// Removes the inbox rows of events that were claimed but not applied (deferred or refused),
+/// so a deferred event is applied when it comes back and a refused one can be replayed.
 async fn release_inbox(conn: &mut PgConnection, ids: &[&str]) -> Result<(), sqlx::Error> {
     if ids.is_empty() {
         return Ok(());

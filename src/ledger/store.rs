@@ -1,0 +1,237 @@
+//! Loading and saving points and orders: lots, the journal, order records.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Months, Utc};
+use sqlx::{PgConnection, Row};
+
+use super::points::{Entry, Lot, OrderPoints, Points};
+use super::{MemberState, members};
+use crate::domain::MemberId;
+use crate::program::Program;
+
+/// What the ledger keeps of an order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderRecord {
+    /// The order.
+    pub order_id: String,
+    /// The buyer.
+    pub member_id: MemberId,
+    /// ISO 4217 code of its total and its refunds.
+    pub currency: String,
+    /// Earned and reversed points.
+    pub points: OrderPoints,
+    /// The cart it checked out, if any.
+    pub cart_id: Option<String>,
+    /// When the ledger applied it (business time).
+    pub placed_at: DateTime<Utc>,
+}
+
+/// Loads the members among `ids` that exist, with their lots and the qualifying entries
+/// still inside the tier window at `now`.
+pub(super) async fn load_members(
+    conn: &mut PgConnection,
+    ids: &[&str],
+    program: &Program,
+    now: DateTime<Utc>,
+) -> Result<HashMap<MemberId, MemberState>, sqlx::Error> {
+    let mut profiles = members::load(conn, ids).await?;
+    if profiles.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let present: Vec<&str> = profiles.keys().map(MemberId::as_str).collect();
+    let mut points: HashMap<String, Points> = HashMap::new();
+    let lots = sqlx::query(
+        "select member_id, earned_at, expires_at, points, remaining from point_lots
+         where member_id = any($1) order by member_id, position",
+    )
+    .bind(&present)
+    .fetch_all(&mut *conn)
+    .await?;
+    for row in lots {
+        points
+            .entry(row.get("member_id"))
+            .or_default()
+            .lots
+            .push(Lot {
+                earned_at: row.get("earned_at"),
+                expires_at: row.get("expires_at"),
+                points: row.get("points"),
+                remaining: row.get("remaining"),
+            });
+    }
+    let since = now - Months::new(program.tier_window_months);
+    let qualifying = sqlx::query(
+        "select member_id, at, qualifying from point_entries
+         where member_id = any($1) and qualifying <> 0 and at > $2 order by at, id",
+    )
+    .bind(&present)
+    .bind(since)
+    .fetch_all(&mut *conn)
+    .await?;
+    for row in qualifying {
+        points
+            .entry(row.get("member_id"))
+            .or_default()
+            .qualifying
+            .push((row.get("at"), row.get("qualifying")));
+    }
+    Ok(profiles
+        .drain()
+        .map(|(id, (member, lifetime))| {
+            let mut points = points.remove(id.as_str()).unwrap_or_default();
+            points.lifetime = lifetime;
+            (id, MemberState { member, points })
+        })
+        .collect())
+}
+
+/// Rewrites the lots of the changed members (`existed`: those that had rows before the batch)
+/// and appends the journal.
+pub(super) async fn save_points(
+    conn: &mut PgConnection,
+    changed: &[&MemberState],
+    existed: &[&str],
+    journal: &[(MemberId, Entry, &str)],
+) -> Result<(), sqlx::Error> {
+    if !existed.is_empty() {
+        sqlx::query("delete from point_lots where member_id = any($1)")
+            .bind(existed)
+            .execute(&mut *conn)
+            .await?;
+    }
+    if !changed.is_empty() {
+        let (mut members, mut positions, mut earned, mut expires, mut points, mut remaining) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
+        for m in changed {
+            for (i, lot) in m.points.lots.iter().enumerate() {
+                members.push(m.member.member_id.as_str());
+                positions.push(i as i32);
+                earned.push(lot.earned_at);
+                expires.push(lot.expires_at);
+                points.push(lot.points);
+                remaining.push(lot.remaining);
+            }
+        }
+        if !members.is_empty() {
+            sqlx::query(
+                "insert into point_lots (member_id, position, earned_at, expires_at, points, remaining)
+                 select * from unnest($1::text[], $2::int[], $3::timestamptz[], $4::timestamptz[], $5::bigint[], $6::bigint[])",
+            )
+            .bind(&members)
+            .bind(&positions)
+            .bind(&earned)
+            .bind(&expires)
+            .bind(&points)
+            .bind(&remaining)
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
+    if journal.is_empty() {
+        return Ok(());
+    }
+    let members: Vec<&str> = journal.iter().map(|(m, _, _)| m.as_str()).collect();
+    let kinds: Vec<&str> = journal.iter().map(|(_, e, _)| e.kind.as_str()).collect();
+    let points: Vec<i64> = journal.iter().map(|(_, e, _)| e.points).collect();
+    let qualifying: Vec<i64> = journal.iter().map(|(_, e, _)| e.qualifying).collect();
+    let at: Vec<DateTime<Utc>> = journal.iter().map(|(_, e, _)| e.at).collect();
+    let causes: Vec<&str> = journal.iter().map(|(_, _, c)| *c).collect();
+    sqlx::query(
+        "insert into point_entries (member_id, kind, points, qualifying, at, cause)
+         select m, k, p, q, a, c
+         from unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::timestamptz[], $6::text[])
+              with ordinality as j(m, k, p, q, a, c, n)
+         order by n",
+    )
+    .bind(&members)
+    .bind(&kinds)
+    .bind(&points)
+    .bind(&qualifying)
+    .bind(&at)
+    .bind(&causes)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Loads the orders among `ids` that exist.
+pub(super) async fn load_orders(
+    conn: &mut PgConnection,
+    ids: &[&str],
+) -> Result<HashMap<String, OrderRecord>, sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows = sqlx::query(
+        "select order_id, member_id, currency, total_minor, earned, refunded_minor, reversed, cart_id, placed_at
+         from orders where order_id = any($1)",
+    )
+    .bind(ids)
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let member_id = MemberId::parse(&r.get::<String, _>("member_id"))
+                .map_err(|e| sqlx::Error::Decode(e.into()))?;
+            let record = OrderRecord {
+                order_id: r.get("order_id"),
+                member_id,
+                currency: r.get("currency"),
+                points: OrderPoints {
+                    total_minor: r.get("total_minor"),
+                    earned: r.get("earned"),
+                    refunded_minor: r.get("refunded_minor"),
+                    reversed: r.get("reversed"),
+                },
+                cart_id: r.get("cart_id"),
+                placed_at: r.get("placed_at"),
+            };
+            Ok((record.order_id.clone(), record))
+        })
+        .collect()
+}
+
+/// Inserts new orders and updates changed ones.
+pub(super) async fn save_orders(
+    conn: &mut PgConnection,
+    orders: &[OrderRecord],
+) -> Result<(), sqlx::Error> {
+    if orders.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&str> = orders.iter().map(|o| o.order_id.as_str()).collect();
+    let members: Vec<&str> = orders.iter().map(|o| o.member_id.as_str()).collect();
+    let currencies: Vec<&str> = orders.iter().map(|o| o.currency.as_str()).collect();
+    let totals: Vec<i64> = orders.iter().map(|o| o.points.total_minor).collect();
+    let earned: Vec<i64> = orders.iter().map(|o| o.points.earned).collect();
+    let refunded: Vec<i64> = orders.iter().map(|o| o.points.refunded_minor).collect();
+    let reversed: Vec<i64> = orders.iter().map(|o| o.points.reversed).collect();
+    let carts: Vec<Option<&str>> = orders.iter().map(|o| o.cart_id.as_deref()).collect();
+    let placed: Vec<DateTime<Utc>> = orders.iter().map(|o| o.placed_at).collect();
+    sqlx::query(
+        "insert into orders (order_id, member_id, currency, total_minor, earned, refunded_minor, reversed, cart_id, placed_at)
+         select * from unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[],
+                              $7::bigint[], $8::text[], $9::timestamptz[])
+         on conflict (order_id) do update set
+             refunded_minor = excluded.refunded_minor, reversed = excluded.reversed",
+    )
+    .bind(&ids)
+    .bind(&members)
+    .bind(&currencies)
+    .bind(&totals)
+    .bind(&earned)
+    .bind(&refunded)
+    .bind(&reversed)
+    .bind(&carts)
+    .bind(&placed)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,232 @@
+//! The points ledger through RabbitMQ and PostgreSQL.
+
+mod common;
+
+use common::{TestEnv, count, enrolled, wait_for};
+use lifecycle::app::{App, Roles};
+use serde_json::json;
+
+fn event(id: String, kind: &str, data: serde_json::Value) -> String {
+    json!({"specversion": "1.0", "id": id, "source": "test", "type": kind, "data": data})
+        .to_string()
+}
+
+async fn balance(app: &App, member: &str) -> (i64, i64) {
+    sqlx::query_as("select balance, lifetime from members where member_id = $1")
+        .bind(member)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+}
+
+/// The balance column, the journal and the lots agree.
+async fn assert_consistent(app: &App, member: &str) {
+    let (balance, lifetime) = balance(app, member).await;
+    let (journal, earned): (i64, i64) = sqlx::query_as(
+        "select coalesce(sum(points), 0)::bigint, coalesce(sum(points) filter (where points > 0), 0)::bigint
+         from point_entries where member_id = $1",
+    )
+    .bind(member)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    let lots: i64 = sqlx::query_scalar(
+        "select coalesce(sum(remaining), 0)::bigint from point_lots where member_id = $1",
+    )
+    .bind(member)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (balance, lifetime),
+        (journal, earned),
+        "members row = journal"
+    );
+    assert_eq!(balance, lots, "balance = what is left of the lots");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn orders_earn_refunds_reverse_and_redemptions_spend() {
+    let env = TestEnv::new(&[("LIFECYCLE_INGEST__MAX_RETRIES", "2".into())]);
+    let worker = env
+        .start(Roles {
+            ingest: true,
+            dispatch: false,
+        })
+        .await;
+    let app = worker.app.clone();
+    let t = env.tag.clone();
+    let m = "m-points";
+    // One step at a time, each applied before the next is published: (event, balance after).
+    let steps: Vec<(String, i64)> = vec![
+        (
+            enrolled(
+                &format!("{t}-1"),
+                m,
+                Some("p@example.com"),
+                None,
+                "en",
+                "P",
+                (true, false),
+            ),
+            100,
+        ),
+        (
+            event(
+                format!("{t}-2"),
+                "order.placed",
+                json!({"order_id": format!("{t}-o1"), "member_id": m, "total": 4599, "currency": "USD", "items": []}),
+            ),
+            145,
+        ),
+        // A third of the order refunded: floor(45 × 1533 / 4599) = 15 points back.
+        (
+            event(
+                format!("{t}-3"),
+                "order.refunded",
+                json!({"order_id": format!("{t}-o1"), "member_id": m, "amount": 1533, "currency": "USD"}),
+            ),
+            130,
+        ),
+        (
+            event(
+                format!("{t}-4"),
+                "points.adjusted",
+                json!({"member_id": m, "points": 50, "reason": "review"}),
+            ),
+            180,
+        ),
+        (
+            event(
+                format!("{t}-5"),
+                "points.redeemed",
+                json!({"member_id": m, "points": 100, "reward": "$10 off"}),
+            ),
+            80,
+        ),
+        // The same order republished under a new event id earns nothing again.
+        (
+            event(
+                format!("{t}-6"),
+                "order.placed",
+                json!({"order_id": format!("{t}-o1"), "member_id": m, "total": 4599, "currency": "USD", "items": []}),
+            ),
+            80,
+        ),
+        // The rest of the order refunded: 45 - 15 = 30 more, all of it available.
+        (
+            event(
+                format!("{t}-7"),
+                "order.refunded",
+                json!({"order_id": format!("{t}-o1"), "member_id": m, "amount": 3066, "currency": "USD"}),
+            ),
+            50,
+        ),
+    ];
+    for (i, (body, expected)) in steps.iter().enumerate() {
+        env.publish(std::slice::from_ref(body)).await;
+        wait_for(&format!("step {} applied", i + 1), || async {
+            (count(&app, "select count(*) from inbox").await == i as i64 + 1).then_some(())
+        })
+        .await;
+        assert_eq!(
+            balance(&app, m).await.0,
+            *expected,
+            "balance after step {}",
+            i + 1
+        );
+        assert_consistent(&app, m).await;
+    }
+    assert_eq!(
+        balance(&app, m).await.1,
+        195,
+        "lifetime: 100 signup + 45 order + 50 adjustment"
+    );
+    let order: (i64, i64, i64) =
+        sqlx::query_as("select earned, refunded_minor, reversed from orders")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(order, (45, 4599, 45));
+
+    // An overdraft waits for points that may be on their way, then is refused with its reason.
+    env.publish(&[event(
+        format!("{t}-8"),
+        "points.redeemed",
+        json!({"member_id": m, "points": 500}),
+    )])
+    .await;
+    let dead = wait_for("the overdraft dead-lettered", || async {
+        let dead = env.take_dead_letters().await;
+        (!dead.is_empty()).then_some(dead)
+    })
+    .await;
+    assert!(
+        dead[0].1.contains(
+            "redemption refused: 500 points wanted but only 50 available (gave up after 2 retries)"
+        ),
+        "{}",
+        dead[0].1
+    );
+    assert_eq!(
+        balance(&app, m).await.0,
+        50,
+        "a refused redemption changes nothing"
+    );
+    assert_consistent(&app, m).await;
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refund_before_its_order_waits_for_it() {
+    let env = TestEnv::new(&[]);
+    let worker = env
+        .start(Roles {
+            ingest: true,
+            dispatch: false,
+        })
+        .await;
+    let app = worker.app.clone();
+    let t = env.tag.clone();
+    let m = "m-early";
+    env.publish(&[enrolled(
+        &format!("{t}-1"),
+        m,
+        None,
+        None,
+        "ko",
+        "K",
+        (false, false),
+    )])
+    .await;
+    wait_for("enrolled", || async {
+        (count(&app, "select count(*) from members").await == 1).then_some(())
+    })
+    .await;
+    env.publish(&[event(
+        format!("{t}-2"),
+        "order.refunded",
+        json!({"order_id": "o-k", "member_id": m, "amount": 6000, "currency": "KRW"}),
+    )])
+    .await;
+    wait_for("the refund deferred", || async {
+        (lifecycle::metrics::Metrics::get(&app.metrics.events_deferred) >= 1).then_some(())
+    })
+    .await;
+    env.publish(&[event(
+        format!("{t}-3"),
+        "order.placed",
+        json!({"order_id": "o-k", "member_id": m, "total": 24000, "currency": "KRW", "items": []}),
+    )])
+    .await;
+    wait_for("order and refund applied", || async {
+        (count(&app, "select count(*) from inbox").await == 3).then_some(())
+    })
+    .await;
+    // ₩24,000 earns 24 points; a quarter refunded takes 6 back.
+    assert_eq!(balance(&app, m).await, (118, 124));
+    assert_consistent(&app, m).await;
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}

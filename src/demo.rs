@@ -23,8 +23,11 @@ pub async fn publish(settings: &Settings, bodies: &[String]) -> anyhow::Result<u
     Ok(n)
 }
 
-/// Runs the demo: migrate, publish `events`, process them, print the messages.
-pub async fn run(settings: Settings, events: &Path) -> anyhow::Result<()> {
+/// Runs the demo: migrate, publish `events`, process them, print the messages and balances.
+pub async fn run(mut settings: Settings, events: &Path) -> anyhow::Result<()> {
+    // One consumer, so the story reads in the order the file tells it (with several, a
+    // member's events may be applied out of order, as they may from any platform).
+    settings.ingest.consumers = 1;
     let lines = crate::publish::read_lines(events)?;
     let member_ids: Vec<String> = lines
         .iter()
@@ -83,6 +86,15 @@ pub async fn run(settings: Settings, events: &Path) -> anyhow::Result<()> {
     let rows = recent_messages(&app.pool, Some(&member_ids), 100).await?;
     println!("\nMessages for the demo's members:\n");
     print!("{}", table(&rows));
+    let balances: Vec<(String, i64, i64)> =
+        sqlx::query_as("select member_id, balance, lifetime from members where member_id = any($1) order by enrolled_at, member_id")
+            .bind(&member_ids)
+            .fetch_all(&app.pool)
+            .await?;
+    println!("\nPoints:\n");
+    for (member, balance, lifetime) in balances {
+        println!("{member:<14} balance {balance:>5}   lifetime {lifetime:>5}");
+    }
     println!(
         "\nFiles written by the file providers are in {}/.",
         app.settings.outbox_dir.display()

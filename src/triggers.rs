@@ -9,7 +9,8 @@ use serde_json::json;
 
 use crate::domain::Channel;
 use crate::event::{Event, EventKind};
-use crate::ledger::Member;
+use crate::ledger::{Member, MemberState};
+use crate::program::Program;
 
 /// The six lifecycle triggers of DESIGN.md.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -104,50 +105,147 @@ fn per_channel(
         .collect()
 }
 
-/// Every message an applied event plans. `before` is the member before the event (`None` when
-/// the event enrolled them), `after` the member after it; `now` is business time.
+/// Every message an applied event plans. `before` is the member before the event (after lapsed
+/// lots were expired; `None` when the event enrolled them), `after` the member after it; `now`
+/// is business time.
 pub fn plan(
-    before: Option<&Member>,
+    before: Option<&MemberState>,
     event: &Event,
-    after: &Member,
+    after: &MemberState,
+    program: &Program,
     now: DateTime<Utc>,
 ) -> Vec<Planned> {
     let mut planned = Vec::new();
-    planned.extend(welcome(before, event, after, now));
+    planned.extend(welcome(event, after, program, now));
+    planned.extend(redemption_ready(before, event, after, program, now));
+    planned.extend(tier_up(before, event, after, program, now));
     planned
+}
+
+/// The rewards a balance can buy, cheapest first, as template context.
+fn rewards_within(program: &Program, balance: i64) -> Vec<serde_json::Value> {
+    program
+        .rewards
+        .iter()
+        .filter(|r| r.points <= balance)
+        .map(|r| json!({"points": r.points, "discount": r.discount}))
+        .collect()
 }
 
 /// Welcome: fires on `member.enrolled`; dedupe key: the member. A re-enrolment plans again, but
 /// the key makes it a no-op in the outbox.
 ///
-/// Context: `first_name` (may be null), `member_id`.
+/// Context: `first_name` (may be null), `member_id`, `signup_bonus`, `balance`, `rewards`
+/// (what the balance buys already: a list of {`points`, `discount`}).
 pub fn welcome(
-    _before: Option<&Member>,
     event: &Event,
-    after: &Member,
+    after: &MemberState,
+    program: &Program,
     now: DateTime<Utc>,
 ) -> Vec<Planned> {
     if !matches!(event.kind, EventKind::MemberEnrolled(_)) {
         return Vec::new();
     }
+    let member = &after.member;
+    let balance = after.points.balance();
     let context = json!({
-        "first_name": after.first_name,
-        "member_id": after.member_id,
+        "first_name": member.first_name,
+        "member_id": member.member_id,
+        "signup_bonus": program.signup_bonus,
+        "balance": balance,
+        "rewards": rewards_within(program, balance),
     });
     per_channel(
         Trigger::Welcome,
-        after.member_id.as_str(),
-        after,
+        member.member_id.as_str(),
+        member,
         now,
         context,
     )
+}
+
+/// Redemption-ready: the balance rose from below a reward's cost to at or above it. One
+/// message for the most expensive reward newly reached, however many were crossed at once;
+/// not for enrolment, whose welcome says what the bonus buys. Dedupe key: member, reward,
+/// and the event that crossed it (a balance that falls back and rises again crosses anew).
+///
+/// Context: `first_name`, `balance`, `reward` {`points`, `discount`}, `rewards` (all the
+/// balance buys).
+pub fn redemption_ready(
+    before: Option<&MemberState>,
+    event: &Event,
+    after: &MemberState,
+    program: &Program,
+    now: DateTime<Utc>,
+) -> Vec<Planned> {
+    if matches!(event.kind, EventKind::MemberEnrolled(_)) {
+        return Vec::new();
+    }
+    let was = before.map_or(0, |b| b.points.balance());
+    let is = after.points.balance();
+    let Some(reward) = program
+        .rewards
+        .iter()
+        .rev()
+        .find(|r| was < r.points && r.points <= is)
+    else {
+        return Vec::new();
+    };
+    let member = &after.member;
+    let context = json!({
+        "first_name": member.first_name,
+        "balance": is,
+        "reward": {"points": reward.points, "discount": reward.discount},
+        "rewards": rewards_within(program, is),
+    });
+    let key = format!("{}:{}:{}", member.member_id, reward.points, event.id);
+    per_channel(Trigger::RedemptionReady, &key, member, now, context)
+}
+
+/// Tier-up: the tier held by the qualifying points of the window rose. Dedupe key: member,
+/// tier, and the event that raised it.
+///
+/// Context: `first_name`, `tier`, `previous_tier`, `benefits` (of the new tier),
+/// `tier_points`.
+pub fn tier_up(
+    before: Option<&MemberState>,
+    event: &Event,
+    after: &MemberState,
+    program: &Program,
+    now: DateTime<Utc>,
+) -> Vec<Planned> {
+    let window = program.tier_window_months;
+    let was = program.tier_for(before.map_or(0, |b| b.points.tier_points(now, window)));
+    let points = after.points.tier_points(now, window);
+    let is = program.tier_for(points);
+    if is <= was {
+        return Vec::new();
+    }
+    let (tier, previous) = (&program.tiers[is], &program.tiers[was]);
+    let member = &after.member;
+    let context = json!({
+        "first_name": member.first_name,
+        "tier": tier.name,
+        "previous_tier": previous.name,
+        "benefits": tier.benefits,
+        "tier_points": points,
+    });
+    let key = format!("{}:{}:{}", member.member_id, tier.name, event.id);
+    per_channel(Trigger::TierUp, &key, member, now, context)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::domain::{Consent, Email, EventId, Locale, MemberId, Phone, TimeZone};
-    use crate::event::{CartRef, Profile};
+    use crate::event::{Adjustment, CartRef, Profile};
+    use crate::ledger::points::{EntryKind, Points};
+    use crate::program::Reward;
+    use chrono::TimeZone as _;
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 22, 10, 0, 0).unwrap()
+    }
 
     fn member(email: bool, phone: bool, consent: Consent) -> Member {
         Member {
@@ -163,12 +261,38 @@ mod tests {
         }
     }
 
-    fn enrolled(m: &Member) -> Event {
+    /// A member reachable by email with these lots: (kind, points).
+    fn state(lots: &[(EntryKind, i64)]) -> MemberState {
+        let mut points = Points::default();
+        for (kind, n) in lots {
+            points.earn(*kind, *n, now() - chrono::Duration::days(1), 12);
+        }
+        MemberState {
+            member: member(
+                true,
+                false,
+                Consent {
+                    email: true,
+                    sms: false,
+                },
+            ),
+            points,
+        }
+    }
+
+    fn event(id: &str, kind: EventKind) -> Event {
         Event {
-            id: EventId::parse("e1").unwrap(),
+            id: EventId::parse(id).unwrap(),
             source: "t".into(),
             time: None,
-            kind: EventKind::MemberEnrolled(Profile {
+            kind,
+        }
+    }
+
+    fn enrolled(m: &Member) -> Event {
+        event(
+            "e1",
+            EventKind::MemberEnrolled(Profile {
                 member_id: m.member_id.clone(),
                 email: m.email.clone(),
                 phone: m.phone.clone(),
@@ -178,7 +302,24 @@ mod tests {
                 birthday: None,
                 consent: m.consent,
             }),
-        }
+        )
+    }
+
+    /// Any non-enrolment event (the triggers look at state, not at the event's data).
+    fn other(id: &str) -> Event {
+        let member_id = MemberId::parse("m1").unwrap();
+        event(
+            id,
+            EventKind::PointsAdjusted(Adjustment {
+                member_id,
+                points: 1,
+                reason: "manual".into(),
+            }),
+        )
+    }
+
+    fn keys(planned: Vec<Planned>) -> Vec<String> {
+        planned.into_iter().map(|p| p.dedupe_key).collect()
     }
 
     #[test]
@@ -212,34 +353,206 @@ mod tests {
             (true, false, all, vec!["welcome:m1:email"]),
             (true, true, Consent::default(), vec![]),
         ];
+        let program = Program::default();
         for (email, phone, consent, expected) in cases {
-            let m = member(email, phone, consent);
-            let keys: Vec<String> = plan(None, &enrolled(&m), &m, DateTime::UNIX_EPOCH)
-                .into_iter()
-                .map(|p| p.dedupe_key)
-                .collect();
-            assert_eq!(keys, expected, "email={email} phone={phone} {consent:?}");
+            let after = MemberState {
+                member: member(email, phone, consent),
+                points: Points::default(),
+            };
+            let planned = welcome(&enrolled(&after.member), &after, &program, now());
+            assert_eq!(
+                keys(planned),
+                expected,
+                "email={email} phone={phone} {consent:?}"
+            );
         }
     }
 
     #[test]
-    fn welcome_only_on_enrolment() {
-        let m = member(
-            true,
-            true,
-            Consent {
-                email: true,
-                sms: true,
-            },
+    fn welcome_says_what_the_bonus_buys() {
+        let after = state(&[(EntryKind::Signup, 100)]);
+        let planned = welcome(&enrolled(&after.member), &after, &Program::default(), now());
+        assert_eq!(planned[0].context["balance"], 100);
+        assert_eq!(
+            planned[0].context["rewards"],
+            json!([{"points": 100, "discount": 10}])
         );
-        let event = Event {
-            kind: EventKind::CartCheckedOut(CartRef {
-                cart_id: crate::domain::RecordId::parse("cart_id", "c").unwrap(),
-                member_id: m.member_id.clone(),
-            }),
-            ..enrolled(&m)
+        assert!(
+            welcome(&other("e2"), &after, &Program::default(), now()).is_empty(),
+            "only on enrolment"
+        );
+    }
+
+    #[test]
+    fn redemption_ready_fires_on_an_upward_crossing() {
+        let program = Program {
+            rewards: vec![
+                Reward {
+                    points: 100,
+                    discount: 10,
+                },
+                Reward {
+                    points: 250,
+                    discount: 30,
+                },
+            ],
+            ..Program::default()
         };
-        assert!(plan(Some(&m), &event, &m, DateTime::UNIX_EPOCH).is_empty());
+        let cases: &[(&str, i64, i64, Option<i64>)] = &[
+            // (case, balance before, balance after, reward announced)
+            ("below to exactly at", 99, 100, Some(100)),
+            ("below to above", 40, 180, Some(100)),
+            ("still below", 40, 99, None),
+            ("already above", 100, 180, None),
+            (
+                "two thresholds in one order: the higher",
+                90,
+                260,
+                Some(250),
+            ),
+            ("from the first to the second", 120, 250, Some(250)),
+            ("falling", 260, 90, None),
+        ];
+        for (case, was, is, expected) in cases {
+            let before = state(&[(EntryKind::Order, *was)]);
+            let after = state(&[(EntryKind::Order, *is)]);
+            let planned = redemption_ready(Some(&before), &other("e7"), &after, &program, now());
+            let announced: Vec<i64> = planned
+                .iter()
+                .map(|p| p.context["reward"]["points"].as_i64().unwrap())
+                .collect();
+            assert_eq!(
+                announced,
+                expected.iter().copied().collect::<Vec<_>>(),
+                "{case}"
+            );
+            if let Some(points) = expected {
+                assert_eq!(
+                    planned[0].dedupe_key,
+                    format!("redemption-ready:m1:{points}:e7:email"),
+                    "{case}"
+                );
+                assert_eq!(planned[0].context["balance"], *is, "{case}");
+            }
+        }
+    }
+
+    #[test]
+    fn redemption_ready_rearms_after_the_balance_falls_back() {
+        let program = Program::default();
+        let (low, high) = (
+            state(&[(EntryKind::Order, 80)]),
+            state(&[(EntryKind::Order, 120)]),
+        );
+        let first = redemption_ready(Some(&low), &other("order-1"), &high, &program, now());
+        // A refund takes it below 100 (no message), a later order crosses again: a new key.
+        assert!(
+            redemption_ready(Some(&high), &other("refund-1"), &low, &program, now()).is_empty()
+        );
+        let second = redemption_ready(Some(&low), &other("order-2"), &high, &program, now());
+        assert_eq!(first.len(), 1);
+        assert_eq!(second.len(), 1);
+        assert_ne!(first[0].dedupe_key, second[0].dedupe_key);
+    }
+
+    #[test]
+    fn the_signup_bonus_alone_is_not_redemption_ready() {
+        let after = state(&[(EntryKind::Signup, 100)]);
+        assert!(
+            redemption_ready(
+                None,
+                &enrolled(&after.member),
+                &after,
+                &Program::default(),
+                now()
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn tier_up_fires_when_the_tier_rises() {
+        let program = Program::default();
+        let cases: &[(&str, i64, i64, Option<&str>)] = &[
+            // (case, qualifying before, after, new tier)
+            ("to exactly Silver", 499, 500, Some("Silver")),
+            ("Bronze to Gold at once", 100, 1600, Some("Gold")),
+            ("Silver to Gold", 900, 1500, Some("Gold")),
+            ("within Silver", 500, 1499, None),
+            ("falling", 1600, 400, None),
+        ];
+        for (case, was, is, expected) in cases {
+            let before = state(&[(EntryKind::Order, *was)]);
+            let after = state(&[(EntryKind::Order, *is)]);
+            let planned = tier_up(Some(&before), &other("e9"), &after, &program, now());
+            let tiers: Vec<&str> = planned
+                .iter()
+                .map(|p| p.context["tier"].as_str().unwrap())
+                .collect();
+            assert_eq!(
+                tiers,
+                expected.iter().copied().collect::<Vec<_>>(),
+                "{case}"
+            );
+        }
+        let planned = tier_up(
+            Some(&state(&[])),
+            &other("e9"),
+            &state(&[(EntryKind::Order, 600)]),
+            &program,
+            now(),
+        );
+        assert_eq!(planned[0].dedupe_key, "tier-up:m1:Silver:e9:email");
+        assert_eq!(planned[0].context["previous_tier"], "Bronze");
+        assert_eq!(
+            planned[0].context["benefits"],
+            json!(["Free standard shipping", "Early access to sales"])
+        );
+    }
+
+    #[test]
+    fn signup_and_adjustments_do_not_raise_the_tier() {
+        let before = state(&[]);
+        let after = state(&[(EntryKind::Signup, 100), (EntryKind::Adjustment, 1000)]);
+        assert!(
+            tier_up(
+                Some(&before),
+                &other("e1"),
+                &after,
+                &Program::default(),
+                now()
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn one_order_can_raise_the_tier_and_reach_a_reward() {
+        let before = state(&[(EntryKind::Order, 450)]);
+        let mut after = before.clone();
+        after.points.earn(EntryKind::Order, 60, now(), 12);
+        // 450 → 510: Silver, but the 100-point reward was reached long ago.
+        let mut program = Program::default();
+        program.rewards.push(Reward {
+            points: 500,
+            discount: 60,
+        });
+        let planned = plan(Some(&before), &other("e3"), &after, &program, now());
+        let triggers: Vec<&str> = planned.iter().map(|p| p.trigger.as_str()).collect();
+        assert_eq!(triggers, ["redemption-ready", "tier-up"]);
+    }
+
+    #[test]
+    fn nothing_for_an_unrelated_event() {
+        let m = state(&[(EntryKind::Order, 50)]);
+        let checkout = event(
+            "e4",
+            EventKind::CartCheckedOut(CartRef {
+                cart_id: crate::domain::RecordId::parse("cart_id", "c").unwrap(),
+                member_id: m.member.member_id.clone(),
+            }),
+        );
+        assert!(plan(Some(&m), &checkout, &m, &Program::default(), now()).is_empty());
     }
 
     #[test]

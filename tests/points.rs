@@ -230,3 +230,84 @@ async fn a_refund_before_its_order_waits_for_it() {
     worker.stop().await.unwrap();
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_order_crosses_a_reward_and_a_tier_and_both_messages_go_out() {
+    let env = TestEnv::new(&[]);
+    let worker = env.start(common::ALL_ROLES).await;
+    let app = worker.app.clone();
+    let t = env.tag.clone();
+    let m = "m-vip";
+    let steps = [
+        enrolled(
+            &format!("{t}-1"),
+            m,
+            Some("vip@example.com"),
+            None,
+            "en",
+            "Vera",
+            (true, false),
+        ),
+        event(
+            format!("{t}-2"),
+            "points.redeemed",
+            json!({"member_id": m, "points": 60}),
+        ),
+        event(
+            format!("{t}-3"),
+            "order.placed",
+            json!({"order_id": format!("{t}-o1"), "member_id": m, "total": 60000, "currency": "USD", "items": []}),
+        ),
+    ];
+    for (i, body) in steps.iter().enumerate() {
+        env.publish(std::slice::from_ref(body)).await;
+        wait_for(&format!("step {} applied", i + 1), || async {
+            (count(&app, "select count(*) from inbox").await == i as i64 + 1).then_some(())
+        })
+        .await;
+    }
+    let sent: Vec<(String, i64)> = wait_for("three messages sent", || async {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("select trigger, id from messages where status = 'sent' order by id")
+                .fetch_all(&app.pool)
+                .await
+                .unwrap();
+        (rows.len() == 3).then_some(rows)
+    })
+    .await;
+    let triggers: Vec<&str> = sent.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(triggers, ["welcome", "redemption-ready", "tier-up"]);
+    assert_eq!(balance(&app, m).await.0, 640);
+
+    let read = |trigger: &str, id: i64| {
+        std::fs::read_to_string(env.outbox.path().join(format!("{id}-{trigger}-email.json")))
+            .unwrap()
+    };
+    let ready: serde_json::Value =
+        serde_json::from_str(&read("redemption-ready", sent[1].1)).unwrap();
+    assert!(
+        ready["body"]
+            .as_str()
+            .unwrap()
+            .contains("you now have 640 points"),
+        "{ready}"
+    );
+    let tier: serde_json::Value = serde_json::from_str(&read("tier-up", sent[2].1)).unwrap();
+    assert_eq!(tier["subject"], "Welcome to Silver, Vera!");
+    assert!(
+        tier["body"]
+            .as_str()
+            .unwrap()
+            .contains("moved up from Bronze to Silver"),
+        "{tier}"
+    );
+    assert!(
+        tier["body"]
+            .as_str()
+            .unwrap()
+            .contains("- Free standard shipping"),
+        "{tier}"
+    );
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}

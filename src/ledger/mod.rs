@@ -270,12 +270,7 @@ pub async fn apply_batch(
                 entries,
                 order,
             } => {
-                let messages = triggers::plan(
-                    before.as_ref().map(|b| &b.member),
-                    event,
-                    &after.member,
-                    now,
-                );
+                let messages = triggers::plan(before.as_ref(), event, &after, program, now);
                 outcomes.push(Outcome::Applied {
                     planned: messages.len(),
                 });

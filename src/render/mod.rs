@@ -276,10 +276,82 @@ mod tests {
         Templates::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("templates")).unwrap()
     }
 
+    /// A sample of each trigger's context, as the triggers build it.
+    fn sample(trigger: Trigger) -> Value {
+        let rewards = json!([{"points": 100, "discount": 10}, {"points": 250, "discount": 30}]);
+        let mut context = match trigger {
+            Trigger::Welcome => {
+                json!({"member_id": "m1", "signup_bonus": 100, "balance": 100, "rewards": [{"points": 100, "discount": 10}]})
+            }
+            Trigger::RedemptionReady => {
+                json!({"balance": 260, "reward": {"points": 250, "discount": 30}, "rewards": rewards})
+            }
+            Trigger::TierUp => {
+                json!({"tier": "Silver", "previous_tier": "Bronze", "tier_points": 510, "benefits": ["Free shipping", "Early access"]})
+            }
+            _ => json!({}),
+        };
+        context["first_name"] = json!("Ada <script>");
+        context["shop_name"] = json!("Shop");
+        context
+    }
+
+    #[test]
+    fn every_template_renders_in_every_shipped_locale() {
+        let t = templates();
+        for trigger in [Trigger::Welcome, Trigger::RedemptionReady, Trigger::TierUp] {
+            assert!(t.has_trigger(trigger), "{trigger:?}");
+            for locale in ["en", "ko", "tr"] {
+                let context = sample(trigger);
+                let email = t
+                    .render_email(trigger, locale, &context)
+                    .unwrap_or_else(|e| panic!("{trigger:?}/{locale}: {e:#}"));
+                assert!(
+                    email.html.contains("Ada &lt;script&gt;") || !email.html.contains("Ada"),
+                    "{trigger:?}/{locale}: escaped"
+                );
+                assert!(!email.html.contains("<script>"), "{trigger:?}/{locale}");
+                assert!(
+                    email.html.starts_with("<!doctype html>"),
+                    "{trigger:?}/{locale}: layout"
+                );
+                assert!(
+                    !email.subject.is_empty() && !email.text.is_empty(),
+                    "{trigger:?}/{locale}"
+                );
+                let sms = t.render_sms(trigger, locale, &context).unwrap();
+                assert!(
+                    sms.contains("STOP"),
+                    "{trigger:?}/{locale}: SMS says how to opt out"
+                );
+            }
+        }
+        let tier = t
+            .render_email(Trigger::TierUp, "tr", &sample(Trigger::TierUp))
+            .unwrap();
+        assert!(
+            tier.text.contains("- Free shipping\n- Early access"),
+            "{}",
+            tier.text
+        );
+        let ready = t
+            .render_email(
+                Trigger::RedemptionReady,
+                "ko",
+                &sample(Trigger::RedemptionReady),
+            )
+            .unwrap();
+        assert!(
+            ready.text.contains("250포인트로 다음 주문 시 30 할인"),
+            "{}",
+            ready.text
+        );
+    }
+
     #[test]
     fn welcome_renders_in_every_shipped_locale() {
         let t = templates();
-        let context = json!({"first_name": "Ada <script>", "member_id": "m1", "shop_name": "Shop"});
+        let context = sample(Trigger::Welcome);
         for locale in ["en", "ko", "tr"] {
             let email = t.render_email(Trigger::Welcome, locale, &context).unwrap();
             assert!(!email.subject.is_empty(), "{locale}");

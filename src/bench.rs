@@ -56,6 +56,7 @@ impl Report {
 pub async fn run(
     mut settings: Settings,
     events: usize,
+    mix: bool,
     smtp: Option<SmtpUrl>,
     messages: usize,
 ) -> anyhow::Result<()> {
@@ -76,14 +77,25 @@ pub async fn run(
         "lifecycle bench: {events} enrolment events, {} consumers, prefetch {}, batches of up to {}",
         settings.ingest.consumers, settings.ingest.prefetch, settings.ingest.batch_size
     );
-    let bodies: Vec<String> = (0..events).map(|i| enrolment(&tag, i)).collect();
+    let bodies: Vec<String> = if mix {
+        println!(
+            "workload: a quarter enrolments, a quarter orders, an eighth each refunds, adjustments, cart updates, redemptions"
+        );
+        mixed(&tag, events)
+    } else {
+        (0..events).map(|i| enrolment(&tag, i)).collect()
+    };
+    let enrolments = bodies
+        .iter()
+        .filter(|b| b.contains("\"member.enrolled\""))
+        .count();
     let connection = ingest::connect(&settings.amqp_url, "lifecycle-bench").await?;
 
     let (publish_rate, ceiling_rate) = ceiling(&connection, &settings, &tag, &bodies).await?;
     println!("broker publish (confirms):      {publish_rate:>9.0} msg/s");
     println!("broker ceiling (consume + ack): {ceiling_rate:>9.0} msg/s");
 
-    let result = measure(&settings, &bodies, smtp, messages.min(events)).await;
+    let result = measure(&settings, &bodies, smtp, messages.min(enrolments)).await;
     cleanup(&connection, &settings).await;
     let (ingest_rate, dispatch) = result?;
     let report = Report {
@@ -161,6 +173,51 @@ async fn dispatch(settings: &Settings, messages: usize) -> anyhow::Result<f64> {
     worker.stop().await?;
     app.pool.close().await;
     Ok(messages as f64 / elapsed.as_secs_f64())
+}
+
+/// A mixed workload of about `events` events for `events / 4` members, in phases so that a
+/// member's events are far apart in the queue (as a shop's would be): enrolments, orders in
+/// four currencies, refunds of half of them, adjustments and cart updates, redemptions.
+fn mixed(tag: &str, events: usize) -> Vec<String> {
+    let members = (events / 4).max(1);
+    let body = |i: usize, kind: &str, data: serde_json::Value| {
+        serde_json::json!({"specversion": "1.0", "id": format!("{tag}-{kind}-{i}"), "source": "bench", "type": kind,
+            "time": "2026-11-22T10:00:00Z", "data": data})
+        .to_string()
+    };
+    let currencies = [
+        ("USD", 4_599),
+        ("EUR", 12_000),
+        ("KRW", 54_000),
+        ("TRY", 123_456),
+    ];
+    let mut out: Vec<String> = (0..members).map(|i| enrolment(tag, i)).collect();
+    for i in 0..members {
+        let (currency, total) = currencies[i % currencies.len()];
+        out.push(body(i, "order.placed", serde_json::json!({"order_id": format!("{tag}-o{i}"), "member_id": format!("{tag}-m{i}"),
+            "total": total, "currency": currency, "items": [{"sku": "SKU-1", "name": "Tea", "quantity": 1, "unit_price": total}]})));
+    }
+    for i in (0..members).step_by(2) {
+        let (currency, total) = currencies[i % currencies.len()];
+        out.push(body(i, "order.refunded", serde_json::json!({"order_id": format!("{tag}-o{i}"), "member_id": format!("{tag}-m{i}"),
+            "amount": total / 2, "currency": currency})));
+    }
+    for i in 0..members {
+        out.push(if i % 2 == 0 {
+            body(i, "points.adjusted", serde_json::json!({"member_id": format!("{tag}-m{i}"), "points": 25, "reason": "review"}))
+        } else {
+            body(i, "cart.updated", serde_json::json!({"cart_id": format!("{tag}-c{i}"), "member_id": format!("{tag}-m{i}"),
+                "items": [], "total": 1_000, "currency": "USD", "checkout_url": format!("https://shop.example/cart/{i}")}))
+        });
+    }
+    for i in (1..members).step_by(2) {
+        out.push(body(
+            i,
+            "points.redeemed",
+            serde_json::json!({"member_id": format!("{tag}-m{i}"), "points": 10}),
+        ));
+    }
+    out
 }
 
 /// A `member.enrolled` event with email consent, as a shop would send it.
@@ -313,13 +370,20 @@ async fn end_to_end(settings: &Settings, bodies: &[String]) -> anyhow::Result<f6
     }
     let elapsed = started.elapsed();
     worker.stop().await?;
-    let (inbox, planned): (i64, i64) =
-        sqlx::query_as("select (select count(*) from inbox), (select count(*) from messages)")
-            .fetch_one(&app.pool)
-            .await?;
-    if inbox as u64 != total || planned as u64 != total {
+    // Every event applied once, none refused, and a welcome planned per enrolment.
+    let (inbox, welcomes): (i64, i64) = sqlx::query_as(
+        "select (select count(*) from inbox), (select count(*) from messages where trigger = 'welcome')",
+    )
+    .fetch_one(&app.pool)
+    .await?;
+    let enrolments = bodies
+        .iter()
+        .filter(|b| b.contains("\"member.enrolled\""))
+        .count() as i64;
+    let dead = Metrics::get(&app.metrics.events_dead_lettered);
+    if inbox as u64 != total || welcomes != enrolments || dead > 0 {
         bail!(
-            "after ingest the inbox holds {inbox} events and the outbox {planned} messages, not {total}"
+            "after ingest: {inbox} of {total} events in the inbox, {welcomes} welcomes for {enrolments} enrolments, {dead} dead-lettered"
         );
     }
     app.pool.close().await;

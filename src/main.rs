@@ -47,6 +47,10 @@ enum Command {
         /// Events to publish.
         #[arg(long, default_value_t = 50_000)]
         events: usize,
+        /// A mix of event types (enrolments, orders, refunds, adjustments, carts, redemptions)
+        /// instead of enrolments only.
+        #[arg(long)]
+        mix: bool,
         /// Also measure dispatch to this SMTP server (e.g. smtp-sink), with and without TCP_NODELAY.
         #[arg(long)]
         smtp: Option<String>,
@@ -140,6 +144,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Demo { events } => lifecycle::demo::run(settings, &events).await,
         Command::Bench {
             events,
+            mix,
             smtp,
             messages,
         } => {
@@ -147,7 +152,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                 .map(|url| url.parse())
                 .transpose()
                 .map_err(|e: String| anyhow::anyhow!("--smtp: {e}"))?;
-            lifecycle::bench::run(settings, events, smtp, messages).await
+            lifecycle::bench::run(settings, events, mix, smtp, messages).await
         }
         Command::Templates {
             action: TemplatesAction::Check,

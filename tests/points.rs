@@ -311,3 +311,94 @@ async fn one_order_crosses_a_reward_and_a_tier_and_both_messages_go_out() {
     worker.stop().await.unwrap();
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_workers_on_one_queue_keep_every_ledger_exact() {
+    let env = TestEnv::new(&[("LIFECYCLE_INGEST__BATCH_SIZE", "20".into())]);
+    let first = env
+        .start(Roles {
+            ingest: true,
+            dispatch: false,
+        })
+        .await;
+    let second = env
+        .start(Roles {
+            ingest: true,
+            dispatch: false,
+        })
+        .await;
+    let app = first.app.clone();
+    let t = env.tag.clone();
+    let members = 40;
+    env.publish(
+        &(0..members)
+            .map(|m| {
+                enrolled(
+                    &format!("{t}-e{m}"),
+                    &format!("m{m}"),
+                    None,
+                    None,
+                    "en",
+                    "M",
+                    (false, false),
+                )
+            })
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    wait_for("every member enrolled", || async {
+        (count(&app, "select count(*) from members").await == members).then_some(())
+    })
+    .await;
+
+    // Interleave every member's orders, refunds and adjustments, and keep a model of balances.
+    let mut bodies = Vec::new();
+    let mut expected = vec![100_i64; members as usize];
+    for round in 0..6 {
+        for (m, model) in expected.iter_mut().enumerate() {
+            let total = 1_000 + 137 * (round * 7 + m as i64) % 9_000; // minor units of USD
+            let order = format!("{t}-o{m}-{round}");
+            bodies.push(event(format!("{t}-p{m}-{round}"), "order.placed", json!({"order_id": order, "member_id": format!("m{m}"), "total": total, "currency": "USD", "items": []})));
+            let earned = total / 100;
+            // Refund a third of every other order: floor(earned × refund / total) back.
+            if round % 2 == 0 {
+                let refund = total / 3;
+                bodies.push(event(format!("{t}-r{m}-{round}"), "order.refunded", json!({"order_id": order, "member_id": format!("m{m}"), "amount": refund, "currency": "USD"})));
+                *model -= earned * refund / total;
+            }
+            bodies.push(event(
+                format!("{t}-a{m}-{round}"),
+                "points.adjusted",
+                json!({"member_id": format!("m{m}"), "points": 5 + round, "reason": "review"}),
+            ));
+            *model += earned + 5 + round;
+        }
+    }
+    let total_events = members + bodies.len() as i64;
+    env.publish(&bodies).await;
+    wait_for("every event applied", || async {
+        (count(&app, "select count(*) from inbox").await == total_events).then_some(())
+    })
+    .await;
+
+    for (m, expected) in expected.iter().enumerate() {
+        let member = format!("m{m}");
+        assert_eq!(
+            balance(&app, &member).await.0,
+            *expected,
+            "balance of {member}"
+        );
+        assert_consistent(&app, &member).await;
+    }
+    assert!(env.take_dead_letters().await.is_empty(), "nothing refused");
+    let applied = |w: &lifecycle::app::Worker| {
+        lifecycle::metrics::Metrics::get(&w.app.metrics.events_applied)
+    };
+    assert!(
+        applied(&first) > 0 && applied(&second) > 0,
+        "both workers took part"
+    );
+    first.stop().await.unwrap();
+    second.stop().await.unwrap();
+    env.cleanup().await;
+}

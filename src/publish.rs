@@ -1,6 +1,8 @@
 //! Publishing with publisher confirms: events (the `publish` command, demo, benchmark, tests),
 //! dead letters and retries.
 
+use std::time::Duration;
+
 use anyhow::{Context, anyhow, bail};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -8,6 +10,10 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm
 
 /// Confirms awaited at once when publishing many events.
 const WINDOW: usize = 2_000;
+/// How long the broker may take to confirm a message. A confirm can stay pending forever when
+/// the connection is lost and recovered meanwhile; past this the caller treats the message as
+/// not stored (ingest then gives up the channel, and its deliveries come back).
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A channel in confirm mode.
 pub struct Publisher {
@@ -55,7 +61,15 @@ impl Publisher {
 
     /// Waits for a confirm and checks that the broker took the message and routed it.
     pub async fn confirmed(confirm: anyhow::Result<PublisherConfirm>) -> anyhow::Result<()> {
-        match confirm?.await? {
+        let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, confirm?)
+            .await
+            .map_err(|_| {
+                anyhow!(
+                    "the broker did not confirm within {} s",
+                    CONFIRM_TIMEOUT.as_secs()
+                )
+            })??;
+        match confirmation {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(returned)) => Err(anyhow!(
                 "the broker could not route the message ({})",

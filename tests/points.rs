@@ -2,8 +2,8 @@
 
 mod common;
 
-use common::{TestEnv, count, enrolled, wait_for};
-use lifecycle::app::{App, Roles};
+use common::{INGEST_ONLY, TestEnv, count, enrolled, publish_in_order, wait_for};
+use lifecycle::app::App;
 use serde_json::json;
 
 fn event(id: String, kind: &str, data: serde_json::Value) -> String {
@@ -48,12 +48,7 @@ async fn assert_consistent(app: &App, member: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn orders_earn_refunds_reverse_and_redemptions_spend() {
     let env = TestEnv::new(&[("LIFECYCLE_INGEST__MAX_RETRIES", "2".into())]);
-    let worker = env
-        .start(Roles {
-            ingest: true,
-            dispatch: false,
-        })
-        .await;
+    let worker = env.start(INGEST_ONLY).await;
     let app = worker.app.clone();
     let t = env.tag.clone();
     let m = "m-points";
@@ -123,20 +118,17 @@ async fn orders_earn_refunds_reverse_and_redemptions_spend() {
             50,
         ),
     ];
-    for (i, (body, expected)) in steps.iter().enumerate() {
-        env.publish(std::slice::from_ref(body)).await;
-        wait_for(&format!("step {} applied", i + 1), || async {
-            (count(&app, "select count(*) from inbox").await == i as i64 + 1).then_some(())
-        })
-        .await;
+    let bodies: Vec<String> = steps.iter().map(|(body, _)| body.clone()).collect();
+    publish_in_order(&env, &app, &bodies, async |i| {
         assert_eq!(
             balance(&app, m).await.0,
-            *expected,
+            steps[i].1,
             "balance after step {}",
             i + 1
         );
         assert_consistent(&app, m).await;
-    }
+    })
+    .await;
     assert_eq!(
         balance(&app, m).await.1,
         195,
@@ -181,12 +173,7 @@ async fn orders_earn_refunds_reverse_and_redemptions_spend() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refund_before_its_order_waits_for_it() {
     let env = TestEnv::new(&[]);
-    let worker = env
-        .start(Roles {
-            ingest: true,
-            dispatch: false,
-        })
-        .await;
+    let worker = env.start(INGEST_ONLY).await;
     let app = worker.app.clone();
     let t = env.tag.clone();
     let m = "m-early";
@@ -259,13 +246,7 @@ async fn one_order_crosses_a_reward_and_a_tier_and_both_messages_go_out() {
             json!({"order_id": format!("{t}-o1"), "member_id": m, "total": 60000, "currency": "USD", "items": []}),
         ),
     ];
-    for (i, body) in steps.iter().enumerate() {
-        env.publish(std::slice::from_ref(body)).await;
-        wait_for(&format!("step {} applied", i + 1), || async {
-            (count(&app, "select count(*) from inbox").await == i as i64 + 1).then_some(())
-        })
-        .await;
-    }
+    publish_in_order(&env, &app, &steps, async |_| {}).await;
     let sent: Vec<(String, i64)> = wait_for("three messages sent", || async {
         let rows: Vec<(String, i64)> =
             sqlx::query_as("select trigger, id from messages where status = 'sent' order by id")
@@ -315,18 +296,8 @@ async fn one_order_crosses_a_reward_and_a_tier_and_both_messages_go_out() {
 #[tokio::test(flavor = "multi_thread")]
 async fn two_workers_on_one_queue_keep_every_ledger_exact() {
     let env = TestEnv::new(&[("LIFECYCLE_INGEST__BATCH_SIZE", "20".into())]);
-    let first = env
-        .start(Roles {
-            ingest: true,
-            dispatch: false,
-        })
-        .await;
-    let second = env
-        .start(Roles {
-            ingest: true,
-            dispatch: false,
-        })
-        .await;
+    let first = env.start(INGEST_ONLY).await;
+    let second = env.start(INGEST_ONLY).await;
     let app = first.app.clone();
     let t = env.tag.clone();
     let members = 40;

@@ -27,15 +27,51 @@ fn events(env: &TestEnv) -> Vec<String> {
         .collect()
 }
 
-fn spawn_worker(env: &TestEnv) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_lifecycle"))
-        .arg("serve")
-        .envs(env.env_vars())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("starting lifecycle serve")
+/// A `lifecycle serve` child process, killed if the test ends without stopping it.
+struct Serve(Child);
+
+impl Serve {
+    fn start(env: &TestEnv) -> Serve {
+        let child = Command::new(env!("CARGO_BIN_EXE_lifecycle"))
+            .arg("serve")
+            .envs(env.env_vars())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting lifecycle serve");
+        Serve(child)
+    }
+
+    /// SIGKILL, as a crash would.
+    fn kill(&mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+
+    /// SIGTERM, then its exit status, within the test deadline.
+    async fn terminate(&mut self) -> std::process::ExitStatus {
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status()
+            .unwrap();
+        let child = &mut self.0;
+        wait_for("the worker to exit after SIGTERM", || {
+            let status = child.try_wait().unwrap();
+            async move { status }
+        })
+        .await
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            self.0.kill().ok();
+            self.0.wait().ok();
+        }
+    }
 }
 
 /// Every message planned, sent, and written exactly once per member.
@@ -81,28 +117,22 @@ async fn sigkill_mid_stream_then_restart_processes_every_event_once() {
     let app = env.app().await;
     env.publish(&events(&env)).await;
 
-    let mut first = spawn_worker(&env);
+    let mut first = Serve::start(&env);
     wait_for("ingest under way", || async {
         (count(&app, "select count(*) from inbox").await >= 300).then_some(())
     })
     .await;
-    first.kill().unwrap(); // SIGKILL
-    first.wait().unwrap();
+    first.kill();
     let applied_before_restart = count(&app, "select count(*) from inbox").await;
     assert!(
         applied_before_restart < EVENTS as i64,
         "killed mid-stream ({applied_before_restart} of {EVENTS} applied)"
     );
 
-    let mut second = spawn_worker(&env);
+    let mut second = Serve::start(&env);
     assert_everything_once(&env, &app).await;
     // SIGTERM: finish in-flight work and exit 0.
-    Command::new("kill")
-        .arg("-TERM")
-        .arg(second.id().to_string())
-        .status()
-        .unwrap();
-    let status = second.wait().unwrap();
+    let status = second.terminate().await;
     assert!(status.success(), "graceful shutdown exits 0, got {status}");
     env.cleanup().await;
 }

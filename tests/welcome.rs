@@ -2,8 +2,7 @@
 
 mod common;
 
-use common::{ALL_ROLES, SmtpSink, TestEnv, count, enrolled, parse_mail, wait_for};
-use lifecycle::app::Roles;
+use common::{ALL_ROLES, INGEST_ONLY, SmtpSink, TestEnv, count, enrolled, parse_mail, wait_for};
 use lifecycle::dispatch::{Dispatcher, Step};
 use lifecycle::render::Templates;
 
@@ -267,12 +266,7 @@ async fn no_consent_no_message_and_consent_withdrawn_before_sending_suppresses()
     let env = TestEnv::with_smtp(&sink);
     let t = &env.tag;
     // Ingest only, so the messages wait in the outbox while consent changes.
-    let worker = env
-        .start(Roles {
-            ingest: true,
-            dispatch: false,
-        })
-        .await;
+    let worker = env.start(INGEST_ONLY).await;
     let withdrawn = serde_json::json!({
         "specversion": "1.0", "id": format!("{t}-3"), "source": "test", "type": "member.updated",
         "data": {"member_id": "m-withdrawn", "consent": {"email": false}}

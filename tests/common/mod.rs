@@ -395,3 +395,28 @@ pub const ALL_ROLES: Roles = Roles {
     ingest: true,
     dispatch: true,
 };
+
+/// Consuming only: planned messages stay in the outbox.
+pub const INGEST_ONLY: Roles = Roles {
+    ingest: true,
+    dispatch: false,
+};
+
+/// Publishes the events one at a time, each applied (inbox grown by one) before the next, so
+/// they apply in order whatever the consumers do; `after` runs after each, with its index.
+pub async fn publish_in_order(
+    env: &TestEnv,
+    app: &App,
+    bodies: &[String],
+    mut after: impl AsyncFnMut(usize),
+) {
+    let start = count(app, "select count(*) from inbox").await;
+    for (i, body) in bodies.iter().enumerate() {
+        env.publish(std::slice::from_ref(body)).await;
+        wait_for(&format!("event {} applied", i + 1), || async {
+            (count(app, "select count(*) from inbox").await == start + i as i64 + 1).then_some(())
+        })
+        .await;
+        after(i).await;
+    }
+}

@@ -17,17 +17,18 @@ create table point_entries (
 );
 create index point_entries_member on point_entries (member_id, at);
 
--- Earned lots that still have points, the working state of FIFO spending and expiry. A
--- member's lots are rewritten whole (under the member's lock) when they change.
+-- Earned lots that still have points, the working state of FIFO spending and expiry (spent
+-- oldest first: by earned_at, then lot_id). A lot is updated as it is spent and deleted when
+-- nothing is left of it.
 create table point_lots (
     member_id  text not null,
-    -- position among the member's lots, oldest first
-    position   integer not null,
+    lot_id     bigint generated always as identity,
     earned_at  timestamptz not null,
     expires_at timestamptz not null,
     points     bigint not null,
     remaining  bigint not null check (remaining > 0),
-    primary key (member_id, position)
+    -- by member first: the one index serves loading a member's lots and finding one lot
+    primary key (member_id, lot_id)
 );
 create index point_lots_expiry on point_lots (expires_at);
 

@@ -246,7 +246,17 @@ pub async fn apply_batch(
         members: store::load_members(conn, &member_ids, program, now).await?,
         orders: store::load_orders(conn, &order_ids).await?,
     };
-    let existed: HashSet<MemberId> = state.members.keys().cloned().collect();
+    // Each stored lot's member and remaining points before the batch, to write only what changed.
+    let loaded: HashMap<i64, (MemberId, i64)> = state
+        .members
+        .iter()
+        .flat_map(|(id, m)| {
+            m.points
+                .lots
+                .iter()
+                .filter_map(move |l| Some((l.id?, (id.clone(), l.remaining))))
+        })
+        .collect();
 
     let mut outcomes = Vec::with_capacity(events.len());
     let mut settled: HashSet<&str> = HashSet::new();
@@ -295,14 +305,9 @@ pub async fn apply_batch(
         }
     }
 
-    let existed: Vec<&str> = changed
-        .iter()
-        .filter(|id| existed.contains(*id))
-        .map(MemberId::as_str)
-        .collect();
     let changed: Vec<&MemberState> = changed.iter().map(|id| &state.members[id]).collect();
     members::save(conn, &changed, now).await?;
-    store::save_points(conn, &changed, &existed, &journal).await?;
+    store::save_points(conn, &changed, &loaded, &journal).await?;
     store::save_orders(conn, &orders.into_values().collect::<Vec<_>>()).await?;
     release_inbox(conn, &not_applied).await?;
     insert_planned(conn, &planned).await?;

@@ -63,6 +63,8 @@ pub struct Entry {
 /// Points earned at one time, expiring together.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lot {
+    /// Its row in `point_lots`; `None` until it is stored.
+    pub id: Option<i64>,
     /// When it was earned.
     pub earned_at: DateTime<Utc>,
     /// When what is left of it lapses.
@@ -160,6 +162,7 @@ impl Points {
             return None;
         }
         let lot = Lot {
+            id: None,
             earned_at: at,
             expires_at: at + Months::new(expiry_months),
             points,

@@ -1,6 +1,6 @@
 //! Loading and saving points and orders: lots, the journal, order records.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Months, Utc};
 use sqlx::{PgConnection, Row};
@@ -42,8 +42,8 @@ pub(super) async fn load_members(
     let present: Vec<&str> = profiles.keys().map(MemberId::as_str).collect();
     let mut points: HashMap<String, Points> = HashMap::new();
     let lots = sqlx::query(
-        "select member_id, earned_at, expires_at, points, remaining from point_lots
-         where member_id = any($1) order by member_id, position",
+        "select lot_id, member_id, earned_at, expires_at, points, remaining from point_lots
+         where member_id = any($1) order by member_id, earned_at, lot_id",
     )
     .bind(&present)
     .fetch_all(&mut *conn)
@@ -54,6 +54,7 @@ pub(super) async fn load_members(
             .or_default()
             .lots
             .push(Lot {
+                id: Some(row.get("lot_id")),
                 earned_at: row.get("earned_at"),
                 expires_at: row.get("expires_at"),
                 points: row.get("points"),
@@ -86,53 +87,82 @@ pub(super) async fn load_members(
         .collect())
 }
 
-/// Rewrites the lots of the changed members (`existed`: those that had rows before the batch)
-/// and appends the journal.
+/// Writes what changed in the lots of the changed members (`loaded`: each stored lot's member
+/// and remaining points when the batch began) and appends the journal: new lots are inserted,
+/// spent ones updated, emptied or lapsed ones deleted.
 pub(super) async fn save_points(
     conn: &mut PgConnection,
     changed: &[&MemberState],
-    existed: &[&str],
+    loaded: &HashMap<i64, (MemberId, i64)>,
     journal: &[(MemberId, Entry, &str)],
 ) -> Result<(), sqlx::Error> {
-    if !existed.is_empty() {
-        sqlx::query("delete from point_lots where member_id = any($1)")
-            .bind(existed)
-            .execute(&mut *conn)
-            .await?;
-    }
-    if !changed.is_empty() {
-        let (mut members, mut positions, mut earned, mut expires, mut points, mut remaining) = (
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-        );
-        for m in changed {
-            for (i, lot) in m.points.lots.iter().enumerate() {
-                members.push(m.member.member_id.as_str());
-                positions.push(i as i32);
-                earned.push(lot.earned_at);
-                expires.push(lot.expires_at);
-                points.push(lot.points);
-                remaining.push(lot.remaining);
+    let mut kept: HashSet<i64> = HashSet::new();
+    let (mut updated_members, mut updated, mut updated_remaining) =
+        (Vec::new(), Vec::new(), Vec::new());
+    let (mut members, mut earned, mut expires, mut points, mut remaining) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for m in changed {
+        for lot in &m.points.lots {
+            match lot.id {
+                Some(id) => {
+                    kept.insert(id);
+                    if loaded.get(&id).map(|(_, remaining)| *remaining) != Some(lot.remaining) {
+                        updated_members.push(m.member.member_id.as_str());
+                        updated.push(id);
+                        updated_remaining.push(lot.remaining);
+                    }
+                }
+                None => {
+                    members.push(m.member.member_id.as_str());
+                    earned.push(lot.earned_at);
+                    expires.push(lot.expires_at);
+                    points.push(lot.points);
+                    remaining.push(lot.remaining);
+                }
             }
         }
-        if !members.is_empty() {
-            sqlx::query(
-                "insert into point_lots (member_id, position, earned_at, expires_at, points, remaining)
-                 select * from unnest($1::text[], $2::int[], $3::timestamptz[], $4::timestamptz[], $5::bigint[], $6::bigint[])",
-            )
-            .bind(&members)
-            .bind(&positions)
-            .bind(&earned)
-            .bind(&expires)
-            .bind(&points)
-            .bind(&remaining)
-            .execute(&mut *conn)
-            .await?;
-        }
+    }
+    // A stored lot of a changed member that is no longer among its lots was emptied or lapsed.
+    let changed_ids: HashSet<&MemberId> = changed.iter().map(|m| &m.member.member_id).collect();
+    let (gone_members, gone): (Vec<&str>, Vec<i64>) = loaded
+        .iter()
+        .filter(|(id, (member, _))| changed_ids.contains(member) && !kept.contains(*id))
+        .map(|(id, (member, _))| (member.as_str(), *id))
+        .unzip();
+    if !gone.is_empty() {
+        sqlx::query(
+            "delete from point_lots l using unnest($1::text[], $2::bigint[]) as g(member_id, lot_id)
+             where l.member_id = g.member_id and l.lot_id = g.lot_id",
+        )
+        .bind(&gone_members)
+        .bind(&gone)
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !updated.is_empty() {
+        sqlx::query(
+            "update point_lots l set remaining = u.remaining
+             from unnest($1::text[], $2::bigint[], $3::bigint[]) as u(member_id, lot_id, remaining)
+             where l.member_id = u.member_id and l.lot_id = u.lot_id",
+        )
+        .bind(&updated_members)
+        .bind(&updated)
+        .bind(&updated_remaining)
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !members.is_empty() {
+        sqlx::query(
+            "insert into point_lots (member_id, earned_at, expires_at, points, remaining)
+             select * from unnest($1::text[], $2::timestamptz[], $3::timestamptz[], $4::bigint[], $5::bigint[])",
+        )
+        .bind(&members)
+        .bind(&earned)
+        .bind(&expires)
+        .bind(&points)
+        .bind(&remaining)
+        .execute(&mut *conn)
+        .await?;
     }
     if journal.is_empty() {
         return Ok(());

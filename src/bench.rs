@@ -145,34 +145,53 @@ async fn measure(
 /// Runs dispatch alone until `messages` more messages were sent: messages/s.
 async fn dispatch(settings: &Settings, messages: usize) -> anyhow::Result<f64> {
     let app = App::open(settings.clone()).await?;
-    let started = Instant::now();
-    let worker = Worker::start(
-        app.clone(),
-        Roles {
-            ingest: false,
-            dispatch: true,
-        },
-    )
-    .await?;
-    let deadline = started + Duration::from_secs(300);
-    while (Metrics::get(&app.metrics.messages_sent) as usize) < messages {
-        let failed = Metrics::get(&app.metrics.messages_failed)
-            + Metrics::get(&app.metrics.messages_retried);
-        if failed > 0 || Instant::now() > deadline {
-            worker.stop().await.ok();
-            bail!(
-                "dispatch over SMTP: {} sent, {failed} failed or retried (is the server at {}:{} up?)",
-                Metrics::get(&app.metrics.messages_sent),
-                settings.smtp_url.host,
-                settings.smtp_url.port
-            );
+    let roles = Roles {
+        ingest: false,
+        dispatch: true,
+    };
+    let elapsed = time_worker(&app, roles, |m| {
+        let failed = Metrics::get(&m.messages_failed) + Metrics::get(&m.messages_retried);
+        if failed > 0 {
+            let (host, port) = (&settings.smtp_url.host, settings.smtp_url.port);
+            return Err(format!(
+                "{failed} messages failed or retried (is the server at {host}:{port} up?)"
+            ));
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        Ok(Metrics::get(&m.messages_sent) as usize >= messages)
+    })
+    .await
+    .context("dispatch over SMTP")?;
+    app.pool.close().await;
+    Ok(messages as f64 / elapsed.as_secs_f64())
+}
+
+/// Starts `roles` and polls the counters until `done` says the work is finished: the time it
+/// took. `done` returns an error to give up at once; after 300 s the run gives up anyway.
+async fn time_worker(
+    app: &App,
+    roles: Roles,
+    mut done: impl FnMut(&Metrics) -> Result<bool, String>,
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let worker = Worker::start(app.clone(), roles).await?;
+    let deadline = started + Duration::from_secs(300);
+    loop {
+        let verdict = match done(&app.metrics) {
+            Ok(false) if Instant::now() > deadline => Err("not finished in 300 s".to_owned()),
+            verdict => verdict,
+        };
+        match verdict {
+            Ok(true) => break,
+            Ok(false) => tokio::time::sleep(Duration::from_millis(5)).await,
+            Err(reason) => {
+                worker.stop().await.ok();
+                bail!("{reason}");
+            }
+        }
     }
     let elapsed = started.elapsed();
     worker.stop().await?;
-    app.pool.close().await;
-    Ok(messages as f64 / elapsed.as_secs_f64())
+    Ok(elapsed)
 }
 
 /// A mixed workload of about `events` events for `events / 4` members, in phases so that a
@@ -348,28 +367,22 @@ async fn end_to_end(settings: &Settings, bodies: &[String]) -> anyhow::Result<f6
     let app = App::open(settings.clone()).await?;
     crate::demo::publish(settings, bodies).await?;
     let total = bodies.len() as u64;
-    let started = Instant::now();
-    let worker = Worker::start(
-        app.clone(),
-        Roles {
-            ingest: true,
-            dispatch: false,
-        },
+    let roles = Roles {
+        ingest: true,
+        dispatch: false,
+    };
+    let elapsed = time_worker(
+        &app,
+        roles,
+        |m| Ok(Metrics::get(&m.events_applied) >= total),
     )
-    .await?;
-    let deadline = started + Duration::from_secs(300);
-    while Metrics::get(&app.metrics.events_applied) < total {
-        if Instant::now() > deadline {
-            worker.stop().await.ok();
-            bail!(
-                "ingest applied {} of {total} events in 300 s",
-                Metrics::get(&app.metrics.events_applied)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let elapsed = started.elapsed();
-    worker.stop().await?;
+    .await
+    .with_context(|| {
+        format!(
+            "ingest applied {} of {total} events",
+            Metrics::get(&app.metrics.events_applied)
+        )
+    })?;
     // Every event applied once, none refused, and a welcome planned per enrolment.
     let (inbox, welcomes): (i64, i64) = sqlx::query_as(
         "select (select count(*) from inbox), (select count(*) from messages where trigger = 'welcome')",

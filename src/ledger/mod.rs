@@ -285,6 +285,8 @@ pub async fn apply_batch(
                     planned: messages.len(),
                 });
                 let member_id = after.member.member_id.clone();
+                // `before` already has lapsed lots expired, so an expiry alone leaves it equal
+                // to `after` while the stored lots still need writing: the entries tell.
                 if before.as_ref() != Some(&after) || !entries.is_empty() {
                     changed.insert(member_id.clone());
                 }

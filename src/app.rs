@@ -14,6 +14,7 @@ use crate::dispatch::Dispatcher;
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::render::Templates;
+use crate::scheduler::Scheduler;
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
 
 /// What every part of the worker shares.
@@ -54,6 +55,8 @@ pub struct Roles {
     pub ingest: bool,
     /// Send messages.
     pub dispatch: bool,
+    /// Run the scheduled scans.
+    pub schedule: bool,
 }
 
 /// A running worker.
@@ -81,6 +84,10 @@ impl Worker {
             let dispatcher = Dispatcher::new(app.clone(), Arc::new(templates))?;
             tasks.push(("dispatch", tokio::spawn(dispatcher.run(shutdown.clone()))));
         }
+        if roles.schedule {
+            let scheduler = Scheduler::new(app.clone());
+            tasks.push(("scheduler", tokio::spawn(scheduler.run(shutdown.clone()))));
+        }
         if roles.ingest {
             let ingest = Ingest::new(app.clone());
             tasks.push(("ingest", tokio::spawn(ingest.run(shutdown.clone()))));
@@ -88,6 +95,7 @@ impl Worker {
         info!(
             ingest = roles.ingest,
             dispatch = roles.dispatch,
+            schedule = roles.schedule,
             "Worker started."
         );
         Ok(Worker {

@@ -148,6 +148,7 @@ async fn dispatch(settings: &Settings, messages: usize) -> anyhow::Result<f64> {
     let roles = Roles {
         ingest: false,
         dispatch: true,
+        schedule: false,
     };
     let elapsed = time_worker(&app, roles, |m| {
         let failed = Metrics::get(&m.messages_failed) + Metrics::get(&m.messages_retried);
@@ -370,6 +371,7 @@ async fn end_to_end(settings: &Settings, bodies: &[String]) -> anyhow::Result<f6
     let roles = Roles {
         ingest: true,
         dispatch: false,
+        schedule: false,
     };
     let elapsed = time_worker(
         &app,

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
+
+use crate::domain::quoted;
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 
@@ -81,6 +83,8 @@ pub struct Settings {
     pub ingest: IngestSettings,
     /// Sending messages.
     pub dispatch: DispatchSettings,
+    /// When the scheduled scans run.
+    pub scheduler: SchedulerSettings,
     /// The loyalty programme's rules.
     pub program: crate::program::Program,
 }
@@ -113,6 +117,7 @@ impl Default for Settings {
             templates_dir: "templates".into(),
             ingest: IngestSettings::default(),
             dispatch: DispatchSettings::default(),
+            scheduler: SchedulerSettings::default(),
             program: crate::program::Program::default(),
         }
     }
@@ -248,6 +253,90 @@ impl DispatchSettings {
     /// The time limit of one provider call.
     pub fn send_timeout(&self) -> Duration {
         Duration::from_millis(self.send_timeout_ms)
+    }
+}
+
+/// When the scheduled scans run: cron expressions (seconds field first, evaluated in UTC) and
+/// the lease that lets one replica run each scan.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerSettings {
+    /// Lapsed lots are expired (balances of members with no events fall too).
+    #[serde(deserialize_with = "parsed")]
+    pub expiry: Cron,
+    /// Points-expiring notices are planned.
+    #[serde(deserialize_with = "parsed")]
+    pub points_expiring: Cron,
+    /// Birthday messages (and bonuses) whose local send time has come are planned.
+    #[serde(deserialize_with = "parsed")]
+    pub birthday: Cron,
+    /// Carts left unchanged past `program.abandoned_cart_minutes` are planned.
+    #[serde(deserialize_with = "parsed")]
+    pub carts: Cron,
+    /// How long a replica may hold a scan before another may take it over, in seconds.
+    #[serde(deserialize_with = "parsed")]
+    pub lease_secs: u64,
+    /// Members or carts handled per transaction of a scan.
+    #[serde(deserialize_with = "parsed")]
+    pub batch_size: i64,
+}
+
+impl Default for SchedulerSettings {
+    fn default() -> Self {
+        Self {
+            expiry: parse_default("0 */10 * * * *"),
+            points_expiring: parse_default("0 0 * * * *"),
+            birthday: parse_default("0 */5 * * * *"),
+            carts: parse_default("0 * * * * *"),
+            lease_secs: 300,
+            batch_size: 500,
+        }
+    }
+}
+
+/// A cron expression of the `cron` crate: six or seven fields, seconds first
+/// (`0 */5 * * * *` is every five minutes).
+#[derive(Clone)]
+pub struct Cron {
+    source: String,
+    schedule: cron::Schedule,
+}
+
+impl Cron {
+    /// The first instant of the schedule strictly after `t`.
+    pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.schedule.after(&t).next()
+    }
+}
+
+impl FromStr for Cron {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let schedule = cron::Schedule::from_str(s.trim()).map_err(|e| {
+            format!(
+                "{} is not a cron expression with a seconds field first, like \"0 */5 * * * *\": {e}",
+                quoted(s)
+            )
+        })?;
+        if schedule.upcoming(Utc).next().is_none() {
+            return Err(format!("{} never fires again", quoted(s)));
+        }
+        Ok(Cron {
+            source: s.trim().to_owned(),
+            schedule,
+        })
+    }
+}
+
+impl fmt::Debug for Cron {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.source)
+    }
+}
+
+impl fmt::Display for Cron {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.source)
     }
 }
 
@@ -602,6 +691,11 @@ impl Settings {
             (
                 "dispatch.smtp_pool_size",
                 self.dispatch.smtp_pool_size as u64,
+            ),
+            ("scheduler.lease_secs", self.scheduler.lease_secs),
+            (
+                "scheduler.batch_size",
+                self.scheduler.batch_size.max(0) as u64,
             ),
             (
                 "dispatch.max_attempts",

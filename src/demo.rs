@@ -40,6 +40,7 @@ pub async fn run(mut settings: Settings, events: &Path) -> anyhow::Result<()> {
         Roles {
             ingest: true,
             dispatch: true,
+            schedule: true,
         },
     )
     .await?;

@@ -291,6 +291,13 @@ impl Birthday {
     pub fn year(&self) -> Option<i32> {
         self.year
     }
+
+    /// The day it is celebrated in `year`: itself, or 28 February for 29 February in a
+    /// common year.
+    pub fn celebrated_in(&self, year: i32) -> Option<NaiveDate> {
+        NaiveDate::from_ymd_opt(year, self.month, self.day)
+            .or_else(|| NaiveDate::from_ymd_opt(year, self.month, self.day - 1))
+    }
 }
 
 /// A member's consent per channel.

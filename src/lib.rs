@@ -30,5 +30,6 @@ pub mod metrics;
 pub mod program;
 pub mod publish;
 pub mod render;
+pub mod scheduler;
 pub mod shutdown;
 pub mod triggers;

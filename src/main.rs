@@ -28,6 +28,9 @@ enum Command {
         /// Do not send messages.
         #[arg(long)]
         no_dispatch: bool,
+        /// Do not run the scheduled scans (expiry, points-expiring, birthday, carts).
+        #[arg(long)]
+        no_schedule: bool,
     },
     /// Create the database if missing and apply migrations.
     Migrate,
@@ -111,6 +114,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Serve {
             no_ingest,
             no_dispatch,
+            no_schedule,
         } => {
             let app = App::open(settings).await?;
             let worker = Worker::start(
@@ -118,6 +122,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                 Roles {
                     ingest: !no_ingest,
                     dispatch: !no_dispatch,
+                    schedule: !no_schedule,
                 },
             )
             .await?;

@@ -21,6 +21,10 @@ pub struct Metrics {
     pub messages_failed: AtomicU64,
     /// Transient failures that will be retried.
     pub messages_retried: AtomicU64,
+    /// Scheduled scans this process ran (under the lease).
+    pub scans_run: AtomicU64,
+    /// Messages those scans planned (before outbox dedupe).
+    pub scan_messages: AtomicU64,
 }
 
 impl Metrics {

@@ -183,6 +183,12 @@ impl Program {
             "program.abandoned_cart_minutes must be at least 1"
         );
         self.birthday_time()?;
+        for days in &self.expiring_notice_days {
+            ensure!(
+                (1..=366).contains(days),
+                "program.expiring_notice_days: {days} is not between 1 and 366"
+            );
+        }
         for pair in self.expiring_notice_days.windows(2) {
             ensure!(
                 pair[0] > pair[1],

@@ -4,12 +4,15 @@
 //! argument. Each planned message carries a dedupe key (unique in the outbox), so planning the
 //! same occurrence twice is harmless.
 
-use chrono::{DateTime, Utc};
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, TimeZone as _, Utc};
+use chrono_tz::Tz;
 use serde_json::json;
 
 use crate::domain::Channel;
 use crate::event::{Event, EventKind};
-use crate::ledger::{Member, MemberState};
+use crate::ledger::{CartState, Member, MemberState};
 use crate::program::Program;
 
 /// The six lifecycle triggers of DESIGN.md.
@@ -234,6 +237,141 @@ pub fn tier_up(
     per_channel(Trigger::TierUp, &key, member, now, context)
 }
 
+/// The instant a local wall-clock reading happens in `tz`. In an autumn overlap (the reading
+/// happens twice) it is the first; in a spring gap (it never happens) it is the reading taken
+/// with the offset before the gap, so 02:30 on a night that jumps from 02:00 to 03:00 is 03:30.
+/// Either way every local date has exactly one such instant: a send neither skips nor doubles.
+pub fn local_instant(tz: Tz, date: NaiveDate, time: NaiveTime) -> DateTime<Utc> {
+    let local = date.and_time(time);
+    match tz.from_local_datetime(&local).earliest() {
+        Some(t) => t.with_timezone(&Utc),
+        None => {
+            // Gaps last at most a few hours; a day earlier is safely before this one.
+            let before = tz.offset_from_utc_datetime(&(local - chrono::Duration::days(1)));
+            let offset = chrono::Offset::fix(&before);
+            (local - offset).and_utc()
+        }
+    }
+}
+
+/// Points-expiring: what is left of the lots lapsing on each local date ahead. For every
+/// expiry date within a notice period, one message per notice: the nearest notice that
+/// applies (30 days ahead, then 7), so a worker back from an outage sends the 7-day notice
+/// rather than a late 30-day one. Dedupe key: member, expiry date, notice.
+///
+/// Context: `first_name`, `points` (expiring on that date), `expiry_date` (`YYYY-MM-DD` in the
+/// member's zone), `days_left`, `notice_days`, `balance`.
+pub fn points_expiring(state: &MemberState, program: &Program, now: DateTime<Utc>) -> Vec<Planned> {
+    let Some(&farthest) = program.expiring_notice_days.first() else {
+        return Vec::new();
+    };
+    let tz = state.member.timezone.tz();
+    let today = now.with_timezone(&tz).date_naive();
+    let mut by_date: BTreeMap<NaiveDate, i64> = BTreeMap::new();
+    for lot in state.points.lots.iter().filter(|l| l.expires_at > now) {
+        let date = lot.expires_at.with_timezone(&tz).date_naive();
+        if (date - today).num_days() <= i64::from(farthest) {
+            *by_date.entry(date).or_default() += lot.remaining;
+        }
+    }
+    let member = &state.member;
+    let balance = state.points.balance();
+    by_date
+        .into_iter()
+        .filter(|(_, points)| *points > 0)
+        .filter_map(|(date, points)| {
+            let days_left = (date - today).num_days();
+            let notice = program
+                .expiring_notice_days
+                .iter()
+                .rev()
+                .find(|n| days_left <= i64::from(**n))?;
+            let context = json!({
+                "first_name": member.first_name,
+                "points": points,
+                "expiry_date": date.to_string(),
+                "days_left": days_left,
+                "notice_days": notice,
+                "balance": balance,
+            });
+            let key = format!("{}:{date}:{notice}", member.member_id);
+            Some(per_channel(
+                Trigger::PointsExpiring,
+                &key,
+                member,
+                now,
+                context,
+            ))
+        })
+        .flatten()
+        .collect()
+}
+
+/// The year whose birthday is due for this member at `now`: it is the celebration day in the
+/// member's zone (29 February falls on 28 February in common years) and the send time
+/// (`program.birthday_time`, local) has come. A scan that runs late the same day still finds
+/// it due; the next day it does not.
+pub fn birthday_due(member: &Member, program: &Program, now: DateTime<Utc>) -> Option<i32> {
+    let birthday = member.birthday?;
+    let tz = member.timezone.tz();
+    let today = now.with_timezone(&tz).date_naive();
+    if birthday.celebrated_in(today.year())? != today {
+        return None;
+    }
+    let send_time = program
+        .birthday_time()
+        .unwrap_or(NaiveTime::from_hms_opt(9, 0, 0)?);
+    (now >= local_instant(tz, today, send_time)).then_some(today.year())
+}
+
+/// Birthday: fires when `birthday_due` says so, with the bonus (if any) already in `after`.
+/// Dedupe key: member, year.
+///
+/// Context: `first_name`, `bonus` (0 when the programme gives none), `balance`.
+pub fn birthday(
+    after: &MemberState,
+    year: i32,
+    program: &Program,
+    now: DateTime<Utc>,
+) -> Vec<Planned> {
+    let member = &after.member;
+    let context = json!({
+        "first_name": member.first_name,
+        "bonus": program.birthday_bonus,
+        "balance": after.points.balance(),
+    });
+    let key = format!("{}:{year}", member.member_id);
+    per_channel(Trigger::Birthday, &key, member, now, context)
+}
+
+/// Abandoned-cart: the cart is open, its timer (last update + the programme's delay) has run
+/// out, and no message was planned for this version of it. Dedupe key: cart, version.
+///
+/// Context: `first_name`, `cart_id`, `items` [{`sku`, `name`, `quantity`, `unit_price`}],
+/// `item_count`, `total_minor`, `currency`, `checkout_url`.
+pub fn abandoned_cart(cart: &CartState, member: &Member, now: DateTime<Utc>) -> Vec<Planned> {
+    if !cart.is_due(now) {
+        return Vec::new();
+    }
+    let item_count = cart.items.as_array().map_or(0, |items| {
+        items
+            .iter()
+            .map(|i| i["quantity"].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    });
+    let context = json!({
+        "first_name": member.first_name,
+        "cart_id": cart.cart_id,
+        "items": cart.items,
+        "item_count": item_count,
+        "total_minor": cart.total_minor,
+        "currency": cart.currency,
+        "checkout_url": cart.checkout_url,
+    });
+    let key = format!("{}:{}", cart.cart_id, cart.version);
+    per_channel(Trigger::AbandonedCart, &key, member, now, context)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,7 +379,6 @@ mod tests {
     use crate::event::{Adjustment, CartRef, Profile};
     use crate::ledger::points::{EntryKind, Points};
     use crate::program::Reward;
-    use chrono::TimeZone as _;
 
     fn now() -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 11, 22, 10, 0, 0).unwrap()
@@ -560,5 +697,293 @@ mod tests {
         for t in Trigger::ALL {
             assert_eq!(Trigger::parse(t.as_str()), Some(t));
         }
+    }
+
+    // ---- scheduled triggers ----
+
+    fn at(y: i32, m: u32, d: u32, h: u32, min: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(y, m, d, h, min, 0).unwrap()
+    }
+
+    fn in_zone(zone: &str, birthday: Option<&str>) -> Member {
+        Member {
+            timezone: TimeZone::parse(zone).unwrap(),
+            birthday: birthday.map(|b| crate::domain::Birthday::parse(b).unwrap()),
+            ..member(
+                true,
+                false,
+                Consent {
+                    email: true,
+                    sms: false,
+                },
+            )
+        }
+    }
+
+    /// A member in `zone` holding lots that expire at these instants with these points.
+    fn with_lots(zone: &str, lots: &[(DateTime<Utc>, i64)]) -> MemberState {
+        let mut points = Points::default();
+        for (expires_at, n) in lots {
+            points.lots.push(crate::ledger::points::Lot {
+                id: None,
+                earned_at: *expires_at - chrono::Months::new(12),
+                expires_at: *expires_at,
+                points: *n,
+                remaining: *n,
+            });
+        }
+        MemberState {
+            member: in_zone(zone, None),
+            points,
+        }
+    }
+
+    #[test]
+    fn points_expiring_sends_the_nearest_notice_that_applies() {
+        let now = at(2026, 11, 22, 10, 0);
+        let program = Program::default();
+        // (days until the lot expires, the notice expected)
+        let table: &[(i64, Option<u32>)] = &[
+            (31, None),
+            (30, Some(30)),
+            (8, Some(30)),
+            (7, Some(7)),
+            (1, Some(7)),
+            (0, Some(7)), // later today
+        ];
+        for (days, expected) in table {
+            let expires = now + chrono::Duration::days(*days) + chrono::Duration::hours(1);
+            let planned = points_expiring(&with_lots("UTC", &[(expires, 40)]), &program, now);
+            let notices: Vec<u64> = planned
+                .iter()
+                .map(|p| p.context["notice_days"].as_u64().unwrap())
+                .collect();
+            assert_eq!(
+                notices,
+                expected.map(u64::from).into_iter().collect::<Vec<_>>(),
+                "{days} days ahead"
+            );
+            for p in &planned {
+                assert_eq!(p.context["points"], 40);
+                assert_eq!(p.context["days_left"], *days);
+                let date = expires.date_naive();
+                assert_eq!(
+                    p.dedupe_key,
+                    format!("points-expiring:m1:{date}:{}:email", expected.unwrap())
+                );
+            }
+        }
+        // A lapsed lot is not announced.
+        let lapsed = with_lots("UTC", &[(now - chrono::Duration::minutes(1), 40)]);
+        assert!(points_expiring(&lapsed, &program, now).is_empty());
+    }
+
+    #[test]
+    fn points_expiring_groups_lots_by_the_members_local_date() {
+        let now = at(2026, 11, 22, 10, 0);
+        // 23:30 UTC on 12 December is 13 December in Seoul: two lots, one local date there.
+        let lots = [
+            (at(2026, 12, 12, 23, 30), 30),
+            (at(2026, 12, 13, 5, 0), 12),
+            (at(2027, 3, 1, 0, 0), 99), // too far ahead
+        ];
+        let seoul = points_expiring(&with_lots("Asia/Seoul", &lots), &Program::default(), now);
+        assert_eq!(seoul.len(), 1);
+        assert_eq!(seoul[0].context["expiry_date"], "2026-12-13");
+        assert_eq!(seoul[0].context["points"], 42);
+        // In UTC they are two dates, so two messages.
+        let utc = points_expiring(&with_lots("UTC", &lots), &Program::default(), now);
+        let dates: Vec<&str> = utc
+            .iter()
+            .map(|p| p.context["expiry_date"].as_str().unwrap())
+            .collect();
+        assert_eq!(dates, ["2026-12-12", "2026-12-13"]);
+    }
+
+    #[test]
+    fn birthdays_fire_at_nine_local_time_on_the_day() {
+        let program = Program::default();
+        // (zone, birthday, now, due year)
+        let table: &[(&str, &str, DateTime<Utc>, Option<i32>)] = &[
+            ("UTC", "11-22", at(2026, 11, 22, 8, 59), None),
+            ("UTC", "11-22", at(2026, 11, 22, 9, 0), Some(2026)),
+            // A scan that runs late the same day still sends.
+            ("UTC", "11-22", at(2026, 11, 22, 23, 59), Some(2026)),
+            ("UTC", "11-22", at(2026, 11, 23, 9, 0), None),
+            ("UTC", "1990-11-22", at(2026, 11, 22, 9, 0), Some(2026)),
+            // East of UTC: 09:00 on 23 November in Auckland (UTC+13) is 20:00 on the 22nd UTC.
+            ("Pacific/Auckland", "11-23", at(2026, 11, 22, 19, 59), None),
+            (
+                "Pacific/Auckland",
+                "11-23",
+                at(2026, 11, 22, 20, 0),
+                Some(2026),
+            ),
+            ("Pacific/Auckland", "11-22", at(2026, 11, 22, 20, 0), None),
+            // West of UTC: Los Angeles (UTC−8) is still on the 22nd at 02:00 UTC on the 23rd.
+            (
+                "America/Los_Angeles",
+                "11-22",
+                at(2026, 11, 22, 16, 59),
+                None,
+            ),
+            (
+                "America/Los_Angeles",
+                "11-22",
+                at(2026, 11, 22, 17, 0),
+                Some(2026),
+            ),
+            (
+                "America/Los_Angeles",
+                "11-22",
+                at(2026, 11, 23, 2, 0),
+                Some(2026),
+            ),
+            ("America/Los_Angeles", "11-22", at(2026, 11, 23, 8, 0), None),
+            // 29 February: on 28 February in common years, on the day in leap years.
+            ("UTC", "02-29", at(2027, 2, 28, 9, 0), Some(2027)),
+            ("UTC", "02-29", at(2027, 3, 1, 9, 0), None),
+            ("UTC", "2000-02-29", at(2028, 2, 28, 9, 0), None),
+            ("UTC", "2000-02-29", at(2028, 2, 29, 9, 0), Some(2028)),
+            // DST starts in New York on 8 March 2026: 09:00 is EDT (UTC−4), 13:00 UTC.
+            ("America/New_York", "03-08", at(2026, 3, 8, 12, 59), None),
+            (
+                "America/New_York",
+                "03-08",
+                at(2026, 3, 8, 13, 0),
+                Some(2026),
+            ),
+            // DST ends on 1 November 2026: 09:00 is EST (UTC−5), 14:00 UTC.
+            ("America/New_York", "11-01", at(2026, 11, 1, 13, 59), None),
+            (
+                "America/New_York",
+                "11-01",
+                at(2026, 11, 1, 14, 0),
+                Some(2026),
+            ),
+        ];
+        for (zone, birthday, now, expected) in table {
+            let m = in_zone(zone, Some(birthday));
+            assert_eq!(
+                birthday_due(&m, &program, *now),
+                *expected,
+                "{zone} {birthday} at {now}"
+            );
+        }
+        assert_eq!(
+            birthday_due(&in_zone("UTC", None), &program, at(2026, 11, 22, 9, 0)),
+            None
+        );
+    }
+
+    #[test]
+    fn a_send_time_in_a_dst_gap_or_overlap_happens_exactly_once() {
+        let ny: Tz = "America/New_York".parse().unwrap();
+        let date = |m, d| NaiveDate::from_ymd_opt(2026, m, d).unwrap();
+        let time = |h, m| NaiveTime::from_hms_opt(h, m, 0).unwrap();
+        // 02:30 never happens on 8 March (02:00 EST jumps to 03:00 EDT): it is taken as 03:30
+        // EDT, 07:30 UTC.
+        assert_eq!(
+            local_instant(ny, date(3, 8), time(2, 30)),
+            at(2026, 3, 8, 7, 30)
+        );
+        // 01:30 happens twice on 1 November (EDT, then EST): the first, 05:30 UTC.
+        assert_eq!(
+            local_instant(ny, date(11, 1), time(1, 30)),
+            at(2026, 11, 1, 5, 30)
+        );
+        // So a birthday sent at 02:30 on the day DST starts is due once from 07:30 UTC on,
+        // and one sent at 01:30 on the day it ends is due once from 05:30 UTC on, its
+        // dedupe key (member, year) covering the whole day.
+        let program = Program {
+            birthday_time: "02:30".into(),
+            ..Program::default()
+        };
+        let m = in_zone("America/New_York", Some("03-08"));
+        assert_eq!(birthday_due(&m, &program, at(2026, 3, 8, 7, 29)), None);
+        assert_eq!(
+            birthday_due(&m, &program, at(2026, 3, 8, 7, 30)),
+            Some(2026)
+        );
+        let program = Program {
+            birthday_time: "01:30".into(),
+            ..Program::default()
+        };
+        let m = in_zone("America/New_York", Some("11-01"));
+        assert_eq!(birthday_due(&m, &program, at(2026, 11, 1, 5, 29)), None);
+        assert_eq!(
+            birthday_due(&m, &program, at(2026, 11, 1, 5, 30)),
+            Some(2026)
+        );
+        assert_eq!(
+            birthday_due(&m, &program, at(2026, 11, 1, 6, 30)),
+            Some(2026)
+        );
+    }
+
+    #[test]
+    fn birthday_message_carries_the_bonus_and_its_key_is_member_and_year() {
+        let program = Program {
+            birthday_bonus: 50,
+            ..Program::default()
+        };
+        let state = MemberState {
+            member: in_zone("UTC", Some("11-22")),
+            points: Points::default(),
+        };
+        let planned = birthday(&state, 2026, &program, now());
+        assert_eq!(keys(planned.clone()), ["birthday:m1:2026:email"]);
+        assert_eq!(planned[0].context["bonus"], 50);
+    }
+
+    #[test]
+    fn abandoned_cart_fires_once_per_version_after_the_delay() {
+        let delay = chrono::Duration::hours(1);
+        let cart = |version, open, notified: Option<i32>| CartState {
+            cart_id: "c1".into(),
+            member_id: MemberId::parse("m1").unwrap(),
+            version,
+            open,
+            changed_at: now(),
+            due_at: open.then_some(now() + delay),
+            notified_version: notified,
+            items: json!([{"sku": "s", "name": "Mug", "quantity": 2, "unit_price": 900}]),
+            total_minor: 1_800,
+            currency: "USD".into(),
+            checkout_url: "https://shop.example/c1".into(),
+        };
+        let m = in_zone("UTC", None);
+        let later = now() + delay;
+        // (cart, at, expected keys)
+        let table: Vec<(CartState, DateTime<Utc>, Vec<&str>)> = vec![
+            (
+                cart(1, true, None),
+                later - chrono::Duration::seconds(1),
+                vec![],
+            ),
+            (
+                cart(1, true, None),
+                later,
+                vec!["abandoned-cart:c1:1:email"],
+            ),
+            (cart(1, true, Some(1)), later, vec![]),
+            // Re-armed by a later update: the new version fires.
+            (
+                cart(2, true, Some(1)),
+                later,
+                vec!["abandoned-cart:c1:2:email"],
+            ),
+            // Checked out.
+            (cart(2, false, Some(1)), later, vec![]),
+        ];
+        for (c, at, expected) in table {
+            assert_eq!(keys(abandoned_cart(&c, &m, at)), expected, "{c:?} at {at}");
+        }
+        let planned = abandoned_cart(&cart(1, true, None), &m, later);
+        assert_eq!(planned[0].context["item_count"], 2);
+        assert_eq!(
+            planned[0].context["checkout_url"],
+            "https://shop.example/c1"
+        );
     }
 }

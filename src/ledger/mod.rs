@@ -7,6 +7,7 @@
 //! changed members, lots, journal entries, orders and planned messages with one statement
 //! each. The caller commits, then acks.
 
+pub(crate) mod carts;
 mod members;
 pub mod points;
 mod store;
@@ -16,6 +17,7 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
+pub use carts::CartState;
 pub use members::Member;
 pub use store::OrderRecord;
 
@@ -54,6 +56,7 @@ pub struct MemberState {
 struct State {
     members: HashMap<MemberId, MemberState>,
     orders: HashMap<String, OrderRecord>,
+    carts: HashMap<String, CartState>,
 }
 
 /// The verdict of applying one event in memory (returned once and matched at once, so the
@@ -68,6 +71,8 @@ enum Verdict {
         entries: Vec<Entry>,
         /// The order the event created or changed.
         order: Option<OrderRecord>,
+        /// The cart the event changed.
+        cart: Option<CartState>,
     },
     Deferred(String),
     Rejected(String),
@@ -87,6 +92,9 @@ fn apply(state: &mut State, event: &Event, program: &Program, now: DateTime<Utc>
         m
     });
     let mut order = None;
+    let mut cart = None;
+    // Carts order their events by when they happened (never later than now).
+    let happened = event.time.map_or(now, |t| t.min(now));
     let after = match (&event.kind, &before) {
         (EventKind::MemberEnrolled(profile), Some(before)) => {
             // A second enrolment updates the profile; the bonus was given once.
@@ -137,6 +145,14 @@ fn apply(state: &mut State, event: &Event, program: &Program, now: DateTime<Utc>
                     cart_id: placed.cart_id.as_ref().map(ToString::to_string),
                     placed_at: now,
                 });
+            }
+            // The order checks its cart out. A cart id of another member's cart is the
+            // platform's mistake; the order still earns, the cart is left alone.
+            if let Some(cart_id) = &placed.cart_id {
+                let existing = state.carts.get(cart_id.as_str());
+                cart = CartState::closed(existing, cart_id.as_str(), member_id, happened)
+                    .ok()
+                    .flatten();
             }
             after
         }
@@ -204,9 +220,27 @@ fn apply(state: &mut State, event: &Event, program: &Program, now: DateTime<Utc>
             }
             after
         }
-        // Carts reach the ledger with the abandoned-cart trigger; until then they are recorded.
-        (EventKind::CartUpdated(_) | EventKind::CartCheckedOut(_), Some(before)) => before.clone(),
+        (EventKind::CartUpdated(update), Some(before)) => {
+            let existing = state.carts.get(update.cart_id.as_str());
+            let delay = chrono::Duration::minutes(i64::from(program.abandoned_cart_minutes));
+            match CartState::updated(existing, update, happened, delay) {
+                Ok(changed) => cart = changed,
+                Err(reason) => return Verdict::Rejected(reason),
+            }
+            before.clone()
+        }
+        (EventKind::CartCheckedOut(checkout), Some(before)) => {
+            let existing = state.carts.get(checkout.cart_id.as_str());
+            match CartState::closed(existing, checkout.cart_id.as_str(), member_id, happened) {
+                Ok(changed) => cart = changed,
+                Err(reason) => return Verdict::Rejected(reason),
+            }
+            before.clone()
+        }
     };
+    if let Some(cart) = &cart {
+        state.carts.insert(cart.cart_id.clone(), cart.clone());
+    }
     if let Some(order) = &order {
         state.orders.insert(order.order_id.clone(), order.clone());
     }
@@ -216,6 +250,7 @@ fn apply(state: &mut State, event: &Event, program: &Program, now: DateTime<Utc>
         after,
         entries,
         order,
+        cart,
     }
 }
 
@@ -242,9 +277,19 @@ pub async fn apply_batch(
             _ => None,
         })
         .collect();
+    let cart_ids: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::OrderPlaced(o) => o.cart_id.as_ref().map(|c| c.as_str()),
+            EventKind::CartUpdated(c) => Some(c.cart_id.as_str()),
+            EventKind::CartCheckedOut(c) => Some(c.cart_id.as_str()),
+            _ => None,
+        })
+        .collect();
     let mut state = State {
         members: store::load_members(conn, &member_ids, program, now).await?,
         orders: store::load_orders(conn, &order_ids).await?,
+        carts: carts::load(conn, &cart_ids).await?,
     };
     // Each stored lot's member and remaining points before the batch, to write only what changed.
     let loaded: HashMap<i64, (MemberId, i64)> = state
@@ -265,6 +310,8 @@ pub async fn apply_batch(
     let mut journal: Vec<(MemberId, Entry, &str)> = Vec::new();
     let mut orders: HashMap<String, OrderRecord> = HashMap::new();
     let mut planned: Vec<(MemberId, Planned)> = Vec::new();
+    let mut carts_changed: HashSet<String> = HashSet::new();
+    let mut cancelled: Vec<String> = Vec::new();
     for event in events {
         let id = event.id.as_str();
         // Applied before this batch, or earlier in it (a copy deferred here travels on as
@@ -279,6 +326,7 @@ pub async fn apply_batch(
                 after,
                 entries,
                 order,
+                cart,
             } => {
                 let messages = triggers::plan(before.as_ref(), event, &after, program, now);
                 outcomes.push(Outcome::Applied {
@@ -293,6 +341,11 @@ pub async fn apply_batch(
                 journal.extend(entries.into_iter().map(|e| (member_id.clone(), e, id)));
                 if let Some(order) = order {
                     orders.insert(order.order_id.clone(), order);
+                }
+                if let Some(cart) = cart {
+                    // A message planned for the cart as it was must not go now.
+                    cancelled.extend(cart.planned_keys());
+                    carts_changed.insert(cart.cart_id);
                 }
                 planned.extend(messages.into_iter().map(|p| (member_id.clone(), p)));
             }
@@ -311,6 +364,9 @@ pub async fn apply_batch(
     members::save(conn, &changed, now).await?;
     store::save_points(conn, &changed, &loaded, &journal).await?;
     store::save_orders(conn, &orders.into_values().collect::<Vec<_>>()).await?;
+    let carts: Vec<&CartState> = carts_changed.iter().map(|id| &state.carts[id]).collect();
+    carts::save(conn, &carts).await?;
+    carts::cancel_pending(conn, &cancelled).await?;
     release_inbox(conn, &not_applied).await?;
     insert_planned(conn, &planned).await?;
     Ok(outcomes)
@@ -388,4 +444,145 @@ async fn insert_planned(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// What a scheduled scan does to one member, decided by a pure function of the member.
+#[derive(Debug, Default)]
+pub struct ScanChange {
+    /// Recorded as the journal entries' cause.
+    pub cause: String,
+    /// An inbox key claimed with the change: a change whose key was claimed before (by an
+    /// earlier run, or a replica running the same scan) is not applied again.
+    pub once: Option<String>,
+    /// Journal entries (the change to `after`'s points made them).
+    pub entries: Vec<Entry>,
+    /// Messages to plan.
+    pub planned: Vec<Planned>,
+}
+
+/// Runs a scan's change over members inside the caller's transaction: under each member's
+/// lock, lapsed lots are expired first, then `change` may change the member further and plan
+/// messages. Changed members, journal entries and messages are written as an event batch's
+/// are. Returns the number of messages planned (before outbox dedupe).
+pub async fn update_members<F>(
+    conn: &mut PgConnection,
+    ids: &[&str],
+    program: &Program,
+    now: DateTime<Utc>,
+    mut change: F,
+) -> Result<usize, sqlx::Error>
+where
+    F: FnMut(&mut MemberState) -> Option<ScanChange>,
+{
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    members::lock(conn, &ids).await?;
+    let loaded_members = store::load_members(conn, &ids, program, now).await?;
+    let loaded: HashMap<i64, (MemberId, i64)> = loaded_members
+        .iter()
+        .flat_map(|(id, m)| {
+            m.points
+                .lots
+                .iter()
+                .filter_map(move |l| Some((l.id?, (id.clone(), l.remaining))))
+        })
+        .collect();
+
+    // Expire, then decide each member's change on a copy.
+    let mut expired = Vec::with_capacity(loaded_members.len());
+    for (id, mut state) in loaded_members {
+        let entries = state.points.expire(now, program.tier_window_months);
+        let mut changed = state.clone();
+        let decided = change(&mut changed);
+        expired.push((id, state, entries, changed, decided));
+    }
+    let once: Vec<&str> = expired
+        .iter()
+        .filter_map(|(.., decided)| decided.as_ref()?.once.as_deref())
+        .collect();
+    let fresh: HashSet<String> = if once.is_empty() {
+        HashSet::new()
+    } else {
+        sqlx::query_scalar(
+            "insert into inbox (event_id, event_type) select k, 'scan' from unnest($1::text[]) as k
+             on conflict (event_id) do nothing returning event_id",
+        )
+        .bind(&once)
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .collect()
+    };
+
+    let mut journal: Vec<(MemberId, Entry, String)> = Vec::new();
+    let mut planned: Vec<(MemberId, Planned)> = Vec::new();
+    let mut saved: Vec<MemberState> = Vec::new();
+    for (id, base, entries, changed, decided) in expired {
+        let expiry = !entries.is_empty();
+        journal.extend(
+            entries
+                .into_iter()
+                .map(|e| (id.clone(), e, "expiry".to_owned())),
+        );
+        let applies = decided.filter(|d| d.once.as_ref().is_none_or(|k| fresh.contains(k)));
+        match applies {
+            Some(d) => {
+                let touched = !d.entries.is_empty();
+                journal.extend(
+                    d.entries
+                        .into_iter()
+                        .map(|e| (id.clone(), e, d.cause.clone())),
+                );
+                planned.extend(d.planned.into_iter().map(|p| (id.clone(), p)));
+                if expiry || touched {
+                    saved.push(changed);
+                }
+            }
+            None if expiry => saved.push(base),
+            None => {}
+        }
+    }
+    let saved_refs: Vec<&MemberState> = saved.iter().collect();
+    members::save(conn, &saved_refs, now).await?;
+    let journal_refs: Vec<(MemberId, Entry, &str)> = journal
+        .iter()
+        .map(|(m, e, c)| (m.clone(), e.clone(), c.as_str()))
+        .collect();
+    store::save_points(conn, &saved_refs, &loaded, &journal_refs).await?;
+    insert_planned(conn, &planned).await?;
+    Ok(planned.len())
+}
+
+/// Plans the abandoned-cart message of each due cart inside the caller's transaction, under
+/// its member's lock (re-reading the carts, which an event may have changed meanwhile), and
+/// marks the version notified. A cart whose member cannot be reached is marked too, so the
+/// scan does not find it again. Returns the number of messages planned.
+pub async fn abandon_carts(
+    conn: &mut PgConnection,
+    due: &[CartState],
+    now: DateTime<Utc>,
+) -> Result<usize, sqlx::Error> {
+    let mut member_ids: Vec<&str> = due.iter().map(|c| c.member_id.as_str()).collect();
+    member_ids.sort_unstable();
+    member_ids.dedup();
+    members::lock(conn, &member_ids).await?;
+    let cart_ids: Vec<&str> = due.iter().map(|c| c.cart_id.as_str()).collect();
+    let current = carts::load(conn, &cart_ids).await?;
+    let profiles = members::load(conn, &member_ids).await?;
+    let mut marked = Vec::new();
+    let mut planned = Vec::new();
+    for cart in current.into_values().filter(|c| c.is_due(now)) {
+        if let Some((member, _)) = profiles.get(&cart.member_id) {
+            let messages = triggers::abandoned_cart(&cart, member, now);
+            planned.extend(messages.into_iter().map(|p| (cart.member_id.clone(), p)));
+        }
+        marked.push(CartState {
+            notified_version: Some(cart.version),
+            ..cart
+        });
+    }
+    carts::save(conn, &marked.iter().collect::<Vec<_>>()).await?;
+    insert_planned(conn, &planned).await?;
+    Ok(planned.len())
 }

@@ -289,7 +289,16 @@ mod tests {
             Trigger::TierUp => {
                 json!({"tier": "Silver", "previous_tier": "Bronze", "tier_points": 510, "benefits": ["Free shipping", "Early access"]})
             }
-            _ => json!({}),
+            Trigger::PointsExpiring => {
+                json!({"points": 40, "expiry_date": "2026-12-22", "days_left": 30, "notice_days": 30, "balance": 140})
+            }
+            Trigger::Birthday => json!({"bonus": 50, "balance": 150}),
+            Trigger::AbandonedCart => json!({
+                "cart_id": "c1", "item_count": 3, "total_minor": 3_600, "currency": "USD",
+                "items": [{"sku": "m", "name": "Mug <b>", "quantity": 2, "unit_price": 900},
+                          {"sku": "t", "name": "Tea", "quantity": 1, "unit_price": 1_800}],
+                "checkout_url": "https://shop.example/cart/c1?a=1&b=2",
+            }),
         };
         context["first_name"] = json!("Ada <script>");
         context["shop_name"] = json!("Shop");
@@ -297,9 +306,32 @@ mod tests {
     }
 
     #[test]
+    fn cart_contents_are_escaped_in_html_and_plain_in_text() {
+        let t = templates();
+        let cart = sample(Trigger::AbandonedCart);
+        let email = t.render_email(Trigger::AbandonedCart, "tr", &cart).unwrap();
+        assert!(email.html.contains("2 × Mug &lt;b&gt;"), "{}", email.html);
+        assert!(
+            email
+                .html
+                .contains(r#"href="https://shop.example/cart/c1?a&#x3D;1&amp;b&#x3D;2""#)
+        );
+        assert!(
+            email.text.contains("- 2 × Mug <b>\n- 1 × Tea"),
+            "{}",
+            email.text
+        );
+        let sms = t.render_sms(Trigger::AbandonedCart, "ko", &cart).unwrap();
+        assert!(
+            sms.contains("https://shop.example/cart/c1?a=1&b=2"),
+            "{sms}"
+        );
+    }
+
+    #[test]
     fn every_template_renders_in_every_shipped_locale() {
         let t = templates();
-        for trigger in [Trigger::Welcome, Trigger::RedemptionReady, Trigger::TierUp] {
+        for trigger in Trigger::ALL {
             assert!(t.has_trigger(trigger), "{trigger:?}");
             for locale in ["en", "ko", "tr"] {
                 let context = sample(trigger);

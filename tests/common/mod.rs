@@ -394,12 +394,21 @@ pub fn parse_mail(raw: &[u8]) -> Mail {
 pub const ALL_ROLES: Roles = Roles {
     ingest: true,
     dispatch: true,
+    schedule: false,
+};
+
+/// Every role, the scheduler too.
+pub const WITH_SCHEDULER: Roles = Roles {
+    ingest: true,
+    dispatch: true,
+    schedule: true,
 };
 
 /// Consuming only: planned messages stay in the outbox.
 pub const INGEST_ONLY: Roles = Roles {
     ingest: true,
     dispatch: false,
+    schedule: false,
 };
 
 /// Publishes the events one at a time, each applied (inbox grown by one) before the next, so

@@ -586,3 +586,236 @@ pub async fn abandon_carts(
     insert_planned(conn, &planned).await?;
     Ok(planned.len())
 }
+
+/// The ledger and its triggers against a model written independently of them: random
+/// sequences of orders, refunds, adjustments, redemptions and clock advances.
+#[cfg(test)]
+mod model {
+    use std::collections::BTreeSet;
+
+    use chrono::{Duration, Months, TimeZone};
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::domain::{
+        Consent, Currency, Email, EventId, Locale, Money, RecordId, TimeZone as Zone,
+    };
+    use crate::event::{Adjustment, Order, Profile, Redemption, Refund};
+    use crate::program::Reward;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Order { total_minor: i64 },
+        Refund { order: usize, minor: i64 },
+        Adjust { points: i64 },
+        Redeem { points: i64 },
+        Advance { days: i64 },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (1..60_000_i64).prop_map(|total_minor| Op::Order { total_minor }),
+            1 => (0..8_usize, 1..40_000_i64).prop_map(|(order, minor)| Op::Refund { order, minor }),
+            1 => (-200..300_i64).prop_map(|points| Op::Adjust { points }),
+            1 => (1..300_i64).prop_map(|points| Op::Redeem { points }),
+            2 => (1..120_i64).prop_map(|days| Op::Advance { days }),
+        ]
+    }
+
+    /// The model: plain lists, recomputed from scratch; 1 point per dollar, lots lapse after
+    /// 12 months, rewards at 100/250/500, tiers at 0/500/1500 over 12 months.
+    #[derive(Default)]
+    struct Model {
+        /// (earned at, remaining), in earning order.
+        lots: Vec<(DateTime<Utc>, i64)>,
+        /// (total, earned, refunded, reversed)
+        orders: Vec<(i64, i64, i64, i64)>,
+        qualifying: Vec<(DateTime<Utc>, i64)>,
+    }
+
+    impl Model {
+        fn expire(&mut self, now: DateTime<Utc>) {
+            self.lots.retain(|(at, _)| *at + Months::new(12) > now);
+        }
+        fn balance(&self) -> i64 {
+            self.lots.iter().map(|(_, n)| n).sum()
+        }
+        fn take(&mut self, mut n: i64) {
+            for lot in &mut self.lots {
+                let taken = n.min(lot.1);
+                lot.1 -= taken;
+                n -= taken;
+            }
+            self.lots.retain(|(_, n)| *n > 0);
+        }
+        fn tier(&self, now: DateTime<Utc>) -> usize {
+            let points: i64 = self
+                .qualifying
+                .iter()
+                .filter(|(at, _)| *at > now - Months::new(12))
+                .map(|(_, q)| q)
+                .sum();
+            [0, 500, 1500]
+                .iter()
+                .rposition(|t| points.max(0) >= *t)
+                .unwrap()
+        }
+    }
+
+    fn program() -> Program {
+        let reward = |points, discount| Reward { points, discount };
+        Program {
+            rewards: vec![reward(100, 10), reward(250, 30), reward(500, 70)],
+            ..Program::default()
+        }
+    }
+
+    fn event(n: usize, kind: EventKind) -> Event {
+        Event {
+            id: EventId::parse(&format!("e{n}")).unwrap(),
+            source: "model".into(),
+            time: None,
+            kind,
+        }
+    }
+
+    fn usd(minor: i64) -> Money {
+        Money::new("total", minor, Currency::parse("USD").unwrap()).unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn ledger_and_triggers_agree_with_the_model(ops in proptest::collection::vec(op(), 1..60)) {
+            let program = program();
+            let m = MemberId::parse("m1").unwrap();
+            let mut now = Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap();
+            let mut state = State { members: HashMap::new(), orders: HashMap::new(), carts: HashMap::new() };
+            let enrol = event(0, EventKind::MemberEnrolled(Profile {
+                member_id: m.clone(),
+                email: Some(Email::parse("m1@example.com").unwrap()),
+                phone: None,
+                first_name: None,
+                locale: Locale::parse("en").unwrap(),
+                timezone: Zone::parse("UTC").unwrap(),
+                birthday: None,
+                consent: Consent { email: true, sms: false },
+            }));
+            let enrolled = matches!(apply(&mut state, &enrol, &program, now), Verdict::Applied { .. });
+            prop_assert!(enrolled);
+            let mut model = Model { lots: vec![(now, 100)], ..Model::default() };
+
+            for (i, op) in ops.into_iter().enumerate() {
+                let n = i + 1;
+                model.expire(now);
+                let (was_balance, was_tier) = (model.balance(), model.tier(now));
+                let kind = match op {
+                    Op::Advance { days } => {
+                        now += Duration::days(days);
+                        model.expire(now);
+                        // The points-expiring scan at this moment.
+                        let mut scanned = state.members[&m].clone();
+                        scanned.points.expire(now, program.tier_window_months);
+                        let planned: BTreeSet<String> = triggers::points_expiring(&scanned, &program, now)
+                            .into_iter().map(|p| p.dedupe_key).collect();
+                        let today = now.date_naive();
+                        let expected: BTreeSet<String> = model.lots.iter()
+                            .map(|(at, _)| (*at + Months::new(12)).date_naive())
+                            .filter(|date| (*date - today).num_days() <= 30)
+                            .map(|date| {
+                                let notice = if (date - today).num_days() <= 7 { 7 } else { 30 };
+                                format!("points-expiring:m1:{date}:{notice}:email")
+                            })
+                            .collect();
+                        prop_assert_eq!(planned, expected);
+                        continue;
+                    }
+                    Op::Order { total_minor } => {
+                        let earned = total_minor / 100;
+                        if earned > 0 {
+                            model.lots.push((now, earned));
+                            model.qualifying.push((now, earned));
+                        }
+                        model.orders.push((total_minor, earned, 0, 0));
+                        EventKind::OrderPlaced(Order {
+                            order_id: RecordId::parse("order_id", &format!("o{}", model.orders.len() - 1)).unwrap(),
+                            member_id: m.clone(),
+                            total: usd(total_minor),
+                            items: Vec::new(),
+                            cart_id: None,
+                        })
+                    }
+                    Op::Refund { order, minor } => {
+                        if model.orders.is_empty() {
+                            continue;
+                        }
+                        let order = order % model.orders.len();
+                        let (total, earned, refunded, reversed) = model.orders[order];
+                        let refunded = (refunded + minor).min(total);
+                        let reversal = earned * refunded / total - reversed;
+                        let taken = reversal.min(model.balance());
+                        model.take(taken);
+                        if reversal > 0 {
+                            model.qualifying.push((now, -reversal));
+                        }
+                        model.orders[order] = (total, earned, refunded, reversed + reversal);
+                        EventKind::OrderRefunded(Refund {
+                            order_id: RecordId::parse("order_id", &format!("o{order}")).unwrap(),
+                            member_id: m.clone(),
+                            amount: usd(minor),
+                        })
+                    }
+                    Op::Adjust { points } | Op::Redeem { points } => {
+                        let refused = points < 0 && -points > model.balance()
+                            || matches!(op, Op::Redeem { .. }) && points > model.balance();
+                        if !refused {
+                            if points > 0 && matches!(op, Op::Adjust { .. }) {
+                                model.lots.push((now, points));
+                            } else {
+                                model.take(points.abs());
+                            }
+                        }
+                        if matches!(op, Op::Redeem { .. }) {
+                            EventKind::PointsRedeemed(Redemption { member_id: m.clone(), points, reward: None })
+                        } else {
+                            EventKind::PointsAdjusted(Adjustment { member_id: m.clone(), points, reason: "manual".into() })
+                        }
+                    }
+                };
+                let event = event(n, kind);
+                let planned: BTreeSet<String> = match apply(&mut state, &event, &program, now) {
+                    Verdict::Applied { before, after, .. } => {
+                        triggers::plan(before.as_ref(), &event, &after, &program, now)
+                            .into_iter().map(|p| p.dedupe_key).collect()
+                    }
+                    Verdict::Deferred(reason) => {
+                        prop_assert!(reason.contains("refused"), "{}", reason);
+                        prop_assert_eq!(model.balance(), was_balance, "the model refused it too");
+                        BTreeSet::new()
+                    }
+                    Verdict::Rejected(reason) => panic!("rejected: {reason}"),
+                };
+
+                let mut expected = BTreeSet::new();
+                let is = model.balance();
+                if let Some(r) = program.rewards.iter().rev().find(|r| was_balance < r.points && r.points <= is) {
+                    expected.insert(format!("redemption-ready:m1:{}:e{n}:email", r.points));
+                }
+                let tier = model.tier(now);
+                if tier > was_tier {
+                    expected.insert(format!("tier-up:m1:{}:e{n}:email", program.tiers[tier].name));
+                }
+                prop_assert_eq!(planned, expected, "after {:?}", event.kind);
+
+                // A refused event leaves the state as loaded: expire as the next event would.
+                let mut ledger = state.members[&m].points.clone();
+                ledger.expire(now, program.tier_window_months);
+                let lots: Vec<(DateTime<Utc>, i64)> = ledger.lots.iter().map(|l| (l.earned_at, l.remaining)).collect();
+                prop_assert_eq!(&lots, &model.lots, "lots");
+                prop_assert_eq!(ledger.balance(), model.balance());
+                prop_assert_eq!(program.tier_for(ledger.tier_points(now, 12)), model.tier(now), "tier");
+            }
+        }
+    }
+}

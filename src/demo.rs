@@ -4,6 +4,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
 
 use crate::app::{App, Roles, Worker};
@@ -23,17 +24,35 @@ pub async fn publish(settings: &Settings, bodies: &[String]) -> anyhow::Result<u
     Ok(n)
 }
 
-/// Runs the demo: migrate, publish `events`, process them, print the messages and balances.
+/// How long the demo waits for any one step.
+const STEP_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Runs the demo: migrate, publish `events` one at a time with the clock at each event's
+/// `time`, move the clock past the abandoned-cart delay, and print the messages and balances.
+/// The scheduler runs all along, so the scans fire as the clock passes their instants.
 pub async fn run(mut settings: Settings, events: &Path) -> anyhow::Result<()> {
     // One consumer, so the story reads in the order the file tells it (with several, a
     // member's events may be applied out of order, as they may from any platform).
     settings.ingest.consumers = 1;
     let lines = crate::publish::read_lines(events)?;
-    let member_ids: Vec<String> = lines
+    let parsed: Vec<serde_json::Value> = lines
         .iter()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|l| serde_json::from_str(l).unwrap_or_default())
+        .collect();
+    let member_ids: Vec<String> = parsed
+        .iter()
         .filter_map(|v| v["data"]["member_id"].as_str().map(str::to_owned))
         .collect();
+    let times: Vec<Option<DateTime<Utc>>> = parsed
+        .iter()
+        .map(|v| v["time"].as_str().and_then(|t| t.parse().ok()))
+        .collect();
+    let first = times.iter().flatten().min().copied().unwrap_or_else(Utc::now);
+    let last = times.iter().flatten().max().copied().unwrap_or(first);
+    let end = last
+        + chrono::Duration::minutes(i64::from(settings.program.abandoned_cart_minutes) + 1);
+    settings.now = Some(crate::config::Instant(first));
+
     let app = App::open(settings).await?;
     let worker = Worker::start(
         app.clone(),
@@ -44,37 +63,9 @@ pub async fn run(mut settings: Settings, events: &Path) -> anyhow::Result<()> {
         },
     )
     .await?;
-    let published = publish(&app.settings, &lines).await?;
-    println!(
-        "Published {published} events from {} to exchange {}.",
-        events.display(),
-        app.settings.exchange
-    );
-
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let handled = app.metrics.events_handled() as usize;
-        let due: i64 = sqlx::query_scalar(
-            "select count(*) from messages
-             where status in ('pending', 'sending') and due_at <= $1 and member_id = any($2)",
-        )
-        .bind(app.clock.now())
-        .bind(&member_ids)
-        .fetch_one(&app.pool)
-        .await?;
-        if handled >= published && due == 0 {
-            break;
-        }
-        if Instant::now() > deadline {
-            worker.stop().await.ok();
-            bail!(
-                "the demo did not finish in 60 s: {handled} of {published} events handled, {due} messages still due"
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let result = tell(&app, &lines, &times, end, &member_ids).await;
     worker.stop().await?;
-
+    result?;
     let m = &app.metrics;
     println!(
         "Events: {} applied, {} duplicates (event ids already applied), {} waiting for a prerequisite, {} dead-lettered to {}.",
@@ -100,6 +91,79 @@ pub async fn run(mut settings: Settings, events: &Path) -> anyhow::Result<()> {
         "\nFiles written by the file providers are in {}/.",
         app.settings.outbox_dir.display()
     );
+    Ok(())
+}
+
+/// Publishes each event with the clock at its time and waits until it is handled, then moves
+/// the clock to `end` and waits for the scans and for every due message to be sent.
+async fn tell(
+    app: &App,
+    lines: &[String],
+    times: &[Option<DateTime<Utc>>],
+    end: DateTime<Utc>,
+    member_ids: &[String],
+) -> anyhow::Result<()> {
+    let connection = ingest::connect(&app.settings.amqp_url, "lifecycle-demo").await?;
+    ingest::declare_topology(&connection.create_channel().await?, &app.settings).await?;
+    let publisher = Publisher::open(&connection).await?;
+    let start = app.metrics.events_handled();
+    for (i, (line, time)) in lines.iter().zip(times).enumerate() {
+        if let Some(t) = time.filter(|t| *t > app.clock.now()) {
+            settle(app, member_ids).await?;
+            app.clock.set(t);
+        }
+        publisher
+            .publish_events(&app.settings.exchange, [line])
+            .await?;
+        wait(&format!("event {} to be handled", i + 1), || async {
+            Ok(app.metrics.events_handled() > start + i as u64)
+        })
+        .await?;
+    }
+    connection.close(200, "bye".into()).await.ok();
+    println!(
+        "Published {} events one by one, the clock following their times from {} to {}.",
+        lines.len(),
+        times.iter().flatten().min().map_or("-".into(), |t| t.to_rfc3339()),
+        times.iter().flatten().max().map_or("-".into(), |t| t.to_rfc3339()),
+    );
+    settle(app, member_ids).await?;
+    app.clock.set(end);
+    println!("Then the clock moved on to {}: the scheduled scans ran.", end.to_rfc3339());
+    settle(app, member_ids).await
+}
+
+/// Waits until every scan has caught up with the clock and no message of the demo's members
+/// is due and unsent.
+async fn settle(app: &App, member_ids: &[String]) -> anyhow::Result<()> {
+    wait("the scans and dispatch to catch up", || async {
+        let now = app.clock.now();
+        let due: i64 = sqlx::query_scalar(
+            "select count(*) from messages
+             where status in ('pending', 'sending') and due_at <= $1 and member_id = any($2)",
+        )
+        .bind(now)
+        .bind(member_ids)
+        .fetch_one(&app.pool)
+        .await?;
+        Ok(due == 0 && crate::scheduler::caught_up(app, now).await?)
+    })
+    .await
+}
+
+/// Polls `done` until it is true, or fails after `STEP_DEADLINE`.
+async fn wait<F, Fut>(what: &str, mut done: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = Instant::now() + STEP_DEADLINE;
+    while !done().await? {
+        if Instant::now() > deadline {
+            bail!("the demo gave up waiting {}s for {what}", STEP_DEADLINE.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     Ok(())
 }
 

@@ -14,7 +14,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::app::App;
 use crate::config::Cron;
@@ -63,9 +63,11 @@ impl Job {
     }
 }
 
-/// The longest real-time pause between looks at the schedule. A fixed clock (tests, demos)
-/// only moves when set, so the scheduler must look again soon after.
+/// The longest real-time pause between looks at the schedule.
 const MAX_POLL: Duration = Duration::from_secs(1);
+
+/// The same with a fixed clock (tests, demos), which jumps when set: look again soon.
+const MAX_POLL_FIXED: Duration = Duration::from_millis(50);
 
 /// The scheduler role of a worker.
 pub struct Scheduler {
@@ -112,7 +114,11 @@ impl Scheduler {
 
     /// Runs every scan that is due and returns how long to wait before looking again.
     async fn tick(&self, shutdown: &Shutdown) -> anyhow::Result<Duration> {
-        let mut pause = MAX_POLL;
+        let mut pause = if self.app.clock.is_fixed() {
+            MAX_POLL_FIXED
+        } else {
+            MAX_POLL
+        };
         for job in Job::ALL {
             if shutdown.is_triggered() {
                 break;
@@ -127,8 +133,10 @@ impl Scheduler {
                 }
                 // Never run (a new database) or an instant has come: run it.
                 _ => {
-                    if let Some(planned) = self.run_leased(job, last_run, now).await? {
-                        info!(scan = job.as_str(), planned, "Scheduled scan ran.");
+                    match self.run_leased(job, last_run, now).await? {
+                        Some(0) => debug!(scan = job.as_str(), "Scheduled scan ran."),
+                        Some(planned) => info!(scan = job.as_str(), planned, "Scheduled scan ran."),
+                        None => {}
                     }
                 }
             }
@@ -199,6 +207,20 @@ impl Scheduler {
         }
         Ok(Some(planned))
     }
+}
+
+/// Whether every scan has run at its latest cron instant up to `now` (demos wait on it).
+pub async fn caught_up(app: &App, now: DateTime<Utc>) -> anyhow::Result<bool> {
+    let rows: Vec<(String, Option<DateTime<Utc>>)> =
+        sqlx::query_as("select job, last_run from scheduled_jobs")
+            .fetch_all(&app.pool)
+            .await?;
+    Ok(Job::ALL.iter().all(|job| {
+        rows.iter()
+            .find(|(name, _)| name == job.as_str())
+            .and_then(|(_, last)| *last)
+            .is_some_and(|last| job.cron(app).next_after(last).is_none_or(|next| next > now))
+    }))
 }
 
 /// Runs one scan at business time `now`, a transaction per page of members or carts, and

@@ -74,7 +74,8 @@ pub async fn run(
     crate::db::drop_database(&settings.database_url).await?;
 
     println!(
-        "lifecycle bench: {events} enrolment events, {} consumers, prefetch {}, batches of up to {}",
+        "lifecycle bench: {events} {} events, {} consumers, prefetch {}, batches of up to {}",
+        if mix { "mixed" } else { "enrolment" },
         settings.ingest.consumers, settings.ingest.prefetch, settings.ingest.batch_size
     );
     let bodies: Vec<String> = if mix {

@@ -76,7 +76,9 @@ pub async fn run(
     println!(
         "lifecycle bench: {events} {} events, {} consumers, prefetch {}, batches of up to {}",
         if mix { "mixed" } else { "enrolment" },
-        settings.ingest.consumers, settings.ingest.prefetch, settings.ingest.batch_size
+        settings.ingest.consumers,
+        settings.ingest.prefetch,
+        settings.ingest.batch_size
     );
     let bodies: Vec<String> = if mix {
         println!(

@@ -47,10 +47,15 @@ pub async fn run(mut settings: Settings, events: &Path) -> anyhow::Result<()> {
         .iter()
         .map(|v| v["time"].as_str().and_then(|t| t.parse().ok()))
         .collect();
-    let first = times.iter().flatten().min().copied().unwrap_or_else(Utc::now);
+    let first = times
+        .iter()
+        .flatten()
+        .min()
+        .copied()
+        .unwrap_or_else(Utc::now);
     let last = times.iter().flatten().max().copied().unwrap_or(first);
-    let end = last
-        + chrono::Duration::minutes(i64::from(settings.program.abandoned_cart_minutes) + 1);
+    let end =
+        last + chrono::Duration::minutes(i64::from(settings.program.abandoned_cart_minutes) + 1);
     settings.now = Some(crate::config::Instant(first));
 
     let app = App::open(settings).await?;
@@ -124,12 +129,23 @@ async fn tell(
     println!(
         "Published {} events one by one, the clock following their times from {} to {}.",
         lines.len(),
-        times.iter().flatten().min().map_or("-".into(), |t| t.to_rfc3339()),
-        times.iter().flatten().max().map_or("-".into(), |t| t.to_rfc3339()),
+        times
+            .iter()
+            .flatten()
+            .min()
+            .map_or("-".into(), |t| t.to_rfc3339()),
+        times
+            .iter()
+            .flatten()
+            .max()
+            .map_or("-".into(), |t| t.to_rfc3339()),
     );
     settle(app, member_ids).await?;
     app.clock.set(end);
-    println!("Then the clock moved on to {}: the scheduled scans ran.", end.to_rfc3339());
+    println!(
+        "Then the clock moved on to {}: the scheduled scans ran.",
+        end.to_rfc3339()
+    );
     settle(app, member_ids).await
 }
 
@@ -160,7 +176,10 @@ where
     let deadline = Instant::now() + STEP_DEADLINE;
     while !done().await? {
         if Instant::now() > deadline {
-            bail!("the demo gave up waiting {}s for {what}", STEP_DEADLINE.as_secs());
+            bail!(
+                "the demo gave up waiting {}s for {what}",
+                STEP_DEADLINE.as_secs()
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

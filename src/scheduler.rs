@@ -132,13 +132,11 @@ impl Scheduler {
                     pause = pause.min(wait.max(Duration::from_millis(20)));
                 }
                 // Never run (a new database) or an instant has come: run it.
-                _ => {
-                    match self.run_leased(job, last_run, now).await? {
-                        Some(0) => debug!(scan = job.as_str(), "Scheduled scan ran."),
-                        Some(planned) => info!(scan = job.as_str(), planned, "Scheduled scan ran."),
-                        None => {}
-                    }
-                }
+                _ => match self.run_leased(job, last_run, now).await? {
+                    Some(0) => debug!(scan = job.as_str(), "Scheduled scan ran."),
+                    Some(planned) => info!(scan = job.as_str(), planned, "Scheduled scan ran."),
+                    None => {}
+                },
             }
         }
         Ok(pause)

@@ -226,6 +226,50 @@ pub struct DispatchSettings {
     /// Time limit of one provider call, in milliseconds.
     #[serde(deserialize_with = "parsed")]
     pub send_timeout_ms: u64,
+    /// Transient failures in a row after which a provider is skipped (its circuit opens).
+    #[serde(deserialize_with = "parsed")]
+    pub breaker_failures: u32,
+    /// How long an open circuit skips its provider before one message tries it again, in
+    /// milliseconds.
+    #[serde(deserialize_with = "parsed")]
+    pub breaker_cooldown_ms: u64,
+    /// Most messages per second handed to each provider (unset: no limit).
+    pub rate_limit: RateLimits,
+}
+
+/// Messages per second per provider (`[dispatch.rate_limit] twilio = 10`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimits {
+    /// SMTP relay.
+    #[serde(deserialize_with = "parsed_opt")]
+    pub smtp: Option<f64>,
+    /// SendGrid.
+    #[serde(deserialize_with = "parsed_opt")]
+    pub sendgrid: Option<f64>,
+    /// The webhook.
+    #[serde(deserialize_with = "parsed_opt")]
+    pub webhook: Option<f64>,
+    /// Twilio.
+    #[serde(deserialize_with = "parsed_opt")]
+    pub twilio: Option<f64>,
+    /// The file provider.
+    #[serde(deserialize_with = "parsed_opt")]
+    pub file: Option<f64>,
+}
+
+impl RateLimits {
+    /// The limit of the provider of this name.
+    pub fn of(&self, provider: &str) -> Option<f64> {
+        match provider {
+            "smtp" => self.smtp,
+            "sendgrid" => self.sendgrid,
+            "webhook" => self.webhook,
+            "twilio" => self.twilio,
+            "file" => self.file,
+            _ => None,
+        }
+    }
 }
 
 impl Default for DispatchSettings {
@@ -240,6 +284,9 @@ impl Default for DispatchSettings {
             smtp_pool_size: 8,
             smtp_nodelay: true,
             send_timeout_ms: 10_000,
+            breaker_failures: 5,
+            breaker_cooldown_ms: 30_000,
+            rate_limit: RateLimits::default(),
         }
     }
 }
@@ -253,6 +300,11 @@ impl DispatchSettings {
     /// The time limit of one provider call.
     pub fn send_timeout(&self) -> Duration {
         Duration::from_millis(self.send_timeout_ms)
+    }
+
+    /// How long an open circuit stays open.
+    pub fn breaker_cooldown(&self) -> Duration {
+        Duration::from_millis(self.breaker_cooldown_ms)
     }
 }
 
@@ -694,6 +746,10 @@ impl Settings {
             ),
             ("scheduler.lease_secs", self.scheduler.lease_secs),
             (
+                "dispatch.breaker_failures",
+                u64::from(self.dispatch.breaker_failures),
+            ),
+            (
                 "scheduler.batch_size",
                 self.scheduler.batch_size.max(0) as u64,
             ),
@@ -702,6 +758,21 @@ impl Settings {
                 self.dispatch.max_attempts.max(0) as u64,
             ),
         ];
+        let r = &self.dispatch.rate_limit;
+        for (name, limit) in [
+            ("smtp", r.smtp),
+            ("sendgrid", r.sendgrid),
+            ("webhook", r.webhook),
+            ("twilio", r.twilio),
+            ("file", r.file),
+        ] {
+            if limit.is_some_and(|l| !(l.is_finite() && l > 0.0)) {
+                bail!(
+                    "invalid setting `dispatch.rate_limit.{name}` ({ENV_PREFIX}DISPATCH__RATE_LIMIT__{}): must be a positive number of messages per second",
+                    name.to_ascii_uppercase()
+                );
+            }
+        }
         for (key, value) in positive {
             if value == 0 {
                 let env = format!(

@@ -293,8 +293,11 @@ async fn no_consent_no_message_and_consent_withdrawn_before_sending_suppresses()
         withdrawn.to_string(),
     ])
     .await;
+    // Applied, not just handled: with two consumers the update can arrive first, wait in the
+    // retry queue, and be applied after the enrolment.
     wait_for("three events applied", || async {
-        (worker.app.metrics.events_handled() == 3).then_some(())
+        let applied = &worker.app.metrics.events_applied;
+        (lifecycle::metrics::Metrics::get(applied) == 3).then_some(())
     })
     .await;
     let app = worker.app.clone();

@@ -8,6 +8,7 @@
 //! time after a transient failure.
 
 mod email;
+pub mod guard;
 pub mod providers;
 
 use std::sync::Arc;
@@ -63,6 +64,8 @@ struct Settled {
     error: Option<String>,
     /// For a transient failure: when to try again.
     retry_at: Option<DateTime<Utc>>,
+    /// No provider was called (every circuit open): the claim does not count as an attempt.
+    uncounted: bool,
     attempts: Vec<Attempt>,
 }
 
@@ -74,19 +77,49 @@ struct Attempt {
     latency: Duration,
 }
 
+/// A provider with its circuit breaker and rate limit.
+pub struct Slot {
+    /// The provider.
+    pub provider: Provider,
+    /// Skips it while it keeps failing.
+    pub breaker: guard::Breaker,
+    /// Paces calls to it.
+    pub limit: Option<guard::RateLimit>,
+}
+
+impl Slot {
+    fn new(provider: Provider, settings: &crate::config::DispatchSettings) -> Slot {
+        Slot {
+            breaker: guard::Breaker::new(settings.breaker_failures, settings.breaker_cooldown()),
+            limit: settings
+                .rate_limit
+                .of(provider.name())
+                .map(guard::RateLimit::new),
+            provider,
+        }
+    }
+}
+
 /// The sending side of the worker.
 pub struct Dispatcher {
     app: App,
     templates: Arc<Templates>,
-    email_providers: Vec<Provider>,
-    sms_providers: Vec<Provider>,
+    email_providers: Vec<Slot>,
+    sms_providers: Vec<Slot>,
 }
 
 impl Dispatcher {
     /// A dispatcher with the providers of the settings; fails when one cannot be built.
     pub fn new(app: App, templates: Arc<Templates>) -> anyhow::Result<Dispatcher> {
-        let email_providers = providers::email_providers(&app.settings)?;
-        let sms_providers = providers::sms_providers(&app.settings)?;
+        let d = &app.settings.dispatch;
+        let email_providers = providers::email_providers(&app.settings)?
+            .into_iter()
+            .map(|p| Slot::new(p, d))
+            .collect();
+        let sms_providers = providers::sms_providers(&app.settings)?
+            .into_iter()
+            .map(|p| Slot::new(p, d))
+            .collect();
         Ok(Dispatcher {
             app,
             templates,
@@ -189,6 +222,7 @@ impl Dispatcher {
             provider_ref: None,
             error: None,
             retry_at: None,
+            uncounted: false,
             attempts: Vec::new(),
         };
         let outgoing = match self.prepare(&c) {
@@ -223,8 +257,24 @@ impl Dispatcher {
             Channel::Email => &self.email_providers,
             Channel::Sms => &self.sms_providers,
         };
-        let mut last_failure = None;
-        for provider in providers {
+        // Providers in order: the next one is tried after a failure that happened before the
+        // provider took the message; an unsure failure (a timeout after the request went out)
+        // stops here, and the message is retried later rather than risk a second copy.
+        let mut last_failure: Option<Failure> = None;
+        let mut any_transient = false;
+        for slot in providers {
+            let provider = &slot.provider;
+            if !slot.breaker.allow() {
+                debug!(
+                    message_id = c.id,
+                    provider = provider.name(),
+                    "Provider skipped: its circuit is open."
+                );
+                continue;
+            }
+            if let Some(limit) = &slot.limit {
+                limit.acquire().await;
+            }
             let started = Instant::now();
             let result = tokio::time::timeout(
                 self.app.settings.dispatch.send_timeout(),
@@ -232,14 +282,16 @@ impl Dispatcher {
             )
             .await
             .unwrap_or_else(|_| {
-                Err(Failure::transient(
-                    None,
-                    "the provider did not answer in time",
-                ))
+                Err(Failure::unsure(format!(
+                    "{}: no answer within {} ms",
+                    provider.name(),
+                    self.app.settings.dispatch.send_timeout_ms
+                )))
             });
             let latency = started.elapsed();
             match result {
                 Ok(accepted) => {
+                    slot.breaker.success();
                     settled.attempts.push(Attempt {
                         provider: provider.name(),
                         outcome: "sent",
@@ -260,8 +312,11 @@ impl Dispatcher {
                 }
                 Err(failure) => {
                     let outcome = if failure.is_permanent() {
+                        slot.breaker.neutral();
                         "permanent"
                     } else {
+                        slot.breaker.failure();
+                        any_transient = true;
                         "transient"
                     };
                     warn!(message_id = c.id, provider = provider.name(), to = outgoing.masked_to(), error = %failure, "Provider failed.");
@@ -271,19 +326,29 @@ impl Dispatcher {
                         error: Some(failure.to_string()),
                         latency,
                     });
-                    let permanent = failure.is_permanent();
+                    let unsure = failure.is_unsure();
                     last_failure = Some(failure);
-                    if permanent {
+                    if unsure {
                         break;
                     }
                 }
             }
         }
-        let failure = last_failure.expect("at least one provider per channel");
+        let d = &self.app.settings.dispatch;
+        let Some(failure) = last_failure else {
+            // Every provider's circuit is open: wait for a cooldown, without using an attempt.
+            settled.status = "pending";
+            settled.uncounted = true;
+            settled.error = Some("every provider of the channel is paused (circuit open)".into());
+            settled.retry_at = Some(
+                self.app.clock.now()
+                    + chrono::Duration::from_std(d.breaker_cooldown()).unwrap_or_default(),
+            );
+            return settled;
+        };
         settled.provider = settled.attempts.last().map(|a| a.provider.to_owned());
         settled.error = Some(failure.to_string());
-        let d = &self.app.settings.dispatch;
-        if failure.is_permanent() || c.attempt >= d.max_attempts {
+        if !any_transient || c.attempt >= d.max_attempts {
             Metrics::inc(&self.app.metrics.messages_failed);
             settled.status = "failed";
         } else {
@@ -292,10 +357,12 @@ impl Dispatcher {
                 d.retry_base_ms
                     .saturating_mul(1 << (c.attempt - 1).clamp(0, 16)),
             );
+            // Exponential backoff with jitter, and never sooner than the provider asked
+            // (Retry-After; a date already past asks for nothing).
+            let jittered = backoff.mul_f64(0.5 + rand::random::<f64>() / 2.0);
             let delay = failure
                 .retry_after()
-                .unwrap_or(backoff)
-                .max(backoff.mul_f64(rand::random::<f64>()));
+                .map_or(jittered, |asked| asked.max(jittered));
             settled.status = "pending";
             settled.retry_at =
                 Some(self.app.clock.now() + chrono::Duration::from_std(delay).unwrap_or_default());
@@ -374,14 +441,17 @@ impl Dispatcher {
         let refs: Vec<Option<&str>> = settled.iter().map(|s| s.provider_ref.as_deref()).collect();
         let errors: Vec<Option<&str>> = settled.iter().map(|s| s.error.as_deref()).collect();
         let retry_at: Vec<Option<DateTime<Utc>>> = settled.iter().map(|s| s.retry_at).collect();
+        let uncounted: Vec<bool> = settled.iter().map(|s| s.uncounted).collect();
         sqlx::query(
             "update messages m
              set status = r.status, claimed_until = null, recipient = coalesce(r.recipient, m.recipient),
                  provider = r.provider, provider_ref = r.ref, last_error = r.error,
                  due_at = coalesce(r.retry_at, m.due_at),
+                 attempts = m.attempts - case when r.uncounted then 1 else 0 end,
                  finished_at = case when r.status = 'pending' then null else now() end
-             from unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[])
-                  as r(id, status, recipient, provider, ref, error, retry_at)
+             from unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                         $7::timestamptz[], $8::bool[])
+                  as r(id, status, recipient, provider, ref, error, retry_at, uncounted)
              where m.id = r.id and m.status = 'sending'",
         )
         .bind(&ids)
@@ -391,6 +461,7 @@ impl Dispatcher {
         .bind(&refs)
         .bind(&errors)
         .bind(&retry_at)
+        .bind(&uncounted)
         .execute(&mut *tx)
         .await
         .context("recording message states")?;

@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod fake_api;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1,12 +1,14 @@
 //! Providers: where a rendered message is handed over. One enum, one variant per provider.
 
 mod file;
+mod http;
+mod sendgrid;
 mod smtp;
+mod twilio;
+mod webhook;
 
 use std::fmt;
 use std::time::Duration;
-
-use anyhow::bail;
 
 use crate::config::{EmailProviderKind, Settings, SmsProviderKind};
 use crate::domain::{Channel, Email, Phone};
@@ -14,7 +16,10 @@ use crate::render::RenderedEmail;
 use crate::triggers::Trigger;
 
 pub use file::FileProvider;
+pub use sendgrid::SendgridProvider;
 pub use smtp::SmtpProvider;
+pub use twilio::TwilioProvider;
+pub use webhook::WebhookProvider;
 
 /// A message ready for a provider.
 #[derive(Debug, Clone)]
@@ -96,6 +101,9 @@ pub struct Accepted {
 #[derive(Debug, Clone)]
 pub struct Failure {
     permanent: bool,
+    /// The provider may have taken the message (a timeout after the request went out): trying
+    /// another provider could send it twice, so the message waits for a retry instead.
+    unsure: bool,
     retry_after: Option<Duration>,
     message: String,
 }
@@ -105,8 +113,17 @@ impl Failure {
     pub fn transient(retry_after: Option<Duration>, message: impl Into<String>) -> Failure {
         Failure {
             permanent: false,
+            unsure: false,
             retry_after,
             message: message.into(),
+        }
+    }
+
+    /// Transient, but the provider may have accepted the message: no failover.
+    pub fn unsure(message: impl Into<String>) -> Failure {
+        Failure {
+            unsure: true,
+            ..Failure::transient(None, message)
         }
     }
 
@@ -114,9 +131,15 @@ impl Failure {
     pub fn permanent(message: impl Into<String>) -> Failure {
         Failure {
             permanent: true,
+            unsure: false,
             retry_after: None,
             message: message.into(),
         }
+    }
+
+    /// Whether the provider may have taken the message despite the failure.
+    pub fn is_unsure(&self) -> bool {
+        self.unsure
     }
 
     /// Whether retrying cannot help.
@@ -140,6 +163,12 @@ impl fmt::Display for Failure {
 pub enum Provider {
     /// SMTP relay.
     Smtp(Box<SmtpProvider>),
+    /// SendGrid's mail send API.
+    Sendgrid(Box<SendgridProvider>),
+    /// A signed JSON POST.
+    Webhook(Box<WebhookProvider>),
+    /// Twilio's Messages API.
+    Twilio(Box<TwilioProvider>),
     /// Files in the outbox directory.
     File(FileProvider),
 }
@@ -149,6 +178,9 @@ impl Provider {
     pub fn name(&self) -> &'static str {
         match self {
             Provider::Smtp(_) => "smtp",
+            Provider::Sendgrid(_) => "sendgrid",
+            Provider::Webhook(_) => "webhook",
+            Provider::Twilio(_) => "twilio",
             Provider::File(_) => "file",
         }
     }
@@ -157,6 +189,9 @@ impl Provider {
     pub async fn send(&self, message: &Outgoing) -> Result<Accepted, Failure> {
         match self {
             Provider::Smtp(p) => p.send(message).await,
+            Provider::Sendgrid(p) => p.send(message).await,
+            Provider::Webhook(p) => p.send(message).await,
+            Provider::Twilio(p) => p.send(message).await,
             Provider::File(p) => p.send(message).await,
         }
     }
@@ -167,12 +202,17 @@ pub fn email_providers(settings: &Settings) -> anyhow::Result<Vec<Provider>> {
     settings
         .email_providers
         .iter()
-        .map(|kind| match kind {
-            EmailProviderKind::Smtp => Ok(Provider::Smtp(Box::new(SmtpProvider::new(settings)))),
-            EmailProviderKind::File => Ok(Provider::File(FileProvider::new(settings)?)),
-            other => bail!(
-                "invalid setting `email_providers` (LIFECYCLE_EMAIL_PROVIDERS): provider {other:?} is not implemented yet; use smtp or file"
-            ),
+        .map(|kind| {
+            Ok(match kind {
+                EmailProviderKind::Smtp => Provider::Smtp(Box::new(SmtpProvider::new(settings))),
+                EmailProviderKind::Sendgrid => {
+                    Provider::Sendgrid(Box::new(SendgridProvider::new(settings)?))
+                }
+                EmailProviderKind::Webhook => {
+                    Provider::Webhook(Box::new(WebhookProvider::new(settings)?))
+                }
+                EmailProviderKind::File => Provider::File(FileProvider::new(settings)?),
+            })
         })
         .collect()
 }
@@ -182,11 +222,16 @@ pub fn sms_providers(settings: &Settings) -> anyhow::Result<Vec<Provider>> {
     settings
         .sms_providers
         .iter()
-        .map(|kind| match kind {
-            SmsProviderKind::File => Ok(Provider::File(FileProvider::new(settings)?)),
-            other => bail!(
-                "invalid setting `sms_providers` (LIFECYCLE_SMS_PROVIDERS): provider {other:?} is not implemented yet; use file"
-            ),
+        .map(|kind| {
+            Ok(match kind {
+                SmsProviderKind::Twilio => {
+                    Provider::Twilio(Box::new(TwilioProvider::new(settings)?))
+                }
+                SmsProviderKind::Webhook => {
+                    Provider::Webhook(Box::new(WebhookProvider::new(settings)?))
+                }
+                SmsProviderKind::File => Provider::File(FileProvider::new(settings)?),
+            })
         })
         .collect()
 }

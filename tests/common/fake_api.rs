@@ -1,0 +1,151 @@
+//! A local stand-in for a SaaS HTTP API (SendGrid, Twilio, a webhook receiver): it records
+//! every request and answers by rules, so a test scripts 202s, 400s, 429s with Retry-After,
+//! 503s and slow answers.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+
+/// One answer.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// HTTP status.
+    pub status: u16,
+    /// Extra headers.
+    pub headers: Vec<(String, String)>,
+    /// Body.
+    pub body: String,
+    /// Wait this long before answering.
+    pub delay: Duration,
+}
+
+impl Reply {
+    /// An answer with this status and body.
+    pub fn new(status: u16, body: &str) -> Reply {
+        Reply {
+            status,
+            headers: Vec::new(),
+            body: body.to_owned(),
+            delay: Duration::ZERO,
+        }
+    }
+
+    /// The same with a header.
+    pub fn header(mut self, name: &str, value: &str) -> Reply {
+        self.headers.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// The same, answered after `delay`.
+    pub fn after(mut self, delay: Duration) -> Reply {
+        self.delay = delay;
+        self
+    }
+}
+
+/// A request as the fake received it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// Method.
+    pub method: String,
+    /// Path and query.
+    pub path: String,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// Body as text.
+    pub body: String,
+    /// When it arrived.
+    pub at: Instant,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// (substring of the body, answer): the first rule whose text the body contains answers.
+    rules: Vec<(String, Reply)>,
+    fallback: Option<Reply>,
+    requests: Vec<Recorded>,
+}
+
+/// The running fake.
+#[derive(Clone)]
+pub struct FakeApi {
+    /// Base URL (`http://127.0.0.1:<port>`).
+    pub url: String,
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl FakeApi {
+    /// Starts a fake answering `fallback` to anything no rule matches.
+    pub async fn start(fallback: Reply) -> FakeApi {
+        let inner = Arc::new(Mutex::new(Inner {
+            fallback: Some(fallback),
+            ..Inner::default()
+        }));
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.ok() });
+        FakeApi { url, inner }
+    }
+
+    /// Answers `reply` to requests whose body contains `text`.
+    pub fn rule(&self, text: &str, reply: Reply) {
+        self.inner
+            .lock()
+            .unwrap()
+            .rules
+            .push((text.to_owned(), reply));
+    }
+
+    /// Changes the answer to everything no rule matches.
+    pub fn set_fallback(&self, reply: Reply) {
+        self.inner.lock().unwrap().fallback = Some(reply);
+    }
+
+    /// Every request so far.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.inner.lock().unwrap().requests.clone()
+    }
+}
+
+async fn handle(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let body = String::from_utf8_lossy(&body).into_owned();
+    let reply = {
+        let mut inner = inner.lock().unwrap();
+        inner.requests.push(Recorded {
+            method: method.to_string(),
+            path: uri.to_string(),
+            headers,
+            body: body.clone(),
+            at: Instant::now(),
+        });
+        inner
+            .rules
+            .iter()
+            .find(|(text, _)| body.contains(text.as_str()))
+            .map(|(_, r)| r.clone())
+            .or_else(|| inner.fallback.clone())
+            .unwrap()
+    };
+    tokio::time::sleep(reply.delay).await;
+    let mut response = (StatusCode::from_u16(reply.status).unwrap(), reply.body).into_response();
+    for (name, value) in reply.headers {
+        response.headers_mut().insert(
+            axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            value.parse().unwrap(),
+        );
+    }
+    response
+}

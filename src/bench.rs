@@ -58,6 +58,7 @@ pub async fn run(
     events: usize,
     mix: bool,
     smtp: Option<SmtpUrl>,
+    http: bool,
     messages: usize,
 ) -> anyhow::Result<()> {
     if events == 0 {
@@ -98,7 +99,7 @@ pub async fn run(
     println!("broker publish (confirms):      {publish_rate:>9.0} msg/s");
     println!("broker ceiling (consume + ack): {ceiling_rate:>9.0} msg/s");
 
-    let result = measure(&settings, &bodies, smtp, messages.min(enrolments)).await;
+    let result = measure(&settings, &bodies, smtp, http, messages.min(enrolments)).await;
     cleanup(&connection, &settings).await;
     let (ingest_rate, dispatch) = result?;
     let report = Report {
@@ -113,9 +114,14 @@ pub async fn run(
         report.ingest_rate
     );
     println!("ratio to ceiling:               {:>9.2}", report.ratio());
-    if let Some((n, with_nodelay, without)) = dispatch {
+    if let Some((n, with_nodelay, without)) = dispatch.smtp {
         println!("dispatch over SMTP, nodelay:    {with_nodelay:>9.0} msg/s ({n} messages)");
         println!("dispatch over SMTP, no nodelay: {without:>9.0} msg/s (lettre's default socket)");
+    }
+    if let Some((n, rate)) = dispatch.http {
+        println!(
+            "dispatch over HTTP (webhook):   {rate:>9.0} msg/s ({n} messages to a local server)"
+        );
     }
     println!(
         "peak resident memory:           {:>9.1} MiB (whole bench process)",
@@ -124,25 +130,95 @@ pub async fn run(
     Ok(())
 }
 
-/// The end-to-end phase, then the SMTP phases: (ingest rate, (messages, nodelay rate, plain rate)).
+/// Dispatch figures.
+#[derive(Default)]
+struct DispatchRates {
+    /// (messages, with nodelay, without) over SMTP.
+    smtp: Option<(usize, f64, f64)>,
+    /// (messages, rate) over HTTP.
+    http: Option<(usize, f64)>,
+}
+
+/// The end-to-end phase, then the dispatch phases, which send the welcomes it planned.
 async fn measure(
     settings: &Settings,
     bodies: &[String],
     smtp: Option<SmtpUrl>,
+    http: bool,
     messages: usize,
-) -> anyhow::Result<(f64, Option<(usize, f64, f64)>)> {
+) -> anyhow::Result<(f64, DispatchRates)> {
     let ingest_rate = end_to_end(settings, bodies).await?;
-    let Some(smtp) = smtp else {
-        return Ok((ingest_rate, None));
-    };
-    let mut settings = settings.clone();
-    settings.email_providers = vec![EmailProviderKind::Smtp];
-    settings.smtp_url = smtp;
-    let with_nodelay = dispatch(&settings, messages).await?;
-    settings.dispatch.smtp_nodelay = false;
-    // Without nodelay each message takes tens of milliseconds: a tenth of the messages is enough.
-    let without = dispatch(&settings, (messages / 10).max(1)).await?;
-    Ok((ingest_rate, Some((messages, with_nodelay, without))))
+    let mut rates = DispatchRates::default();
+    if let Some(smtp) = smtp {
+        let mut settings = settings.clone();
+        settings.email_providers = vec![EmailProviderKind::Smtp];
+        settings.smtp_url = smtp;
+        let with_nodelay = dispatch(&settings, messages).await?;
+        settings.dispatch.smtp_nodelay = false;
+        // Without nodelay each message takes tens of milliseconds: a tenth is enough.
+        let without = dispatch(&settings, (messages / 10).max(1)).await?;
+        rates.smtp = Some((messages, with_nodelay, without));
+    }
+    if http {
+        let (url, server) = http_server().await?;
+        let mut settings = settings.clone();
+        settings.email_providers = vec![EmailProviderKind::Webhook];
+        settings.webhook_url = Some(url);
+        settings.webhook_secret = Some("bench".to_owned().into());
+        let rate = dispatch(&settings, messages).await;
+        server.abort();
+        rates.http = Some((messages, rate?));
+    }
+    Ok((ingest_rate, rates))
+}
+
+/// A minimal HTTP/1.1 server answering `200 {}` to every request on kept-alive connections:
+/// the local stand-in for an HTTP provider. Returns its URL.
+async fn http_server() -> anyhow::Result<(String, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/messages", listener.local_addr()?);
+    let server = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            stream.set_nodelay(true).ok();
+            tokio::spawn(answer_http(stream));
+        }
+    });
+    Ok((url, server))
+}
+
+async fn answer_http(stream: tokio::net::TcpStream) -> std::io::Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).await? == 0 {
+            return Ok(());
+        }
+        let mut length = 0;
+        loop {
+            line.clear();
+            if reader.read_line(&mut line).await? == 0 {
+                return Ok(());
+            }
+            if line.trim_end().is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).await?;
+        reader
+            .get_mut()
+            .write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}",
+            )
+            .await?;
+    }
 }
 
 /// Runs dispatch alone until `messages` more messages were sent: messages/s.
@@ -156,15 +232,14 @@ async fn dispatch(settings: &Settings, messages: usize) -> anyhow::Result<f64> {
     let elapsed = time_worker(&app, roles, |m| {
         let failed = Metrics::get(&m.messages_failed) + Metrics::get(&m.messages_retried);
         if failed > 0 {
-            let (host, port) = (&settings.smtp_url.host, settings.smtp_url.port);
             return Err(format!(
-                "{failed} messages failed or retried (is the server at {host}:{port} up?)"
+                "{failed} messages failed or retried (is the server up?)"
             ));
         }
         Ok(Metrics::get(&m.messages_sent) as usize >= messages)
     })
     .await
-    .context("dispatch over SMTP")?;
+    .context("dispatch")?;
     app.pool.close().await;
     Ok(messages as f64 / elapsed.as_secs_f64())
 }

@@ -423,6 +423,12 @@ pub enum SmsProviderKind {
 #[serde(transparent)]
 pub struct Secret(String);
 
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Secret(value)
+    }
+}
+
 impl Secret {
     /// The secret itself, for the one place that needs it.
     pub fn expose(&self) -> &str {

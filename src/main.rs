@@ -57,7 +57,10 @@ enum Command {
         /// Also measure dispatch to this SMTP server (e.g. smtp-sink), with and without TCP_NODELAY.
         #[arg(long)]
         smtp: Option<String>,
-        /// Messages to dispatch in the SMTP phase (at most --events).
+        /// Also measure dispatch over HTTP (the webhook provider) to a local server in this process.
+        #[arg(long)]
+        http: bool,
+        /// Messages to dispatch in each dispatch phase (at most --events).
         #[arg(long, default_value_t = 5_000)]
         messages: usize,
     },
@@ -151,13 +154,14 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             events,
             mix,
             smtp,
+            http,
             messages,
         } => {
             let smtp = smtp
                 .map(|url| url.parse())
                 .transpose()
                 .map_err(|e: String| anyhow::anyhow!("--smtp: {e}"))?;
-            lifecycle::bench::run(settings, events, mix, smtp, messages).await
+            lifecycle::bench::run(settings, events, mix, smtp, http, messages).await
         }
         Command::Templates {
             action: TemplatesAction::Check,

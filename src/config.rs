@@ -235,6 +235,13 @@ pub struct DispatchSettings {
     pub breaker_cooldown_ms: u64,
     /// Most messages per second handed to each provider (unset: no limit).
     pub rate_limit: RateLimits,
+    /// Local hours in which SMS is deferred (`21:00-08:00`, or `off`).
+    #[serde(deserialize_with = "parsed")]
+    pub quiet_hours: crate::dispatch::policy::QuietHours,
+    /// Hours between two marketing messages (birthday, abandoned-cart) to a member on one
+    /// channel; 0 turns the cap off.
+    #[serde(deserialize_with = "parsed")]
+    pub marketing_cap_hours: u32,
 }
 
 /// Messages per second per provider (`[dispatch.rate_limit] twilio = 10`).
@@ -287,6 +294,8 @@ impl Default for DispatchSettings {
             breaker_failures: 5,
             breaker_cooldown_ms: 30_000,
             rate_limit: RateLimits::default(),
+            quiet_hours: parse_default("21:00-08:00"),
+            marketing_cap_hours: 16,
         }
     }
 }

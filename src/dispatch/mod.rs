@@ -9,6 +9,7 @@
 
 mod email;
 pub mod guard;
+pub mod policy;
 pub mod providers;
 
 use std::sync::Arc;
@@ -42,6 +43,8 @@ pub enum Step {
 /// A claimed message with what is needed to send it.
 struct Claimed {
     id: i64,
+    member_id: String,
+    timezone: String,
     attempt: i32,
     trigger: String,
     channel: String,
@@ -64,8 +67,11 @@ struct Settled {
     error: Option<String>,
     /// For a transient failure: when to try again.
     retry_at: Option<DateTime<Utc>>,
-    /// No provider was called (every circuit open): the claim does not count as an attempt.
+    /// No provider was called (deferred, or every circuit open): the claim does not count as
+    /// an attempt.
     uncounted: bool,
+    /// Business time at which a provider took it.
+    sent_at: Option<DateTime<Utc>>,
     attempts: Vec<Attempt>,
 }
 
@@ -160,8 +166,9 @@ impl Dispatcher {
             return Ok(Step::Idle);
         }
         let n = claimed.len();
-        let settled: Vec<Settled> = futures_util::stream::iter(claimed)
-            .map(|c| self.settle(c))
+        let held = self.capped(&claimed).await?;
+        let settled: Vec<Settled> = futures_util::stream::iter(claimed.into_iter().zip(held))
+            .map(|(c, held)| self.settle(c, held))
             .buffer_unordered(self.app.settings.dispatch.concurrency)
             .collect()
             .await;
@@ -185,8 +192,9 @@ impl Dispatcher {
                  attempts = m.attempts + 1
              from due, members mem
              where m.id = due.id and mem.member_id = m.member_id
-             returning m.id, m.attempts, m.trigger, m.channel, m.context, mem.email, mem.phone,
-                       mem.first_name, mem.locale, mem.consent_email, mem.consent_sms",
+             returning m.id, m.member_id, mem.timezone, m.attempts, m.trigger, m.channel, m.context,
+                       mem.email, mem.phone, mem.first_name, mem.locale, mem.consent_email,
+                       mem.consent_sms",
         )
         .bind(self.app.clock.now())
         .bind(d.batch_size)
@@ -198,6 +206,8 @@ impl Dispatcher {
             .into_iter()
             .map(|r| Claimed {
                 id: r.get("id"),
+                member_id: r.get("member_id"),
+                timezone: r.get("timezone"),
                 attempt: r.get("attempts"),
                 trigger: r.get("trigger"),
                 channel: r.get("channel"),
@@ -212,8 +222,68 @@ impl Dispatcher {
             .collect())
     }
 
-    /// Decides and sends one claimed message.
-    async fn settle(&self, c: Claimed) -> Settled {
+    /// For each claimed message, when the frequency cap holds it back (and why): `cap` after
+    /// the last marketing message sent to the member on the channel; a second marketing
+    /// message for the same member and channel in this batch waits a minute and is looked at
+    /// again once the first is settled.
+    async fn capped(
+        &self,
+        claimed: &[Claimed],
+    ) -> anyhow::Result<Vec<Option<(DateTime<Utc>, String)>>> {
+        let hours = self.app.settings.dispatch.marketing_cap_hours;
+        let marketing =
+            |c: &Claimed| hours > 0 && Trigger::parse(&c.trigger).is_some_and(policy::is_marketing);
+        let members: Vec<&str> = claimed
+            .iter()
+            .filter(|c| marketing(c))
+            .map(|c| c.member_id.as_str())
+            .collect();
+        if members.is_empty() {
+            return Ok(claimed.iter().map(|_| None).collect());
+        }
+        let rows: Vec<(String, String, Option<DateTime<Utc>>)> = sqlx::query_as(
+            "select member_id, channel, max(sent_at) from messages
+             where trigger in ('birthday', 'abandoned-cart') and status = 'sent'
+               and member_id = any($1)
+             group by member_id, channel",
+        )
+        .bind(&members)
+        .fetch_all(&self.app.pool)
+        .await
+        .context("reading the last marketing sends")?;
+        let last: std::collections::HashMap<(String, String), DateTime<Utc>> = rows
+            .into_iter()
+            .filter_map(|(m, c, at)| Some(((m, c), at?)))
+            .collect();
+        let now = self.app.clock.now();
+        let cap = chrono::Duration::hours(i64::from(hours));
+        let mut in_batch = std::collections::HashSet::new();
+        Ok(claimed
+            .iter()
+            .map(|c| {
+                if !marketing(c) {
+                    return None;
+                }
+                let key = (c.member_id.clone(), c.channel.clone());
+                if let Some(until) = policy::cap_until(last.get(&key).copied(), cap, now) {
+                    return Some((
+                        until,
+                        format!("frequency cap: one marketing message per {hours} h"),
+                    ));
+                }
+                if !in_batch.insert(key) {
+                    return Some((
+                        now + chrono::Duration::minutes(1),
+                        "frequency cap: another marketing message is being sent".into(),
+                    ));
+                }
+                None
+            })
+            .collect())
+    }
+
+    /// Decides and sends one claimed message; `held` is the frequency cap's deferral.
+    async fn settle(&self, c: Claimed, held: Option<(DateTime<Utc>, String)>) -> Settled {
         let mut settled = Settled {
             id: c.id,
             status: "failed",
@@ -223,6 +293,7 @@ impl Dispatcher {
             error: None,
             retry_at: None,
             uncounted: false,
+            sent_at: None,
             attempts: Vec::new(),
         };
         let outgoing = match self.prepare(&c) {
@@ -253,6 +324,28 @@ impl Dispatcher {
             }
         };
         settled.recipient = Some(outgoing.to.clone());
+        let quiet = match outgoing.channel {
+            Channel::Sms => crate::domain::TimeZone::parse(&c.timezone)
+                .ok()
+                .and_then(|tz| {
+                    let until = self
+                        .app
+                        .settings
+                        .dispatch
+                        .quiet_hours
+                        .until(tz.tz(), self.app.clock.now())?;
+                    Some((until, format!("quiet hours in {}", tz.name())))
+                }),
+            Channel::Email => None,
+        };
+        if let Some((until, reason)) = quiet.into_iter().chain(held).max_by_key(|(t, _)| *t) {
+            debug!(message_id = c.id, until = %until, reason, "Message deferred.");
+            settled.status = "pending";
+            settled.uncounted = true;
+            settled.retry_at = Some(until);
+            settled.error = Some(format!("deferred: {reason}"));
+            return settled;
+        }
         let providers = match outgoing.channel {
             Channel::Email => &self.email_providers,
             Channel::Sms => &self.sms_providers,
@@ -299,6 +392,7 @@ impl Dispatcher {
                         latency,
                     });
                     settled.status = "sent";
+                    settled.sent_at = Some(self.app.clock.now());
                     settled.provider = Some(provider.name().to_owned());
                     settled.provider_ref = Some(accepted.reference);
                     Metrics::inc(&self.app.metrics.messages_sent);
@@ -442,16 +536,18 @@ impl Dispatcher {
         let errors: Vec<Option<&str>> = settled.iter().map(|s| s.error.as_deref()).collect();
         let retry_at: Vec<Option<DateTime<Utc>>> = settled.iter().map(|s| s.retry_at).collect();
         let uncounted: Vec<bool> = settled.iter().map(|s| s.uncounted).collect();
+        let sent_at: Vec<Option<DateTime<Utc>>> = settled.iter().map(|s| s.sent_at).collect();
         sqlx::query(
             "update messages m
              set status = r.status, claimed_until = null, recipient = coalesce(r.recipient, m.recipient),
                  provider = r.provider, provider_ref = r.ref, last_error = r.error,
                  due_at = coalesce(r.retry_at, m.due_at),
                  attempts = m.attempts - case when r.uncounted then 1 else 0 end,
+                 sent_at = coalesce(r.sent_at, m.sent_at),
                  finished_at = case when r.status = 'pending' then null else now() end
              from unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                         $7::timestamptz[], $8::bool[])
-                  as r(id, status, recipient, provider, ref, error, retry_at, uncounted)
+                         $7::timestamptz[], $8::bool[], $9::timestamptz[])
+                  as r(id, status, recipient, provider, ref, error, retry_at, uncounted, sent_at)
              where m.id = r.id and m.status = 'sending'",
         )
         .bind(&ids)
@@ -462,6 +558,7 @@ impl Dispatcher {
         .bind(&errors)
         .bind(&retry_at)
         .bind(&uncounted)
+        .bind(&sent_at)
         .execute(&mut *tx)
         .await
         .context("recording message states")?;

@@ -36,7 +36,7 @@ impl App {
     /// Migrates the database (creating it when missing) and opens the pool.
     pub async fn open(settings: Settings) -> anyhow::Result<App> {
         crate::db::migrate(&settings.database_url).await?;
-        let pool_size = (settings.ingest.consumers + 4) as u32;
+        let pool_size = (settings.ingest.consumers + settings.dispatch.pipelines + 4) as u32;
         let pool = crate::db::pool(&settings.database_url, pool_size)?;
         Ok(App {
             clock: Clock::from_setting(settings.now),

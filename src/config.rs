@@ -200,9 +200,12 @@ pub struct DispatchSettings {
     /// Most messages claimed at once.
     #[serde(deserialize_with = "parsed")]
     pub batch_size: i64,
-    /// Sends in flight at once.
+    /// Sends in flight at once, per pipeline.
     #[serde(deserialize_with = "parsed")]
     pub concurrency: usize,
+    /// Claim–send–record loops running at once (each claims its own batch).
+    #[serde(deserialize_with = "parsed")]
+    pub pipelines: usize,
     /// Pause between polls when nothing is due, in milliseconds.
     #[serde(deserialize_with = "parsed")]
     pub poll_interval_ms: u64,
@@ -282,8 +285,9 @@ impl RateLimits {
 impl Default for DispatchSettings {
     fn default() -> Self {
         Self {
-            batch_size: 200,
-            concurrency: 32,
+            batch_size: 500,
+            concurrency: 64,
+            pipelines: 4,
             poll_interval_ms: 200,
             lease_secs: 120,
             max_attempts: 8,
@@ -755,6 +759,7 @@ impl Settings {
                 self.dispatch.batch_size.max(0) as u64,
             ),
             ("dispatch.concurrency", self.dispatch.concurrency as u64),
+            ("dispatch.pipelines", self.dispatch.pipelines as u64),
             (
                 "dispatch.smtp_pool_size",
                 self.dispatch.smtp_pool_size as u64,

@@ -134,8 +134,24 @@ impl Dispatcher {
         })
     }
 
-    /// Sends until shutdown; wakes early when ingest planned new messages.
+    /// Sends until shutdown with `dispatch.pipelines` claim–send–record loops at once, so that
+    /// one loop's database round trips overlap another's sending.
     pub async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {
+        let this = Arc::new(self);
+        let mut loops = tokio::task::JoinSet::new();
+        for _ in 0..this.app.settings.dispatch.pipelines.max(1) {
+            let (dispatcher, shutdown) = (this.clone(), shutdown.clone());
+            loops.spawn(async move { dispatcher.pipeline(shutdown).await });
+        }
+        while let Some(result) = loops.join_next().await {
+            result.context("a dispatch loop panicked")?;
+        }
+        info!("Dispatch stopped.");
+        Ok(())
+    }
+
+    /// One loop: claim, send, record, until shutdown; wakes early when messages were planned.
+    async fn pipeline(&self, shutdown: Shutdown) {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         while !shutdown.is_triggered() {
             match self.try_execute_once().await {
@@ -155,8 +171,6 @@ impl Dispatcher {
                 }
             }
         }
-        info!("Dispatch stopped.");
-        Ok(())
     }
 
     /// Claims one batch of due messages, sends them, and records the results.

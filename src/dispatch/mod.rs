@@ -7,7 +7,7 @@
 //! message ends `sent`, `suppressed` or `failed`, or goes back to `pending` with a later due
 //! time after a transient failure.
 
-mod email;
+pub(crate) mod email;
 pub mod guard;
 pub mod policy;
 pub mod providers;
@@ -502,15 +502,13 @@ impl Dispatcher {
                 }
                 let to = Email::parse(address)?;
                 let rendered = self.templates.render_email(trigger, &locale, &context)?;
-                let mime = email::compose(
-                    &self.app.settings.from,
-                    &to,
-                    c.first_name.as_deref(),
-                    c.id,
-                    trigger,
-                    &rendered,
-                )?;
-                (to.to_string(), Content::Email { rendered, mime })
+                // The MIME form is composed only by the providers that send it (smtp, file).
+                let content = Content::Email {
+                    rendered,
+                    from: self.app.settings.from.clone(),
+                    first_name: c.first_name.clone(),
+                };
+                (to.to_string(), content)
             }
             Channel::Sms => {
                 let Some(number) = c.phone.as_deref() else {

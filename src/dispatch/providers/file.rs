@@ -31,9 +31,10 @@ impl FileProvider {
         );
         let json = serde_json::to_vec_pretty(&message.to_json()).expect("JSON of strings");
         let main = match &message.content {
-            Content::Email { mime, .. } => {
+            Content::Email { .. } => {
+                let mime = message.mime()?;
                 self.write(&format!("{stem}.json"), &json).await?;
-                self.write(&format!("{stem}.eml"), mime).await?
+                self.write(&format!("{stem}.eml"), &mime).await?
             }
             Content::Sms { .. } => self.write(&format!("{stem}.json"), &json).await?,
         };

@@ -51,6 +51,28 @@ impl Outgoing {
         }
     }
 
+    /// The full RFC 5322 message of an email, as sent over SMTP or written to `.eml`.
+    pub fn mime(&self) -> Result<Vec<u8>, Failure> {
+        let Content::Email {
+            rendered,
+            from,
+            first_name,
+        } = &self.content
+        else {
+            return Err(Failure::permanent("an SMS has no MIME form"));
+        };
+        let to = Email::parse(&self.to).map_err(|e| Failure::permanent(e.to_string()))?;
+        crate::dispatch::email::compose(
+            from,
+            &to,
+            first_name.as_deref(),
+            self.message_id,
+            self.trigger,
+            rendered,
+        )
+        .map_err(|e| Failure::permanent(format!("composing the email: {e:#}")))
+    }
+
     /// The JSON form of DESIGN.md (`message_id`, `trigger`, `channel`, `locale`, `to`,
     /// `subject`, `body`), as the `file` and `webhook` providers write it.
     pub fn to_json(&self) -> serde_json::Value {
@@ -76,12 +98,14 @@ impl Outgoing {
 /// The rendered content of a message.
 #[derive(Debug, Clone)]
 pub enum Content {
-    /// An email: its parts and the composed RFC 5322 message.
+    /// An email: its parts, and what its RFC 5322 form needs besides.
     Email {
         /// Subject, HTML and text.
         rendered: RenderedEmail,
-        /// The full message as sent over SMTP or written to `.eml`.
-        mime: Vec<u8>,
+        /// The sender.
+        from: lettre::message::Mailbox,
+        /// The recipient's name for the `To` header.
+        first_name: Option<String>,
     },
     /// An SMS body.
     Sms {

@@ -43,9 +43,10 @@ impl SmtpProvider {
     }
 
     pub(super) async fn send(&self, message: &Outgoing) -> Result<Accepted, Failure> {
-        let Content::Email { mime, .. } = &message.content else {
+        let Content::Email { .. } = &message.content else {
             return Err(Failure::permanent("the smtp provider sends email only"));
         };
+        let mime = message.mime()?;
         let to: lettre::Address = message
             .to
             .parse()
@@ -62,11 +63,11 @@ impl SmtpProvider {
             Some(c) => c,
             None => self.connect().await?,
         };
-        let mut result = connection.send(&envelope, mime).await;
+        let mut result = connection.send(&envelope, &mime).await;
         if reused && matches!(&result, Err(e) if !e.is_response()) {
             connection.abort().await;
             connection = self.connect().await?;
-            result = connection.send(&envelope, mime).await;
+            result = connection.send(&envelope, &mime).await;
         }
         match result {
             Ok(response) => {

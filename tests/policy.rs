@@ -55,7 +55,10 @@ async fn settled(app: &App, n: i64) {
 async fn sms_waits_out_quiet_hours_in_the_members_zone() {
     // 22:30 in Istanbul, 11:30 in Los Angeles.
     let now = t("2026-11-22T19:30:00Z");
-    let env = TestEnv::new(&[("LIFECYCLE_NOW", now.to_rfc3339())]);
+    let env = TestEnv::new(&[
+        ("LIFECYCLE_NOW", now.to_rfc3339()),
+        ("LIFECYCLE_DISPATCH__QUIET_HOURS", "21:00-08:00".into()),
+    ]);
     let worker = env.start(ALL_ROLES).await;
     let app = worker.app.clone();
     env.publish(&[

@@ -362,6 +362,7 @@ async fn the_breaker_skips_a_failing_provider_and_tries_it_again_later() {
             ("LIFECYCLE_DISPATCH__BREAKER_FAILURES", "2".into()),
             ("LIFECYCLE_DISPATCH__BREAKER_COOLDOWN_MS", "1500".into()),
             ("LIFECYCLE_DISPATCH__CONCURRENCY", "1".into()),
+            ("LIFECYCLE_DISPATCH__PIPELINES", "1".into()),
         ],
     );
     let worker = env.start(ALL_ROLES).await;

@@ -85,6 +85,8 @@ impl TestEnv {
             ),
             ("LIFECYCLE_DISPATCH__POLL_INTERVAL_MS".into(), "50".into()),
             ("LIFECYCLE_DISPATCH__RETRY_BASE_MS".into(), "100".into()),
+            // Tests run at any hour: quiet hours are off unless a test is about them.
+            ("LIFECYCLE_DISPATCH__QUIET_HOURS".into(), "off".into()),
         ];
         if let Ok(url) = std::env::var("LIFECYCLE_AMQP_URL") {
             env.push(("LIFECYCLE_AMQP_URL".into(), url));

@@ -30,6 +30,8 @@ pub struct App {
     pub clock: Clock,
     /// Ingest signals here when it planned messages, so dispatch need not wait for its poll.
     pub outbox_ready: Arc<Notify>,
+    /// Signs and checks unsubscribe links.
+    pub tokens: Arc<crate::suppress::Tokens>,
 }
 
 impl App {
@@ -38,7 +40,11 @@ impl App {
         crate::db::migrate(&settings.database_url).await?;
         let pool_size = (settings.ingest.consumers + settings.dispatch.pipelines + 4) as u32;
         let pool = crate::db::pool(&settings.database_url, pool_size)?;
+        let tokens = crate::suppress::Tokens::load(&pool)
+            .await
+            .context("loading the unsubscribe key")?;
         Ok(App {
+            tokens: Arc::new(tokens),
             clock: Clock::from_setting(settings.now),
             settings: Arc::new(settings),
             pool,
@@ -57,6 +63,8 @@ pub struct Roles {
     pub dispatch: bool,
     /// Run the scheduled scans.
     pub schedule: bool,
+    /// Serve HTTP (health, metrics, unsubscribe, webhooks) on `http_addr`.
+    pub http: bool,
 }
 
 /// A running worker.
@@ -84,6 +92,17 @@ impl Worker {
             let dispatcher = Dispatcher::new(app.clone(), Arc::new(templates))?;
             tasks.push(("dispatch", tokio::spawn(dispatcher.run(shutdown.clone()))));
         }
+        if roles.http {
+            let listener = crate::http::bind(&app).await?;
+            tasks.push((
+                "http",
+                tokio::spawn(crate::http::serve_on(
+                    listener,
+                    app.clone(),
+                    shutdown.clone(),
+                )),
+            ));
+        }
         if roles.schedule {
             let scheduler = Scheduler::new(app.clone());
             tasks.push(("scheduler", tokio::spawn(scheduler.run(shutdown.clone()))));
@@ -96,6 +115,7 @@ impl Worker {
             ingest = roles.ingest,
             dispatch = roles.dispatch,
             schedule = roles.schedule,
+            http = roles.http,
             "Worker started."
         );
         Ok(Worker {

@@ -228,6 +228,7 @@ async fn dispatch(settings: &Settings, messages: usize) -> anyhow::Result<f64> {
         ingest: false,
         dispatch: true,
         schedule: false,
+        http: false,
     };
     let elapsed = time_worker(&app, roles, |m| {
         let failed = Metrics::get(&m.messages_failed) + Metrics::get(&m.messages_retried);
@@ -450,6 +451,7 @@ async fn end_to_end(settings: &Settings, bodies: &[String]) -> anyhow::Result<f6
         ingest: true,
         dispatch: false,
         schedule: false,
+        http: false,
     };
     let elapsed = time_worker(
         &app,

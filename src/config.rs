@@ -72,6 +72,9 @@ pub struct Settings {
     pub outbox_dir: PathBuf,
     /// Bearer token of the admin API; unset refuses every request.
     pub admin_token: Option<Secret>,
+    /// An address whose mail unsubscribes the sender (`List-Unsubscribe: <mailto:…>`), besides
+    /// the https link every email carries.
+    pub unsubscribe_mailto: Option<String>,
     /// Fixes the clock at this instant (tests and demos only).
     #[serde(deserialize_with = "parsed_opt")]
     pub now: Option<Instant>,
@@ -112,6 +115,7 @@ impl Default for Settings {
             from: parse_default("Loyalty <loyalty@localhost>"),
             outbox_dir: "outbox".into(),
             admin_token: None,
+            unsubscribe_mailto: None,
             now: None,
             shop_name: "Loyalty Club".into(),
             templates_dir: "templates".into(),
@@ -740,6 +744,13 @@ impl Settings {
 
     /// Cross-field checks that no single key's parser can make.
     fn check(&self) -> anyhow::Result<()> {
+        if let Some(mailto) = &self.unsubscribe_mailto {
+            crate::domain::Email::parse(mailto).map_err(|e| {
+                anyhow::anyhow!(
+                    "invalid setting `unsubscribe_mailto` (LIFECYCLE_UNSUBSCRIBE_MAILTO): {e}"
+                )
+            })?;
+        }
         if self.email_providers.is_empty() {
             bail!(
                 "invalid setting `email_providers` (LIFECYCLE_EMAIL_PROVIDERS): name at least one provider"

@@ -65,6 +65,7 @@ pub async fn run(mut settings: Settings, events: &Path) -> anyhow::Result<()> {
             ingest: true,
             dispatch: true,
             schedule: true,
+            http: false,
         },
     )
     .await?;

@@ -31,6 +31,9 @@ enum Command {
         /// Do not run the scheduled scans (expiry, points-expiring, birthday, carts).
         #[arg(long)]
         no_schedule: bool,
+        /// Do not serve HTTP (health, metrics, unsubscribe pages, webhooks).
+        #[arg(long)]
+        no_http: bool,
     },
     /// Create the database if missing and apply migrations.
     Migrate,
@@ -118,6 +121,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             no_ingest,
             no_dispatch,
             no_schedule,
+            no_http,
         } => {
             let app = App::open(settings).await?;
             let worker = Worker::start(
@@ -126,6 +130,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                     ingest: !no_ingest,
                     dispatch: !no_dispatch,
                     schedule: !no_schedule,
+                    http: !no_http,
                 },
             )
             .await?;

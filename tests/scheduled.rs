@@ -40,12 +40,14 @@ const SCHEDULE_ONLY: Roles = Roles {
     ingest: false,
     dispatch: false,
     schedule: true,
+    http: false,
 };
 
 const INGEST_AND_SCHEDULE: Roles = Roles {
     ingest: true,
     dispatch: false,
     schedule: true,
+    http: false,
 };
 
 /// An environment whose clock stands at `now` and whose scans run on every second of it, so

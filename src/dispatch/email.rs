@@ -16,6 +16,14 @@ struct TriggerHeader(String);
 #[derive(Debug, Clone)]
 struct MessageIdHeader(String);
 
+/// `List-Unsubscribe: <https://…/unsubscribe/TOKEN>` (RFC 2369)
+#[derive(Debug, Clone)]
+struct ListUnsubscribe(String);
+
+/// `List-Unsubscribe-Post: List-Unsubscribe=One-Click` (RFC 8058)
+#[derive(Debug, Clone)]
+struct ListUnsubscribePost(String);
+
 macro_rules! text_header {
     ($type:ident, $name:literal) => {
         impl Header for $type {
@@ -36,17 +44,29 @@ macro_rules! text_header {
 
 text_header!(TriggerHeader, "X-Lifecycle-Trigger");
 text_header!(MessageIdHeader, "X-Lifecycle-Message-Id");
+text_header!(ListUnsubscribe, "List-Unsubscribe");
+text_header!(ListUnsubscribePost, "List-Unsubscribe-Post");
+
+/// The `List-Unsubscribe` value: the https link, and a mailto where one is configured
+/// (RFC 2369). The link is ours (public URL and a URL-safe token), never member text.
+pub fn list_unsubscribe(url: &str, mailto: Option<&str>) -> String {
+    match mailto {
+        Some(address) => format!("<{url}>, <mailto:{address}?subject=unsubscribe>"),
+        None => format!("<{url}>"),
+    }
+}
 
 /// The formatted message (RFC 5322 bytes) of a rendered email. Names and subjects are
 /// encoded by lettre (RFC 2047), and the subject is already one line, so no value can add a
 /// header.
-pub(super) fn compose(
+pub(crate) fn compose(
     from: &Mailbox,
     to: &Email,
     name: Option<&str>,
     message_id: i64,
     trigger: Trigger,
     rendered: &RenderedEmail,
+    list_unsubscribe: &str,
 ) -> anyhow::Result<Vec<u8>> {
     let to = Mailbox::new(name.map(str::to_owned), to.as_str().parse()?);
     let message = Message::builder()
@@ -55,6 +75,9 @@ pub(super) fn compose(
         .subject(rendered.subject.clone())
         .header(TriggerHeader(trigger.as_str().to_owned()))
         .header(MessageIdHeader(message_id.to_string()))
+        // RFC 8058 one-click: mail clients POST to the link.
+        .header(ListUnsubscribe(list_unsubscribe.to_owned()))
+        .header(ListUnsubscribePost("List-Unsubscribe=One-Click".to_owned()))
         .multipart(MultiPart::alternative_plain_html(
             rendered.text.clone(),
             rendered.html.clone(),

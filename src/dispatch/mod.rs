@@ -55,6 +55,8 @@ struct Claimed {
     locale: String,
     consent_email: bool,
     consent_sms: bool,
+    /// Why the address of the message's channel is suppressed, if it is.
+    suppressed: Option<String>,
 }
 
 /// How a claimed message was settled.
@@ -208,7 +210,11 @@ impl Dispatcher {
              where m.id = due.id and mem.member_id = m.member_id
              returning m.id, m.member_id, mem.timezone, m.attempts, m.trigger, m.channel, m.context,
                        mem.email, mem.phone, mem.first_name, mem.locale, mem.consent_email,
-                       mem.consent_sms",
+                       mem.consent_sms,
+                       (select s.reason from suppressions s
+                        where s.channel = m.channel
+                          and s.address = case m.channel when 'email' then mem.email else mem.phone end
+                       ) as suppressed",
         )
         .bind(self.app.clock.now())
         .bind(d.batch_size)
@@ -232,6 +238,7 @@ impl Dispatcher {
                 locale: r.get("locale"),
                 consent_email: r.get("consent_email"),
                 consent_sms: r.get("consent_sms"),
+                suppressed: r.get("suppressed"),
             })
             .collect())
     }
@@ -315,12 +322,12 @@ impl Dispatcher {
             Ok(Err(suppressed)) => {
                 debug!(
                     message_id = c.id,
-                    reason = suppressed,
+                    reason = %suppressed,
                     "Message suppressed."
                 );
                 Metrics::inc(&self.app.metrics.messages_suppressed);
                 settled.status = "suppressed";
-                settled.error = Some(suppressed.to_owned());
+                settled.error = Some(suppressed.into_owned());
                 settled.attempts.push(Attempt {
                     provider: "policy",
                     outcome: "suppressed",
@@ -434,6 +441,21 @@ impl Dispatcher {
                         error: Some(failure.to_string()),
                         latency,
                     });
+                    if failure.rejects_recipient() {
+                        // The server refused this address for good: no more mail to it.
+                        let reason = format!("bounced: {failure}");
+                        if let Err(e) = crate::suppress::suppress(
+                            &self.app.pool,
+                            outgoing.channel,
+                            &outgoing.to,
+                            &reason,
+                            provider.name(),
+                        )
+                        .await
+                        {
+                            warn!(message_id = c.id, error = %e, "Recording a bounce failed.");
+                        }
+                    }
                     let unsure = failure.is_unsure();
                     last_failure = Some(failure);
                     if unsure {
@@ -479,7 +501,10 @@ impl Dispatcher {
     }
 
     /// Builds the outgoing message, or says why it must not be sent (`Ok(Err(reason))`).
-    fn prepare(&self, c: &Claimed) -> anyhow::Result<Result<Outgoing, &'static str>> {
+    fn prepare(
+        &self,
+        c: &Claimed,
+    ) -> anyhow::Result<Result<Outgoing, std::borrow::Cow<'static, str>>> {
         let trigger = Trigger::parse(&c.trigger)
             .with_context(|| format!("unknown trigger {:?}", c.trigger))?;
         let channel = Channel::parse(&c.channel)?;
@@ -495,27 +520,46 @@ impl Dispatcher {
         let (to, content) = match channel {
             Channel::Email => {
                 let Some(address) = c.email.as_deref() else {
-                    return Ok(Err("no email address"));
+                    return Ok(Err("no email address".into()));
                 };
                 if !c.consent_email {
-                    return Ok(Err("no consent for email"));
+                    return Ok(Err("no consent for email".into()));
+                }
+                if let Some(reason) = &c.suppressed {
+                    return Ok(Err(format!("suppressed: {reason}").into()));
                 }
                 let to = Email::parse(address)?;
+                let member = crate::domain::MemberId::parse(&c.member_id)?;
+                let unsubscribe_url = format!(
+                    "{}/unsubscribe/{}",
+                    self.app.settings.public_url.as_str().trim_end_matches('/'),
+                    self.app.tokens.issue(&member)
+                );
+                if let Value::Object(map) = &mut context {
+                    map.insert("unsubscribe_url".into(), unsubscribe_url.clone().into());
+                }
                 let rendered = self.templates.render_email(trigger, &locale, &context)?;
                 // The MIME form is composed only by the providers that send it (smtp, file).
                 let content = Content::Email {
                     rendered,
                     from: self.app.settings.from.clone(),
                     first_name: c.first_name.clone(),
+                    list_unsubscribe: email::list_unsubscribe(
+                        &unsubscribe_url,
+                        self.app.settings.unsubscribe_mailto.as_deref(),
+                    ),
                 };
                 (to.to_string(), content)
             }
             Channel::Sms => {
                 let Some(number) = c.phone.as_deref() else {
-                    return Ok(Err("no phone number"));
+                    return Ok(Err("no phone number".into()));
                 };
                 if !c.consent_sms {
-                    return Ok(Err("no consent for SMS"));
+                    return Ok(Err("no consent for SMS".into()));
+                }
+                if let Some(reason) = &c.suppressed {
+                    return Ok(Err(format!("suppressed: {reason}").into()));
                 }
                 let to = Phone::parse(number)?;
                 (

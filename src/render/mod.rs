@@ -302,6 +302,7 @@ mod tests {
         };
         context["first_name"] = json!("Ada <script>");
         context["shop_name"] = json!("Shop");
+        context["unsubscribe_url"] = json!("https://loyalty.example/unsubscribe/abc.def");
         context
     }
 

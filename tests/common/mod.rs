@@ -113,6 +113,11 @@ impl TestEnv {
     pub fn env_vars(&self) -> Vec<(String, String)> {
         let mut vars = self.vars.clone();
         vars.push(("LIFECYCLE_DISPATCH__LEASE_SECS".into(), "2".into()));
+        // A `serve` child serves HTTP too: on a port of its own.
+        vars.push((
+            "LIFECYCLE_HTTP_ADDR".into(),
+            format!("127.0.0.1:{}", free_port()),
+        ));
         vars
     }
 
@@ -399,6 +404,7 @@ pub const ALL_ROLES: Roles = Roles {
     ingest: true,
     dispatch: true,
     schedule: false,
+    http: false,
 };
 
 /// Every role, the scheduler too.
@@ -406,6 +412,7 @@ pub const WITH_SCHEDULER: Roles = Roles {
     ingest: true,
     dispatch: true,
     schedule: true,
+    http: false,
 };
 
 /// Consuming only: planned messages stay in the outbox.
@@ -413,6 +420,7 @@ pub const INGEST_ONLY: Roles = Roles {
     ingest: true,
     dispatch: false,
     schedule: false,
+    http: false,
 };
 
 /// Publishes the events one at a time, each applied (inbox grown by one) before the next, so

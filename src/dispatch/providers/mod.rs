@@ -57,6 +57,7 @@ impl Outgoing {
             rendered,
             from,
             first_name,
+            list_unsubscribe,
         } = &self.content
         else {
             return Err(Failure::permanent("an SMS has no MIME form"));
@@ -69,6 +70,7 @@ impl Outgoing {
             self.message_id,
             self.trigger,
             rendered,
+            list_unsubscribe,
         )
         .map_err(|e| Failure::permanent(format!("composing the email: {e:#}")))
     }
@@ -106,6 +108,8 @@ pub enum Content {
         from: lettre::message::Mailbox,
         /// The recipient's name for the `To` header.
         first_name: Option<String>,
+        /// The `List-Unsubscribe` header's value.
+        list_unsubscribe: String,
     },
     /// An SMS body.
     Sms {
@@ -128,6 +132,8 @@ pub struct Failure {
     /// The provider may have taken the message (a timeout after the request went out): trying
     /// another provider could send it twice, so the message waits for a retry instead.
     unsure: bool,
+    /// The server refused the recipient's address for good (SMTP 550/551/553).
+    rejects_recipient: bool,
     retry_after: Option<Duration>,
     message: String,
 }
@@ -138,6 +144,7 @@ impl Failure {
         Failure {
             permanent: false,
             unsure: false,
+            rejects_recipient: false,
             retry_after,
             message: message.into(),
         }
@@ -156,9 +163,23 @@ impl Failure {
         Failure {
             permanent: true,
             unsure: false,
+            rejects_recipient: false,
             retry_after: None,
             message: message.into(),
         }
+    }
+
+    /// A permanent refusal of the recipient's address: the address is suppressed.
+    pub fn recipient_rejected(message: impl Into<String>) -> Failure {
+        Failure {
+            rejects_recipient: true,
+            ..Failure::permanent(message)
+        }
+    }
+
+    /// Whether the address itself was refused for good.
+    pub fn rejects_recipient(&self) -> bool {
+        self.rejects_recipient
     }
 
     /// Whether the provider may have taken the message despite the failure.

@@ -41,7 +41,12 @@ impl SendgridProvider {
 
     /// Sends an email.
     pub async fn send(&self, message: &Outgoing) -> Result<Accepted, Failure> {
-        let Content::Email { rendered, .. } = &message.content else {
+        let Content::Email {
+            rendered,
+            list_unsubscribe,
+            ..
+        } = &message.content
+        else {
             return Err(Failure::permanent("the sendgrid provider sends email only"));
         };
         let mut from = json!({"email": self.from.email.to_string()});
@@ -59,6 +64,8 @@ impl SendgridProvider {
             "headers": {
                 "X-Lifecycle-Trigger": message.trigger.as_str(),
                 "X-Lifecycle-Message-Id": message.message_id.to_string(),
+                "List-Unsubscribe": list_unsubscribe,
+                "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
             },
             "custom_args": {"message_id": message.message_id.to_string()},
         });

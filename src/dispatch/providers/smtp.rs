@@ -63,11 +63,11 @@ impl SmtpProvider {
             Some(c) => c,
             None => self.connect().await?,
         };
-        let mut result = connection.send(&envelope, &mime).await;
-        if reused && matches!(&result, Err(e) if !e.is_response()) {
+        let mut result = transact(&mut connection, &envelope, &mime).await;
+        if reused && matches!(&result, Err((_, e)) if !e.is_response()) {
             connection.abort().await;
             connection = self.connect().await?;
-            result = connection.send(&envelope, &mime).await;
+            result = transact(&mut connection, &envelope, &mime).await;
         }
         match result {
             Ok(response) => {
@@ -76,7 +76,7 @@ impl SmtpProvider {
                     reference: response.message().collect::<Vec<_>>().join(" "),
                 })
             }
-            Err(error) => {
+            Err((stage, error)) => {
                 if connection.has_broken() {
                     connection.abort().await;
                 } else {
@@ -89,6 +89,11 @@ impl SmtpProvider {
                         Ok(_) => self.idle.lock().await.push(connection),
                         Err(_) => connection.abort().await,
                     }
+                }
+                if stage == Stage::Rcpt && error.is_permanent() {
+                    return Err(Failure::recipient_rejected(format!(
+                        "smtp: recipient refused: {error}"
+                    )));
                 }
                 Err(classify(&error))
             }
@@ -154,6 +159,44 @@ impl SmtpProvider {
         }
         Ok(connection)
     }
+}
+
+/// Where in a mail transaction a command failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Mail,
+    Rcpt,
+    Data,
+}
+
+/// One mail transaction, command by command (as lettre's `send` does), so that a refusal of
+/// the recipient (a 5xx to RCPT, which suppresses the address) is told apart from others.
+async fn transact(
+    connection: &mut AsyncSmtpConnection,
+    envelope: &Envelope,
+    mime: &[u8],
+) -> Result<lettre::transport::smtp::response::Response, (Stage, lettre::transport::smtp::Error)> {
+    use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
+    use lettre::transport::smtp::extension::{MailBodyParameter, MailParameter};
+    let mut options = Vec::new();
+    if !mime.is_ascii() {
+        options.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+    }
+    connection
+        .command(Mail::new(envelope.from().cloned(), options))
+        .await
+        .map_err(|e| (Stage::Mail, e))?;
+    for to in envelope.to() {
+        connection
+            .command(Rcpt::new(to.clone(), Vec::new()))
+            .await
+            .map_err(|e| (Stage::Rcpt, e))?;
+    }
+    connection
+        .command(Data)
+        .await
+        .map_err(|e| (Stage::Data, e))?;
+    connection.message(mime).await.map_err(|e| (Stage::Data, e))
 }
 
 /// SMTP 5xx is permanent; 4xx, timeouts and connection trouble are transient.

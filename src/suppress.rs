@@ -1,0 +1,186 @@
+//! Suppression: addresses that must not be messaged, and the ways they get there (one-click
+//! unsubscribe, SMS STOP, bounces and complaints). Checked at send time, so a suppression that
+//! arrives while a message is queued stops it.
+
+use aws_lc_rs::hmac;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use sqlx::PgPool;
+
+use crate::domain::{Channel, MemberId};
+
+/// Records that `address` must not get messages on `channel`; a second suppression keeps the
+/// first reason.
+pub async fn suppress(
+    pool: &PgPool,
+    channel: Channel,
+    address: &str,
+    reason: &str,
+    source: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "insert into suppressions (channel, address, reason, source) values ($1, $2, $3, $4)
+         on conflict (channel, address) do nothing",
+    )
+    .bind(channel.as_str())
+    .bind(address)
+    .bind(reason)
+    .bind(source)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Lifts a suppression (SMS START); true when there was one.
+pub async fn restore(pool: &PgPool, channel: Channel, address: &str) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query("delete from suppressions where channel = $1 and address = $2")
+        .bind(channel.as_str())
+        .bind(address)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected() > 0)
+}
+
+/// What an inbound SMS asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keyword {
+    /// STOP, STOPALL, UNSUBSCRIBE, CANCEL, END, QUIT, REVOKE, OPTOUT.
+    Stop,
+    /// START, UNSTOP.
+    Start,
+}
+
+/// Reads an inbound SMS as Twilio's opt-out keywords: the whole message, in any case, with
+/// surrounding spaces and punctuation ignored ("Stop.", " stop! "). Anything else is `None`.
+pub fn keyword(body: &str) -> Option<Keyword> {
+    let word: String = body
+        .trim_matches(|c: char| c.is_whitespace() || c.is_ascii_punctuation())
+        .to_uppercase();
+    match word.as_str() {
+        "STOP" | "STOPALL" | "UNSUBSCRIBE" | "CANCEL" | "END" | "QUIT" | "REVOKE" | "OPTOUT" => {
+            Some(Keyword::Stop)
+        }
+        "START" | "UNSTOP" => Some(Keyword::Start),
+        _ => None,
+    }
+}
+
+/// Issues and checks unsubscribe tokens: the member id and an HMAC-SHA256 of it under a key
+/// only the replicas share (kept in the `secrets` table, made on first use).
+#[derive(Clone)]
+pub struct Tokens {
+    key: hmac::Key,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tokens(***)")
+    }
+}
+
+const PURPOSE: &[u8] = b"lifecycle unsubscribe v1\0";
+
+impl Tokens {
+    /// Tokens under this key.
+    pub fn new(secret: &[u8]) -> Tokens {
+        Tokens {
+            key: hmac::Key::new(hmac::HMAC_SHA256, secret),
+        }
+    }
+
+    /// Loads the shared key, making it on first use.
+    pub async fn load(pool: &PgPool) -> Result<Tokens, sqlx::Error> {
+        let fresh: [u8; 32] = rand::random();
+        sqlx::query(
+            "insert into secrets (name, value) values ('unsubscribe', $1) on conflict do nothing",
+        )
+        .bind(&fresh[..])
+        .execute(pool)
+        .await?;
+        let secret: Vec<u8> =
+            sqlx::query_scalar("select value from secrets where name = 'unsubscribe'")
+                .fetch_one(pool)
+                .await?;
+        Ok(Tokens::new(&secret))
+    }
+
+    fn tag(&self, member: &str) -> hmac::Tag {
+        let mut context = hmac::Context::with_key(&self.key);
+        context.update(PURPOSE);
+        context.update(member.as_bytes());
+        context.sign()
+    }
+
+    /// The token of a member's unsubscribe link (URL-safe).
+    pub fn issue(&self, member: &MemberId) -> String {
+        format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(member.as_str()),
+            URL_SAFE_NO_PAD.encode(self.tag(member.as_str()).as_ref())
+        )
+    }
+
+    /// The member a token was issued for, if it is genuine.
+    pub fn verify(&self, token: &str) -> Option<MemberId> {
+        let (member, tag) = token.split_once('.')?;
+        let member = String::from_utf8(URL_SAFE_NO_PAD.decode(member).ok()?).ok()?;
+        let tag = URL_SAFE_NO_PAD.decode(tag).ok()?;
+        let mut message = PURPOSE.to_vec();
+        message.extend_from_slice(member.as_bytes());
+        hmac::verify(&self.key, &message, &tag).ok()?;
+        MemberId::parse(&member).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_words_in_any_case_with_punctuation() {
+        for stop in [
+            "STOP",
+            "stop",
+            " Stop. ",
+            "stopall",
+            "UNSUBSCRIBE",
+            "cancel!",
+            "End",
+            "quit",
+            "REVOKE",
+            "optout",
+            "\tSTOP\n",
+        ] {
+            assert_eq!(keyword(stop), Some(Keyword::Stop), "{stop:?}");
+        }
+        for start in ["START", "start", "Unstop!", " start "] {
+            assert_eq!(keyword(start), Some(Keyword::Start), "{start:?}");
+        }
+        for other in ["stop it", "please stop", "STOPP", "", "yes", "스톱"] {
+            assert_eq!(keyword(other), None, "{other:?}");
+        }
+    }
+
+    #[test]
+    fn tokens_verify_only_as_issued() {
+        let tokens = Tokens::new(b"key one");
+        let member = MemberId::parse("m-42").unwrap();
+        let token = tokens.issue(&member);
+        assert_eq!(tokens.verify(&token), Some(member.clone()));
+        assert_eq!(Tokens::new(b"key two").verify(&token), None, "another key");
+        let other = URL_SAFE_NO_PAD.encode("m-43");
+        let forged = format!("{other}.{}", token.split_once('.').unwrap().1);
+        assert_eq!(
+            tokens.verify(&forged),
+            None,
+            "another member's id with this tag"
+        );
+        assert_eq!(tokens.verify("garbage"), None);
+        assert_eq!(tokens.verify(""), None);
+        assert!(
+            token
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        );
+    }
+}

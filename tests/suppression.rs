@@ -1,0 +1,399 @@
+//! Suppression through the HTTP server: SMS STOP and START (Twilio's inbound webhook), one-click
+//! unsubscribe (RFC 8058), SendGrid bounces, and an SMTP server refusing a recipient. Each then
+//! stops the next message, including one already queued.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{SmtpSink, TestEnv, count, free_port, publish_in_order, wait_for};
+use lifecycle::app::{App, Roles, Worker};
+use lifecycle::dispatch::{Dispatcher, Step};
+use lifecycle::render::Templates;
+use serde_json::json;
+
+/// Consume events and serve HTTP; sending is done step by step by the test.
+const INGEST_AND_HTTP: Roles = Roles {
+    ingest: true,
+    dispatch: false,
+    schedule: false,
+    http: true,
+};
+
+fn http_env(extra: &[(&str, String)]) -> (TestEnv, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut vars = vec![
+        ("LIFECYCLE_HTTP_ADDR", addr.clone()),
+        ("LIFECYCLE_PUBLIC_URL", format!("http://{addr}")),
+    ];
+    vars.extend(extra.iter().cloned());
+    (TestEnv::new(&vars), format!("http://{addr}"))
+}
+
+fn event(id: String, kind: &str, data: serde_json::Value) -> String {
+    json!({"specversion": "1.0", "id": id, "source": "test", "type": kind, "data": data})
+        .to_string()
+}
+
+fn enrol(id: String, member: &str, locale: &str, email: bool, sms: bool) -> String {
+    event(
+        id,
+        "member.enrolled",
+        json!({"member_id": member, "email": format!("{member}@example.com"), "phone": "+14155550123",
+               "first_name": "Ada", "locale": locale, "timezone": "UTC",
+               "consent": {"email": email, "sms": sms}}),
+    )
+}
+
+/// Spends the signup bonus and gives it back: a redemption-ready message (a second message
+/// for the member, planned after the suppression).
+fn another_message(tag: &str, n: u32, member: &str) -> Vec<String> {
+    vec![
+        event(
+            format!("{tag}-r{n}"),
+            "points.redeemed",
+            json!({"member_id": member, "points": 100}),
+        ),
+        event(
+            format!("{tag}-a{n}"),
+            "points.adjusted",
+            json!({"member_id": member, "points": 100, "reason": "manual"}),
+        ),
+    ]
+}
+
+async fn dispatch_all(app: &App, env: &TestEnv) {
+    let templates = Templates::load(&env.settings.templates_dir).unwrap();
+    let dispatcher = Dispatcher::new(app.clone(), Arc::new(templates)).unwrap();
+    while dispatcher.try_execute_once().await.unwrap() != Step::Idle {}
+}
+
+/// (trigger, status, last_error) of a member's messages on a channel, oldest first.
+async fn outcomes(app: &App, member: &str, channel: &str) -> Vec<(String, String, Option<String>)> {
+    sqlx::query_as(
+        "select trigger, status, last_error from messages where member_id = $1 and channel = $2 order by id",
+    )
+    .bind(member)
+    .bind(channel)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap()
+}
+
+fn twilio_post(
+    base: &str,
+    path: &str,
+    token: &str,
+    form: &[(&str, &str)],
+) -> reqwest::RequestBuilder {
+    let url = format!("{base}{path}");
+    let params: Vec<(String, String)> = form
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let signature = lifecycle::http::twilio_signature(token, &url, &params);
+    reqwest::Client::new()
+        .post(url)
+        .header("X-Twilio-Signature", signature)
+        .form(form)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sms_stop_stops_a_queued_message_and_start_restores() {
+    let (env, base) = http_env(&[
+        ("LIFECYCLE_TWILIO_AUTH_TOKEN", "tw-token".into()),
+        ("LIFECYCLE_INGEST__CONSUMERS", "1".into()),
+    ]);
+    let worker = Worker::start(env.app().await, INGEST_AND_HTTP)
+        .await
+        .unwrap();
+    let app = worker.app.clone();
+    let tag = env.tag.clone();
+    publish_in_order(
+        &env,
+        &app,
+        &[enrol(format!("{tag}-1"), "m-stop", "en", false, true)],
+        async |_| {},
+    )
+    .await;
+
+    // A forged request (no valid signature) changes nothing.
+    let forged = reqwest::Client::new()
+        .post(format!("{base}/webhooks/twilio/inbound"))
+        .form(&[("From", "+14155550123"), ("Body", "STOP")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 403);
+    assert_eq!(count(&app, "select count(*) from suppressions").await, 0);
+
+    // The member texts " Stop. " while the welcome SMS waits in the outbox.
+    let form = [
+        ("From", "+14155550123"),
+        ("To", "+15005550006"),
+        ("Body", " Stop. "),
+    ];
+    let answer = twilio_post(&base, "/webhooks/twilio/inbound", "tw-token", &form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert!(answer.text().await.unwrap().contains("<Response>"));
+    dispatch_all(&app, &env).await;
+    assert_eq!(
+        outcomes(&app, "m-stop", "sms").await,
+        [(
+            "welcome".into(),
+            "suppressed".into(),
+            Some("suppressed: STOP".into())
+        )]
+    );
+
+    // START lifts it: the next message goes.
+    let form = [("From", "+14155550123"), ("Body", "start")];
+    assert_eq!(
+        twilio_post(&base, "/webhooks/twilio/inbound", "tw-token", &form)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    publish_in_order(
+        &env,
+        &app,
+        &another_message(&tag, 1, "m-stop"),
+        async |_| {},
+    )
+    .await;
+    dispatch_all(&app, &env).await;
+    let after = outcomes(&app, "m-stop", "sms").await;
+    assert_eq!(after[1].0, "redemption-ready");
+    assert_eq!(after[1].1, "sent");
+
+    // Twilio's status callback lands on the message it sent.
+    let sid: String = sqlx::query_scalar("select provider_ref from messages where status = 'sent'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    sqlx::query("update messages set provider = 'twilio' where provider_ref = $1")
+        .bind(&sid)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let form = [("MessageSid", sid.as_str()), ("MessageStatus", "delivered")];
+    assert_eq!(
+        twilio_post(&base, "/webhooks/twilio/status", "tw-token", &form)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+    let status: Option<String> =
+        sqlx::query_scalar("select provider_status from messages where provider_ref = $1")
+            .bind(&sid)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(status.as_deref(), Some("delivered"));
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_click_unsubscribe_from_the_emails_own_header() {
+    let (env, base) = http_env(&[("LIFECYCLE_INGEST__CONSUMERS", "1".into())]);
+    let worker = Worker::start(env.app().await, INGEST_AND_HTTP)
+        .await
+        .unwrap();
+    let app = worker.app.clone();
+    let tag = env.tag.clone();
+    publish_in_order(
+        &env,
+        &app,
+        &[enrol(format!("{tag}-1"), "m-unsub", "ko", true, false)],
+        async |_| {},
+    )
+    .await;
+    dispatch_all(&app, &env).await;
+
+    // The welcome carries RFC 8058's two headers.
+    let eml = std::fs::read_dir(env.outbox.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_name().to_string_lossy().ends_with(".eml"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .unwrap();
+    let header = |name: &str| {
+        eml.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .unwrap_or_else(|| panic!("no {name} in\n{eml}"))
+            .to_owned()
+    };
+    assert_eq!(
+        header("List-Unsubscribe-Post"),
+        "List-Unsubscribe=One-Click"
+    );
+    let link = header("List-Unsubscribe");
+    let url = link
+        .trim_start_matches('<')
+        .split('>')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert!(url.starts_with(&format!("{base}/unsubscribe/")), "{url}");
+    let mail = common::parse_mail(eml.as_bytes());
+    assert!(
+        mail.html.contains("수신 거부"),
+        "the footer links it in Korean"
+    );
+
+    // GET shows a page in the member's language and changes nothing.
+    let page = reqwest::get(&url).await.unwrap();
+    assert_eq!(page.status(), 200);
+    let text = page.text().await.unwrap();
+    assert!(
+        text.contains("lang=\"ko\"") && text.contains("<form method=\"post\""),
+        "{text}"
+    );
+    assert_eq!(count(&app, "select count(*) from suppressions").await, 0);
+    // A forged token is refused.
+    let forged = reqwest::get(format!("{base}/unsubscribe/bS11bnN1Yg.AAAA"))
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 404);
+
+    // The mail client's one-click POST.
+    let done = reqwest::Client::new()
+        .post(&url)
+        .form(&[("List-Unsubscribe", "One-Click")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done.status(), 200);
+    assert!(done.text().await.unwrap().contains("수신 거부되었습니다"));
+
+    publish_in_order(
+        &env,
+        &app,
+        &another_message(&tag, 1, "m-unsub"),
+        async |_| {},
+    )
+    .await;
+    dispatch_all(&app, &env).await;
+    let after = outcomes(&app, "m-unsub", "email").await;
+    assert_eq!(
+        after[1],
+        (
+            "redemption-ready".into(),
+            "suppressed".into(),
+            Some("suppressed: unsubscribed".into())
+        )
+    );
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sendgrid_bounce_suppresses_the_address_but_a_block_does_not() {
+    let (env, base) = http_env(&[("LIFECYCLE_INGEST__CONSUMERS", "1".into())]);
+    let worker = Worker::start(env.app().await, INGEST_AND_HTTP)
+        .await
+        .unwrap();
+    let app = worker.app.clone();
+    let tag = env.tag.clone();
+    let events = [
+        enrol(format!("{tag}-1"), "m-bounce", "en", true, false),
+        enrol(format!("{tag}-2"), "m-block", "en", true, false),
+    ];
+    publish_in_order(&env, &app, &events, async |_| {}).await;
+    let sendgrid = json!([
+        {"email": "m-bounce@example.com", "event": "bounce", "type": "bounce", "reason": "550 no such user"},
+        {"email": "m-block@example.com", "event": "bounce", "type": "blocked"},
+        {"email": "m-block@example.com", "event": "delivered"},
+        {"event": "processed"}
+    ]);
+    let answer = reqwest::Client::new()
+        .post(format!("{base}/webhooks/sendgrid/events"))
+        .json(&sendgrid)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 204);
+    // Both welcomes were queued before the events came: the bounced one is stopped.
+    dispatch_all(&app, &env).await;
+    assert_eq!(
+        outcomes(&app, "m-bounce", "email").await,
+        [(
+            "welcome".into(),
+            "suppressed".into(),
+            Some("suppressed: bounced".into())
+        )]
+    );
+    assert_eq!(outcomes(&app, "m-block", "email").await[0].1, "sent");
+    let bad = reqwest::Client::new()
+        .post(format!("{base}/webhooks/sendgrid/events"))
+        .body("not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_smtp_server_refusing_the_recipient_suppresses_the_address() {
+    // smtp-sink refuses every RCPT with a hard (5xx) error.
+    let sink = SmtpSink::start(&["-f", "RCPT"]);
+    let env = TestEnv::new(&[
+        ("LIFECYCLE_EMAIL_PROVIDERS", "smtp".into()),
+        ("LIFECYCLE_SMTP_URL", sink.url()),
+        ("LIFECYCLE_INGEST__CONSUMERS", "1".into()),
+    ]);
+    let worker = Worker::start(
+        env.app().await,
+        Roles {
+            ingest: true,
+            dispatch: false,
+            schedule: false,
+            http: false,
+        },
+    )
+    .await
+    .unwrap();
+    let app = worker.app.clone();
+    let tag = env.tag.clone();
+    publish_in_order(
+        &env,
+        &app,
+        &[enrol(format!("{tag}-1"), "m-550", "en", true, false)],
+        async |_| {},
+    )
+    .await;
+    dispatch_all(&app, &env).await;
+    let first = outcomes(&app, "m-550", "email").await;
+    assert_eq!(first[0].1, "failed");
+    assert!(
+        first[0].2.as_deref().unwrap().contains("recipient refused"),
+        "{first:?}"
+    );
+    let reason: String =
+        sqlx::query_scalar("select reason from suppressions where address = 'm-550@example.com'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert!(reason.starts_with("bounced: smtp"), "{reason}");
+    // The next message is not even tried.
+    publish_in_order(&env, &app, &another_message(&tag, 1, "m-550"), async |_| {}).await;
+    dispatch_all(&app, &env).await;
+    let after = outcomes(&app, "m-550", "email").await;
+    assert_eq!(after[1].1, "suppressed");
+    wait_for("nothing reached the sink", || async {
+        sink.messages().is_empty().then_some(())
+    })
+    .await;
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}

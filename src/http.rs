@@ -275,7 +275,7 @@ fn twilio_form(
     path: &str,
     headers: &HeaderMap,
     body: &[u8],
-) -> Result<BTreeMap<String, String>, Response> {
+) -> Result<BTreeMap<String, String>, (StatusCode, &'static str)> {
     let params: Vec<(String, String)> = url::form_urlencoded::parse(body).into_owned().collect();
     if let Some(token) = &app.settings.twilio_auth_token {
         let url = format!(
@@ -294,7 +294,7 @@ fn twilio_form(
         .is_ok();
         if !matches {
             warn!(path, "Twilio webhook with a bad signature refused.");
-            return Err((StatusCode::FORBIDDEN, "bad signature\n").into_response());
+            return Err((StatusCode::FORBIDDEN, "bad signature\n"));
         }
     }
     Ok(params.into_iter().collect())
@@ -312,7 +312,7 @@ fn empty_twiml() -> Response {
 async fn twilio_inbound(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
     let form = match twilio_form(&app, "/webhooks/twilio/inbound", &headers, &body) {
         Ok(form) => form,
-        Err(answer) => return answer,
+        Err(answer) => return answer.into_response(),
     };
     let (Some(from), Some(text)) = (form.get("From"), form.get("Body")) else {
         return (StatusCode::BAD_REQUEST, "From and Body are required\n").into_response();
@@ -346,7 +346,7 @@ async fn twilio_inbound(State(app): State<App>, headers: HeaderMap, body: Bytes)
 async fn twilio_status(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
     let form = match twilio_form(&app, "/webhooks/twilio/status", &headers, &body) {
         Ok(form) => form,
-        Err(answer) => return answer,
+        Err(answer) => return answer.into_response(),
     };
     let (Some(sid), Some(status)) = (form.get("MessageSid"), form.get("MessageStatus")) else {
         return (

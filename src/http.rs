@@ -202,15 +202,17 @@ async fn member_of(app: &App, token: &str) -> Option<(String, Option<String>, St
         .flatten()
 }
 
+/// The answer to a token that is not genuine (or of a member no longer known).
+fn invalid_link(shop: &str) -> Response {
+    let w = words("en");
+    let body = format!("<p>{}</p>", escape(w.invalid));
+    (StatusCode::NOT_FOUND, page(&w, shop, &body)).into_response()
+}
+
 async fn unsubscribe_page(State(app): State<App>, Path(token): Path<String>) -> Response {
     let shop = &app.settings.shop_name;
     let Some((_, _, locale)) = member_of(&app, &token).await else {
-        let w = words("en");
-        return (
-            StatusCode::NOT_FOUND,
-            page(&w, shop, &format!("<p>{}</p>", escape(w.invalid))),
-        )
-            .into_response();
+        return invalid_link(shop);
     };
     let w = words(&locale);
     // The form posts to this same URL: the page works without JavaScript, and a link scanner
@@ -227,12 +229,7 @@ async fn unsubscribe_page(State(app): State<App>, Path(token): Path<String>) -> 
 async fn unsubscribe(State(app): State<App>, Path(token): Path<String>) -> Response {
     let shop = &app.settings.shop_name;
     let Some((member, email, locale)) = member_of(&app, &token).await else {
-        let w = words("en");
-        return (
-            StatusCode::NOT_FOUND,
-            page(&w, shop, &format!("<p>{}</p>", escape(w.invalid))),
-        )
-            .into_response();
+        return invalid_link(shop);
     };
     if let Some(email) = email {
         if let Err(e) = suppress::suppress(

@@ -291,17 +291,7 @@ pub async fn apply_batch(
         orders: store::load_orders(conn, &order_ids).await?,
         carts: carts::load(conn, &cart_ids).await?,
     };
-    // Each stored lot's member and remaining points before the batch, to write only what changed.
-    let loaded: HashMap<i64, (MemberId, i64)> = state
-        .members
-        .iter()
-        .flat_map(|(id, m)| {
-            m.points
-                .lots
-                .iter()
-                .filter_map(move |l| Some((l.id?, (id.clone(), l.remaining))))
-        })
-        .collect();
+    let loaded = stored_lots(&state.members);
 
     let mut outcomes = Vec::with_capacity(events.len());
     let mut settled: HashSet<&str> = HashSet::new();
@@ -370,6 +360,20 @@ pub async fn apply_batch(
     release_inbox(conn, &not_applied).await?;
     insert_planned(conn, &planned).await?;
     Ok(outcomes)
+}
+
+/// Each stored lot's member and remaining points as loaded, so that saving writes only the
+/// lots that changed.
+fn stored_lots(members: &HashMap<MemberId, MemberState>) -> HashMap<i64, (MemberId, i64)> {
+    members
+        .iter()
+        .flat_map(|(id, m)| {
+            m.points
+                .lots
+                .iter()
+                .filter_map(move |l| Some((l.id?, (id.clone(), l.remaining))))
+        })
+        .collect()
 }
 
 /// Records every event id of the batch in the inbox and returns those that were not there:
@@ -479,15 +483,7 @@ where
     ids.dedup();
     members::lock(conn, &ids).await?;
     let loaded_members = store::load_members(conn, &ids, program, now).await?;
-    let loaded: HashMap<i64, (MemberId, i64)> = loaded_members
-        .iter()
-        .flat_map(|(id, m)| {
-            m.points
-                .lots
-                .iter()
-                .filter_map(move |l| Some((l.id?, (id.clone(), l.remaining))))
-        })
-        .collect();
+    let loaded = stored_lots(&loaded_members);
 
     // Expire, then decide each member's change on a copy.
     let mut expired = Vec::with_capacity(loaded_members.len());

@@ -249,6 +249,10 @@ pub struct DispatchSettings {
     /// channel; 0 turns the cap off.
     #[serde(deserialize_with = "parsed")]
     pub marketing_cap_hours: u32,
+    /// SMS segments past which `templates check` warns (GSM-7: 160 characters alone, 153 a
+    /// segment; UCS-2, as Korean always is: 70 alone, 67 a segment).
+    #[serde(deserialize_with = "parsed")]
+    pub sms_max_segments: usize,
 }
 
 /// Messages per second per provider (`[dispatch.rate_limit] twilio = 10`).
@@ -304,6 +308,7 @@ impl Default for DispatchSettings {
             rate_limit: RateLimits::default(),
             quiet_hours: parse_default("21:00-08:00"),
             marketing_cap_hours: 16,
+            sms_max_segments: 2,
         }
     }
 }

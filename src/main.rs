@@ -171,10 +171,15 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Templates {
             action: TemplatesAction::Check,
         } => {
-            lifecycle::render::Templates::load(&settings.templates_dir)?;
+            let templates = lifecycle::render::Templates::load(&settings.templates_dir)?;
+            let warnings = templates.check(settings.dispatch.sms_max_segments)?;
+            for warning in &warnings {
+                println!("warning: {warning}");
+            }
             println!(
-                "templates in {} are valid",
-                settings.templates_dir.display()
+                "templates in {} are valid ({} warnings)",
+                settings.templates_dir.display(),
+                warnings.len()
             );
             Ok(())
         }

@@ -516,6 +516,8 @@ impl Dispatcher {
                 "shop_name".into(),
                 Value::String(self.app.settings.shop_name.clone()),
             );
+            // The helpers format money, points and dates for it.
+            map.insert("locale".into(), Value::String(locale.clone()));
         }
         let (to, content) = match channel {
             Channel::Email => {

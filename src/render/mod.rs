@@ -13,6 +13,8 @@ use anyhow::{Context, bail};
 use handlebars::Handlebars;
 use serde_json::Value;
 
+pub mod helpers;
+
 use crate::domain::Locale;
 use crate::triggers::Trigger;
 
@@ -49,17 +51,24 @@ impl Templates {
         for registry in [&mut html, &mut text] {
             registry.set_strict_mode(true);
             registry.set_dev_mode(false);
+            helpers::register(registry);
         }
         let mut available = HashSet::new();
 
+        let mut shared_sources = Vec::new();
         for shared in ["partials", "layouts"] {
             for (name, source) in read_dir_templates(&dir.join(shared))? {
-                let name = format!("{shared}/{name}");
-                for registry in [&mut html, &mut text] {
-                    registry
-                        .register_partial(&name, &source)
-                        .with_context(|| format!("compiling template {shared}/{name}.hbs"))?;
-                }
+                shared_sources.push((format!("{shared}/{name}"), source));
+            }
+        }
+        // A partial that includes itself, directly or not, would recurse until the stack
+        // overflows and aborts the process: refuse it before anything is registered.
+        check_partials(&shared_sources)?;
+        for (name, source) in &shared_sources {
+            for registry in [&mut html, &mut text] {
+                registry
+                    .register_partial(name, source)
+                    .with_context(|| format!("compiling template {name}.hbs"))?;
             }
         }
         for trigger in Trigger::ALL {
@@ -168,6 +177,30 @@ impl Templates {
         })
     }
 
+    /// Renders every template of every trigger and locale with the trigger's sample context
+    /// (strict: a variable outside the documented context fails, naming the file) and returns
+    /// warnings: SMS texts longer than `max_sms_segments` segments.
+    pub fn check(&self, max_sms_segments: usize) -> anyhow::Result<Vec<String>> {
+        let mut warnings = Vec::new();
+        let mut keys: Vec<&String> = self.available.iter().collect();
+        keys.sort();
+        for key in keys {
+            let (name, locale) = key.split_once('/').expect("trigger/locale");
+            let trigger = Trigger::parse(name).expect("loaded by trigger");
+            let mut context = sample_context(trigger);
+            context["locale"] = Value::String(locale.to_owned());
+            self.render_email(trigger, locale, &context)?;
+            let sms = self.render_sms(trigger, locale, &context)?;
+            let (encoding, segments) = helpers::sms_segments(&sms);
+            if segments > max_sms_segments {
+                warnings.push(format!(
+                    "templates/{key}/sms.hbs: {segments} {encoding} segments with the sample context, more than dispatch.sms_max_segments ({max_sms_segments})"
+                ));
+            }
+        }
+        Ok(warnings)
+    }
+
     /// Renders the SMS of a trigger in `locale` (already resolved).
     pub fn render_sms(
         &self,
@@ -182,6 +215,73 @@ impl Templates {
             .with_context(|| format!("rendering {name}.hbs"))?;
         Ok(body.trim().to_owned())
     }
+}
+
+/// The partials a template source includes (`{{> name}}`, `{{#> name}}`).
+fn included_partials(source: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = source;
+    while let Some(at) = rest.find("{{") {
+        rest = &rest[at + 2..];
+        let tag = rest.trim_start_matches(['~', '#']).trim_start();
+        if let Some(after) = tag.strip_prefix('>') {
+            let name: String = after
+                .trim_start()
+                .chars()
+                .take_while(|c| !c.is_whitespace() && *c != '}' && *c != '~')
+                .collect();
+            if !name.is_empty() && name != "@partial-block" {
+                names.push(name);
+            }
+        }
+    }
+    names
+}
+
+/// Refuses a cycle among the shared partials and layouts, naming it
+/// (`partials/a → partials/b → partials/a`), and an include of a partial that does not exist.
+fn check_partials(sources: &[(String, String)]) -> anyhow::Result<()> {
+    let graph: std::collections::HashMap<&str, Vec<String>> = sources
+        .iter()
+        .map(|(name, source)| (name.as_str(), included_partials(source)))
+        .collect();
+    for (name, includes) in &graph {
+        if let Some(missing) = includes.iter().find(|i| !graph.contains_key(i.as_str())) {
+            bail!("templates/{name}.hbs includes {missing}, which does not exist");
+        }
+    }
+    // Depth-first search from every partial, with the path so far.
+    fn visit<'a>(
+        graph: &'a std::collections::HashMap<&str, Vec<String>>,
+        name: &'a str,
+        path: &mut Vec<&'a str>,
+        done: &mut HashSet<&'a str>,
+    ) -> anyhow::Result<()> {
+        if let Some(start) = path.iter().position(|p| *p == name) {
+            let mut cycle: Vec<&str> = path[start..].to_vec();
+            cycle.push(name);
+            bail!(
+                "partial cycle: {} (it would recurse forever)",
+                cycle.join(" → ")
+            );
+        }
+        if !done.insert(name) {
+            return Ok(());
+        }
+        path.push(name);
+        for next in &graph[name] {
+            let (key, _) = graph.get_key_value(next.as_str()).expect("checked above");
+            visit(graph, key, path, done)?;
+        }
+        path.pop();
+        Ok(())
+    }
+    let mut names: Vec<&str> = graph.keys().copied().collect();
+    names.sort_unstable();
+    for name in names {
+        visit(&graph, name, &mut Vec::new(), &mut HashSet::new())?;
+    }
+    Ok(())
 }
 
 /// Reads `*.hbs` files of a directory as (name without `.hbs`, source).
@@ -267,6 +367,40 @@ fn html_to_text(html: &str) -> String {
         .join("\n")
 }
 
+/// A sample of each trigger's context as dispatch renders it (the trigger's variables, plus
+/// `shop_name`, `unsubscribe_url`, `locale`), with hostile text in it: `templates check`
+/// renders every template with it, and the tests do.
+pub fn sample_context(trigger: Trigger) -> Value {
+    use serde_json::json;
+    let rewards = json!([{"points": 100, "discount": 10}, {"points": 250, "discount": 30}]);
+    let mut context = match trigger {
+        Trigger::Welcome => {
+            json!({"member_id": "m1", "signup_bonus": 100, "balance": 100, "rewards": [{"points": 100, "discount": 10}]})
+        }
+        Trigger::RedemptionReady => {
+            json!({"balance": 260, "reward": {"points": 250, "discount": 30}, "rewards": rewards})
+        }
+        Trigger::TierUp => {
+            json!({"tier": "Silver", "previous_tier": "Bronze", "tier_points": 510, "benefits": ["Free shipping", "Early access"]})
+        }
+        Trigger::PointsExpiring => {
+            json!({"points": 40, "expiry_date": "2026-12-22", "days_left": 30, "notice_days": 30, "balance": 140})
+        }
+        Trigger::Birthday => json!({"bonus": 50, "balance": 150}),
+        Trigger::AbandonedCart => json!({
+            "cart_id": "c1", "item_count": 3, "total_minor": 3_600, "currency": "USD",
+            "items": [{"sku": "m", "name": "Mug <b>", "quantity": 2, "unit_price": 900},
+                      {"sku": "t", "name": "Tea", "quantity": 1, "unit_price": 1_800}],
+            "checkout_url": "https://shop.example/cart/c1?a=1&b=2",
+        }),
+    };
+    context["first_name"] = json!("Ada <script>");
+    context["shop_name"] = json!("Shop");
+    context["unsubscribe_url"] = json!("https://loyalty.example/unsubscribe/abc.def");
+    context["locale"] = json!("en");
+    context
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,51 +410,121 @@ mod tests {
         Templates::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("templates")).unwrap()
     }
 
-    /// A sample of each trigger's context, as the triggers build it.
     fn sample(trigger: Trigger) -> Value {
-        let rewards = json!([{"points": 100, "discount": 10}, {"points": 250, "discount": 30}]);
-        let mut context = match trigger {
-            Trigger::Welcome => {
-                json!({"member_id": "m1", "signup_bonus": 100, "balance": 100, "rewards": [{"points": 100, "discount": 10}]})
+        sample_context(trigger)
+    }
+
+    /// A copy of the shipped templates to spoil.
+    fn copy_of_templates() -> tempfile::TempDir {
+        fn copy(from: &Path, to: &Path) {
+            std::fs::create_dir_all(to).unwrap();
+            for entry in std::fs::read_dir(from).unwrap() {
+                let entry = entry.unwrap();
+                let target = to.join(entry.file_name());
+                if entry.file_type().unwrap().is_dir() {
+                    copy(&entry.path(), &target);
+                } else {
+                    std::fs::copy(entry.path(), target).unwrap();
+                }
             }
-            Trigger::RedemptionReady => {
-                json!({"balance": 260, "reward": {"points": 250, "discount": 30}, "rewards": rewards})
-            }
-            Trigger::TierUp => {
-                json!({"tier": "Silver", "previous_tier": "Bronze", "tier_points": 510, "benefits": ["Free shipping", "Early access"]})
-            }
-            Trigger::PointsExpiring => {
-                json!({"points": 40, "expiry_date": "2026-12-22", "days_left": 30, "notice_days": 30, "balance": 140})
-            }
-            Trigger::Birthday => json!({"bonus": 50, "balance": 150}),
-            Trigger::AbandonedCart => json!({
-                "cart_id": "c1", "item_count": 3, "total_minor": 3_600, "currency": "USD",
-                "items": [{"sku": "m", "name": "Mug <b>", "quantity": 2, "unit_price": 900},
-                          {"sku": "t", "name": "Tea", "quantity": 1, "unit_price": 1_800}],
-                "checkout_url": "https://shop.example/cart/c1?a=1&b=2",
-            }),
-        };
-        context["first_name"] = json!("Ada <script>");
-        context["shop_name"] = json!("Shop");
-        context["unsubscribe_url"] = json!("https://loyalty.example/unsubscribe/abc.def");
-        context
+        }
+        let dir = tempfile::tempdir().unwrap();
+        copy(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("templates"),
+            dir.path(),
+        );
+        dir
+    }
+
+    #[test]
+    fn a_partial_cycle_is_refused_before_it_can_overflow_the_stack() {
+        let dir = copy_of_templates();
+        let partials = dir.path().join("partials");
+        std::fs::write(partials.join("a.hbs"), "A {{> partials/b}}").unwrap();
+        std::fs::write(
+            partials.join("b.hbs"),
+            "B {{~#> partials/a}}x{{/partials/a}}",
+        )
+        .unwrap();
+        let error = format!("{:#}", Templates::load(dir.path()).err().unwrap());
+        assert!(
+            error.contains("partial cycle: partials/a → partials/b → partials/a"),
+            "{error}"
+        );
+        std::fs::write(partials.join("b.hbs"), "B").unwrap();
+        std::fs::write(partials.join("footer.hbs"), "{{> partials/footer}}").unwrap();
+        let error = format!("{:#}", Templates::load(dir.path()).err().unwrap());
+        assert!(
+            error.contains("partials/footer → partials/footer"),
+            "{error}"
+        );
+        std::fs::write(partials.join("footer.hbs"), "{{> partials/nowhere}}").unwrap();
+        let error = format!("{:#}", Templates::load(dir.path()).err().unwrap());
+        assert!(
+            error.contains("includes partials/nowhere, which does not exist"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn the_check_renders_everything_and_counts_sms_segments() {
+        assert_eq!(templates().check(2).unwrap(), Vec::<String>::new());
+        let dir = copy_of_templates();
+        // 80 Korean characters: UCS-2, two segments.
+        std::fs::write(dir.path().join("birthday/ko/sms.hbs"), "생".repeat(80)).unwrap();
+        let t = Templates::load(dir.path()).unwrap();
+        let warnings = t.check(1).unwrap();
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.starts_with("templates/birthday/ko/sms.hbs: 2 UCS-2 segments")),
+            "{warnings:?}"
+        );
+        // A variable outside the trigger's documented context is an error naming the file.
+        std::fs::write(
+            dir.path().join("tier-up/tr/email.subject.hbs"),
+            "{{tier}} {{coupon_code}}",
+        )
+        .unwrap();
+        let t = Templates::load(dir.path()).unwrap();
+        let error = format!("{:#}", t.check(2).unwrap_err());
+        assert!(error.contains("tier-up/tr/email.subject"), "{error}");
+        assert!(error.contains("coupon_code"), "{error}");
     }
 
     #[test]
     fn cart_contents_are_escaped_in_html_and_plain_in_text() {
         let t = templates();
-        let cart = sample(Trigger::AbandonedCart);
+        let mut cart = sample(Trigger::AbandonedCart);
+        cart["locale"] = json!("tr");
         let email = t.render_email(Trigger::AbandonedCart, "tr", &cart).unwrap();
-        assert!(email.html.contains("2 × Mug &lt;b&gt;"), "{}", email.html);
+        assert!(
+            email.html.contains("2 × Mug &lt;b&gt; ($9,00)"),
+            "{}",
+            email.html
+        );
+        assert!(email.html.contains("Toplam: $36,00"), "{}", email.html);
         assert!(
             email
                 .html
                 .contains(r#"href="https://shop.example/cart/c1?a&#x3D;1&amp;b&#x3D;2""#)
         );
         assert!(
-            email.text.contains("- 2 × Mug <b>\n- 1 × Tea"),
+            email
+                .text
+                .contains("- 2 × Mug <b> ($9,00)\n- 1 × Tea ($18,00)\nToplam: $36,00"),
             "{}",
             email.text
+        );
+        // A javascript: link never reaches an href.
+        let mut hostile = cart.clone();
+        hostile["checkout_url"] = json!("javascript:alert(1)");
+        let refused = t
+            .render_email(Trigger::AbandonedCart, "tr", &hostile)
+            .unwrap_err();
+        assert!(
+            format!("{refused:#}").contains("not an http(s) URL"),
+            "{refused:#}"
         );
         let sms = t.render_sms(Trigger::AbandonedCart, "ko", &cart).unwrap();
         assert!(

@@ -162,7 +162,7 @@ async fn points_expiring_notices_go_30_and_7_days_ahead_then_the_points_lapse() 
     })
     .await;
     assert!(mail.text.contains("140 puan"), "{}", mail.text);
-    assert!(mail.text.contains("2026-12-20"), "{}", mail.text);
+    assert!(mail.text.contains("20 Aralık 2026"), "{}", mail.text);
 
     // The lots lapse with no event for the member: the expiry scan takes the points.
     move_clock(&[&worker], t("2026-12-20T10:00:01Z")).await;

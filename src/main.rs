@@ -77,6 +77,12 @@ enum Command {
         /// How many.
         #[arg(long, default_value_t = 50)]
         limit: i64,
+        /// Put these failed messages back in the queue (repeatable).
+        #[arg(long, value_name = "ID")]
+        retry: Vec<i64>,
+        /// Put every failed message back in the queue.
+        #[arg(long, conflicts_with = "retry")]
+        retry_failed: bool,
     },
 }
 
@@ -183,8 +189,18 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Deliveries { limit } => {
+        Command::Deliveries {
+            limit,
+            retry,
+            retry_failed,
+        } => {
             let app = App::open(settings).await?;
+            if retry_failed || !retry.is_empty() {
+                let ids = (!retry.is_empty()).then_some(retry.as_slice());
+                let n = lifecycle::dispatch::retry_failed(&app.pool, ids, app.clock.now()).await?;
+                println!("{n} failed messages queued again.");
+                return Ok(());
+            }
             let rows = lifecycle::demo::recent_messages(&app.pool, None, limit).await?;
             print!("{}", lifecycle::demo::table(&rows));
             Ok(())

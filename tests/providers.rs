@@ -452,3 +452,38 @@ async fn the_rate_limit_holds() {
     worker.stop().await.unwrap();
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ops_can_retry_a_failed_message() {
+    let fake = FakeApi::start(Reply::new(400, "bad sender")).await;
+    let env = sendgrid_env(&fake, "sendgrid", &[]);
+    let worker = env.start(ALL_ROLES).await;
+    let app = worker.app.clone();
+    env.publish(&[enrol(format!("{}-1", env.tag), "m-ops", true, false)])
+        .await;
+    attempts(&app, "m-ops", 1).await;
+    assert_eq!(message(&app, "m-ops").await.0, "failed");
+    // The sender is fixed at SendGrid; ops put the message back.
+    fake.set_fallback(Reply::new(202, "").header("X-Message-Id", "sg-ok"));
+    let n = lifecycle::dispatch::retry_failed(&app.pool, None, app.clock.now())
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    app.outbox_ready.notify_one();
+    wait_for("the retried message sent", || async {
+        (message(&app, "m-ops").await.0 == "sent").then_some(())
+    })
+    .await;
+    let outcomes: Vec<String> =
+        sqlx::query_scalar("select outcome from delivery_attempts order by id")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        outcomes,
+        ["permanent", "sent"],
+        "the first attempt stays on record"
+    );
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}

@@ -397,3 +397,49 @@ async fn an_smtp_server_refusing_the_recipient_suppresses_the_address() {
     worker.stop().await.unwrap();
     env.cleanup().await;
 }
+
+/// smtp-sink answering every RCPT with a soft (4xx) error, or hanging up after DATA: the
+/// message is retried later and the address is not suppressed.
+#[tokio::test(flavor = "multi_thread")]
+async fn smtp_soft_rejects_and_disconnects_are_retried_not_suppressed() {
+    for (flags, member) in [(["-r", "RCPT"], "m-soft"), (["-q", "DATA"], "m-hangup")] {
+        let sink = SmtpSink::start(&flags);
+        let env = TestEnv::new(&[
+            ("LIFECYCLE_EMAIL_PROVIDERS", "smtp".into()),
+            ("LIFECYCLE_SMTP_URL", sink.url()),
+            ("LIFECYCLE_INGEST__CONSUMERS", "1".into()),
+            ("LIFECYCLE_DISPATCH__RETRY_BASE_MS", "600000".into()),
+        ]);
+        let worker = Worker::start(
+            env.app().await,
+            Roles {
+                ingest: true,
+                dispatch: false,
+                schedule: false,
+                http: false,
+            },
+        )
+        .await
+        .unwrap();
+        let app = worker.app.clone();
+        let tag = env.tag.clone();
+        publish_in_order(
+            &env,
+            &app,
+            &[enrol(format!("{tag}-1"), member, "en", true, false)],
+            async |_| {},
+        )
+        .await;
+        dispatch_all(&app, &env).await;
+        let (_, status, error) = outcomes(&app, member, "email").await.remove(0);
+        assert_eq!(status, "pending", "{member}: retried later ({error:?})");
+        assert!(error.as_deref().unwrap().starts_with("smtp"), "{error:?}");
+        assert_eq!(
+            count(&app, "select count(*) from suppressions").await,
+            0,
+            "{member}"
+        );
+        worker.stop().await.unwrap();
+        env.cleanup().await;
+    }
+}

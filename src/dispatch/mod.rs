@@ -657,3 +657,24 @@ impl Dispatcher {
         Ok(())
     }
 }
+
+/// Puts failed messages back in the queue (ops, after fixing what made them fail): those of
+/// `ids`, or every failed one when `ids` is `None`. They are due at `now` with their attempts
+/// counted afresh; the earlier attempts stay recorded. Returns how many.
+pub async fn retry_failed(
+    pool: &sqlx::PgPool,
+    ids: Option<&[i64]>,
+    now: DateTime<Utc>,
+) -> anyhow::Result<u64> {
+    let done = sqlx::query(
+        "update messages set status = 'pending', due_at = $2, attempts = 0, finished_at = null,
+                claimed_until = null
+         where status = 'failed' and ($1::bigint[] is null or id = any($1))",
+    )
+    .bind(ids)
+    .bind(now)
+    .execute(pool)
+    .await
+    .context("requeueing failed messages")?;
+    Ok(done.rows_affected())
+}

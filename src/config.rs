@@ -80,6 +80,9 @@ pub struct Settings {
     pub now: Option<Instant>,
     /// The shop's name as messages show it.
     pub shop_name: String,
+    /// The shop's postal address, shown in the footer of every email (anti-spam laws ask for
+    /// one in marketing mail).
+    pub shop_address: Option<String>,
     /// Root of the default templates.
     pub templates_dir: PathBuf,
     /// Consuming events.
@@ -118,6 +121,7 @@ impl Default for Settings {
             unsubscribe_mailto: None,
             now: None,
             shop_name: "Loyalty Club".into(),
+            shop_address: None,
             templates_dir: "templates".into(),
             ingest: IngestSettings::default(),
             dispatch: DispatchSettings::default(),

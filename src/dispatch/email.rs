@@ -68,7 +68,14 @@ pub(crate) fn compose(
     rendered: &RenderedEmail,
     list_unsubscribe: &str,
 ) -> anyhow::Result<Vec<u8>> {
-    let to = Mailbox::new(name.map(str::to_owned), to.as_str().parse()?);
+    // lettre panics formatting a display name with a line break in it; names are checked at
+    // ingest, and here control characters become spaces all the same.
+    let name = name.map(|n| {
+        n.chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect::<String>()
+    });
+    let to = Mailbox::new(name, to.as_str().parse()?);
     let message = Message::builder()
         .from(from.clone())
         .to(to)
@@ -83,4 +90,45 @@ pub(crate) fn compose(
             rendered.html.clone(),
         ))?;
     Ok(message.formatted())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crlf_in_a_subject_or_name_adds_no_header() {
+        let rendered = RenderedEmail {
+            subject: "Hi\r\nBcc: thief@example.com".into(),
+            html: "<p>x</p>".into(),
+            text: "x".into(),
+        };
+        let mime = compose(
+            &"Shop <shop@example.com>".parse().unwrap(),
+            &Email::parse("ada@example.com").unwrap(),
+            Some("Ada\r\nBcc: thief@example.com"),
+            7,
+            Trigger::Welcome,
+            &rendered,
+            "<https://loyalty.example/unsubscribe/t>",
+        )
+        .unwrap();
+        let parsed = mail_parser::MessageParser::default().parse(&mime).unwrap();
+        assert!(
+            parsed.header_raw("Bcc").is_none(),
+            "{}",
+            String::from_utf8_lossy(&mime)
+        );
+        let to: Vec<_> = parsed.to().unwrap().iter().collect();
+        assert_eq!(to.len(), 1);
+        assert_eq!(to[0].address(), Some("ada@example.com"));
+        assert!(
+            parsed.subject().unwrap().contains("Bcc: thief@example.com"),
+            "kept as text"
+        );
+        assert_eq!(
+            parsed.header_raw("List-Unsubscribe-Post").map(str::trim),
+            Some("List-Unsubscribe=One-Click")
+        );
+    }
 }

@@ -518,6 +518,10 @@ impl Dispatcher {
             );
             // The helpers format money, points and dates for it.
             map.insert("locale".into(), Value::String(locale.clone()));
+            map.insert(
+                "shop_address".into(),
+                Value::String(self.app.settings.shop_address.clone().unwrap_or_default()),
+            );
         }
         let (to, content) = match channel {
             Channel::Email => {

@@ -86,7 +86,7 @@ impl Templates {
                     .with_context(|| format!("template directory {}", locale.path().display()))?;
                 for (file, source) in read_dir_templates(&locale.path())? {
                     let name = format!("{}/{locale_name}/{file}", trigger.as_str());
-                    let registry = if file.ends_with(".html") {
+                    let registry = if file.ends_with(".html") || file.ends_with(".mjml") {
                         &mut html
                     } else {
                         &mut text
@@ -122,8 +122,10 @@ impl Templates {
                     bail!("templates/{key}/{required}.hbs is missing");
                 }
             }
-            if !self.html.has_template(&format!("{key}/email.html")) {
-                bail!("templates/{key}/email.html.hbs is missing");
+            if !self.html.has_template(&format!("{key}/email.mjml"))
+                && !self.html.has_template(&format!("{key}/email.html"))
+            {
+                bail!("templates/{key}/ has neither email.mjml.hbs nor email.html.hbs");
             }
         }
         Ok(())
@@ -161,10 +163,18 @@ impl Templates {
                 .with_context(|| format!("rendering {base}/{file}.hbs"))
         };
         let subject = one_line(&render_text("email.subject")?);
-        let html = self
-            .html
-            .render(&format!("{base}/email.html"), context)
-            .with_context(|| format!("rendering {base}/email.html.hbs"))?;
+        let mjml_name = format!("{base}/email.mjml");
+        let html = if self.html.has_template(&mjml_name) {
+            let mjml = self
+                .html
+                .render(&mjml_name, context)
+                .with_context(|| format!("rendering {mjml_name}.hbs"))?;
+            mjml_to_html(&mjml).with_context(|| format!("turning {mjml_name}.hbs into HTML"))?
+        } else {
+            self.html
+                .render(&format!("{base}/email.html"), context)
+                .with_context(|| format!("rendering {base}/email.html.hbs"))?
+        };
         let text = if self.text.has_template(&format!("{base}/email.txt")) {
             render_text("email.txt")?
         } else {
@@ -215,6 +225,30 @@ impl Templates {
             .with_context(|| format!("rendering {name}.hbs"))?;
         Ok(body.trim().to_owned())
     }
+}
+
+/// MJML to responsive HTML (mrml), then CSS inlined (css-inline) for mail clients that ignore
+/// `<style>`. No remote stylesheet or font is ever loaded, and `@media` rules are kept, since
+/// MJML's responsive layout lives in them.
+fn mjml_to_html(mjml: &str) -> anyhow::Result<String> {
+    let parsed = mrml::parse(mjml).map_err(|e| anyhow::anyhow!("MJML: {e}"))?;
+    let options = mrml::prelude::render::RenderOptions {
+        disable_comments: true,
+        social_icon_origin: None,
+        fonts: Default::default(),
+    };
+    let html = parsed
+        .element
+        .render(&options)
+        .map_err(|e| anyhow::anyhow!("MJML: {e}"))?;
+    let inliner = css_inline::InlineOptions::default()
+        .load_remote_stylesheets(false)
+        .keep_style_tags(true)
+        .keep_at_rules(true)
+        .build();
+    inliner
+        .inline(&html)
+        .map_err(|e| anyhow::anyhow!("inlining CSS: {e}"))
 }
 
 /// The partials a template source includes (`{{> name}}`, `{{#> name}}`).
@@ -398,6 +432,7 @@ pub fn sample_context(trigger: Trigger) -> Value {
     context["shop_name"] = json!("Shop");
     context["unsubscribe_url"] = json!("https://loyalty.example/unsubscribe/abc.def");
     context["locale"] = json!("en");
+    context["shop_address"] = json!("1 Market Street <Suite 5>, Springfield");
     context
 }
 
@@ -493,6 +528,31 @@ mod tests {
     }
 
     #[test]
+    fn korean_and_turkish_survive_mjml_inlining_and_the_text_part() {
+        let t = templates();
+        for (locale, words) in [
+            ("ko", ["생일을 축하합니다", "수신 거부", "지우"]),
+            ("tr", ["İyi ki doğdunuz", "Abonelikten çık", "Işıl Çağrı"]),
+        ] {
+            let mut context = sample(Trigger::Birthday);
+            context["locale"] = json!(locale);
+            context["first_name"] = json!(words[2]);
+            let email = t.render_email(Trigger::Birthday, locale, &context).unwrap();
+            for word in &words[..2] {
+                assert!(email.html.contains(word), "{locale}: {word} in the HTML");
+            }
+            assert!(email.html.contains(words[2]) && email.subject.contains(words[2]));
+            assert!(email.text.contains(words[0]) && email.text.contains(words[2]));
+            // Inlined: the body's styles are on the elements themselves.
+            assert!(
+                email.html.contains("<h1 style=\"font-size: 22px"),
+                "{locale}: inlined"
+            );
+            assert!(!email.html.contains("fonts.googleapis"), "no remote fonts");
+        }
+    }
+
+    #[test]
     fn cart_contents_are_escaped_in_html_and_plain_in_text() {
         let t = templates();
         let mut cart = sample(Trigger::AbandonedCart);
@@ -507,7 +567,7 @@ mod tests {
         assert!(
             email
                 .html
-                .contains(r#"href="https://shop.example/cart/c1?a&#x3D;1&amp;b&#x3D;2""#)
+                .contains(r#"href="https://shop.example/cart/c1?a=1&amp;b=2""#)
         );
         assert!(
             email
@@ -549,8 +609,12 @@ mod tests {
                 );
                 assert!(!email.html.contains("<script>"), "{trigger:?}/{locale}");
                 assert!(
-                    email.html.starts_with("<!doctype html>"),
-                    "{trigger:?}/{locale}: layout"
+                    email.html.starts_with("<!DOCTYPE html>")
+                        && email.html.contains("@media only screen")
+                        && email
+                            .html
+                            .contains("https://loyalty.example/unsubscribe/abc.def"),
+                    "{trigger:?}/{locale}: MJML layout, responsive, with the unsubscribe link"
                 );
                 assert!(
                     !email.subject.is_empty() && !email.text.is_empty(),
@@ -597,11 +661,11 @@ mod tests {
                 "{locale}: HTML escapes values"
             );
             assert!(
-                email.html.starts_with("<!doctype html>"),
+                email.html.starts_with("<!DOCTYPE html>"),
                 "{locale}: the layout wraps the body"
             );
             assert!(
-                email.html.contains(&format!("<html lang=\"{locale}\">")),
+                email.html.contains(&format!("<html lang=\"{locale}\"")),
                 "{locale}"
             );
             assert!(!email.html.contains("<script>"), "{locale}");

@@ -97,7 +97,7 @@ async fn sendgrid_gets_the_mail_and_its_message_id_is_recorded() {
         body["content"][1]["value"]
             .as_str()
             .unwrap()
-            .starts_with("<!doctype html>")
+            .starts_with("<!DOCTYPE html>")
     );
     assert_eq!(body["headers"]["X-Lifecycle-Trigger"], "welcome");
     let id: i64 = count(&app, "select id from messages").await;

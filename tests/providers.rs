@@ -487,3 +487,72 @@ async fn ops_can_retry_a_failed_message() {
     worker.stop().await.unwrap();
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twilio_failures_are_classified_like_every_http_api() {
+    let fake = FakeApi::start(Reply::new(201, r#"{"sid": "SM-ok"}"#)).await;
+    // Rules match the form-encoded `To` of each member's number.
+    fake.rule(
+        "To=%2B14155550101",
+        Reply::new(
+            400,
+            r#"{"code": 21211, "message": "Invalid 'To' Phone Number"}"#,
+        ),
+    );
+    fake.rule(
+        "To=%2B14155550102",
+        Reply::new(429, "").header("Retry-After", "90"),
+    );
+    fake.rule("To=%2B14155550103", Reply::new(503, "busy"));
+    fake.rule(
+        "To=%2B14155550104",
+        Reply::new(201, "{}").after(Duration::from_secs(3)),
+    );
+    let env = TestEnv::new(&[
+        ("LIFECYCLE_NOW", NOW.to_owned()),
+        ("LIFECYCLE_SMS_PROVIDERS", "twilio".into()),
+        ("LIFECYCLE_TWILIO_BASE_URL", fake.url.clone()),
+        ("LIFECYCLE_TWILIO_ACCOUNT_SID", "AC1".into()),
+        ("LIFECYCLE_TWILIO_AUTH_TOKEN", "t".into()),
+        ("LIFECYCLE_TWILIO_FROM", "+15005550006".into()),
+        ("LIFECYCLE_DISPATCH__SEND_TIMEOUT_MS", "500".into()),
+        ("LIFECYCLE_DISPATCH__RETRY_BASE_MS", "60000".into()),
+    ]);
+    let worker = env.start(ALL_ROLES).await;
+    let app = worker.app.clone();
+    let events: Vec<String> = (1..=5)
+        .map(|i| {
+            json!({"specversion": "1.0", "id": format!("{}-{i}", env.tag), "source": "test",
+                   "type": "member.enrolled",
+                   "data": {"member_id": format!("m-tw{i}"), "phone": format!("+1415555010{i}"),
+                            "locale": "en", "timezone": "UTC", "consent": {"email": false, "sms": true}}})
+            .to_string()
+        })
+        .collect();
+    env.publish(&events).await;
+    for i in 1..=5 {
+        attempts(&app, &format!("m-tw{i}"), 1).await;
+    }
+    let (status, _, _, error, _) = message(&app, "m-tw1").await;
+    assert_eq!(status, "failed");
+    assert!(error.unwrap().contains("Invalid 'To' Phone Number"));
+    let due: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("select due_at from messages where member_id = 'm-tw2'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        due - NOW.parse::<chrono::DateTime<chrono::Utc>>().unwrap(),
+        chrono::Duration::seconds(90)
+    );
+    for m in ["m-tw2", "m-tw3", "m-tw4"] {
+        assert_eq!(message(&app, m).await.0, "pending", "{m}: retried later");
+    }
+    let (status, _, reference, ..) = message(&app, "m-tw5").await;
+    assert_eq!(
+        (status.as_str(), reference.as_deref()),
+        ("sent", Some("SM-ok"))
+    );
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}

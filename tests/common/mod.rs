@@ -112,7 +112,10 @@ impl TestEnv {
     /// The settings as environment variables, for a child `lifecycle` process.
     pub fn env_vars(&self) -> Vec<(String, String)> {
         let mut vars = self.vars.clone();
+        // A crashed child's claims lapse quickly; small batches finish well inside the lease,
+        // so live dispatchers never take each other's messages.
         vars.push(("LIFECYCLE_DISPATCH__LEASE_SECS".into(), "2".into()));
+        vars.push(("LIFECYCLE_DISPATCH__BATCH_SIZE".into(), "50".into()));
         // A `serve` child serves HTTP too: on a port of its own.
         vars.push((
             "LIFECYCLE_HTTP_ADDR".into(),

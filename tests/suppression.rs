@@ -62,6 +62,32 @@ fn another_message(tag: &str, n: u32, member: &str) -> Vec<String> {
     ]
 }
 
+/// An environment sending email to `sink`, with `member` enrolled (by email) and the welcome
+/// waiting in the outbox; the worker consumes only.
+async fn enrolled_at_smtp(
+    sink: &SmtpSink,
+    member: &str,
+    extra: &[(&str, String)],
+) -> (TestEnv, Worker) {
+    let mut vars = vec![
+        ("LIFECYCLE_EMAIL_PROVIDERS", "smtp".to_owned()),
+        ("LIFECYCLE_SMTP_URL", sink.url()),
+        ("LIFECYCLE_INGEST__CONSUMERS", "1".to_owned()),
+    ];
+    vars.extend(extra.iter().cloned());
+    let env = TestEnv::new(&vars);
+    let roles = Roles {
+        ingest: true,
+        dispatch: false,
+        schedule: false,
+        http: false,
+    };
+    let worker = Worker::start(env.app().await, roles).await.unwrap();
+    let enrolment = enrol(format!("{}-1", env.tag), member, "en", true, false);
+    publish_in_order(&env, &worker.app, &[enrolment], async |_| {}).await;
+    (env, worker)
+}
+
 async fn dispatch_all(app: &App, env: &TestEnv) {
     let templates = Templates::load(&env.settings.templates_dir).unwrap();
     let dispatcher = Dispatcher::new(app.clone(), Arc::new(templates)).unwrap();
@@ -347,31 +373,9 @@ async fn a_sendgrid_bounce_suppresses_the_address_but_a_block_does_not() {
 async fn an_smtp_server_refusing_the_recipient_suppresses_the_address() {
     // smtp-sink refuses every RCPT with a hard (5xx) error.
     let sink = SmtpSink::start(&["-f", "RCPT"]);
-    let env = TestEnv::new(&[
-        ("LIFECYCLE_EMAIL_PROVIDERS", "smtp".into()),
-        ("LIFECYCLE_SMTP_URL", sink.url()),
-        ("LIFECYCLE_INGEST__CONSUMERS", "1".into()),
-    ]);
-    let worker = Worker::start(
-        env.app().await,
-        Roles {
-            ingest: true,
-            dispatch: false,
-            schedule: false,
-            http: false,
-        },
-    )
-    .await
-    .unwrap();
+    let (env, worker) = enrolled_at_smtp(&sink, "m-550", &[]).await;
     let app = worker.app.clone();
     let tag = env.tag.clone();
-    publish_in_order(
-        &env,
-        &app,
-        &[enrol(format!("{tag}-1"), "m-550", "en", true, false)],
-        async |_| {},
-    )
-    .await;
     dispatch_all(&app, &env).await;
     let first = outcomes(&app, "m-550", "email").await;
     assert_eq!(first[0].1, "failed");
@@ -404,32 +408,9 @@ async fn an_smtp_server_refusing_the_recipient_suppresses_the_address() {
 async fn smtp_soft_rejects_and_disconnects_are_retried_not_suppressed() {
     for (flags, member) in [(["-r", "RCPT"], "m-soft"), (["-q", "DATA"], "m-hangup")] {
         let sink = SmtpSink::start(&flags);
-        let env = TestEnv::new(&[
-            ("LIFECYCLE_EMAIL_PROVIDERS", "smtp".into()),
-            ("LIFECYCLE_SMTP_URL", sink.url()),
-            ("LIFECYCLE_INGEST__CONSUMERS", "1".into()),
-            ("LIFECYCLE_DISPATCH__RETRY_BASE_MS", "600000".into()),
-        ]);
-        let worker = Worker::start(
-            env.app().await,
-            Roles {
-                ingest: true,
-                dispatch: false,
-                schedule: false,
-                http: false,
-            },
-        )
-        .await
-        .unwrap();
+        let retry_later = [("LIFECYCLE_DISPATCH__RETRY_BASE_MS", "600000".to_owned())];
+        let (env, worker) = enrolled_at_smtp(&sink, member, &retry_later).await;
         let app = worker.app.clone();
-        let tag = env.tag.clone();
-        publish_in_order(
-            &env,
-            &app,
-            &[enrol(format!("{tag}-1"), member, "en", true, false)],
-            async |_| {},
-        )
-        .await;
         dispatch_all(&app, &env).await;
         let (_, status, error) = outcomes(&app, member, "email").await.remove(0);
         assert_eq!(status, "pending", "{member}: retried later ({error:?})");

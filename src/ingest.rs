@@ -158,6 +158,9 @@ pub async fn declare_topology(channel: &Channel, settings: &Settings) -> anyhow:
     Ok(())
 }
 
+/// How long a channel may take to recover before its connection is replaced.
+const RECOVERY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The consuming side of the worker.
 #[derive(Clone)]
 pub struct Ingest {
@@ -274,9 +277,11 @@ impl Ingest {
             }
             if let Some(error) = pending_error {
                 warn!(%error, "Channel error; waiting for recovery.");
-                channel
-                    .wait_for_recovery(error)
+                // lapin's recovery can stall (seen once when the broker restarted on a loaded
+                // machine): after a while, give the connection up and make a new one.
+                tokio::time::timeout(RECOVERY_TIMEOUT, channel.wait_for_recovery(error))
                     .await
+                    .map_err(|_| anyhow!("the channel did not recover in {RECOVERY_TIMEOUT:?}"))?
                     .context("the channel could not be recovered")?;
             }
         }

@@ -556,3 +556,32 @@ async fn twilio_failures_are_classified_like_every_http_api() {
     worker.stop().await.unwrap();
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_send_keeps_its_claim_so_no_other_loop_sends_it_again() {
+    // The provider takes 2.5 s; the claim lease is 1 s. Without renewal another dispatch loop
+    // would take the message after a second and send it a second time.
+    let fake = FakeApi::start(Reply::new(202, "").after(Duration::from_millis(2_500))).await;
+    let env = sendgrid_env(
+        &fake,
+        "sendgrid",
+        &[
+            ("LIFECYCLE_DISPATCH__LEASE_SECS", "1".into()),
+            ("LIFECYCLE_DISPATCH__SEND_TIMEOUT_MS", "5000".into()),
+            ("LIFECYCLE_DISPATCH__PIPELINES", "4".into()),
+        ],
+    );
+    let worker = env.start(ALL_ROLES).await;
+    let app = worker.app.clone();
+    env.publish(&[enrol(format!("{}-1", env.tag), "m-slow-send", true, false)])
+        .await;
+    wait_for("the slow message sent", || async {
+        (count(&app, "select count(*) from messages where status = 'sent'").await == 1)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(fake.requests().len(), 1, "sent once");
+    assert_eq!(attempts(&app, "m-slow-send", 1).await.len(), 1);
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}

@@ -182,14 +182,41 @@ impl Dispatcher {
             return Ok(Step::Idle);
         }
         let n = claimed.len();
+        let ids: Vec<i64> = claimed.iter().map(|c| c.id).collect();
         let held = self.capped(&claimed).await?;
-        let settled: Vec<Settled> = futures_util::stream::iter(claimed.into_iter().zip(held))
+        let sending = futures_util::stream::iter(claimed.into_iter().zip(held))
             .map(|(c, held)| self.settle(c, held))
             .buffer_unordered(self.app.settings.dispatch.concurrency)
-            .collect()
-            .await;
+            .collect::<Vec<Settled>>();
+        // While the batch is out, its claims are renewed: a slow provider must not let another
+        // dispatcher take (and send again) messages that are still being sent.
+        let settled = tokio::select! {
+            settled = sending => settled,
+            never = self.renew_claims(&ids) => match never {},
+        };
         self.record(&settled).await?;
         Ok(Step::Settled(n))
+    }
+
+    /// Extends the lease of claimed messages every third of `dispatch.lease_secs`, until
+    /// dropped. A failed renewal is logged; the lease then runs its course.
+    async fn renew_claims(&self, ids: &[i64]) -> std::convert::Infallible {
+        let lease = self.app.settings.dispatch.lease_secs;
+        let every = Duration::from_millis((lease * 1000 / 3).max(100));
+        loop {
+            tokio::time::sleep(every).await;
+            let renewed = sqlx::query(
+                "update messages set claimed_until = now() + make_interval(secs => $2)
+                 where id = any($1) and status = 'sending'",
+            )
+            .bind(ids)
+            .bind(lease as f64)
+            .execute(&self.app.pool)
+            .await;
+            if let Err(error) = renewed {
+                warn!(%error, "Renewing message claims failed.");
+            }
+        }
     }
 
     async fn claim(&self) -> anyhow::Result<Vec<Claimed>> {

@@ -217,8 +217,9 @@ pub struct DispatchSettings {
     /// Pause between polls when nothing is due, in milliseconds.
     #[serde(deserialize_with = "parsed")]
     pub poll_interval_ms: u64,
-    /// How long a claim holds a message before another worker may take it, in seconds. It
-    /// must outlast a whole batch (`batch_size / concurrency` rounds of `send_timeout_ms`).
+    /// How long a claim holds a message before another worker may take it, in seconds. A
+    /// dispatcher renews its claims every third of this while a batch is out, so only a
+    /// dispatcher that died lets its claims lapse.
     #[serde(deserialize_with = "parsed")]
     pub lease_secs: u64,
     /// Attempts before a transiently failing message ends `failed`.

@@ -11,6 +11,7 @@
 //! exactly on the cron instant. So a late or missed run loses nothing, and dedupe keys make a
 //! second run (a lease that lapsed mid-scan) harmless.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
@@ -119,12 +120,13 @@ impl Scheduler {
         } else {
             MAX_POLL
         };
+        let last_runs = last_runs(&self.app.pool).await?;
         for job in Job::ALL {
             if shutdown.is_triggered() {
                 break;
             }
             let now = self.app.clock.now();
-            let last_run = self.last_run(job).await?;
+            let last_run = last_runs.get(job.as_str()).copied().flatten();
             let next = last_run.and_then(|last| job.cron(&self.app).next_after(last));
             match next {
                 Some(next) if next > now => {
@@ -140,18 +142,6 @@ impl Scheduler {
             }
         }
         Ok(pause)
-    }
-
-    /// The business time of the job's last completed run.
-    async fn last_run(&self, job: Job) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
-        sqlx::query("insert into scheduled_jobs (job) values ($1) on conflict do nothing")
-            .bind(job.as_str())
-            .execute(&self.app.pool)
-            .await?;
-        sqlx::query_scalar("select last_run from scheduled_jobs where job = $1")
-            .bind(job.as_str())
-            .fetch_one(&self.app.pool)
-            .await
     }
 
     /// Runs the scan if this replica gets the lease while `last_run` is still `seen`; records
@@ -207,16 +197,40 @@ impl Scheduler {
     }
 }
 
+/// Each scan's last completed run (business time), by name, in one read. The rows of scans not
+/// seen before are made first (a new database, or a new scan).
+async fn last_runs(
+    pool: &sqlx::PgPool,
+) -> Result<HashMap<String, Option<DateTime<Utc>>>, sqlx::Error> {
+    let read = || async {
+        sqlx::query_as::<_, (String, Option<DateTime<Utc>>)>(
+            "select job, last_run from scheduled_jobs",
+        )
+        .fetch_all(pool)
+        .await
+        .map(|rows| rows.into_iter().collect::<HashMap<_, _>>())
+    };
+    let runs = read().await?;
+    if Job::ALL.iter().all(|job| runs.contains_key(job.as_str())) {
+        return Ok(runs);
+    }
+    let names: Vec<&str> = Job::ALL.iter().map(|job| job.as_str()).collect();
+    sqlx::query(
+        "insert into scheduled_jobs (job) select unnest($1::text[]) on conflict do nothing",
+    )
+    .bind(&names)
+    .execute(pool)
+    .await?;
+    read().await
+}
+
 /// Whether every scan has run at its latest cron instant up to `now` (demos wait on it).
 pub async fn caught_up(app: &App, now: DateTime<Utc>) -> anyhow::Result<bool> {
-    let rows: Vec<(String, Option<DateTime<Utc>>)> =
-        sqlx::query_as("select job, last_run from scheduled_jobs")
-            .fetch_all(&app.pool)
-            .await?;
+    let runs = last_runs(&app.pool).await?;
     Ok(Job::ALL.iter().all(|job| {
-        rows.iter()
-            .find(|(name, _)| name == job.as_str())
-            .and_then(|(_, last)| *last)
+        runs.get(job.as_str())
+            .copied()
+            .flatten()
             .is_some_and(|last| job.cron(app).next_after(last).is_none_or(|next| next > now))
     }))
 }

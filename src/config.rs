@@ -282,16 +282,23 @@ pub struct RateLimits {
 }
 
 impl RateLimits {
+    /// Every provider's name with its limit.
+    fn all(&self) -> [(&'static str, Option<f64>); 5] {
+        [
+            ("smtp", self.smtp),
+            ("sendgrid", self.sendgrid),
+            ("webhook", self.webhook),
+            ("twilio", self.twilio),
+            ("file", self.file),
+        ]
+    }
+
     /// The limit of the provider of this name.
     pub fn of(&self, provider: &str) -> Option<f64> {
-        match provider {
-            "smtp" => self.smtp,
-            "sendgrid" => self.sendgrid,
-            "webhook" => self.webhook,
-            "twilio" => self.twilio,
-            "file" => self.file,
-            _ => None,
-        }
+        self.all()
+            .into_iter()
+            .find(|(name, _)| *name == provider)
+            .and_then(|(_, limit)| limit)
     }
 }
 
@@ -799,14 +806,7 @@ impl Settings {
                 self.dispatch.max_attempts.max(0) as u64,
             ),
         ];
-        let r = &self.dispatch.rate_limit;
-        for (name, limit) in [
-            ("smtp", r.smtp),
-            ("sendgrid", r.sendgrid),
-            ("webhook", r.webhook),
-            ("twilio", r.twilio),
-            ("file", r.file),
-        ] {
+        for (name, limit) in self.dispatch.rate_limit.all() {
             if limit.is_some_and(|l| !(l.is_finite() && l > 0.0)) {
                 bail!(
                     "invalid setting `dispatch.rate_limit.{name}` ({ENV_PREFIX}DISPATCH__RATE_LIMIT__{}): must be a positive number of messages per second",

@@ -88,6 +88,12 @@ pub fn reachable_channels(member: &Member) -> Vec<Channel> {
     channels
 }
 
+/// The outbox key of one occurrence of a trigger on a channel: the trigger, the trigger-specific
+/// part of DESIGN.md's dedupe key (`member:year`, `cart:version`…), the channel.
+pub fn dedupe_key(trigger: Trigger, key: &str, channel: Channel) -> String {
+    format!("{}:{key}:{}", trigger.as_str(), channel.as_str())
+}
+
 /// Plans a message per reachable channel, with `key` as the dedupe key's trigger-specific part.
 fn per_channel(
     trigger: Trigger,
@@ -101,7 +107,7 @@ fn per_channel(
         .map(|channel| Planned {
             trigger,
             channel,
-            dedupe_key: format!("{}:{key}:{}", trigger.as_str(), channel.as_str()),
+            dedupe_key: dedupe_key(trigger, key, channel),
             due_at,
             context: context.clone(),
         })
@@ -368,7 +374,7 @@ pub fn abandoned_cart(cart: &CartState, member: &Member, now: DateTime<Utc>) -> 
         "currency": cart.currency,
         "checkout_url": cart.checkout_url,
     });
-    let key = format!("{}:{}", cart.cart_id, cart.version);
+    let key = cart.dedupe_part(cart.version);
     per_channel(Trigger::AbandonedCart, &key, member, now, context)
 }
 

@@ -11,9 +11,10 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Row};
 
+use crate::domain::Channel;
 use crate::domain::{MemberId, quoted};
 use crate::event::Cart;
-use crate::triggers::Trigger;
+use crate::triggers::{self, Trigger};
 
 /// A cart as the ledger keeps it.
 #[derive(Debug, Clone, PartialEq)]
@@ -120,21 +121,21 @@ impl CartState {
             && self.due_at.is_some_and(|d| d <= now)
     }
 
+    /// The cart's part of the abandoned-cart dedupe key at `version`: cart, version.
+    pub fn dedupe_part(&self, version: i32) -> String {
+        format!("{}:{version}", self.cart_id)
+    }
+
     /// Outbox keys of the message planned for this cart's notified version: a change to the
     /// cart cancels it if it has not gone yet.
     pub fn planned_keys(&self) -> Vec<String> {
         let Some(version) = self.notified_version else {
             return Vec::new();
         };
-        ["email", "sms"]
-            .iter()
-            .map(|channel| {
-                format!(
-                    "{}:{}:{version}:{channel}",
-                    Trigger::AbandonedCart.as_str(),
-                    self.cart_id
-                )
-            })
+        let key = self.dedupe_part(version);
+        [Channel::Email, Channel::Sms]
+            .into_iter()
+            .map(|channel| triggers::dedupe_key(Trigger::AbandonedCart, &key, channel))
             .collect()
     }
 }

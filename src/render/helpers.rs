@@ -131,6 +131,13 @@ pub fn format_date(date: NaiveDate, locale: &str) -> String {
     }
 }
 
+/// Writes a helper's text through the registry's escaping: `&` becomes `&amp;` in HTML, as it
+/// must, and stays `&` in text and SMS.
+fn write_escaped(r: &Handlebars, out: &mut dyn Output, text: &str) -> HelperResult {
+    out.write(&(r.get_escape_fn())(text))?;
+    Ok(())
+}
+
 fn money(
     h: &Helper,
     r: &Handlebars,
@@ -147,12 +154,7 @@ fn money(
     let currency = param(h, 1, "money")?
         .as_str()
         .ok_or_else(|| invalid("money", "the currency must be an ISO 4217 code".into()))?;
-    out.write(&(r.get_escape_fn())(&format_money(
-        minor,
-        currency,
-        &locale(ctx),
-    )))?;
-    Ok(())
+    write_escaped(r, out, &format_money(minor, currency, &locale(ctx)))
 }
 
 fn number(
@@ -165,8 +167,7 @@ fn number(
     let n = param(h, 0, "number")?
         .as_i64()
         .ok_or_else(|| invalid("number", "expects a whole number".into()))?;
-    out.write(&(r.get_escape_fn())(&format_points(n, &locale(ctx))))?;
-    Ok(())
+    write_escaped(r, out, &format_points(n, &locale(ctx)))
 }
 
 fn date(
@@ -181,8 +182,7 @@ fn date(
         .ok_or_else(|| invalid("date", "expects a YYYY-MM-DD string".into()))?;
     let day = NaiveDate::parse_from_str(raw, "%Y-%m-%d")
         .map_err(|_| invalid("date", format!("{raw:?} is not YYYY-MM-DD")))?;
-    out.write(&(r.get_escape_fn())(&format_date(day, &locale(ctx))))?;
-    Ok(())
+    write_escaped(r, out, &format_date(day, &locale(ctx)))
 }
 
 fn url(
@@ -202,10 +202,7 @@ fn url(
             format!("{:?} is not an http(s) URL", parsed.scheme()),
         ));
     }
-    // Through the registry's escaping: `&` becomes `&amp;` in HTML, as it must, and stays
-    // `&` in text and SMS.
-    out.write(&(r.get_escape_fn())(parsed.as_str()))?;
-    Ok(())
+    write_escaped(r, out, parsed.as_str())
 }
 
 /// How an SMS is encoded and how many segments it takes: GSM-7 (160 characters, or 153 a

@@ -1,12 +1,13 @@
 //! The process: shared handles, and starting and stopping the worker's roles.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use anyhow::Context;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tracing::info;
+use tracing::{error, info};
 
 use crate::clock::Clock;
 use crate::config::Settings;
@@ -32,6 +33,38 @@ pub struct App {
     pub outbox_ready: Arc<Notify>,
     /// Signs and checks unsubscribe links.
     pub tokens: Arc<crate::suppress::Tokens>,
+    /// What each role reports of itself, for `/readyz`.
+    pub health: Arc<Health>,
+}
+
+/// Each role's own report of being alive, read by `/readyz`.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// The roles this process runs.
+    pub roles: std::sync::OnceLock<Roles>,
+    /// Ingest consumers consuming now (a channel open and subscribed).
+    pub ingest_consumers: AtomicUsize,
+    /// Dispatch loops running.
+    pub dispatch_loops: AtomicUsize,
+    /// The scheduler's loop is running.
+    pub scheduler: AtomicBool,
+}
+
+impl Health {
+    /// Counts one ingest consumer as consuming until the guard is dropped.
+    pub fn consuming(self: &Arc<Health>) -> ConsumingGuard {
+        self.ingest_consumers.fetch_add(1, Ordering::Relaxed);
+        ConsumingGuard(self.clone())
+    }
+}
+
+/// Counts a consumer as consuming while it lives.
+pub struct ConsumingGuard(Arc<Health>);
+
+impl Drop for ConsumingGuard {
+    fn drop(&mut self) {
+        self.0.ingest_consumers.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl App {
@@ -50,12 +83,13 @@ impl App {
             pool,
             metrics: Arc::new(Metrics::default()),
             outbox_ready: Arc::new(Notify::new()),
+            health: Arc::new(Health::default()),
         })
     }
 }
 
 /// Which parts of the worker run in this process.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Roles {
     /// Consume events.
     pub ingest: bool,
@@ -73,7 +107,15 @@ pub struct Worker {
     pub app: App,
     trigger: ShutdownTrigger,
     shutdown: Shutdown,
-    tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)>,
+    /// Signalled when a role ends before shutdown was asked for.
+    died: Arc<Notify>,
+    tasks: Vec<(&'static str, JoinHandle<RoleEnd>)>,
+}
+
+/// How a role's task ended: its result, and whether it ended by itself (before shutdown).
+struct RoleEnd {
+    result: anyhow::Result<()>,
+    unasked: bool,
 }
 
 impl Worker {
@@ -81,35 +123,33 @@ impl Worker {
     /// template or provider setting fails here, not at the first send.
     pub async fn start(app: App, roles: Roles) -> anyhow::Result<Worker> {
         let (trigger, shutdown) = shutdown::channel();
-        let mut tasks = Vec::new();
+        let mut worker = Worker {
+            app: app.clone(),
+            trigger,
+            shutdown: shutdown.clone(),
+            died: Arc::new(Notify::new()),
+            tasks: Vec::new(),
+        };
+        app.health.roles.set(roles).ok();
         if roles.dispatch {
-            let templates = Templates::load(&app.settings.templates_dir).with_context(|| {
-                format!(
-                    "loading templates from {}",
-                    app.settings.templates_dir.display()
-                )
-            })?;
+            let templates = Templates::load_configured(app.settings.templates_dir.as_deref())?;
             let dispatcher = Dispatcher::new(app.clone(), Arc::new(templates))?;
-            tasks.push(("dispatch", tokio::spawn(dispatcher.run(shutdown.clone()))));
+            worker.spawn("dispatch", dispatcher.run(shutdown.clone()));
         }
         if roles.http {
             let listener = crate::http::bind(&app).await?;
-            tasks.push((
+            worker.spawn(
                 "http",
-                tokio::spawn(crate::http::serve_on(
-                    listener,
-                    app.clone(),
-                    shutdown.clone(),
-                )),
-            ));
+                crate::http::serve_on(listener, app.clone(), shutdown.clone()),
+            );
         }
         if roles.schedule {
             let scheduler = Scheduler::new(app.clone());
-            tasks.push(("scheduler", tokio::spawn(scheduler.run(shutdown.clone()))));
+            worker.spawn("scheduler", scheduler.run(shutdown.clone()));
         }
         if roles.ingest {
             let ingest = Ingest::new(app.clone());
-            tasks.push(("ingest", tokio::spawn(ingest.run(shutdown.clone()))));
+            worker.spawn("ingest", ingest.run(shutdown.clone()));
         }
         info!(
             ingest = roles.ingest,
@@ -118,26 +158,71 @@ impl Worker {
             http = roles.http,
             "Worker started."
         );
-        Ok(Worker {
-            app,
-            trigger,
-            shutdown,
-            tasks,
-        })
+        Ok(worker)
     }
 
-    /// Asks every role to finish its work in hand and stop, and waits for them.
+    /// Runs a role; should it end before shutdown was asked for (an error, a panic, or
+    /// returning at all), `stopped` completes, so the process ends rather than go on
+    /// half-alive.
+    fn spawn<F>(&mut self, name: &'static str, role: F)
+    where
+        F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let (shutdown, died) = (self.shutdown.clone(), self.died.clone());
+        let task = tokio::spawn(async move {
+            // A panic is caught here so that it counts as the role dying, with its words.
+            let result =
+                match futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(role))
+                    .await
+                {
+                    Ok(result) => result,
+                    Err(panic) => Err(anyhow::anyhow!(
+                        "panicked: {}",
+                        panic
+                            .downcast_ref::<&str>()
+                            .copied()
+                            .or(panic.downcast_ref::<String>().map(String::as_str))
+                            .unwrap_or("(no message)")
+                    )),
+                };
+            let unasked = !shutdown.is_triggered();
+            if unasked {
+                error!(role = name, error = ?result.as_ref().err(), "A role stopped by itself; the worker stops.");
+                died.notify_one();
+            }
+            RoleEnd { result, unasked }
+        });
+        self.tasks.push((name, task));
+    }
+
+    /// Asks every role to finish its work in hand and stop, and waits for them. An error when
+    /// a role failed, or ended before it was asked to.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.trigger.trigger();
+        let mut first_error = None;
         for (name, task) in self.tasks {
-            task.await
-                .with_context(|| format!("{name} task panicked"))??;
+            let end = task
+                .await
+                .with_context(|| format!("the {name} role's task was lost"))?;
+            let failed = match end.result {
+                Err(error) => Some(error.context(format!("the {name} role failed"))),
+                Ok(()) if end.unasked => Some(anyhow::anyhow!(
+                    "the {name} role stopped before it was asked to"
+                )),
+                Ok(()) => None,
+            };
+            if let Some(error) = failed {
+                first_error.get_or_insert(error);
+            }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Completes when a role stopped by itself (it should not) or shutdown was triggered.
     pub async fn stopped(&self) {
-        self.shutdown.triggered().await;
+        tokio::select! {
+            _ = self.shutdown.triggered() => {}
+            _ = self.died.notified() => {}
+        }
     }
 }

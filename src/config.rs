@@ -58,6 +58,9 @@ pub struct Settings {
     pub sendgrid_base_url: String,
     /// SendGrid API key.
     pub sendgrid_api_key: Option<Secret>,
+    /// SendGrid's event webhook verification key (base64 of the P-256 public key, as SendGrid
+    /// shows it); unset, `POST /webhooks/sendgrid/events` answers 403 to everything.
+    pub sendgrid_webhook_key: Option<Secret>,
     /// Where the `webhook` provider posts rendered messages.
     pub webhook_url: Option<String>,
     /// Key of the `webhook` provider's body signature.
@@ -83,14 +86,17 @@ pub struct Settings {
     /// The shop's postal address, shown in the footer of every email (anti-spam laws ask for
     /// one in marketing mail).
     pub shop_address: Option<String>,
-    /// Root of the default templates.
-    pub templates_dir: PathBuf,
+    /// Root of templates that replace the shipped ones (which are compiled into the binary);
+    /// when set it must exist and hold every trigger's default locale.
+    pub templates_dir: Option<PathBuf>,
     /// Consuming events.
     pub ingest: IngestSettings,
     /// Sending messages.
     pub dispatch: DispatchSettings,
     /// When the scheduled scans run.
     pub scheduler: SchedulerSettings,
+    /// How long old rows are kept.
+    pub retention: RetentionSettings,
     /// The loyalty programme's rules.
     pub program: crate::program::Program,
 }
@@ -112,6 +118,7 @@ impl Default for Settings {
             twilio_from: None,
             sendgrid_base_url: "https://api.sendgrid.com".into(),
             sendgrid_api_key: None,
+            sendgrid_webhook_key: None,
             webhook_url: None,
             webhook_secret: None,
             public_url: parse_default("http://127.0.0.1:8080"),
@@ -122,10 +129,11 @@ impl Default for Settings {
             now: None,
             shop_name: "Loyalty Club".into(),
             shop_address: None,
-            templates_dir: "templates".into(),
+            templates_dir: None,
             ingest: IngestSettings::default(),
             dispatch: DispatchSettings::default(),
             scheduler: SchedulerSettings::default(),
+            retention: RetentionSettings::default(),
             program: crate::program::Program::default(),
         }
     }
@@ -217,9 +225,10 @@ pub struct DispatchSettings {
     /// Pause between polls when nothing is due, in milliseconds.
     #[serde(deserialize_with = "parsed")]
     pub poll_interval_ms: u64,
-    /// How long a claim holds a message before another worker may take it, in seconds. A
+    /// How long a claim holds a message before another worker may take it, in seconds
+    /// (default 30, so a dead dispatcher's messages go again within half a minute). A
     /// dispatcher renews its claims every third of this while a batch is out, so only a
-    /// dispatcher that died lets its claims lapse.
+    /// dispatcher that died or stalled lets its claims lapse.
     #[serde(deserialize_with = "parsed")]
     pub lease_secs: u64,
     /// Attempts before a transiently failing message ends `failed`.
@@ -309,7 +318,7 @@ impl Default for DispatchSettings {
             concurrency: 64,
             pipelines: 4,
             poll_interval_ms: 200,
-            lease_secs: 120,
+            lease_secs: 30,
             max_attempts: 8,
             retry_base_ms: 2_000,
             smtp_pool_size: 8,
@@ -326,6 +335,11 @@ impl Default for DispatchSettings {
 }
 
 impl DispatchSettings {
+    /// The claim lease as a duration (at least a second).
+    pub fn lease(&self) -> Duration {
+        Duration::from_secs(self.lease_secs.max(1))
+    }
+
     /// The idle poll interval as a duration.
     pub fn poll_interval(&self) -> Duration {
         Duration::from_millis(self.poll_interval_ms)
@@ -359,12 +373,47 @@ pub struct SchedulerSettings {
     /// Carts left unchanged past `program.abandoned_cart_minutes` are planned.
     #[serde(deserialize_with = "parsed")]
     pub carts: Cron,
+    /// When old rows are pruned (`[retention]`).
+    #[serde(deserialize_with = "parsed")]
+    pub retention: Cron,
     /// How long a replica may hold a scan before another may take it over, in seconds.
     #[serde(deserialize_with = "parsed")]
     pub lease_secs: u64,
     /// Members or carts handled per transaction of a scan.
     #[serde(deserialize_with = "parsed")]
     pub batch_size: i64,
+}
+
+/// How long old rows are kept, in days (0 keeps them forever); the `retention` scan prunes
+/// them in pages.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionSettings {
+    /// Inbox rows (applied event ids). A redelivery or replay of an event older than this is
+    /// applied again, so keep it longer than any replay you might make.
+    #[serde(deserialize_with = "parsed")]
+    pub inbox_days: u32,
+    /// Finished messages (sent, suppressed, cancelled, failed) and their attempts. A pruned
+    /// message's dedupe key is kept (`retired_keys`), so pruning never lets a message go twice.
+    #[serde(deserialize_with = "parsed")]
+    pub messages_days: u32,
+    /// Delivery attempts, of messages kept or not.
+    #[serde(deserialize_with = "parsed")]
+    pub attempts_days: u32,
+    /// Rows deleted per statement.
+    #[serde(deserialize_with = "parsed")]
+    pub page_size: i64,
+}
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        Self {
+            inbox_days: 90,
+            messages_days: 365,
+            attempts_days: 90,
+            page_size: 5_000,
+        }
+    }
 }
 
 impl Default for SchedulerSettings {
@@ -374,6 +423,7 @@ impl Default for SchedulerSettings {
             points_expiring: parse_default("0 0 * * * *"),
             birthday: parse_default("0 */5 * * * *"),
             carts: parse_default("0 * * * * *"),
+            retention: parse_default("0 17 * * * *"),
             lease_secs: 300,
             batch_size: 500,
         }

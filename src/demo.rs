@@ -17,7 +17,7 @@ use crate::publish::Publisher;
 /// Declares the topology and publishes event bodies to the exchange; returns how many.
 pub async fn publish(settings: &Settings, bodies: &[String]) -> anyhow::Result<usize> {
     let connection = ingest::connect(&settings.amqp_url, "lifecycle-publish").await?;
-    ingest::declare_topology(&connection.create_channel().await?, settings).await?;
+    ingest::declare_topology(&connection, settings).await?;
     let publisher = Publisher::open(&connection).await?;
     let n = publisher.publish_events(&settings.exchange, bodies).await?;
     connection.close(200, "bye".into()).await.ok();
@@ -110,7 +110,7 @@ async fn tell(
     member_ids: &[String],
 ) -> anyhow::Result<()> {
     let connection = ingest::connect(&app.settings.amqp_url, "lifecycle-demo").await?;
-    ingest::declare_topology(&connection.create_channel().await?, &app.settings).await?;
+    ingest::declare_topology(&connection, &app.settings).await?;
     let publisher = Publisher::open(&connection).await?;
     let start = app.metrics.events_handled();
     for (i, (line, time)) in lines.iter().zip(times).enumerate() {

@@ -45,33 +45,20 @@ pub async fn connect(url: &AmqpUrl, name: &str) -> anyhow::Result<Connection> {
 }
 
 /// Declares the exchanges and queues of DESIGN.md; safe to run any number of times.
-pub async fn declare_topology(channel: &Channel, settings: &Settings) -> anyhow::Result<()> {
+///
+/// Nothing a user may change later (the retry delay) is a queue argument: RabbitMQ refuses to
+/// declare a queue again with other arguments. And should a queue exist with other arguments
+/// all the same (declared by an older version, or by hand), it is used as it is, with a
+/// warning, rather than fought on every reconnect.
+pub async fn declare_topology(connection: &Connection, settings: &Settings) -> anyhow::Result<()> {
     let s = &settings.ingest;
+    let channel = connection.create_channel().await?;
     let durable = ExchangeDeclareOptions {
         durable: true,
         ..Default::default()
     };
-    let durable_queue = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    let quorum = |extra: &[(&str, AMQPValue)]| {
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-        for (key, value) in extra {
-            args.insert((*key).into(), value.clone());
-        }
-        args
-    };
     let text = |s: &str| AMQPValue::LongString(s.into());
-    let context = |what: &str, name: &str| {
-        format!(
-            "declaring {what} {name} (an existing one with other arguments must be deleted first)"
-        )
-    };
+    let context = |what: &str, name: &str| format!("declaring {what} {name}");
 
     channel
         .exchange_declare(
@@ -91,14 +78,7 @@ pub async fn declare_topology(channel: &Channel, settings: &Settings) -> anyhow:
         )
         .await
         .with_context(|| context("exchange", &s.dead_letter_exchange))?;
-    channel
-        .queue_declare(
-            s.dead_letter_queue.as_str().into(),
-            durable_queue,
-            quorum(&[]),
-        )
-        .await
-        .with_context(|| context("queue", &s.dead_letter_queue))?;
+    let channel = declare_queue(connection, channel, &s.dead_letter_queue, &[]).await?;
     channel
         .queue_bind(
             s.dead_letter_queue.as_str().into(),
@@ -121,10 +101,7 @@ pub async fn declare_topology(channel: &Channel, settings: &Settings) -> anyhow:
         ("x-dead-letter-exchange", text(&s.dead_letter_exchange)),
     ];
     input_args.extend(safe_dead_lettering.iter().cloned());
-    channel
-        .queue_declare(s.queue.as_str().into(), durable_queue, quorum(&input_args))
-        .await
-        .with_context(|| context("queue", &s.queue))?;
+    let channel = declare_queue(connection, channel, &s.queue, &input_args).await?;
     for pattern in BINDINGS {
         channel
             .queue_bind(
@@ -136,26 +113,67 @@ pub async fn declare_topology(channel: &Channel, settings: &Settings) -> anyhow:
             )
             .await?;
     }
-    // Early events wait here, then expire back into the input queue (through the default
-    // exchange, so other consumers of the platform's exchange do not see them twice).
+    // Early events wait here, each for the delay its publish sets (a per-message expiration,
+    // so the delay can change without declaring the queue anew), then expire back into the
+    // input queue (through the default exchange, so other consumers of the platform's
+    // exchange do not see them twice).
     let mut retry_args = vec![
-        (
-            "x-message-ttl",
-            AMQPValue::LongLongInt(s.retry_delay_ms as i64),
-        ),
         ("x-dead-letter-exchange", text("")),
         ("x-dead-letter-routing-key", text(&s.queue)),
     ];
     retry_args.extend(safe_dead_lettering.iter().cloned());
-    channel
-        .queue_declare(
-            s.retry_queue.as_str().into(),
-            durable_queue,
-            quorum(&retry_args),
-        )
-        .await
-        .with_context(|| context("queue", &s.retry_queue))?;
+    let channel = declare_queue(connection, channel, &s.retry_queue, &retry_args).await?;
+    channel.close(200, "declared".into()).await.ok();
     Ok(())
+}
+
+/// Declares a durable quorum queue with `args` on `channel`. When the broker refuses because
+/// the queue exists with other arguments (PRECONDITION_FAILED, which closes the channel), the
+/// queue is checked to exist on a new channel and used as it is. Returns the channel to go on
+/// with.
+async fn declare_queue(
+    connection: &Connection,
+    channel: Channel,
+    name: &str,
+    args: &[(&str, AMQPValue)],
+) -> anyhow::Result<Channel> {
+    let mut table = FieldTable::default();
+    table.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    for (key, value) in args {
+        table.insert((*key).into(), value.clone());
+    }
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let refused = match channel.queue_declare(name.into(), durable, table).await {
+        Ok(_) => return Ok(channel),
+        Err(error) => error,
+    };
+    let precondition = matches!(
+        &refused.kind(),
+        lapin::ErrorKind::ProtocolError(e) if e.get_id() == 406
+    );
+    if !precondition {
+        return Err(refused).with_context(|| format!("declaring queue {name}"));
+    }
+    let channel = connection.create_channel().await?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(name.into(), passive, FieldTable::default())
+        .await
+        .with_context(|| format!("declaring queue {name}: {refused}"))?;
+    warn!(
+        queue = name,
+        "The queue exists with other arguments than this version declares; using it as it is."
+    );
+    Ok(channel)
 }
 
 /// How long a channel may take to recover before its connection is replaced.
@@ -195,7 +213,7 @@ impl Ingest {
     /// One connection's life: declare, then run the consumers until one fails or shutdown.
     async fn session(&self, shutdown: &Shutdown) -> anyhow::Result<()> {
         let connection = connect(&self.app.settings.amqp_url, "lifecycle-ingest").await?;
-        declare_topology(&connection.create_channel().await?, &self.app.settings).await?;
+        declare_topology(&connection, &self.app.settings).await?;
         let mut consumers = tokio::task::JoinSet::new();
         for n in 0..self.app.settings.ingest.consumers {
             let this = self.clone();
@@ -246,6 +264,7 @@ impl Ingest {
             .await
             .with_context(|| format!("consuming from {}", s.queue))?;
         debug!(consumer = tag, "Consuming.");
+        let _consuming = self.app.health.consuming();
         let mut batch: Vec<Delivery> = Vec::with_capacity(s.batch_size);
         loop {
             let first = tokio::select! {
@@ -329,7 +348,8 @@ impl Ingest {
                 Outcome::Duplicate => Metrics::inc(&self.app.metrics.events_duplicate),
                 Outcome::Rejected(reason) => {
                     Metrics::inc(&self.app.metrics.events_dead_lettered);
-                    warn!(reason, routing_key = %delivery.routing_key, "Event dead-lettered.");
+                    // The header keeps the reason whole for ops; the log masks what it quotes.
+                    warn!(reason = crate::mask::text(&reason), routing_key = %delivery.routing_key, "Event dead-lettered.");
                     confirms.push(self.dead_letter(publisher, delivery, &reason).await);
                 }
                 Outcome::Deferred(reason) => {
@@ -337,11 +357,17 @@ impl Ingest {
                     if retries >= self.app.settings.ingest.max_retries {
                         Metrics::inc(&self.app.metrics.events_dead_lettered);
                         let reason = format!("{reason} (gave up after {retries} retries)");
-                        warn!(reason, "Early event dead-lettered.");
+                        warn!(
+                            reason = crate::mask::text(&reason),
+                            "Early event dead-lettered."
+                        );
                         confirms.push(self.dead_letter(publisher, delivery, &reason).await);
                     } else {
                         Metrics::inc(&self.app.metrics.events_deferred);
-                        debug!(reason, retries, "Event deferred.");
+                        debug!(
+                            reason = crate::mask::text(&reason),
+                            retries, "Event deferred."
+                        );
                         confirms.push(self.retry_later(publisher, delivery, retries + 1).await);
                     }
                 }
@@ -389,14 +415,20 @@ impl Ingest {
             match self.apply_once(events).await {
                 Ok(outcomes) => return Some(outcomes),
                 Err(error) if crate::db::is_transient(&error) => {
-                    warn!(%error, "Database unavailable; retrying the batch.");
+                    warn!(
+                        error = crate::mask::text(&error.to_string()),
+                        "Database unavailable; retrying the batch."
+                    );
                     if shutdown.is_triggered() {
                         return None;
                     }
                     shutdown.sleep(backoff.next()).await;
                 }
                 Err(error) if events.len() > 1 => {
-                    warn!(%error, "The database refused a batch; applying its events one by one.");
+                    warn!(
+                        error = crate::mask::text(&error.to_string()),
+                        "The database refused a batch; applying its events one by one."
+                    );
                     let mut outcomes = Vec::with_capacity(events.len());
                     for event in events {
                         outcomes.extend(Box::pin(self.apply_with_retry(&[event], shutdown)).await?);
@@ -458,9 +490,15 @@ impl Ingest {
     ) -> anyhow::Result<lapin::PublisherConfirm> {
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
         headers.insert(RETRIES_HEADER.into(), AMQPValue::LongUInt(retries));
-        let queue = &self.app.settings.ingest.retry_queue;
+        let s = &self.app.settings.ingest;
+        // The delay is the message's own expiration, not the queue's TTL (see
+        // `declare_topology`).
+        let properties = delivery
+            .properties
+            .clone()
+            .with_expiration(s.retry_delay_ms.to_string().into());
         publisher
-            .publish_raw("", queue, &delivery.data, &delivery.properties, headers)
+            .publish_raw("", &s.retry_queue, &delivery.data, &properties, headers)
             .await
     }
 }

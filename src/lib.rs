@@ -12,7 +12,8 @@
 //! - [`ledger`]: member state; a batch of events applied in one transaction.
 //! - [`triggers`]: pure functions from (before, event, after) to planned messages.
 //! - [`render`]: Handlebars registries with locale fallback.
-//! - [`dispatch`]: claiming due messages, consent, rendering, providers, recording attempts.
+//! - [`dispatch`]: per message, consent, rendering, policy, providers; [`outbox`], its SQL
+//!   (claim, renew, record, retry).
 //! - [`app`]: the shared handles and the worker's roles; [`demo`] and [`bench`] drive them.
 
 pub mod app;
@@ -27,7 +28,9 @@ pub mod event;
 pub mod http;
 pub mod ingest;
 pub mod ledger;
+pub mod mask;
 pub mod metrics;
+pub mod outbox;
 pub mod program;
 pub mod publish;
 pub mod render;

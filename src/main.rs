@@ -177,16 +177,16 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Templates {
             action: TemplatesAction::Check,
         } => {
-            let templates = lifecycle::render::Templates::load(&settings.templates_dir)?;
+            let dir = settings.templates_dir.as_deref();
+            let templates = lifecycle::render::Templates::load_configured(dir)?;
             let warnings = templates.check(settings.dispatch.sms_max_segments)?;
             for warning in &warnings {
                 println!("warning: {warning}");
             }
-            println!(
-                "templates in {} are valid ({} warnings)",
-                settings.templates_dir.display(),
-                warnings.len()
-            );
+            let which = dir.map_or("the shipped templates".to_owned(), |d| {
+                format!("templates in {}", d.display())
+            });
+            println!("{which} are valid ({} warnings)", warnings.len());
             Ok(())
         }
         Command::Deliveries {

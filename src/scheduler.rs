@@ -1,4 +1,5 @@
-//! Scheduled scans: lot expiry, points-expiring notices, birthdays and due cart timers.
+//! Scheduled scans: lot expiry, points-expiring notices, birthdays, due cart timers, and the
+//! pruning of old rows (`[retention]`).
 //!
 //! Each scan has a cron expression (`[scheduler]`, seconds first, UTC) and a row in
 //! `scheduled_jobs`. A replica runs a scan when the first cron instant after its `last_run`
@@ -10,10 +11,14 @@
 //! passed today, lots within a notice period, carts past their timer), not for what falls
 //! exactly on the cron instant. So a late or missed run loses nothing, and dedupe keys make a
 //! second run (a lease that lapsed mid-scan) harmless.
+//!
+//! A scan renews its lease while it runs, so a long scan is not taken over by another replica;
+//! a scan that fails is logged and retried on the next tick without holding up the others.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
+use anyhow::Context;
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use tracing::{debug, info, warn};
 
@@ -37,11 +42,19 @@ pub enum Job {
     Birthday,
     /// Plan abandoned-cart messages of due carts.
     Carts,
+    /// Prune old inbox rows, finished messages and attempts.
+    Retention,
 }
 
 impl Job {
     /// Every scan, in the order a tick runs them (expiry first, so notices see what is left).
-    pub const ALL: [Job; 4] = [Job::Expiry, Job::PointsExpiring, Job::Birthday, Job::Carts];
+    pub const ALL: [Job; 5] = [
+        Job::Expiry,
+        Job::PointsExpiring,
+        Job::Birthday,
+        Job::Carts,
+        Job::Retention,
+    ];
 
     /// The name in `scheduled_jobs` and in logs.
     pub fn as_str(self) -> &'static str {
@@ -50,6 +63,7 @@ impl Job {
             Job::PointsExpiring => "points-expiring",
             Job::Birthday => "birthday",
             Job::Carts => "carts",
+            Job::Retention => "retention",
         }
     }
 
@@ -60,6 +74,7 @@ impl Job {
             Job::PointsExpiring => &s.points_expiring,
             Job::Birthday => &s.birthday,
             Job::Carts => &s.carts,
+            Job::Retention => &s.retention,
         }
     }
 }
@@ -94,6 +109,10 @@ impl Scheduler {
     pub async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         info!(holder = %self.holder, "Scheduler started.");
+        let health = self.app.health.clone();
+        health
+            .scheduler
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         while !shutdown.is_triggered() {
             let pause = match self.tick(&shutdown).await {
                 Ok(pause) => {
@@ -102,18 +121,22 @@ impl Scheduler {
                 }
                 Err(error) => {
                     warn!(
-                        error = format!("{error:#}"),
-                        "Scheduled scan failed; retrying."
+                        error = crate::mask::text(&format!("{error:#}")),
+                        "Scheduled scans failed; retrying."
                     );
                     backoff.next()
                 }
             };
             shutdown.sleep(pause).await;
         }
+        health
+            .scheduler
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
-    /// Runs every scan that is due and returns how long to wait before looking again.
+    /// Runs every scan that is due and returns how long to wait before looking again. A scan
+    /// that fails does not keep the others from running; the tick then ends with its error.
     async fn tick(&self, shutdown: &Shutdown) -> anyhow::Result<Duration> {
         let mut pause = if self.app.clock.is_fixed() {
             MAX_POLL_FIXED
@@ -121,6 +144,7 @@ impl Scheduler {
             MAX_POLL
         };
         let last_runs = last_runs(&self.app.pool).await?;
+        let mut failed = None;
         for job in Job::ALL {
             if shutdown.is_triggered() {
                 break;
@@ -134,14 +158,24 @@ impl Scheduler {
                     pause = pause.min(wait.max(Duration::from_millis(20)));
                 }
                 // Never run (a new database) or an instant has come: run it.
-                _ => match self.run_leased(job, last_run, now).await? {
-                    Some(0) => debug!(scan = job.as_str(), "Scheduled scan ran."),
-                    Some(planned) => info!(scan = job.as_str(), planned, "Scheduled scan ran."),
-                    None => {}
+                _ => match self.run_leased(job, last_run, now).await {
+                    Ok(Some(0)) => debug!(scan = job.as_str(), "Scheduled scan ran."),
+                    Ok(Some(planned)) => {
+                        info!(scan = job.as_str(), planned, "Scheduled scan ran.")
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        warn!(
+                            scan = job.as_str(),
+                            error = crate::mask::text(&format!("{error:#}")),
+                            "Scheduled scan failed; the others go on."
+                        );
+                        failed.get_or_insert(error.context(format!("scan {}", job.as_str())));
+                    }
                 },
             }
         }
-        Ok(pause)
+        failed.map_or(Ok(pause), Err)
     }
 
     /// Runs the scan if this replica gets the lease while `last_run` is still `seen`; records
@@ -169,7 +203,12 @@ impl Scheduler {
         if !taken {
             return Ok(None);
         }
-        let result = run_scan(&self.app, job, now).await;
+        // The lease is renewed while the scan runs, so another replica never takes over a
+        // scan that is merely long.
+        let result = tokio::select! {
+            result = run_scan(&self.app, job, now) => result,
+            never = self.renew_lease(job) => match never {},
+        };
         if let Ok(planned) = &result {
             Metrics::inc(&self.app.metrics.scans_run);
             self.app
@@ -194,6 +233,37 @@ impl Scheduler {
             self.app.outbox_ready.notify_one();
         }
         Ok(Some(planned))
+    }
+}
+
+impl Scheduler {
+    /// Extends this replica's lease on `job` every third of the lease, until dropped.
+    async fn renew_lease(&self, job: Job) -> std::convert::Infallible {
+        let lease_secs = self.app.settings.scheduler.lease_secs.max(3);
+        loop {
+            tokio::time::sleep(Duration::from_secs(lease_secs) / 3).await;
+            let renewed = sqlx::query(
+                "update scheduled_jobs set lease_until = now() + make_interval(secs => $3)
+                 where job = $1 and leased_by = $2",
+            )
+            .bind(job.as_str())
+            .bind(&self.holder)
+            .bind(lease_secs as f64)
+            .execute(&self.app.pool)
+            .await;
+            match renewed {
+                Ok(done) if done.rows_affected() == 0 => {
+                    warn!(
+                        scan = job.as_str(),
+                        "The scan's lease was lost; another replica may run it too (harmless: dedupe keys)."
+                    )
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    warn!(scan = job.as_str(), %error, "Renewing the scan's lease failed.")
+                }
+            }
+        }
     }
 }
 
@@ -242,6 +312,10 @@ pub async fn run_scan(app: &App, job: Job, now: DateTime<Utc>) -> anyhow::Result
     let limit = app.settings.scheduler.batch_size;
     let mut planned = 0;
     let mut after = String::new();
+    if job == Job::Retention {
+        prune(app, now).await?;
+        return Ok(0);
+    }
     loop {
         let mut tx = app.pool.begin().await?;
         let page: Vec<String> = match job {
@@ -270,6 +344,69 @@ pub async fn run_scan(app: &App, job: Job, now: DateTime<Utc>) -> anyhow::Result
     Ok(planned)
 }
 
+/// Deletes what `[retention]` no longer keeps, a page per statement so no transaction holds
+/// many rows: inbox rows, delivery attempts, then finished messages (their dedupe keys kept in
+/// `retired_keys`, so a pruned message can never be planned again). Ages are in database
+/// time. Returns nothing; logs what it deleted.
+async fn prune(app: &App, _now: DateTime<Utc>) -> anyhow::Result<()> {
+    let r = &app.settings.retention;
+    let steps: [(&str, u32, &str); 3] = [
+        (
+            "inbox",
+            r.inbox_days,
+            "delete from inbox where event_id in (
+                 select event_id from inbox
+                 where applied_at < now() - make_interval(days => $1) limit $2)",
+        ),
+        (
+            "attempts",
+            r.attempts_days,
+            "delete from delivery_attempts where id in (
+                 select id from delivery_attempts
+                 where at < now() - make_interval(days => $1) limit $2)",
+        ),
+        (
+            "messages",
+            r.messages_days,
+            "with old as (
+                 select id, dedupe_key from messages
+                 where status in ('sent', 'suppressed', 'cancelled', 'failed')
+                   and created_at < now() - make_interval(days => $1)
+                   and finished_at < now() - make_interval(days => $1)
+                 limit $2
+                 for update skip locked
+             ), kept as (
+                 insert into retired_keys (dedupe_key) select dedupe_key from old
+                 on conflict do nothing
+             )
+             delete from messages where id in (select id from old)",
+        ),
+    ];
+    for (what, days, sql) in steps {
+        if days == 0 {
+            continue;
+        }
+        let mut deleted = 0;
+        loop {
+            let done = sqlx::query(sql)
+                .bind(days as i32)
+                .bind(r.page_size)
+                .execute(&app.pool)
+                .await
+                .with_context(|| format!("pruning {what}"))?
+                .rows_affected();
+            deleted += done;
+            if done < r.page_size as u64 {
+                break;
+            }
+        }
+        if deleted > 0 {
+            info!(what, deleted, days, "Pruned old rows.");
+        }
+    }
+    Ok(())
+}
+
 /// What a member scan does to one member (pure).
 fn change(
     job: Job,
@@ -279,7 +416,7 @@ fn change(
 ) -> Option<ScanChange> {
     match job {
         // `update_members` expires lapsed lots of every member it loads.
-        Job::Expiry | Job::Carts => None,
+        Job::Expiry | Job::Carts | Job::Retention => None,
         Job::PointsExpiring => Some(ScanChange {
             planned: triggers::points_expiring(member, program, now),
             ..ScanChange::default()
@@ -363,7 +500,7 @@ async fn candidates(
             .fetch_all(conn)
             .await
         }
-        Job::Carts => Ok(Vec::new()),
+        Job::Carts | Job::Retention => Ok(Vec::new()),
     }
 }
 

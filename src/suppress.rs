@@ -65,8 +65,10 @@ pub fn keyword(body: &str) -> Option<Keyword> {
     }
 }
 
-/// Issues and checks unsubscribe tokens: the member id and an HMAC-SHA256 of it under a key
-/// only the replicas share (kept in the `secrets` table, made on first use).
+/// Issues and checks unsubscribe tokens: the member id, the message id, and an HMAC-SHA256 of
+/// both under a key only the replicas share (kept in the `secrets` table, made on first use).
+/// The message id lets an unsubscribe act on the address that message went to, even if the
+/// member has changed address since.
 #[derive(Clone)]
 pub struct Tokens {
     key: hmac::Key,
@@ -79,6 +81,15 @@ impl std::fmt::Debug for Tokens {
 }
 
 const PURPOSE: &[u8] = b"lifecycle unsubscribe v1\0";
+
+/// Whom a genuine token names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unsubscriber {
+    /// The member.
+    pub member: MemberId,
+    /// The message whose link it is (tokens issued before messages were named have none).
+    pub message_id: Option<i64>,
+}
 
 impl Tokens {
     /// Tokens under this key.
@@ -104,27 +115,44 @@ impl Tokens {
         Ok(Tokens::new(&secret))
     }
 
-    /// What is signed for a member: the purpose, then the id.
-    fn signed(member: &str) -> Vec<u8> {
-        [PURPOSE, member.as_bytes()].concat()
+    /// What is signed: the purpose, the member id, and the message id after a NUL when there
+    /// is one (a member id holds no NUL, so the two forms cannot be confused).
+    fn signed(member: &str, message_id: Option<i64>) -> Vec<u8> {
+        let mut signed = [PURPOSE, member.as_bytes()].concat();
+        if let Some(id) = message_id {
+            signed.push(0);
+            signed.extend_from_slice(id.to_string().as_bytes());
+        }
+        signed
     }
 
-    /// The token of a member's unsubscribe link (URL-safe).
-    pub fn issue(&self, member: &MemberId) -> String {
-        format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(member.as_str()),
-            URL_SAFE_NO_PAD.encode(hmac::sign(&self.key, &Self::signed(member.as_str())).as_ref())
-        )
+    /// The token of a message's unsubscribe link (URL-safe): `member.message.tag`, or
+    /// `member.tag` without a message.
+    pub fn issue(&self, member: &MemberId, message_id: Option<i64>) -> String {
+        let tag = hmac::sign(&self.key, &Self::signed(member.as_str(), message_id));
+        let member = URL_SAFE_NO_PAD.encode(member.as_str());
+        let tag = URL_SAFE_NO_PAD.encode(tag.as_ref());
+        match message_id {
+            Some(id) => format!("{member}.{id}.{tag}"),
+            None => format!("{member}.{tag}"),
+        }
     }
 
-    /// The member a token was issued for, if it is genuine.
-    pub fn verify(&self, token: &str) -> Option<MemberId> {
-        let (member, tag) = token.split_once('.')?;
+    /// Whom a token was issued for, if it is genuine.
+    pub fn verify(&self, token: &str) -> Option<Unsubscriber> {
+        let parts: Vec<&str> = token.split('.').collect();
+        let (member, message_id, tag) = match parts[..] {
+            [member, tag] => (member, None, tag),
+            [member, id, tag] => (member, Some(id.parse::<i64>().ok()?), tag),
+            _ => return None,
+        };
         let member = String::from_utf8(URL_SAFE_NO_PAD.decode(member).ok()?).ok()?;
         let tag = URL_SAFE_NO_PAD.decode(tag).ok()?;
-        hmac::verify(&self.key, &Self::signed(&member), &tag).ok()?;
-        MemberId::parse(&member).ok()
+        hmac::verify(&self.key, &Self::signed(&member, message_id), &tag).ok()?;
+        Some(Unsubscriber {
+            member: MemberId::parse(&member).ok()?,
+            message_id,
+        })
     }
 }
 
@@ -161,8 +189,19 @@ mod tests {
     fn tokens_verify_only_as_issued() {
         let tokens = Tokens::new(b"key one");
         let member = MemberId::parse("m-42").unwrap();
-        let token = tokens.issue(&member);
-        assert_eq!(tokens.verify(&token), Some(member.clone()));
+        let token = tokens.issue(&member, None);
+        let named = |message_id| {
+            Some(Unsubscriber {
+                member: member.clone(),
+                message_id,
+            })
+        };
+        assert_eq!(tokens.verify(&token), named(None));
+        let of_message = tokens.issue(&member, Some(7));
+        assert_eq!(tokens.verify(&of_message), named(Some(7)));
+        let (head, tag) = of_message.rsplit_once('.').unwrap();
+        let other_message = format!("{}.8.{tag}", head.rsplit_once('.').unwrap().0);
+        assert_eq!(tokens.verify(&other_message), None, "another message's id");
         assert_eq!(Tokens::new(b"key two").verify(&token), None, "another key");
         let other = URL_SAFE_NO_PAD.encode("m-43");
         let forged = format!("{other}.{}", token.split_once('.').unwrap().1);

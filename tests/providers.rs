@@ -221,14 +221,25 @@ async fn failures_are_classified_and_retry_after_is_honoured() {
     fake.rule("m-date@", Reply::new(429, "").header("Retry-After", &date));
     fake.rule("m-503@", Reply::new(503, "down"));
     fake.rule("m-slow@", Reply::new(202, "").after(Duration::from_secs(3)));
+    // An absurd Retry-After (10^13 s, past the end of chrono's calendar) once panicked the
+    // date arithmetic and killed the dispatch loop; it is now capped at a day.
+    fake.rule(
+        "m-absurd@",
+        Reply::new(429, "").header("Retry-After", "10000000000000"),
+    );
     let env = sendgrid_env(
         &fake,
         "sendgrid",
-        &[("LIFECYCLE_DISPATCH__RETRY_BASE_MS", "60000".into())],
+        &[
+            ("LIFECYCLE_DISPATCH__RETRY_BASE_MS", "60000".into()),
+            // One loop: had the absurd answer killed it, nothing after it would be sent.
+            ("LIFECYCLE_DISPATCH__PIPELINES", "1".into()),
+            ("LIFECYCLE_DISPATCH__BATCH_SIZE", "1".into()),
+        ],
     );
     let worker = env.start(ALL_ROLES).await;
     let app = worker.app.clone();
-    let members = ["m-400", "m-429", "m-date", "m-503", "m-slow"];
+    let members = ["m-absurd", "m-400", "m-429", "m-date", "m-503", "m-slow"];
     let events: Vec<String> = members
         .iter()
         .enumerate()
@@ -278,7 +289,11 @@ async fn failures_are_classified_and_retry_after_is_honoured() {
         wait >= chrono::Duration::seconds(30) && wait <= chrono::Duration::seconds(60),
         "{wait}"
     );
-    // A timeout: transient, and the provider may have it.
+    // The absurd Retry-After: a day, and the loop went on to send the rest.
+    let (status, ..) = message(&app, "m-absurd").await;
+    assert_eq!(status, "pending");
+    assert_eq!(due("m-absurd").await, chrono::Duration::days(1));
+    // A timeout: retried, and the provider may have it (unsure).
     let (status, _, _, error, _) = message(&app, "m-slow").await;
     assert_eq!(status, "pending");
     assert!(
@@ -298,7 +313,8 @@ async fn failures_are_classified_and_retry_after_is_honoured() {
             "transient",
             "transient",
             "transient",
-            "transient"
+            "transient",
+            "unsure"
         ]
     );
     worker.stop().await.unwrap();
@@ -339,10 +355,11 @@ async fn a_failing_provider_fails_over_to_the_next_but_a_timeout_does_not() {
             .join(reference.unwrap().rsplit('/').next().unwrap())
             .exists()
     );
-    // The slow answer may still be a success at SendGrid: no second copy through the file.
+    // The slow answer may still be a success at SendGrid: no second copy through the file,
+    // and the attempt is on record as unsure.
     assert_eq!(
         attempts(&app, "m-slow", 1).await,
-        [("sendgrid".to_owned(), "transient".to_owned())]
+        [("sendgrid".to_owned(), "unsure".to_owned())]
     );
     let (status, ..) = message(&app, "m-slow").await;
     assert_eq!(status, "pending");

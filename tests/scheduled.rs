@@ -7,6 +7,7 @@ use chrono::{DateTime, Duration, Utc};
 use common::{ALL_ROLES, TestEnv, WITH_SCHEDULER, count, publish_in_order, wait_for};
 use lifecycle::app::{App, Roles, Worker};
 use lifecycle::metrics::Metrics;
+use lifecycle::scheduler::Job;
 use serde_json::json;
 
 fn t(raw: &str) -> DateTime<Utc> {
@@ -54,7 +55,13 @@ const INGEST_AND_SCHEDULE: Roles = Roles {
 /// that each move of the clock runs all of them.
 fn scheduled_env(now: DateTime<Utc>, extra: &[(&str, String)]) -> TestEnv {
     let mut vars = vec![("LIFECYCLE_NOW".to_owned(), now.to_rfc3339())];
-    for job in ["EXPIRY", "POINTS_EXPIRING", "BIRTHDAY", "CARTS"] {
+    for job in [
+        "EXPIRY",
+        "POINTS_EXPIRING",
+        "BIRTHDAY",
+        "CARTS",
+        "RETENTION",
+    ] {
         vars.push((format!("LIFECYCLE_SCHEDULER__{job}"), "* * * * * *".into()));
     }
     vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
@@ -77,7 +84,7 @@ async fn move_clock(workers: &[&Worker], to: DateTime<Utc>) {
         .await
         .unwrap();
         let jobs = count(app, "select count(*) from scheduled_jobs").await;
-        (jobs == 4 && behind == 0).then_some(())
+        (jobs == Job::ALL.len() as i64 && behind == 0).then_some(())
     })
     .await;
 }
@@ -221,7 +228,7 @@ async fn a_birthday_missed_in_an_outage_is_sent_once_by_two_replicas_with_its_bo
     // The scans last ran at 08:00 Istanbul time; then every worker was down past 09:00.
     sqlx::query(
         "insert into scheduled_jobs (job, last_run)
-         select j, $1 from unnest(array['expiry', 'points-expiring', 'birthday', 'carts']) as j",
+         select j, $1 from unnest(array['expiry', 'points-expiring', 'birthday', 'carts', 'retention']) as j",
     )
     .bind(morning)
     .execute(&app.pool)
@@ -242,7 +249,11 @@ async fn a_birthday_missed_in_an_outage_is_sent_once_by_two_replicas_with_its_bo
     assert_eq!(balance(&app, "m-tomorrow").await, 100);
     assert_eq!(balance(&app, "m-auckland").await, 100);
     let runs = Metrics::get(&a.app.metrics.scans_run) + Metrics::get(&b.app.metrics.scans_run);
-    assert_eq!(runs, 4, "each scan ran once, on one replica");
+    assert_eq!(
+        runs,
+        Job::ALL.len() as u64,
+        "each scan ran once, on one replica"
+    );
 
     // Both replicas scan again later that day: nothing more.
     move_clock(&[&a, &b], t("2026-11-22T20:00:00Z")).await;

@@ -89,7 +89,7 @@ async fn enrolled_at_smtp(
 }
 
 async fn dispatch_all(app: &App, env: &TestEnv) {
-    let templates = Templates::load(&env.settings.templates_dir).unwrap();
+    let templates = Templates::load_configured(env.settings.templates_dir.as_deref()).unwrap();
     let dispatcher = Dispatcher::new(app.clone(), Arc::new(templates)).unwrap();
     while dispatcher.try_execute_once().await.unwrap() != Step::Idle {}
 }
@@ -290,20 +290,65 @@ async fn one_click_unsubscribe_from_the_emails_own_header() {
         .unwrap();
     assert_eq!(forged.status(), 404);
 
-    // The mail client's one-click POST.
-    let done = reqwest::Client::new()
-        .post(&url)
-        .form(&[("List-Unsubscribe", "One-Click")])
-        .send()
+    // The member changes address after the welcome went out.
+    publish_in_order(
+        &env,
+        &app,
+        &[event(
+            format!("{tag}-u"),
+            "member.updated",
+            json!({"member_id": "m-unsub", "email": "m-unsub-new@example.com"}),
+        )],
+        async |_| {},
+    )
+    .await;
+
+    // The database fails under the POST: 503, asking to try again, and nothing is lost.
+    let one_click = || {
+        reqwest::Client::new()
+            .post(&url)
+            .form(&[("List-Unsubscribe", "One-Click")])
+            .send()
+    };
+    sqlx::query("alter table suppressions rename to suppressions_away")
+        .execute(&app.pool)
         .await
         .unwrap();
+    let failed = one_click().await.unwrap();
+    sqlx::query("alter table suppressions_away rename to suppressions")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(failed.status(), 503, "not an 'invalid link'");
+    assert!(failed.text().await.unwrap().contains("try again"));
+
+    // The mail client's one-click POST, again.
+    let done = one_click().await.unwrap();
     assert_eq!(done.status(), 200);
     assert!(done.text().await.unwrap().contains("수신 거부되었습니다"));
+    // It unsubscribed the address the message went to, not the member's new one.
+    let suppressed: Vec<String> = sqlx::query_scalar("select address from suppressions")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(suppressed, ["m-unsub@example.com"]);
 
     publish_in_order(
         &env,
         &app,
         &another_message(&tag, 1, "m-unsub"),
+        async |_| {},
+    )
+    .await;
+    // Back at the unsubscribed address, the next message is suppressed.
+    publish_in_order(
+        &env,
+        &app,
+        &[event(
+            format!("{tag}-u2"),
+            "member.updated",
+            json!({"member_id": "m-unsub", "email": "m-unsub@example.com"}),
+        )],
         async |_| {},
     )
     .await;
@@ -321,9 +366,88 @@ async fn one_click_unsubscribe_from_the_emails_own_header() {
     env.cleanup().await;
 }
 
+/// SendGrid's signing side: a P-256 key pair, its public key as SendGrid shows it (base64 of
+/// the SubjectPublicKeyInfo), and requests signed as SendGrid signs them.
+struct SendgridSigner {
+    pair: aws_lc_rs::signature::EcdsaKeyPair,
+    public_key: String,
+}
+
+impl SendgridSigner {
+    fn new() -> SendgridSigner {
+        use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
+        use base64::Engine;
+        let pair = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING).unwrap();
+        let spki_prefix: [u8; 26] = [
+            0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06,
+            0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+        ];
+        let public_key = base64::engine::general_purpose::STANDARD
+            .encode([&spki_prefix[..], pair.public_key().as_ref()].concat());
+        SendgridSigner { pair, public_key }
+    }
+
+    /// A POST of `body` to the events route, signed now.
+    fn post(&self, base: &str, body: &str) -> reqwest::RequestBuilder {
+        use base64::Engine;
+        let timestamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            .to_string();
+        let signed = [timestamp.as_bytes(), body.as_bytes()].concat();
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let signature = base64::engine::general_purpose::STANDARD
+            .encode(self.pair.sign(&rng, &signed).unwrap().as_ref());
+        reqwest::Client::new()
+            .post(format!("{base}/webhooks/sendgrid/events"))
+            .header("X-Twilio-Email-Event-Webhook-Signature", signature)
+            .header("X-Twilio-Email-Event-Webhook-Timestamp", timestamp)
+            .header("Content-Type", "application/json")
+            .body(body.to_owned())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn webhooks_without_a_configured_key_refuse_everything() {
+    // Neither LIFECYCLE_TWILIO_AUTH_TOKEN nor LIFECYCLE_SENDGRID_WEBHOOK_KEY is set.
+    let (env, base) = http_env(&[("LIFECYCLE_INGEST__CONSUMERS", "1".into())]);
+    let worker = Worker::start(env.app().await, INGEST_AND_HTTP)
+        .await
+        .unwrap();
+    let app = worker.app.clone();
+    let client = reqwest::Client::new();
+    let stop = client
+        .post(format!("{base}/webhooks/twilio/inbound"))
+        .form(&[("From", "+14155550123"), ("Body", "STOP")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stop.status(), 403, "an unsigned STOP without a token");
+    let status = client
+        .post(format!("{base}/webhooks/twilio/status"))
+        .form(&[("MessageSid", "SM1"), ("MessageStatus", "failed")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status.status(), 403);
+    // Even a correctly signed SendGrid request: there is no key to check it against.
+    let signer = SendgridSigner::new();
+    let bounce = r#"[{"email":"victim@example.com","event":"unsubscribe"}]"#;
+    let sendgrid = signer.post(&base, bounce).send().await.unwrap();
+    assert_eq!(sendgrid.status(), 403);
+    assert_eq!(count(&app, "select count(*) from suppressions").await, 0);
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sendgrid_bounce_suppresses_the_address_but_a_block_does_not() {
-    let (env, base) = http_env(&[("LIFECYCLE_INGEST__CONSUMERS", "1".into())]);
+    let signer = SendgridSigner::new();
+    let (env, base) = http_env(&[
+        ("LIFECYCLE_INGEST__CONSUMERS", "1".into()),
+        ("LIFECYCLE_SENDGRID_WEBHOOK_KEY", signer.public_key.clone()),
+    ]);
     let worker = Worker::start(env.app().await, INGEST_AND_HTTP)
         .await
         .unwrap();
@@ -340,9 +464,23 @@ async fn a_sendgrid_bounce_suppresses_the_address_but_a_block_does_not() {
         {"email": "m-block@example.com", "event": "delivered"},
         {"event": "processed"}
     ]);
-    let answer = reqwest::Client::new()
+    // Unsigned, or signed by another key: refused, and nothing changes.
+    let unsigned = reqwest::Client::new()
         .post(format!("{base}/webhooks/sendgrid/events"))
         .json(&sendgrid)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unsigned.status(), 403);
+    let forged = SendgridSigner::new()
+        .post(&base, &sendgrid.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 403);
+    assert_eq!(count(&app, "select count(*) from suppressions").await, 0);
+    let answer = signer
+        .post(&base, &sendgrid.to_string())
         .send()
         .await
         .unwrap();
@@ -358,12 +496,7 @@ async fn a_sendgrid_bounce_suppresses_the_address_but_a_block_does_not() {
         )]
     );
     assert_eq!(outcomes(&app, "m-block", "email").await[0].1, "sent");
-    let bad = reqwest::Client::new()
-        .post(format!("{base}/webhooks/sendgrid/events"))
-        .body("not json")
-        .send()
-        .await
-        .unwrap();
+    let bad = signer.post(&base, "not json").send().await.unwrap();
     assert_eq!(bad.status(), 400);
     worker.stop().await.unwrap();
     env.cleanup().await;

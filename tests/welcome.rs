@@ -317,7 +317,7 @@ async fn no_consent_no_message_and_consent_withdrawn_before_sending_suppresses()
         "no email is planned without email consent"
     );
 
-    let templates = Templates::load(&env.settings.templates_dir).unwrap();
+    let templates = Templates::load_configured(env.settings.templates_dir.as_deref()).unwrap();
     let dispatcher = Dispatcher::new(app.clone(), std::sync::Arc::new(templates)).unwrap();
     assert_eq!(
         dispatcher.try_execute_once().await.unwrap(),

@@ -61,7 +61,9 @@ impl CartState {
             if old.member_id != cart.member_id {
                 return Err(not_theirs(cart.cart_id.as_str()));
             }
-            if at < old.changed_at {
+            // A checkout and an update at the same instant: the checkout wins, whichever was
+            // applied first (DESIGN.md), so an update never reopens a cart closed at its time.
+            if at < old.changed_at || (!old.open && at == old.changed_at) {
                 return Ok(None);
             }
         }
@@ -329,6 +331,38 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(again.open && again.version == 2);
+    }
+
+    #[test]
+    fn a_checkout_and_an_update_at_the_same_instant_leave_the_cart_closed() {
+        let member = MemberId::parse("m1").unwrap();
+        let open = CartState::updated(None, &cart("m1"), t(0), HOUR)
+            .unwrap()
+            .unwrap();
+        // Checkout applied first, then the update of the same second.
+        let closed = CartState::closed(Some(&open), "c1", &member, t(5))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            CartState::updated(Some(&closed), &cart("m1"), t(5), HOUR),
+            Ok(None)
+        );
+        // The update applied first, then the checkout of the same second.
+        let updated = CartState::updated(Some(&open), &cart("m1"), t(5), HOUR)
+            .unwrap()
+            .unwrap();
+        let closed = CartState::closed(Some(&updated), "c1", &member, t(5))
+            .unwrap()
+            .unwrap();
+        assert!(!closed.open && closed.due_at.is_none());
+        // A checkout never seen an update before, tied with one.
+        let unseen = CartState::closed(None, "c1", &member, t(5))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            CartState::updated(Some(&unseen), &cart("m1"), t(5), HOUR),
+            Ok(None)
+        );
     }
 
     #[test]

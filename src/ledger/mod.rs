@@ -437,6 +437,8 @@ async fn insert_planned(
          select k, m, t, c, x::jsonb, d
          from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])
               as p(k, m, t, c, x, d)
+         -- a key whose message retention pruned was sent (or settled) before
+         where not exists (select 1 from retired_keys r where r.dedupe_key = p.k)
          on conflict (dedupe_key) do nothing",
     )
     .bind(&keys)
@@ -455,8 +457,9 @@ async fn insert_planned(
 pub struct ScanChange {
     /// Recorded as the journal entries' cause.
     pub cause: String,
-    /// An inbox key claimed with the change: a change whose key was claimed before (by an
-    /// earlier run, or a replica running the same scan) is not applied again.
+    /// A key claimed with the change (in `scan_claims`, apart from the event inbox, so no
+    /// event id can collide with it): a change whose key was claimed before (by an earlier
+    /// run, or a replica running the same scan) is not applied again.
     pub once: Option<String>,
     /// Journal entries (the change to `after`'s points made them).
     pub entries: Vec<Entry>,
@@ -501,8 +504,8 @@ where
         HashSet::new()
     } else {
         sqlx::query_scalar(
-            "insert into inbox (event_id, event_type) select k, 'scan' from unnest($1::text[]) as k
-             on conflict (event_id) do nothing returning event_id",
+            "insert into scan_claims (key) select k from unnest($1::text[]) as k
+             on conflict (key) do nothing returning key",
         )
         .bind(&once)
         .fetch_all(&mut *conn)

@@ -42,9 +42,47 @@ pub struct Templates {
     available: HashSet<String>,
 }
 
+/// The shipped templates, compiled into the binary: `lifecycle` finds them from any directory.
+static SHIPPED: include_dir::Dir<'static> =
+    include_dir::include_dir!("$CARGO_MANIFEST_DIR/templates");
+
+/// Template files by path relative to the templates' root (`welcome/ko/sms.hbs`).
+type Sources = Vec<(String, String)>;
+
 impl Templates {
-    /// Loads and compiles every template under `dir`.
+    /// The templates in use: those of `dir` when one is configured (it must exist and hold
+    /// every trigger's default locale), else the shipped ones compiled into the binary.
+    pub fn load_configured(dir: Option<&Path>) -> anyhow::Result<Templates> {
+        match dir {
+            Some(dir) => Templates::load(dir).with_context(|| {
+                format!(
+                    "loading templates from {} (LIFECYCLE_TEMPLATES_DIR)",
+                    dir.display()
+                )
+            }),
+            None => Templates::shipped(),
+        }
+    }
+
+    /// The shipped templates (version 0).
+    pub fn shipped() -> anyhow::Result<Templates> {
+        let mut sources = Sources::new();
+        collect_shipped(&SHIPPED, &mut sources)?;
+        Templates::compile(sources).context("compiling the shipped templates")
+    }
+
+    /// Loads and compiles every template under `dir`, which must exist.
     pub fn load(dir: &Path) -> anyhow::Result<Templates> {
+        if !dir.is_dir() {
+            bail!("{} is not a directory", dir.display());
+        }
+        let mut sources = Sources::new();
+        read_tree(dir, dir, &mut sources)?;
+        Templates::compile(sources)
+    }
+
+    /// Compiles templates from their sources.
+    fn compile(sources: Sources) -> anyhow::Result<Templates> {
         let mut html = Handlebars::new();
         let mut text = Handlebars::new();
         text.register_escape_fn(handlebars::no_escape);
@@ -55,12 +93,12 @@ impl Templates {
         }
         let mut available = HashSet::new();
 
-        let mut shared_sources = Vec::new();
-        for shared in ["partials", "layouts"] {
-            for (name, source) in read_dir_templates(&dir.join(shared))? {
-                shared_sources.push((format!("{shared}/{name}"), source));
-            }
-        }
+        let shared_sources: Vec<(String, String)> = sources
+            .iter()
+            .filter(|(path, _)| path.starts_with("partials/") || path.starts_with("layouts/"))
+            .filter(|(path, _)| path.matches('/').count() == 1)
+            .map(|(path, source)| (path.trim_end_matches(".hbs").to_owned(), source.clone()))
+            .collect();
         // A partial that includes itself, directly or not, would recurse until the stack
         // overflows and aborts the process: refuse it before anything is registered.
         check_partials(&shared_sources)?;
@@ -71,32 +109,29 @@ impl Templates {
                     .with_context(|| format!("compiling template {name}.hbs"))?;
             }
         }
-        for trigger in Trigger::ALL {
-            let trigger_dir = dir.join(trigger.as_str());
-            let Ok(locales) = std::fs::read_dir(&trigger_dir) else {
+        for (path, source) in &sources {
+            let parts: Vec<&str> = path.split('/').collect();
+            let [trigger, locale_name, file] = parts[..] else {
                 continue;
             };
-            for locale in locales {
-                let locale = locale?;
-                if !locale.file_type()?.is_dir() {
-                    continue;
-                }
-                let locale_name = locale.file_name().to_string_lossy().into_owned();
-                Locale::parse(&locale_name)
-                    .with_context(|| format!("template directory {}", locale.path().display()))?;
-                for (file, source) in read_dir_templates(&locale.path())? {
-                    let name = format!("{}/{locale_name}/{file}", trigger.as_str());
-                    let registry = if file.ends_with(".html") || file.ends_with(".mjml") {
-                        &mut html
-                    } else {
-                        &mut text
-                    };
-                    registry
-                        .register_template_string(&name, source)
-                        .with_context(|| format!("compiling template {name}.hbs"))?;
-                }
-                available.insert(format!("{}/{locale_name}", trigger.as_str()));
+            if Trigger::parse(trigger).is_none() {
+                continue;
             }
+            let Some(file) = file.strip_suffix(".hbs") else {
+                continue;
+            };
+            Locale::parse(locale_name)
+                .with_context(|| format!("template directory {trigger}/{locale_name}"))?;
+            let name = format!("{trigger}/{locale_name}/{file}");
+            let registry = if file.ends_with(".html") || file.ends_with(".mjml") {
+                &mut html
+            } else {
+                &mut text
+            };
+            registry
+                .register_template_string(&name, source)
+                .with_context(|| format!("compiling template {name}.hbs"))?;
+            available.insert(format!("{trigger}/{locale_name}"));
         }
         let templates = Templates {
             html,
@@ -107,8 +142,17 @@ impl Templates {
         Ok(templates)
     }
 
-    /// Every trigger that has templates has them in the default locale, with the required files.
+    /// Every trigger has templates in the default locale, and every locale has the required
+    /// files.
     fn check_complete(&self) -> anyhow::Result<()> {
+        for trigger in Trigger::ALL {
+            let key = format!("{}/{DEFAULT_LOCALE}", trigger.as_str());
+            if !self.available.contains(&key) {
+                bail!(
+                    "templates/{key}/ is missing: every trigger needs its {DEFAULT_LOCALE} templates"
+                );
+            }
+        }
         for key in &self.available {
             let (trigger, _) = key.split_once('/').expect("trigger/locale");
             if !self
@@ -318,22 +362,28 @@ fn check_partials(sources: &[(String, String)]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reads `*.hbs` files of a directory as (name without `.hbs`, source).
-fn read_dir_templates(dir: &Path) -> anyhow::Result<Vec<(String, String)>> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(Vec::new());
-    };
-    let mut out = Vec::new();
+/// Reads every `*.hbs` file under `dir` (one or two levels below `root`) as (path relative to
+/// `root`, source).
+fn read_tree(root: &Path, dir: &Path, out: &mut Sources) -> anyhow::Result<()> {
+    let entries = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
     for entry in entries {
         let entry = entry?;
         let path = entry.path();
-        let Some(name) = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(".hbs"))
-        else {
+        let relative = path
+            .strip_prefix(root)
+            .expect("under root")
+            .to_string_lossy()
+            .replace('\\', "/");
+        if entry.file_type()?.is_dir() {
+            // trigger/locale/file at most.
+            if relative.matches('/').count() < 2 {
+                read_tree(root, &path, out)?;
+            }
             continue;
-        };
+        }
+        if !relative.ends_with(".hbs") {
+            continue;
+        }
         if entry.metadata()?.len() > MAX_TEMPLATE_BYTES {
             bail!(
                 "{} is larger than {MAX_TEMPLATE_BYTES} bytes",
@@ -342,9 +392,27 @@ fn read_dir_templates(dir: &Path) -> anyhow::Result<Vec<(String, String)>> {
         }
         let source = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
-        out.push((name.to_owned(), source));
+        out.push((relative, source));
     }
-    Ok(out)
+    Ok(())
+}
+
+/// The shipped templates' files, as `read_tree` gives a directory's.
+fn collect_shipped(dir: &include_dir::Dir<'static>, out: &mut Sources) -> anyhow::Result<()> {
+    for file in dir.files() {
+        let path = file.path().to_string_lossy().replace('\\', "/");
+        if !path.ends_with(".hbs") {
+            continue;
+        }
+        let source = file
+            .contents_utf8()
+            .with_context(|| format!("shipped template {path} is not UTF-8"))?;
+        out.push((path, source.to_owned()));
+    }
+    for sub in dir.dirs() {
+        collect_shipped(sub, out)?;
+    }
+    Ok(())
 }
 
 /// Collapses any run of whitespace and control characters (CR, LF, tab …) into one space.

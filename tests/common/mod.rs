@@ -146,10 +146,10 @@ impl TestEnv {
         let connection = lifecycle::ingest::connect(&self.settings.amqp_url, "test")
             .await
             .unwrap();
-        let channel = connection.create_channel().await.unwrap();
-        lifecycle::ingest::declare_topology(&channel, &self.settings)
+        lifecycle::ingest::declare_topology(&connection, &self.settings)
             .await
             .unwrap();
+        let channel = connection.create_channel().await.unwrap();
         channel.confirm_select(Default::default()).await.unwrap();
         channel
             .basic_publish(

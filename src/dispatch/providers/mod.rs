@@ -125,82 +125,119 @@ pub struct Accepted {
     pub reference: String,
 }
 
-/// A provider did not take the message.
-#[derive(Debug, Clone)]
-pub struct Failure {
-    permanent: bool,
-    /// The provider may have taken the message (a timeout after the request went out): trying
-    /// another provider could send it twice, so the message waits for a retry instead.
-    unsure: bool,
-    /// The server refused the recipient's address for good (SMTP 550/551/553).
-    rejects_recipient: bool,
-    retry_after: Option<Duration>,
-    message: String,
+/// The longest a provider may make us wait (`Retry-After`): a day. Anything longer is taken
+/// as a day, so no provider answer can push a message out of reach or overflow a date.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// A provider did not take the message; what happens next depends on the kind. Every message
+/// is masked (`mask::text`) when the failure is made, because provider replies quote
+/// addresses and numbers, and failures go to logs and to `last_error`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// Will fail the same way again (SMTP 5xx, HTTP 4xx): the message fails at once.
+    Permanent {
+        /// What the provider said.
+        message: String,
+        /// The server refused the recipient's address for good (SMTP 550/551/553 to RCPT):
+        /// the address is suppressed.
+        rejects_recipient: bool,
+    },
+    /// Worth trying again later (SMTP 4xx, HTTP 429/5xx, a connection never made), through
+    /// the next provider first.
+    Transient {
+        /// How long the provider asked us to wait, at most `MAX_RETRY_AFTER`.
+        retry_after: Option<Duration>,
+        /// What the provider said.
+        message: String,
+    },
+    /// The provider may have taken the message (a timeout or a lost connection after the
+    /// request or the mail data went out): trying another provider could send it twice, so
+    /// the message waits for a retry of the same provider, and the attempt is recorded as
+    /// unsure.
+    Unsure {
+        /// What happened.
+        message: String,
+    },
 }
 
 impl Failure {
-    /// Worth trying again later (SMTP 4xx, HTTP 429/5xx, timeouts, lost connections).
-    pub fn transient(retry_after: Option<Duration>, message: impl Into<String>) -> Failure {
-        Failure {
-            permanent: false,
-            unsure: false,
-            rejects_recipient: false,
-            retry_after,
-            message: message.into(),
+    /// A transient failure; `retry_after` is capped at `MAX_RETRY_AFTER`.
+    pub fn transient(retry_after: Option<Duration>, message: impl AsRef<str>) -> Failure {
+        Failure::Transient {
+            retry_after: retry_after.map(|d| d.min(MAX_RETRY_AFTER)),
+            message: crate::mask::text(message.as_ref()),
         }
     }
 
-    /// Transient, but the provider may have accepted the message: no failover.
-    pub fn unsure(message: impl Into<String>) -> Failure {
-        Failure {
-            unsure: true,
-            ..Failure::transient(None, message)
+    /// An unsure failure.
+    pub fn unsure(message: impl AsRef<str>) -> Failure {
+        Failure::Unsure {
+            message: crate::mask::text(message.as_ref()),
         }
     }
 
-    /// Will fail the same way again (SMTP 5xx, HTTP 4xx).
-    pub fn permanent(message: impl Into<String>) -> Failure {
-        Failure {
-            permanent: true,
-            unsure: false,
+    /// A permanent failure.
+    pub fn permanent(message: impl AsRef<str>) -> Failure {
+        Failure::Permanent {
+            message: crate::mask::text(message.as_ref()),
             rejects_recipient: false,
-            retry_after: None,
-            message: message.into(),
         }
     }
 
     /// A permanent refusal of the recipient's address: the address is suppressed.
-    pub fn recipient_rejected(message: impl Into<String>) -> Failure {
-        Failure {
+    pub fn recipient_rejected(message: impl AsRef<str>) -> Failure {
+        Failure::Permanent {
+            message: crate::mask::text(message.as_ref()),
             rejects_recipient: true,
-            ..Failure::permanent(message)
         }
     }
 
     /// Whether the address itself was refused for good.
     pub fn rejects_recipient(&self) -> bool {
-        self.rejects_recipient
+        matches!(
+            self,
+            Failure::Permanent {
+                rejects_recipient: true,
+                ..
+            }
+        )
     }
 
     /// Whether the provider may have taken the message despite the failure.
     pub fn is_unsure(&self) -> bool {
-        self.unsure
+        matches!(self, Failure::Unsure { .. })
     }
 
     /// Whether retrying cannot help.
     pub fn is_permanent(&self) -> bool {
-        self.permanent
+        matches!(self, Failure::Permanent { .. })
     }
 
     /// How long the provider asked us to wait.
     pub fn retry_after(&self) -> Option<Duration> {
-        self.retry_after
+        match self {
+            Failure::Transient { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// The outcome recorded in `delivery_attempts`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Failure::Permanent { .. } => "permanent",
+            Failure::Transient { .. } => "transient",
+            Failure::Unsure { .. } => "unsure",
+        }
     }
 }
 
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
+        match self {
+            Failure::Permanent { message, .. }
+            | Failure::Transient { message, .. }
+            | Failure::Unsure { message } => f.write_str(message),
+        }
     }
 }
 

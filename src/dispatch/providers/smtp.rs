@@ -56,7 +56,8 @@ impl SmtpProvider {
         let _slot = self.slots.acquire().await.expect("semaphore never closed");
 
         // A pooled connection may have been closed by the server while idle; then the send
-        // fails before the server saw the message, and one fresh connection is tried.
+        // fails before the server saw the message, and one fresh connection is tried. Never
+        // once the mail data went out: the server may have taken it.
         let pooled = self.idle.lock().await.pop();
         let reused = pooled.is_some();
         let mut connection = match pooled {
@@ -64,7 +65,9 @@ impl SmtpProvider {
             None => self.connect().await?,
         };
         let mut result = transact(&mut connection, &envelope, &mime).await;
-        if reused && matches!(&result, Err((_, e)) if !e.is_response()) {
+        if reused
+            && matches!(&result, Err((stage, e)) if *stage != Stage::Message && !e.is_response())
+        {
             connection.abort().await;
             connection = self.connect().await?;
             result = transact(&mut connection, &envelope, &mime).await;
@@ -93,6 +96,13 @@ impl SmtpProvider {
                 if stage == Stage::Rcpt && error.is_permanent() {
                     return Err(Failure::recipient_rejected(format!(
                         "smtp: recipient refused: {error}"
+                    )));
+                }
+                if stage == Stage::Message && !error.is_response() {
+                    // The data went out and no verdict came back (the connection dropped or
+                    // timed out): the server may have queued the mail.
+                    return Err(Failure::unsure(format!(
+                        "smtp: no answer after the mail data: {error}"
                     )));
                 }
                 Err(classify(&error))
@@ -166,7 +176,10 @@ impl SmtpProvider {
 enum Stage {
     Mail,
     Rcpt,
+    /// The `DATA` command, before any of the mail went out.
     Data,
+    /// The mail itself and its final dot: from here the server may have the message.
+    Message,
 }
 
 /// One mail transaction, command by command (as lettre's `send` does), so that a refusal of
@@ -196,7 +209,10 @@ async fn transact(
         .command(Data)
         .await
         .map_err(|e| (Stage::Data, e))?;
-    connection.message(mime).await.map_err(|e| (Stage::Data, e))
+    connection
+        .message(mime)
+        .await
+        .map_err(|e| (Stage::Message, e))
 }
 
 /// SMTP 5xx is permanent; 4xx, timeouts and connection trouble are transient.

@@ -1,0 +1,148 @@
+//! The first step of sending: from a claimed message to what a provider is handed, or the
+//! reason it must not go (no address, no consent, suppressed). Rendering is CPU work (MJML and
+//! CSS inlining take hundreds of microseconds), so it runs on the blocking pool, never on the
+//! async workers beside claim renewal and recording.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use anyhow::Context;
+use serde_json::Value;
+
+use super::email;
+use super::providers::{Content, Outgoing};
+use crate::config::Settings;
+use crate::domain::{Channel, Email, Locale, MemberId, Phone};
+use crate::outbox::Claimed;
+use crate::render::Templates;
+use crate::suppress::Tokens;
+use crate::triggers::Trigger;
+
+/// What composing a message needs: templates, settings, and the unsubscribe token key.
+#[derive(Clone)]
+pub(super) struct Composer {
+    pub templates: Arc<Templates>,
+    pub settings: Arc<Settings>,
+    pub tokens: Arc<Tokens>,
+}
+
+/// A composed message, one that must not be sent, or one that cannot be (a broken template,
+/// an unknown trigger: the message fails).
+pub(super) enum Composed {
+    Ready(Box<Outgoing>),
+    Suppressed(Cow<'static, str>),
+    Broken(anyhow::Error),
+}
+
+impl Composer {
+    /// Composes `claimed` on the blocking pool. A panic inside a template helper or the
+    /// renderer fails this message with the panic's words; the dispatcher goes on.
+    pub async fn compose(&self, claimed: Claimed) -> (Claimed, Composed) {
+        let this = self.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                this.compose_now(&claimed)
+            }));
+            let composed = match result {
+                Ok(Ok(Ok(outgoing))) => Composed::Ready(Box::new(outgoing)),
+                Ok(Ok(Err(reason))) => Composed::Suppressed(reason),
+                Ok(Err(error)) => Composed::Broken(error),
+                Err(panic) => Composed::Broken(anyhow::anyhow!(
+                    "rendering panicked: {}",
+                    panic
+                        .downcast_ref::<&str>()
+                        .copied()
+                        .or(panic.downcast_ref::<String>().map(String::as_str))
+                        .unwrap_or("(no message)")
+                )),
+            };
+            (claimed, composed)
+        })
+        .await;
+        // The closure cannot panic past catch_unwind; a join error means the runtime is
+        // shutting down, and the claim's lease brings the message back.
+        joined.unwrap_or_else(|e| panic!("the blocking pool refused a render: {e}"))
+    }
+
+    /// Builds the outgoing message, or says why it must not be sent (`Ok(Err(reason))`).
+    fn compose_now(&self, c: &Claimed) -> anyhow::Result<Result<Outgoing, Cow<'static, str>>> {
+        let trigger = Trigger::parse(&c.trigger)
+            .with_context(|| format!("unknown trigger {:?}", c.trigger))?;
+        let channel = Channel::parse(&c.channel)?;
+        let locale = Locale::parse(&c.locale)?;
+        let locale = self.templates.resolve_locale(trigger, &locale).to_owned();
+        let settings = &self.settings;
+        let mut context = c.context.clone();
+        if let Value::Object(map) = &mut context {
+            map.insert(
+                "shop_name".into(),
+                Value::String(settings.shop_name.clone()),
+            );
+            // The helpers format money, points and dates for it.
+            map.insert("locale".into(), Value::String(locale.clone()));
+            map.insert(
+                "shop_address".into(),
+                Value::String(settings.shop_address.clone().unwrap_or_default()),
+            );
+        }
+        let refusal = |consent: bool, what: &'static str| -> Option<Cow<'static, str>> {
+            if !consent {
+                return Some(Cow::Owned(format!("no consent for {what}")));
+            }
+            c.suppressed
+                .as_ref()
+                .map(|reason| Cow::Owned(format!("suppressed: {reason}")))
+        };
+        let (to, content) = match channel {
+            Channel::Email => {
+                let Some(address) = c.email.as_deref() else {
+                    return Ok(Err("no email address".into()));
+                };
+                if let Some(reason) = refusal(c.consent_email, "email") {
+                    return Ok(Err(reason));
+                }
+                let to = Email::parse(address)?;
+                let member = MemberId::parse(&c.member_id)?;
+                let unsubscribe_url = format!(
+                    "{}/unsubscribe/{}",
+                    settings.public_url.as_str().trim_end_matches('/'),
+                    self.tokens.issue(&member, Some(c.id))
+                );
+                if let Value::Object(map) = &mut context {
+                    map.insert("unsubscribe_url".into(), unsubscribe_url.clone().into());
+                }
+                let rendered = self.templates.render_email(trigger, &locale, &context)?;
+                // The MIME form is composed only by the providers that send it (smtp, file).
+                let content = Content::Email {
+                    rendered,
+                    from: settings.from.clone(),
+                    first_name: c.first_name.clone(),
+                    list_unsubscribe: email::list_unsubscribe(
+                        &unsubscribe_url,
+                        settings.unsubscribe_mailto.as_deref(),
+                    ),
+                };
+                (to.to_string(), content)
+            }
+            Channel::Sms => {
+                let Some(number) = c.phone.as_deref() else {
+                    return Ok(Err("no phone number".into()));
+                };
+                if let Some(reason) = refusal(c.consent_sms, "SMS") {
+                    return Ok(Err(reason));
+                }
+                let to = Phone::parse(number)?;
+                let body = self.templates.render_sms(trigger, &locale, &context)?;
+                (to.to_string(), Content::Sms { body })
+            }
+        };
+        Ok(Ok(Outgoing {
+            message_id: c.id,
+            trigger,
+            channel,
+            locale,
+            to,
+            content,
+        }))
+    }
+}

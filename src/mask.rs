@@ -1,0 +1,164 @@
+//! Masking personal data in free text: provider error replies, refusal reasons, anything that
+//! may quote an email address or a phone number and is bound for a log line or a stored error.
+//!
+//! Addresses become `j***@example.com` and numbers `+44*******123`, as `Email::masked` and
+//! `Phone::masked` show them. The scan is deliberately generous: anything shaped like an
+//! address (`x@y.z`) or a run of seven or more digits (with `+`, spaces, dots or dashes
+//! between them) is masked, whether or not it would parse. A masked order number is a small
+//! price for never logging a customer's number.
+
+/// `text` with every email address and phone number in it masked.
+pub fn text(text: &str) -> String {
+    let masked = emails(text);
+    numbers(&masked)
+}
+
+/// Characters that can stand in the local part or the domain of an address.
+fn address_char(c: char) -> bool {
+    c.is_alphanumeric() || "._%+-!#$&'*/=?^`{|}~".contains(c)
+}
+
+fn emails(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < chars.len() {
+        if chars[i] != '@' {
+            out.push(chars[i]);
+            i += 1;
+            continue;
+        }
+        // The local part: the address characters just before '@' (already copied to `out`).
+        let local_len = chars[..i]
+            .iter()
+            .rev()
+            .take_while(|c| address_char(**c))
+            .count();
+        let domain_len = chars[i + 1..]
+            .iter()
+            .take_while(|c| c.is_alphanumeric() || **c == '.' || **c == '-')
+            .count();
+        let domain: String = chars[i + 1..i + 1 + domain_len].iter().collect();
+        let domain = domain.trim_end_matches('.');
+        if local_len == 0 || !domain.contains('.') {
+            out.push('@');
+            i += 1;
+            continue;
+        }
+        // Keep the first character of the local part, as `Email::masked` does.
+        let keep = out.chars().count() - local_len + 1;
+        out = out.chars().take(keep).collect();
+        out.push_str("***@");
+        out.push_str(domain);
+        i += 1 + domain.chars().count();
+    }
+    out
+}
+
+fn numbers(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < chars.len() {
+        let starts = chars[i].is_ascii_digit()
+            || (chars[i] == '+' && chars.get(i + 1).is_some_and(char::is_ascii_digit));
+        // A run glued to a word (an id such as `order123456789`) is masked all the same.
+        if !starts {
+            out.push(chars[i]);
+            i += 1;
+            continue;
+        }
+        // The run: digits with single separators between them.
+        let mut end = i + 1;
+        let mut digits = usize::from(chars[i].is_ascii_digit());
+        while end < chars.len() {
+            if chars[end].is_ascii_digit() {
+                digits += 1;
+                end += 1;
+            } else if " .-()".contains(chars[end])
+                && chars.get(end + 1).is_some_and(char::is_ascii_digit)
+            {
+                end += 1;
+            } else {
+                break;
+            }
+        }
+        let run: String = chars[i..end].iter().collect();
+        if digits >= 7 && !looks_like_a_date_or_time(&run) {
+            let ds: Vec<char> = run.chars().filter(char::is_ascii_digit).collect();
+            let plus = if run.starts_with('+') { "+" } else { "" };
+            let head: String = ds[..2].iter().collect();
+            let tail: String = ds[ds.len() - 3..].iter().collect();
+            out.push_str(&format!("{plus}{head}{}{tail}", "*".repeat(ds.len() - 5)));
+        } else {
+            out.push_str(&run);
+        }
+        i = end;
+    }
+    out
+}
+
+/// `2026-11-22 10:00:00` and `10.00.00` are not phone numbers: runs made of groups of 2 or 4
+/// digits split by `-`, `:` or `.` in a date's shape are left alone.
+fn looks_like_a_date_or_time(run: &str) -> bool {
+    let groups: Vec<&str> = run.split(['-', '.', ' ']).collect();
+    groups.len() >= 3
+        && groups
+            .iter()
+            .all(|g| g.len() == 2 || (g.len() == 4 && !g.starts_with('+')))
+        && groups.first().is_some_and(|g| g.len() == 4 || g.len() == 2)
+        && !run.starts_with('+')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_and_numbers_are_masked_wherever_they_stand() {
+        let table = [
+            (
+                "smtp: permanent error (550): 5.1.1 <jiwoo.kim@example.co.kr>: Recipient address rejected",
+                "smtp: permanent error (550): 5.1.1 <j***@example.co.kr>: Recipient address rejected",
+            ),
+            (
+                "twilio: HTTP 400: The 'To' number +821012345678 is not a valid phone number.",
+                "twilio: HTTP 400: The 'To' number +82*******678 is not a valid phone number.",
+            ),
+            (
+                "email \"bad@@example.com\" is not an address; x@y.com too",
+                "email \"bad@@example.com\" is not an address; x***@y.com too",
+            ),
+            ("call 555-123-4567 now", "call 55*****567 now"),
+            (
+                "order 42 of 3 items at 12:30",
+                "order 42 of 3 items at 12:30",
+            ),
+            (
+                "HTTP 503 Service Unavailable",
+                "HTTP 503 Service Unavailable",
+            ),
+            ("on 2026-11-22 at 10.00.00", "on 2026-11-22 at 10.00.00"),
+            ("user@localhost refused", "user@localhost refused"),
+            ("한글 a@b.kr 끝", "한글 a***@b.kr 끝"),
+            ("", ""),
+            ("@ alone, and trailing @", "@ alone, and trailing @"),
+        ];
+        for (input, expected) in table {
+            assert_eq!(text(input), expected, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn masking_never_panics_and_removes_every_long_digit_run() {
+        use proptest::prelude::*;
+        proptest!(|(s in "[ -~가-힣]{0,80}")| {
+            let masked = text(&s);
+            let mut run = 0;
+            for c in masked.chars() {
+                run = if c.is_ascii_digit() { run + 1 } else { 0 };
+                prop_assert!(run < 7, "{masked:?}");
+            }
+        });
+    }
+}

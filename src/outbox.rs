@@ -1,0 +1,346 @@
+//! The outbox's SQL: claiming due messages, renewing claims, recording results, requeueing
+//! failed messages, and the marketing cap's reservations. Dispatch calls it; nothing here
+//! decides what to send.
+//!
+//! A claim carries an owner token (one per dispatcher) and a lease in database time. Only the
+//! owner renews or settles its claims, so a dispatcher whose lease lapsed (it stalled, or its
+//! process died) cannot overwrite the work of the dispatcher that took the message over. A
+//! message claimed again after its lease lapsed may have been sent by the lost owner (its
+//! result was never recorded): the new claim records that earlier attempt as `unsure`, so
+//! every possible duplicate is on record.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::{PgPool, Row};
+
+/// A claimed message with what is needed to send it.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// Outbox id.
+    pub id: i64,
+    /// The member it is for.
+    pub member_id: String,
+    /// The member's IANA zone (quiet hours).
+    pub timezone: String,
+    /// This claim's attempt number (1 for the first).
+    pub attempt: i32,
+    /// The trigger's name.
+    pub trigger: String,
+    /// `email` or `sms`.
+    pub channel: String,
+    /// The trigger's template variables.
+    pub context: Value,
+    /// The member's current address, number and name.
+    pub email: Option<String>,
+    /// The member's current number.
+    pub phone: Option<String>,
+    /// The member's first name.
+    pub first_name: Option<String>,
+    /// The member's locale.
+    pub locale: String,
+    /// Consent per channel, as of the claim.
+    pub consent_email: bool,
+    /// Consent for SMS.
+    pub consent_sms: bool,
+    /// Why the address of the message's channel is suppressed, if it is.
+    pub suppressed: Option<String>,
+}
+
+/// How a claimed message was settled.
+#[derive(Debug, Clone)]
+pub struct Settled {
+    /// Outbox id.
+    pub id: i64,
+    /// The new status: `sent`, `suppressed`, `failed`, or `pending` (to be tried again).
+    pub status: &'static str,
+    /// The address or number it went to.
+    pub recipient: Option<String>,
+    /// The provider that took it, or the last one tried.
+    pub provider: Option<String>,
+    /// The provider's reference.
+    pub provider_ref: Option<String>,
+    /// Why it is not sent (yet).
+    pub error: Option<String>,
+    /// For a message going back to `pending`: when to try again.
+    pub retry_at: Option<DateTime<Utc>>,
+    /// No provider was called (deferred, or every circuit open): the claim does not count as
+    /// an attempt.
+    pub uncounted: bool,
+    /// Business time at which a provider took it.
+    pub sent_at: Option<DateTime<Utc>>,
+    /// Every provider call of this claim.
+    pub attempts: Vec<Attempt>,
+}
+
+impl Settled {
+    /// A settlement of message `id` still to be filled in: failed, with nothing tried.
+    pub fn new(id: i64) -> Settled {
+        Settled {
+            id,
+            status: "failed",
+            recipient: None,
+            provider: None,
+            provider_ref: None,
+            error: None,
+            retry_at: None,
+            uncounted: false,
+            sent_at: None,
+            attempts: Vec::new(),
+        }
+    }
+}
+
+/// One provider call, as recorded in `delivery_attempts`.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// The provider's name (`policy` for a suppression).
+    pub provider: &'static str,
+    /// `sent`, `transient`, `permanent`, `unsure` or `suppressed`.
+    pub outcome: &'static str,
+    /// The failure, masked.
+    pub error: Option<String>,
+    /// How long the call took.
+    pub latency: Duration,
+}
+
+/// Claims up to `limit` messages due by `now` for `owner`, for `lease`. Messages whose
+/// earlier claim lapsed are claimed too, and that lost claim is recorded as an unsure attempt.
+pub async fn claim(
+    pool: &PgPool,
+    owner: &str,
+    now: DateTime<Utc>,
+    limit: i64,
+    lease: Duration,
+) -> anyhow::Result<Vec<Claimed>> {
+    let rows = sqlx::query(
+        "with due as (
+             select id, status = 'sending' as lapsed, attempts from messages
+             where (status = 'pending' and due_at <= $1)
+                or (status = 'sending' and claimed_until < now())
+             order by due_at
+             limit $2
+             for update skip locked
+         ), lost as (
+             insert into delivery_attempts (message_id, attempt, provider, outcome, error, latency_ms)
+             select id, attempts, 'unknown', 'unsure',
+                    'the dispatcher that claimed it stopped before recording a result; it may have been sent',
+                    0
+             from due where lapsed
+         )
+         update messages m
+         set status = 'sending', claimed_until = now() + make_interval(secs => $3),
+             claimed_by = $4, attempts = m.attempts + 1
+         from due, members mem
+         where m.id = due.id and mem.member_id = m.member_id
+         returning m.id, m.member_id, mem.timezone, m.attempts, m.trigger, m.channel, m.context,
+                   mem.email, mem.phone, mem.first_name, mem.locale, mem.consent_email,
+                   mem.consent_sms,
+                   (select s.reason from suppressions s
+                    where s.channel = m.channel
+                      and s.address = case m.channel when 'email' then mem.email else mem.phone end
+                   ) as suppressed",
+    )
+    .bind(now)
+    .bind(limit)
+    .bind(lease.as_secs_f64())
+    .bind(owner)
+    .fetch_all(pool)
+    .await
+    .context("claiming due messages")?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Claimed {
+            id: r.get("id"),
+            member_id: r.get("member_id"),
+            timezone: r.get("timezone"),
+            attempt: r.get("attempts"),
+            trigger: r.get("trigger"),
+            channel: r.get("channel"),
+            context: r.get("context"),
+            email: r.get("email"),
+            phone: r.get("phone"),
+            first_name: r.get("first_name"),
+            locale: r.get("locale"),
+            consent_email: r.get("consent_email"),
+            consent_sms: r.get("consent_sms"),
+            suppressed: r.get("suppressed"),
+        })
+        .collect())
+}
+
+/// Extends `owner`'s claims on `ids` by `lease`; returns how many it still held.
+pub async fn renew(
+    pool: &PgPool,
+    owner: &str,
+    ids: &[i64],
+    lease: Duration,
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "update messages set claimed_until = now() + make_interval(secs => $3)
+         where id = any($1) and claimed_by = $2 and status = 'sending'",
+    )
+    .bind(ids)
+    .bind(owner)
+    .bind(lease.as_secs_f64())
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Writes the results of `owner`'s claims in one transaction: message states (only where the
+/// claim is still `owner`'s) and every attempt (always: an attempt happened, whoever holds the
+/// message now). Returns the ids whose claim had been taken over by another dispatcher.
+pub async fn record(pool: &PgPool, owner: &str, settled: &[Settled]) -> anyhow::Result<Vec<i64>> {
+    let mut tx = pool.begin().await?;
+    let ids: Vec<i64> = settled.iter().map(|s| s.id).collect();
+    let statuses: Vec<&str> = settled.iter().map(|s| s.status).collect();
+    let recipients: Vec<Option<&str>> = settled.iter().map(|s| s.recipient.as_deref()).collect();
+    let providers: Vec<Option<&str>> = settled.iter().map(|s| s.provider.as_deref()).collect();
+    let refs: Vec<Option<&str>> = settled.iter().map(|s| s.provider_ref.as_deref()).collect();
+    let errors: Vec<Option<&str>> = settled.iter().map(|s| s.error.as_deref()).collect();
+    let retry_at: Vec<Option<DateTime<Utc>>> = settled.iter().map(|s| s.retry_at).collect();
+    let uncounted: Vec<bool> = settled.iter().map(|s| s.uncounted).collect();
+    let sent_at: Vec<Option<DateTime<Utc>>> = settled.iter().map(|s| s.sent_at).collect();
+    let updated: Vec<i64> = sqlx::query_scalar(
+        "update messages m
+         set status = r.status, claimed_until = null, claimed_by = null,
+             recipient = coalesce(r.recipient, m.recipient),
+             provider = r.provider, provider_ref = r.ref, last_error = r.error,
+             due_at = coalesce(r.retry_at, m.due_at),
+             attempts = m.attempts - case when r.uncounted then 1 else 0 end,
+             sent_at = coalesce(r.sent_at, m.sent_at),
+             finished_at = case when r.status = 'pending' then null else now() end
+         from unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                     $7::timestamptz[], $8::bool[], $9::timestamptz[])
+              as r(id, status, recipient, provider, ref, error, retry_at, uncounted, sent_at)
+         where m.id = r.id and m.status = 'sending' and m.claimed_by = $10
+         returning m.id",
+    )
+    .bind(&ids)
+    .bind(&statuses)
+    .bind(&recipients)
+    .bind(&providers)
+    .bind(&refs)
+    .bind(&errors)
+    .bind(&retry_at)
+    .bind(&uncounted)
+    .bind(&sent_at)
+    .bind(owner)
+    .fetch_all(&mut *tx)
+    .await
+    .context("recording message states")?;
+
+    // Attempts of one claim (one per provider tried) share the claim's number.
+    let attempts: Vec<(i64, &Attempt)> = settled
+        .iter()
+        .flat_map(|s| s.attempts.iter().map(move |a| (s.id, a)))
+        .collect();
+    if !attempts.is_empty() {
+        let message_ids: Vec<i64> = attempts.iter().map(|(id, _)| *id).collect();
+        let names: Vec<&str> = attempts.iter().map(|(_, a)| a.provider).collect();
+        let outcomes: Vec<&str> = attempts.iter().map(|(_, a)| a.outcome).collect();
+        let errors: Vec<Option<&str>> = attempts.iter().map(|(_, a)| a.error.as_deref()).collect();
+        let latencies: Vec<i32> = attempts
+            .iter()
+            .map(|(_, a)| a.latency.as_millis().min(i32::MAX as u128) as i32)
+            .collect();
+        sqlx::query(
+            "insert into delivery_attempts (message_id, attempt, provider, outcome, error, latency_ms)
+             select r.id, m.attempts, r.provider, r.outcome, r.error, r.latency
+             from unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::int[])
+                  with ordinality as r(id, provider, outcome, error, latency, n)
+             join messages m on m.id = r.id
+             order by r.n",
+        )
+        .bind(&message_ids)
+        .bind(&names)
+        .bind(&outcomes)
+        .bind(&errors)
+        .bind(&latencies)
+        .execute(&mut *tx)
+        .await
+        .context("recording delivery attempts")?;
+    }
+    tx.commit().await?;
+    let updated: std::collections::HashSet<i64> = updated.into_iter().collect();
+    Ok(ids.into_iter().filter(|id| !updated.contains(id)).collect())
+}
+
+/// Takes the marketing cap of (member, channel) for message `id` until `until`, if it is free
+/// by `now` (or already this message's). `Err(until)`: held by another message until then.
+///
+/// The reservation is one row per (member, channel), taken under its row lock, so two
+/// dispatchers can never both send a marketing message inside one cap window.
+pub async fn reserve_cap(
+    pool: &PgPool,
+    member: &str,
+    channel: &str,
+    id: i64,
+    now: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> anyhow::Result<Result<(), DateTime<Utc>>> {
+    let taken: Option<i64> = sqlx::query_scalar(
+        "insert into marketing_caps (member_id, channel, message_id, until)
+         values ($1, $2, $3, $5)
+         on conflict (member_id, channel) do update
+             set message_id = excluded.message_id, until = excluded.until
+             where marketing_caps.until <= $4 or marketing_caps.message_id = excluded.message_id
+         returning message_id",
+    )
+    .bind(member)
+    .bind(channel)
+    .bind(id)
+    .bind(now)
+    .bind(until)
+    .fetch_optional(pool)
+    .await
+    .context("reserving the marketing cap")?;
+    if taken.is_some() {
+        return Ok(Ok(()));
+    }
+    let held: DateTime<Utc> = sqlx::query_scalar(
+        "select until from marketing_caps where member_id = $1 and channel = $2",
+    )
+    .bind(member)
+    .bind(channel)
+    .fetch_one(pool)
+    .await
+    .context("reading the marketing cap")?;
+    Ok(Err(held))
+}
+
+/// Gives back the cap message `id` reserved but did not use (it was not sent): free from
+/// `now`. The reservation was only made when the cap had run out, so nothing earlier is lost.
+pub async fn release_cap(pool: &PgPool, id: i64, now: DateTime<Utc>) -> anyhow::Result<()> {
+    sqlx::query("update marketing_caps set until = least(until, $2) where message_id = $1")
+        .bind(id)
+        .bind(now)
+        .execute(pool)
+        .await
+        .context("releasing the marketing cap")?;
+    Ok(())
+}
+
+/// Puts failed messages back in the queue (ops, after fixing what made them fail): those of
+/// `ids`, or every failed one when `ids` is `None`. They are due at `now` with their attempts
+/// counted afresh; the earlier attempts stay recorded. Returns how many.
+pub async fn retry_failed(
+    pool: &PgPool,
+    ids: Option<&[i64]>,
+    now: DateTime<Utc>,
+) -> anyhow::Result<u64> {
+    let done = sqlx::query(
+        "update messages set status = 'pending', due_at = $2, attempts = 0, finished_at = null,
+                claimed_until = null, claimed_by = null
+         where status = 'failed' and ($1::bigint[] is null or id = any($1))",
+    )
+    .bind(ids)
+    .bind(now)
+    .execute(pool)
+    .await
+    .context("requeueing failed messages")?;
+    Ok(done.rows_affected())
+}

@@ -107,6 +107,71 @@ pub struct Worker {
     pub app: App,
     trigger: ShutdownTrigger,
     shutdown: Shutdown,
+    roles: Supervisor,
+}
+
+impl Worker {
+    /// Starts the roles. Templates and providers are checked before anything runs, so a bad
+    /// template or provider setting fails here, not at the first send.
+    pub async fn start(app: App, roles: Roles) -> anyhow::Result<Worker> {
+        let (trigger, shutdown) = shutdown::channel();
+        let mut supervisor = Supervisor::new(shutdown.clone());
+        app.health.roles.set(roles).ok();
+        if roles.dispatch {
+            let templates = Templates::load_configured(app.settings.templates_dir.as_deref())?;
+            let dispatcher = Dispatcher::new(app.clone(), Arc::new(templates))?;
+            supervisor.spawn("dispatch", dispatcher.run(shutdown.clone()));
+        }
+        if roles.http {
+            let listener = crate::http::bind(&app).await?;
+            supervisor.spawn(
+                "http",
+                crate::http::serve_on(listener, app.clone(), shutdown.clone()),
+            );
+        }
+        if roles.schedule {
+            let scheduler = Scheduler::new(app.clone());
+            supervisor.spawn("scheduler", scheduler.run(shutdown.clone()));
+        }
+        if roles.ingest {
+            let ingest = Ingest::new(app.clone());
+            supervisor.spawn("ingest", ingest.run(shutdown.clone()));
+        }
+        info!(
+            ingest = roles.ingest,
+            dispatch = roles.dispatch,
+            schedule = roles.schedule,
+            http = roles.http,
+            "Worker started."
+        );
+        Ok(Worker {
+            app,
+            trigger,
+            shutdown,
+            roles: supervisor,
+        })
+    }
+
+    /// Asks every role to finish its work in hand and stop, and waits for them. An error when
+    /// a role failed, or ended before it was asked to.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.trigger.trigger();
+        self.roles.join().await
+    }
+
+    /// Completes when a role stopped by itself (it should not) or shutdown was triggered.
+    pub async fn stopped(&self) {
+        tokio::select! {
+            _ = self.shutdown.triggered() => {}
+            _ = self.roles.died() => {}
+        }
+    }
+}
+
+/// Runs the roles' tasks and notices one that ends before shutdown was asked for (an error,
+/// a panic, or returning at all), so that the process ends rather than go on half-alive.
+struct Supervisor {
+    shutdown: Shutdown,
     /// Signalled when a role ends before shutdown was asked for.
     died: Arc<Notify>,
     tasks: Vec<(&'static str, JoinHandle<RoleEnd>)>,
@@ -118,52 +183,16 @@ struct RoleEnd {
     unasked: bool,
 }
 
-impl Worker {
-    /// Starts the roles. Templates and providers are checked before anything runs, so a bad
-    /// template or provider setting fails here, not at the first send.
-    pub async fn start(app: App, roles: Roles) -> anyhow::Result<Worker> {
-        let (trigger, shutdown) = shutdown::channel();
-        let mut worker = Worker {
-            app: app.clone(),
-            trigger,
-            shutdown: shutdown.clone(),
+impl Supervisor {
+    fn new(shutdown: Shutdown) -> Supervisor {
+        Supervisor {
+            shutdown,
             died: Arc::new(Notify::new()),
             tasks: Vec::new(),
-        };
-        app.health.roles.set(roles).ok();
-        if roles.dispatch {
-            let templates = Templates::load_configured(app.settings.templates_dir.as_deref())?;
-            let dispatcher = Dispatcher::new(app.clone(), Arc::new(templates))?;
-            worker.spawn("dispatch", dispatcher.run(shutdown.clone()));
         }
-        if roles.http {
-            let listener = crate::http::bind(&app).await?;
-            worker.spawn(
-                "http",
-                crate::http::serve_on(listener, app.clone(), shutdown.clone()),
-            );
-        }
-        if roles.schedule {
-            let scheduler = Scheduler::new(app.clone());
-            worker.spawn("scheduler", scheduler.run(shutdown.clone()));
-        }
-        if roles.ingest {
-            let ingest = Ingest::new(app.clone());
-            worker.spawn("ingest", ingest.run(shutdown.clone()));
-        }
-        info!(
-            ingest = roles.ingest,
-            dispatch = roles.dispatch,
-            schedule = roles.schedule,
-            http = roles.http,
-            "Worker started."
-        );
-        Ok(worker)
     }
 
-    /// Runs a role; should it end before shutdown was asked for (an error, a panic, or
-    /// returning at all), `stopped` completes, so the process ends rather than go on
-    /// half-alive.
+    /// Runs a role.
     fn spawn<F>(&mut self, name: &'static str, role: F)
     where
         F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
@@ -195,10 +224,13 @@ impl Worker {
         self.tasks.push((name, task));
     }
 
-    /// Asks every role to finish its work in hand and stop, and waits for them. An error when
-    /// a role failed, or ended before it was asked to.
-    pub async fn stop(self) -> anyhow::Result<()> {
-        self.trigger.trigger();
+    /// Completes when a role ended before it was asked to.
+    async fn died(&self) {
+        self.died.notified().await;
+    }
+
+    /// Waits for every role; the first failure, if any.
+    async fn join(self) -> anyhow::Result<()> {
         let mut first_error = None;
         for (name, task) in self.tasks {
             let end = task
@@ -217,12 +249,46 @@ impl Worker {
         }
         first_error.map_or(Ok(()), Err)
     }
+}
 
-    /// Completes when a role stopped by itself (it should not) or shutdown was triggered.
-    pub async fn stopped(&self) {
-        tokio::select! {
-            _ = self.shutdown.triggered() => {}
-            _ = self.died.notified() => {}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_role_that_ends_by_itself_stops_the_worker_with_an_error() {
+        for (role, expected) in [
+            (0, "the quitter role stopped before it was asked to"),
+            (1, "the faulty role failed: broken"),
+            (2, "the panicky role failed: panicked: boom"),
+        ] {
+            let (trigger, shutdown) = shutdown::channel();
+            let mut roles = Supervisor::new(shutdown.clone());
+            let waiting = shutdown.clone();
+            roles.spawn("steady", async move {
+                waiting.triggered().await;
+                Ok(())
+            });
+            match role {
+                0 => roles.spawn("quitter", async { Ok(()) }),
+                1 => roles.spawn("faulty", async { Err(anyhow::anyhow!("broken")) }),
+                _ => roles.spawn("panicky", async { panic!("boom") }),
+            }
+            tokio::time::timeout(std::time::Duration::from_secs(5), roles.died())
+                .await
+                .expect("the death is noticed");
+            trigger.trigger();
+            let error = roles.join().await.unwrap_err();
+            assert_eq!(format!("{error:#}"), expected);
         }
+        // Roles that stop when asked end cleanly.
+        let (trigger, shutdown) = shutdown::channel();
+        let mut roles = Supervisor::new(shutdown.clone());
+        roles.spawn("steady", async move {
+            shutdown.triggered().await;
+            Ok(())
+        });
+        trigger.trigger();
+        roles.join().await.unwrap();
     }
 }

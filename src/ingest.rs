@@ -446,13 +446,9 @@ impl Ingest {
 
     async fn apply_once(&self, events: &[&Event]) -> Result<Vec<Outcome>, sqlx::Error> {
         let mut tx = self.app.pool.begin().await?;
-        let outcomes = ledger::apply_batch(
-            &mut tx,
-            events,
-            &self.app.settings.program,
-            self.app.clock.now(),
-        )
-        .await?;
+        let outcomes =
+            ledger::apply_batch(&mut tx, events, &self.app.settings.program, &self.app.clock)
+                .await?;
         tx.commit().await?;
         Ok(outcomes)
     }

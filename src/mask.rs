@@ -34,15 +34,17 @@ fn emails(text: &str) -> String {
             .rev()
             .take_while(|c| address_char(**c))
             .count();
-        let domain_len = chars[i + 1..]
+        // A mistyped address (`a@@b.com`) is masked like a good one: skip every '@'.
+        let ats = chars[i..].iter().take_while(|c| **c == '@').count();
+        let domain_len = chars[i + ats..]
             .iter()
             .take_while(|c| c.is_alphanumeric() || **c == '.' || **c == '-')
             .count();
-        let domain: String = chars[i + 1..i + 1 + domain_len].iter().collect();
+        let domain: String = chars[i + ats..i + ats + domain_len].iter().collect();
         let domain = domain.trim_end_matches('.');
         if local_len == 0 || !domain.contains('.') {
-            out.push('@');
-            i += 1;
+            out.extend(std::iter::repeat_n('@', ats));
+            i += ats;
             continue;
         }
         // Keep the first character of the local part, as `Email::masked` does.
@@ -50,7 +52,7 @@ fn emails(text: &str) -> String {
         out = out.chars().take(keep).collect();
         out.push_str("***@");
         out.push_str(domain);
-        i += 1 + domain.chars().count();
+        i += ats + domain.chars().count();
     }
     out
 }
@@ -126,8 +128,12 @@ mod tests {
                 "twilio: HTTP 400: The 'To' number +82*******678 is not a valid phone number.",
             ),
             (
-                "email \"bad@@example.com\" is not an address; x@y.com too",
-                "email \"bad@@example.com\" is not an address; x***@y.com too",
+                "email \"jiwoo.kim@@example.com\" is not an address; x@y.com too",
+                "email \"j***@example.com\" is not an address; x***@y.com too",
+            ),
+            (
+                "phone \"+82 10 1234 5678\" is not an E.164 number",
+                "phone \"+82*******678\" is not an E.164 number",
             ),
             ("call 555-123-4567 now", "call 55*****567 now"),
             (

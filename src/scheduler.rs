@@ -157,12 +157,20 @@ impl Scheduler {
                     let wait = (next - now).to_std().unwrap_or_default();
                     pause = pause.min(wait.max(Duration::from_millis(20)));
                 }
-                // Never run (a new database) or an instant has come: run it.
-                _ => match self.run_leased(job, last_run, now).await {
-                    Ok(Some(0)) => debug!(scan = job.as_str(), "Scheduled scan ran."),
-                    Ok(Some(planned)) => {
-                        info!(scan = job.as_str(), planned, "Scheduled scan ran.")
-                    }
+                // Never run (a new database) or an instant has come: run it. The instant is
+                // logged, so that a scan run twice for one instant would show.
+                instant => match self.run_leased(job, last_run, now).await {
+                    Ok(Some(0)) => debug!(
+                        scan = job.as_str(),
+                        instant = %instant.unwrap_or(now),
+                        "Scheduled scan ran."
+                    ),
+                    Ok(Some(planned)) => info!(
+                        scan = job.as_str(),
+                        instant = %instant.unwrap_or(now),
+                        planned,
+                        "Scheduled scan ran."
+                    ),
                     Ok(None) => {}
                     Err(error) => {
                         warn!(

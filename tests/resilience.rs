@@ -7,9 +7,9 @@ mod common;
 
 use std::time::Duration;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
-use common::{ALL_ROLES, TestEnv, count, enrolled, wait_for};
+use common::{ALL_ROLES, Serve, TestEnv, count, enrolled, wait_for};
 
 const EVENTS: usize = 3_000;
 
@@ -27,53 +27,6 @@ fn events(env: &TestEnv) -> Vec<String> {
             )
         })
         .collect()
-}
-
-/// A `lifecycle serve` child process, killed if the test ends without stopping it.
-struct Serve(Child);
-
-impl Serve {
-    fn start(env: &TestEnv) -> Serve {
-        let child = Command::new(env!("CARGO_BIN_EXE_lifecycle"))
-            .arg("serve")
-            .envs(env.env_vars())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting lifecycle serve");
-        Serve(child)
-    }
-
-    /// SIGKILL, as a crash would.
-    fn kill(&mut self) {
-        self.0.kill().unwrap();
-        self.0.wait().unwrap();
-    }
-
-    /// SIGTERM, then its exit status, within the test deadline.
-    async fn terminate(&mut self) -> std::process::ExitStatus {
-        Command::new("kill")
-            .arg("-TERM")
-            .arg(self.0.id().to_string())
-            .status()
-            .unwrap();
-        let child = &mut self.0;
-        wait_for("the worker to exit after SIGTERM", || {
-            let status = child.try_wait().unwrap();
-            async move { status }
-        })
-        .await
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        if self.0.try_wait().ok().flatten().is_none() {
-            self.0.kill().ok();
-            self.0.wait().ok();
-        }
-    }
 }
 
 /// Every message planned, sent, and written exactly once per member.

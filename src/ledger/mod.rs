@@ -260,7 +260,7 @@ pub async fn apply_batch(
     conn: &mut PgConnection,
     events: &[&Event],
     program: &Program,
-    now: DateTime<Utc>,
+    clock: &crate::clock::Clock,
 ) -> Result<Vec<Outcome>, sqlx::Error> {
     // Members first: a redelivered copy of an event is for the same member, so a second worker
     // handling it waits here rather than deadlocking on the inbox row below.
@@ -268,6 +268,10 @@ pub async fn apply_batch(
     member_ids.sort_unstable();
     member_ids.dedup();
     members::lock(conn, &member_ids).await?;
+    // The time is read once the members are ours: read before, a batch that waited for a lock
+    // another worker held would stamp its lots earlier than that worker's, and a member's lots
+    // (spent oldest first) would then depend on which worker waited.
+    let now = clock.now();
     let fresh = claim_inbox(conn, events).await?;
     let order_ids: Vec<&str> = events
         .iter()

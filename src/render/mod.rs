@@ -81,6 +81,12 @@ impl Templates {
         Templates::compile(sources)
     }
 
+    /// Compiles templates from their sources: (path under the templates' root, such as
+    /// `welcome/ko/sms.hbs` or `partials/footer.hbs`, and the file's text).
+    pub fn from_sources(sources: Vec<(String, String)>) -> anyhow::Result<Templates> {
+        Templates::compile(sources)
+    }
+
     /// Compiles templates from their sources.
     fn compile(sources: Sources) -> anyhow::Result<Templates> {
         let mut html = Handlebars::new();

@@ -64,8 +64,9 @@ pub struct Recorded {
 
 #[derive(Default)]
 struct Inner {
-    /// (substring of the body, answer): the first rule whose text the body contains answers.
-    rules: Vec<(String, Reply)>,
+    /// (substring of the body, answer, answers left): the first rule whose text the body
+    /// contains, and that has answers left (`None`: any number), answers.
+    rules: Vec<(String, Reply, Option<usize>)>,
     fallback: Option<Reply>,
     requests: Vec<Recorded>,
 }
@@ -100,7 +101,17 @@ impl FakeApi {
             .lock()
             .unwrap()
             .rules
-            .push((text.to_owned(), reply));
+            .push((text.to_owned(), reply, None));
+    }
+
+    /// Answers `reply` to the first `times` requests whose body contains `text`; later ones
+    /// go to the next rule or the fallback (a provider that fails, then recovers).
+    pub fn rule_times(&self, text: &str, reply: Reply, times: usize) {
+        self.inner
+            .lock()
+            .unwrap()
+            .rules
+            .push((text.to_owned(), reply, Some(times)));
     }
 
     /// Changes the answer to everything no rule matches.
@@ -131,13 +142,19 @@ async fn handle(
             body: body.clone(),
             at: Instant::now(),
         });
-        inner
+        let rule = inner
             .rules
-            .iter()
-            .find(|(text, _)| body.contains(text.as_str()))
-            .map(|(_, r)| r.clone())
-            .or_else(|| inner.fallback.clone())
-            .unwrap()
+            .iter_mut()
+            .find(|(text, _, left)| body.contains(text.as_str()) && *left != Some(0));
+        match rule {
+            Some((_, reply, left)) => {
+                if let Some(n) = left {
+                    *n -= 1;
+                }
+                reply.clone()
+            }
+            None => inner.fallback.clone().unwrap(),
+        }
     };
     tokio::time::sleep(reply.delay).await;
     let mut response = (StatusCode::from_u16(reply.status).unwrap(), reply.body).into_response();

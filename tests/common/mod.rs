@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod fake_api;
+pub mod smtp_relay;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -456,5 +457,61 @@ pub async fn publish_in_order(
         })
         .await;
         after(i).await;
+    }
+}
+
+/// A `lifecycle serve` child process, killed if the test ends without stopping it.
+pub struct Serve(pub Child);
+
+impl Serve {
+    /// Starts `lifecycle serve` with the environment's settings, logging warnings to the
+    /// test's stderr.
+    pub fn start(env: &TestEnv) -> Serve {
+        Serve::start_with(env, &[], Stdio::inherit())
+    }
+
+    /// The same with extra variables and stderr where given.
+    pub fn start_with(env: &TestEnv, extra: &[(&str, String)], stderr: Stdio) -> Serve {
+        let child = Command::new(env!("CARGO_BIN_EXE_lifecycle"))
+            .arg("serve")
+            .envs(env.env_vars())
+            .env("RUST_LOG", "warn")
+            .env("NO_COLOR", "1")
+            .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("starting lifecycle serve");
+        Serve(child)
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+
+    /// SIGTERM, then its exit status, within the test deadline.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status()
+            .unwrap();
+        let child = &mut self.0;
+        wait_for("the worker to exit after SIGTERM", || {
+            let status = child.try_wait().unwrap();
+            async move { status }
+        })
+        .await
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            self.0.kill().ok();
+            self.0.wait().ok();
+        }
     }
 }

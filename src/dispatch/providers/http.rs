@@ -104,7 +104,14 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 
 /// `Retry-After` as seconds or as an HTTP date, relative to `now`; a date in the past is zero.
 pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    parse_retry_after(headers.get(RETRY_AFTER)?.to_str().ok()?, now)
+}
+
+/// A `Retry-After` value: seconds, or an HTTP date relative to `now` (a date in the past is
+/// zero). Anything else is `None`. The result is not bounded here: `Failure::transient` caps
+/// it at a day.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
     if let Ok(seconds) = value.parse::<u64>() {
         return Some(Duration::from_secs(seconds));
     }

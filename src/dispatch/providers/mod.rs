@@ -16,6 +16,7 @@ use crate::render::RenderedEmail;
 use crate::triggers::Trigger;
 
 pub use file::FileProvider;
+pub use http::parse_retry_after;
 pub use sendgrid::SendgridProvider;
 pub use smtp::SmtpProvider;
 pub use twilio::TwilioProvider;

@@ -1,0 +1,101 @@
+//! What each fuzz target does with its input, shared by the cargo-fuzz targets
+//! (`fuzz/fuzz_targets/`) and the short proptest that runs in CI (`tests/fuzz.rs`). Each
+//! function must return without panicking whatever the bytes; the assertions in it are the
+//! properties that must hold besides.
+
+#![allow(dead_code)]
+
+use std::time::{Duration, SystemTime};
+
+use lifecycle::render::Templates;
+use lifecycle::triggers::Trigger;
+
+/// The event decoder, and masking of whatever text it refuses.
+pub fn event(data: &[u8]) {
+    match lifecycle::event::parse(data, 1 << 20) {
+        Ok(event) => {
+            assert!(!event.id.as_str().is_empty());
+        }
+        Err(rejection) => {
+            assert!(!rejection.0.is_empty(), "a refusal says why");
+            let masked = lifecycle::mask::text(&rejection.0);
+            assert!(!masked.contains("@example.com") || masked.contains("***@"));
+        }
+    }
+}
+
+/// Splits input into `n` parts at 0xFF bytes (missing parts are empty), as UTF-8.
+fn parts(data: &[u8], n: usize) -> Vec<String> {
+    let mut out: Vec<String> = data
+        .splitn(n, |b| *b == 0xFF)
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .collect();
+    out.resize(n, String::new());
+    out
+}
+
+/// Template compilation and rendering with a hostile welcome (MJML, subject, SMS), a hostile
+/// shared partial, and a hostile context.
+pub fn templates(data: &[u8]) {
+    let [mjml, subject, sms, partial, context] = <[String; 5]>::try_from(parts(data, 5)).unwrap();
+    let mut sources = vec![("partials/p.hbs".to_owned(), partial)];
+    for trigger in Trigger::ALL {
+        let dir = format!("{}/en", trigger.as_str());
+        if trigger == Trigger::Welcome {
+            sources.push((format!("{dir}/email.mjml.hbs"), mjml.clone()));
+            sources.push((format!("{dir}/email.subject.hbs"), subject.clone()));
+            sources.push((format!("{dir}/sms.hbs"), sms.clone()));
+        } else {
+            sources.push((format!("{dir}/email.html.hbs"), "<p>x</p>".into()));
+            sources.push((format!("{dir}/email.subject.hbs"), "x".into()));
+            sources.push((format!("{dir}/sms.hbs"), "x".into()));
+        }
+    }
+    let Ok(templates) = Templates::from_sources(sources) else {
+        return;
+    };
+    let context: serde_json::Value = serde_json::from_str(&context)
+        .unwrap_or_else(|_| lifecycle::render::sample_context(Trigger::Welcome));
+    if let Ok(email) = templates.render_email(Trigger::Welcome, "en", &context) {
+        assert!(
+            !email.subject.contains('\n') && !email.subject.contains('\r'),
+            "a subject is one line"
+        );
+    }
+    let _ = templates.render_sms(Trigger::Welcome, "en", &context);
+}
+
+/// The parsers of addresses, numbers, locales and ids, and masking.
+pub fn addresses(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    if let Ok(email) = lifecycle::domain::Email::parse(&text) {
+        assert!(email.masked().contains("***@"));
+    }
+    if let Ok(phone) = lifecycle::domain::Phone::parse(&text) {
+        assert!(phone.masked().contains('*'));
+    }
+    let _ = lifecycle::domain::Locale::parse(&text);
+    let _ = lifecycle::domain::MemberId::parse(&text);
+    let masked = lifecycle::mask::text(&text);
+    let mut run = 0;
+    for c in masked.chars() {
+        run = if c.is_ascii_digit() { run + 1 } else { 0 };
+        assert!(run < 7, "a long digit run survived masking: {masked:?}");
+    }
+}
+
+/// `Retry-After` parsing and the date arithmetic that follows it.
+pub fn retry_after(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+    let Some(asked) = lifecycle::dispatch::providers::parse_retry_after(&text, now) else {
+        return;
+    };
+    let failure = lifecycle::dispatch::Failure::transient(Some(asked), "429");
+    let capped = failure.retry_after().unwrap();
+    assert!(capped <= lifecycle::dispatch::providers::MAX_RETRY_AFTER);
+    let start: chrono::DateTime<chrono::Utc> = "2026-11-22T10:00:00Z".parse().unwrap();
+    let at = lifecycle::dispatch::later(start, asked);
+    assert!(at >= start && at <= start + chrono::Duration::days(1));
+    let _ = lifecycle::dispatch::later(chrono::DateTime::<chrono::Utc>::MAX_UTC, asked);
+}

@@ -3,7 +3,7 @@
 //!
 //! Addresses become `j***@example.com` and numbers `+44*******123`, as `Email::masked` and
 //! `Phone::masked` show them. The scan is deliberately generous: anything shaped like an
-//! address (`x@y.z`) or a run of seven or more digits (with `+`, spaces, dots or dashes
+//! address (`x@y`) or a run of seven or more digits (with `+`, spaces, dots or dashes
 //! between them) is masked, whether or not it would parse. A masked order number is a small
 //! price for never logging a customer's number.
 
@@ -36,13 +36,15 @@ fn emails(text: &str) -> String {
             .count();
         // A mistyped address (`a@@b.com`) is masked like a good one: skip every '@'.
         let ats = chars[i..].iter().take_while(|c| **c == '@').count();
+        // The domain as RFC 5322 allows it (lettre, and so `Email::parse`, takes `a@*b&c`).
         let domain_len = chars[i + ats..]
             .iter()
-            .take_while(|c| c.is_alphanumeric() || **c == '.' || **c == '-')
+            .take_while(|c| address_char(**c))
             .count();
         let domain: String = chars[i + ats..i + ats + domain_len].iter().collect();
         let domain = domain.trim_end_matches('.');
-        if local_len == 0 || !domain.contains('.') {
+        // Any domain, dotted or not: whatever `Email::parse` takes (`user@localhost`) is masked.
+        if local_len == 0 || domain.is_empty() {
             out.extend(std::iter::repeat_n('@', ats));
             i += ats;
             continue;
@@ -145,8 +147,10 @@ mod tests {
                 "HTTP 503 Service Unavailable",
             ),
             ("on 2026-11-22 at 10.00.00", "on 2026-11-22 at 10.00.00"),
-            ("user@localhost refused", "user@localhost refused"),
+            ("user@localhost refused", "u***@localhost refused"),
+            ("a bare @ sign, and @home", "a bare @ sign, and @home"),
             ("한글 a@b.kr 끝", "한글 a***@b.kr 끝"),
+            ("odd x@*d&e.co* domain", "odd x***@*d&e.co* domain"),
             ("", ""),
             ("@ alone, and trailing @", "@ alone, and trailing @"),
         ];

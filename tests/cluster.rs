@@ -8,7 +8,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Serve, SmtpSink, TestEnv, count, enrolled, wait_up_to};
+use common::{Serve, SmtpSink, TestEnv, count, wait_up_to};
 
 const EVENTS: usize = 2_000;
 
@@ -52,19 +52,7 @@ async fn a_node_stopped_mid_stream_loses_and_doubles_nothing() {
     connection.close(200, "bye".into()).await.ok();
 
     let app = env.app().await;
-    let events: Vec<String> = (0..EVENTS)
-        .map(|i| {
-            enrolled(
-                &format!("{}-{i}", env.tag),
-                &format!("m-{i}"),
-                Some(&format!("m{i}@example.com")),
-                None,
-                "en",
-                "Ada",
-                (true, false),
-            )
-        })
-        .collect();
+    let events = common::enrolments(&env, EVENTS);
     let mut a = Serve::start(&env);
     let mut b = Serve::start(&env);
     let (first, rest) = events.split_at(EVENTS / 2);

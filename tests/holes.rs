@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use common::smtp_relay::{Fault, SmtpRelay};
 use common::{
-    ALL_ROLES, INGEST_ONLY, Serve, SmtpSink, TestEnv, count, enrolled, free_port, wait_for,
-    wait_up_to,
+    ALL_ROLES, INGEST_ONLY, Serve, SmtpSink, TestEnv, count, enrolment, enrolments, free_port,
+    wait_for, wait_up_to,
 };
 use lifecycle::app::{Roles, Worker};
 use lifecycle::dispatch::{Dispatcher, Step};
@@ -26,23 +26,10 @@ fn dispatcher(app: &lifecycle::app::App, env: &TestEnv) -> Dispatcher {
     Dispatcher::new(app.clone(), Arc::new(templates)).unwrap()
 }
 
-fn enrol(env: &TestEnv, n: usize) -> String {
-    enrolled(
-        &format!("{}-{n}", env.tag),
-        &format!("m-{n}"),
-        Some(&format!("m{n}@example.com")),
-        None,
-        "en",
-        "Ada",
-        (true, false),
-    )
-}
-
 /// Enrols `n` members with only ingest running and waits until their welcomes are planned.
 async fn planned(env: &TestEnv, n: usize) -> Worker {
     let worker = env.start(INGEST_ONLY).await;
-    let events: Vec<String> = (0..n).map(|i| enrol(env, i)).collect();
-    env.publish(&events).await;
+    env.publish(&enrolments(env, n)).await;
     let app = worker.app.clone();
     wait_for("the welcomes planned", || async {
         (count(&app, "select count(*) from messages").await == n as i64).then_some(())
@@ -196,11 +183,15 @@ async fn a_failed_record_is_retried_until_it_succeeds() {
     let env = TestEnv::with_smtp(&sink);
     let worker = planned(&env, 1).await;
     let app = worker.app.clone();
-    // Recording will fail: its table is away.
-    sqlx::query("alter table delivery_attempts rename to delivery_attempts_away")
-        .execute(&app.pool)
-        .await
-        .unwrap();
+    // Recording will fail: the database refuses every attempt row for now.
+    for sql in [
+        "create function refuse() returns trigger language plpgsql
+         as $$ begin raise exception 'refused for the test'; end $$",
+        "create trigger refuse before insert on delivery_attempts
+         for each row execute function refuse()",
+    ] {
+        sqlx::query(sql).execute(&app.pool).await.unwrap();
+    }
     let d = dispatcher(&app, &env);
     let step = tokio::spawn(async move { d.try_execute_once().await.unwrap() });
     wait_for("the mail at the sink", || async {
@@ -210,7 +201,7 @@ async fn a_failed_record_is_retried_until_it_succeeds() {
     // The result is not lost while the database refuses it…
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!step.is_finished(), "still retrying the record");
-    sqlx::query("alter table delivery_attempts_away rename to delivery_attempts")
+    sqlx::query("drop trigger refuse on delivery_attempts")
         .execute(&app.pool)
         .await
         .unwrap();
@@ -281,7 +272,7 @@ async fn two_dispatchers_never_both_send_a_marketing_message_inside_the_cap() {
     ]);
     let worker = env.start(INGEST_ONLY).await;
     let app = worker.app.clone();
-    env.publish(&[enrol(&env, 1)]).await;
+    env.publish(&[enrolment(&env, 1)]).await;
     wait_for("enrolled", || async {
         (count(&app, "select count(*) from members").await == 1).then_some(())
     })
@@ -292,8 +283,9 @@ async fn two_dispatchers_never_both_send_a_marketing_message_inside_the_cap() {
          select 'abandoned-cart:c' || n || ':1:email', 'm-1', 'abandoned-cart', 'email', $1, $2
          from generate_series(1, 2) n",
     )
-    .bind(json!({"first_name": "Ada", "items": [], "total": "$9.00", "checkout_url": "https://shop.example/c",
-                 "cart_id": "c", "balance": 100, "tier": "Bronze"}))
+    .bind(lifecycle::render::sample_context(
+        lifecycle::triggers::Trigger::AbandonedCart,
+    ))
     .bind(app.clock.now())
     .execute(&app.pool)
     .await
@@ -373,7 +365,7 @@ async fn a_changed_retry_delay_and_an_older_retry_queue_do_not_stop_ingest() {
         (lifecycle::metrics::Metrics::get(&app.metrics.events_deferred) >= 1).then_some(())
     })
     .await;
-    env.publish(&[enrol(&env, 1)]).await;
+    env.publish(&[enrolment(&env, 1)]).await;
     wait_for(
         "the order applied through the older retry queue",
         || async { (count(&app, "select count(*) from orders").await == 1).then_some(()) },
@@ -416,12 +408,11 @@ async fn an_event_id_shaped_like_a_scan_key_does_not_take_the_birthday_bonus() {
         (count(&app, "select count(*) from inbox").await == 2).then_some(())
     })
     .await;
-    let scheduler = lifecycle::scheduler::Scheduler::new(app.clone());
-    let now = app.clock.now();
-    scheduler
-        .run_leased(lifecycle::scheduler::Job::Birthday, None, now)
-        .await
-        .unwrap();
+    let planned =
+        lifecycle::scheduler::run_scan(&app, lifecycle::scheduler::Job::Birthday, app.clock.now())
+            .await
+            .unwrap();
+    assert!(planned > 0, "the birthday message planned");
     let balance: i64 = sqlx::query_scalar("select balance from members where member_id = 'm-bday'")
         .fetch_one(&app.pool)
         .await
@@ -450,7 +441,7 @@ async fn a_failing_scan_does_not_keep_the_others_from_running() {
         .to_string()
     };
     env.publish(&[
-        enrol(&env, 1),
+        enrolment(&env, 1),
         event(
             format!("{}-c", env.tag),
             "cart.updated",
@@ -511,8 +502,7 @@ async fn retention_prunes_old_rows_and_keeps_their_dedupe_keys() {
     ]);
     let worker = env.start(ALL_ROLES).await;
     let app = worker.app.clone();
-    let events: Vec<String> = (0..5).map(|i| enrol(&env, i)).collect();
-    env.publish(&events).await;
+    env.publish(&enrolments(&env, 5)).await;
     wait_for("welcomes sent", || async {
         (count(&app, "select count(*) from messages where status = 'sent'").await == 5)
             .then_some(())
@@ -663,7 +653,7 @@ async fn templates_are_found_from_any_directory_and_a_missing_one_is_named() {
             .unwrap();
         Serve(child)
     };
-    env.publish(&[enrol(&env, 1)]).await;
+    env.publish(&[enrolment(&env, 1)]).await;
     wait_for("the welcome sent", || async {
         (count(&app, "select count(*) from messages where status = 'sent'").await == 1)
             .then_some(())

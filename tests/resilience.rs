@@ -7,26 +7,12 @@ mod common;
 
 use std::time::Duration;
 
-use std::process::Command;
-
 use common::{ALL_ROLES, Serve, TestEnv, count, enrolled, wait_for};
 
 const EVENTS: usize = 3_000;
 
 fn events(env: &TestEnv) -> Vec<String> {
-    (0..EVENTS)
-        .map(|i| {
-            enrolled(
-                &format!("{}-{i}", env.tag),
-                &format!("m-{i}"),
-                Some(&format!("m{i}@example.com")),
-                None,
-                "en",
-                "M",
-                (true, false),
-            )
-        })
-        .collect()
+    common::enrolments(env, EVENTS)
 }
 
 /// Every message planned, sent, and written exactly once per member.
@@ -106,14 +92,6 @@ async fn sigkill_mid_stream_then_restart_processes_every_event_once() {
     env.cleanup().await;
 }
 
-fn run(command: &str, args: &[&str]) {
-    let status = Command::new(command)
-        .args(args)
-        .status()
-        .unwrap_or_else(|e| panic!("{command}: {e}"));
-    assert!(status.success(), "{command} {args:?} failed: {status}");
-}
-
 /// Starts a worker on queued events, runs `restart` once ingest is under way, and checks
 /// that everything still happens exactly once.
 async fn restart_mid_stream(restart: impl FnOnce()) {
@@ -139,35 +117,13 @@ async fn restart_mid_stream(restart: impl FnOnce()) {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "restarts RabbitMQ; run alone with --run-ignored only"]
 async fn broker_restart_mid_stream_loses_and_duplicates_nothing() {
-    restart_mid_stream(|| {
-        run("rabbitmqctl", &["stop_app"]);
-        run("rabbitmqctl", &["start_app"]);
-        run("rabbitmqctl", &["await_startup"]);
-    })
-    .await;
+    restart_mid_stream(common::restart_rabbitmq).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "restarts PostgreSQL; run alone with --run-ignored only"]
 async fn postgres_restart_mid_stream_loses_and_duplicates_nothing() {
-    restart_mid_stream(|| {
-        let cluster = std::fs::read_dir("/etc/postgresql")
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .file_name();
-        run(
-            "pg_ctlcluster",
-            &[
-                "--skip-systemctl-redirect",
-                cluster.to_str().unwrap(),
-                "main",
-                "restart",
-            ],
-        );
-    })
-    .await;
+    restart_mid_stream(common::restart_postgres).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -281,6 +281,17 @@ impl Templates {
 /// `<style>`. No remote stylesheet or font is ever loaded, and `@media` rules are kept, since
 /// MJML's responsive layout lives in them.
 fn mjml_to_html(mjml: &str) -> anyhow::Result<String> {
+    // mrml's HTML tokenizer panics on some malformed input (a slice inside a multi-byte
+    // character, found by fuzzing: fuzz/regressions/templates/): a marketer's template or a
+    // member's text must fail this message, never panic a worker.
+    std::panic::catch_unwind(|| mjml_to_html_unguarded(mjml)).unwrap_or_else(|_| {
+        Err(anyhow::anyhow!(
+            "MJML: the parser failed on this markup (malformed MJML)"
+        ))
+    })
+}
+
+fn mjml_to_html_unguarded(mjml: &str) -> anyhow::Result<String> {
     let parsed = mrml::parse(mjml).map_err(|e| anyhow::anyhow!("MJML: {e}"))?;
     let options = mrml::prelude::render::RenderOptions {
         disable_comments: true,

@@ -60,6 +60,8 @@ pub struct Recorded {
     pub body: String,
     /// When it arrived.
     pub at: Instant,
+    /// The status it was (or is being) answered with.
+    pub status: u16,
 }
 
 #[derive(Default)]
@@ -135,18 +137,11 @@ async fn handle(
     let body = String::from_utf8_lossy(&body).into_owned();
     let reply = {
         let mut inner = inner.lock().unwrap();
-        inner.requests.push(Recorded {
-            method: method.to_string(),
-            path: uri.to_string(),
-            headers,
-            body: body.clone(),
-            at: Instant::now(),
-        });
         let rule = inner
             .rules
             .iter_mut()
             .find(|(text, _, left)| body.contains(text.as_str()) && *left != Some(0));
-        match rule {
+        let reply = match rule {
             Some((_, reply, left)) => {
                 if let Some(n) = left {
                     *n -= 1;
@@ -154,7 +149,16 @@ async fn handle(
                 reply.clone()
             }
             None => inner.fallback.clone().unwrap(),
-        }
+        };
+        inner.requests.push(Recorded {
+            method: method.to_string(),
+            path: uri.to_string(),
+            headers,
+            body: body.clone(),
+            at: Instant::now(),
+            status: reply.status,
+        });
+        reply
     };
     tokio::time::sleep(reply.delay).await;
     let mut response = (StatusCode::from_u16(reply.status).unwrap(), reply.body).into_response();

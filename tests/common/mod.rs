@@ -515,3 +515,57 @@ impl Drop for Serve {
         }
     }
 }
+
+/// The `i`-th enrolment of a test stream: member `m-i` at `mi@example.com` (email consent),
+/// its id from the environment's tag.
+pub fn enrolment(env: &TestEnv, i: usize) -> String {
+    enrolled(
+        &format!("{}-{i}", env.tag),
+        &format!("m-{i}"),
+        Some(&format!("m{i}@example.com")),
+        None,
+        "en",
+        "Ada",
+        (true, false),
+    )
+}
+
+/// The first `n` enrolments of a test stream.
+pub fn enrolments(env: &TestEnv, n: usize) -> Vec<String> {
+    (0..n).map(|i| enrolment(env, i)).collect()
+}
+
+/// Runs a command that must succeed.
+pub fn run(command: &str, args: &[&str]) {
+    let status = Command::new(command)
+        .args(args)
+        .status()
+        .unwrap_or_else(|e| panic!("{command}: {e}"));
+    assert!(status.success(), "{command} {args:?} failed: {status}");
+}
+
+/// Restarts the machine's RabbitMQ node (for everyone on the machine).
+pub fn restart_rabbitmq() {
+    run("rabbitmqctl", &["stop_app"]);
+    run("rabbitmqctl", &["start_app"]);
+    run("rabbitmqctl", &["await_startup"]);
+}
+
+/// Restarts the machine's PostgreSQL cluster (for everyone on the machine).
+pub fn restart_postgres() {
+    let cluster = std::fs::read_dir("/etc/postgresql")
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .file_name();
+    run(
+        "pg_ctlcluster",
+        &[
+            "--skip-systemctl-redirect",
+            cluster.to_str().unwrap(),
+            "main",
+            "restart",
+        ],
+    );
+}

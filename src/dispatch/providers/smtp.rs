@@ -66,7 +66,7 @@ impl SmtpProvider {
         };
         let mut result = transact(&mut connection, &envelope, &mime).await;
         if reused
-            && matches!(&result, Err((stage, e)) if *stage != Stage::Message && !e.is_response())
+            && matches!(&result, Err((stage, e)) if *stage != Stage::Message && e.status().is_none())
         {
             connection.abort().await;
             connection = self.connect().await?;
@@ -98,9 +98,9 @@ impl SmtpProvider {
                         "smtp: recipient refused: {error}"
                     )));
                 }
-                if stage == Stage::Message && !error.is_response() {
-                    // The data went out and no verdict came back (the connection dropped or
-                    // timed out): the server may have queued the mail.
+                if stage == Stage::Message && error.status().is_none() {
+                    // The data went out and no verdict came back (the connection dropped, timed
+                    // out, or left a reply incomplete): the server may have queued the mail.
                     return Err(Failure::unsure(format!(
                         "smtp: no answer after the mail data: {error}"
                     )));

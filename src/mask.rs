@@ -13,9 +13,13 @@ pub fn text(text: &str) -> String {
     numbers(&masked)
 }
 
-/// Characters that can stand in the local part or the domain of an address.
+/// Characters that can stand in the local part or the domain of an address: RFC 5322's atext
+/// and dots, and (RFC 6532, which lettre and so `Email::parse` follow) any other non-ASCII
+/// character that is not a space or a control.
 fn address_char(c: char) -> bool {
-    c.is_alphanumeric() || "._%+-!#$&'*/=?^`{|}~".contains(c)
+    c.is_ascii_alphanumeric()
+        || "._%+-!#$&'*/=?^`{|}~".contains(c)
+        || (!c.is_ascii() && !c.is_whitespace() && !c.is_control())
 }
 
 fn emails(text: &str) -> String {
@@ -151,6 +155,7 @@ mod tests {
             ("a bare @ sign, and @home", "a bare @ sign, and @home"),
             ("한글 a@b.kr 끝", "한글 a***@b.kr 끝"),
             ("odd x@*d&e.co* domain", "odd x***@*d&e.co* domain"),
+            ("p@® and ax@؛", "p***@® and a***@؛"),
             ("", ""),
             ("@ alone, and trailing @", "@ alone, and trailing @"),
         ];

@@ -8,7 +8,7 @@
 //! are out), closes every broker connection, kills the workers' database sessions, restarts
 //! RabbitMQ and PostgreSQL, and the providers fail: an SMS API answering 503, 429 with a sane
 //! and an absurd `Retry-After`, and accepting then hanging; an SMTP relay that soft-refuses
-//! and that drops the connection after the mail's final dot.
+//! and that drops the connection halfway through a mail or after its final dot.
 //!
 //! The reference is the same stream through a worker that sees no fault. At the end the suite
 //! compares ledgers and planned messages with it, reads what reached the SMTP sink and the SMS
@@ -361,6 +361,7 @@ async fn every_promise_holds_under_faults() {
     let relay = SmtpRelay::start(sink.port, |n| match n % 23 {
         5 => Fault::SoftRejectData,
         11 if n < 200 => Fault::DropAfterDot,
+        17 => Fault::DropMidData,
         _ => Fault::None,
     })
     .await;
@@ -675,11 +676,11 @@ async fn every_promise_holds_under_faults() {
     }
     let doubled: Vec<_> = instants.iter().filter(|(_, n)| **n > 1).collect();
 
-    let (soft, dropped) = relay.injected();
+    let (soft, dropped, cut) = relay.injected();
     println!(
-        "faults: events {}, faults injected {} ({}; SMTP {soft} soft refusals and {dropped} drops after DATA; SMS 503, 429, absurd Retry-After, hang), lost {}, duplicated {}, unsure {}",
+        "faults: events {}, faults injected {} ({}; SMTP {soft} soft refusals, {dropped} drops after the data and {cut} in the middle of it; SMS 503, 429, absurd Retry-After, hang), lost {}, duplicated {}, unsure {}",
         s.events.len(),
-        faults.len() + soft + dropped + 4,
+        faults.len() + soft + dropped + cut + 4,
         faults.join(", "),
         lost.len(),
         duplicated.len(),

@@ -20,14 +20,17 @@ pub enum Fault {
     SoftRejectData,
     /// Relay the mail, let the server accept it, then hang up before the client hears.
     DropAfterDot,
+    /// Hang up halfway through the mail: the server never gets it (and the client cannot
+    /// tell this from `DropAfterDot`).
+    DropMidData,
 }
 
 /// The running relay.
 pub struct SmtpRelay {
     /// Its port.
     pub port: u16,
-    /// Faults injected so far, by kind: (soft rejects, drops after the dot).
-    injected: Arc<(AtomicUsize, AtomicUsize)>,
+    /// Faults injected so far, by kind: (soft rejects, drops after the dot, drops mid-data).
+    injected: Arc<(AtomicUsize, AtomicUsize, AtomicUsize)>,
 }
 
 impl SmtpRelay {
@@ -36,7 +39,11 @@ impl SmtpRelay {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let mails = Arc::new(AtomicUsize::new(0));
-        let injected = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
+        let injected = Arc::new((
+            AtomicUsize::new(0),
+            AtomicUsize::new(0),
+            AtomicUsize::new(0),
+        ));
         let counts = injected.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
@@ -56,11 +63,12 @@ impl SmtpRelay {
         format!("smtp://127.0.0.1:{}", self.port)
     }
 
-    /// (soft rejects, drops after the dot) injected so far.
-    pub fn injected(&self) -> (usize, usize) {
+    /// (soft rejects, drops after the dot, drops mid-data) injected so far.
+    pub fn injected(&self) -> (usize, usize, usize) {
         (
             self.injected.0.load(Ordering::Relaxed),
             self.injected.1.load(Ordering::Relaxed),
+            self.injected.2.load(Ordering::Relaxed),
         )
     }
 }
@@ -89,7 +97,7 @@ async fn relay(
     client: TcpStream,
     server: TcpStream,
     mails: &AtomicUsize,
-    counts: &(AtomicUsize, AtomicUsize),
+    counts: &(AtomicUsize, AtomicUsize, AtomicUsize),
     plan: fn(usize) -> Fault,
 ) -> std::io::Result<()> {
     client.set_nodelay(true)?;
@@ -119,11 +127,18 @@ async fn relay(
         }
         server_write.write_all(&line).await?;
         reply(&mut from_server, &mut client_write).await?; // 354
+        let mut lines = 0;
         loop {
             let mut data = Vec::new();
             if from_client.read_until(b'\n', &mut data).await? == 0 {
                 return Ok(());
             }
+            if fault == Fault::DropMidData && lines == 10 {
+                // The server has half a mail, which it discards when the connection goes.
+                counts.2.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            lines += 1;
             server_write.write_all(&data).await?;
             if data == b".\r\n" {
                 break;

@@ -13,8 +13,9 @@
 //! The reference is the same stream through a worker that sees no fault. At the end the suite
 //! compares ledgers and planned messages with it, reads what reached the SMTP sink and the SMS
 //! API, and prints one line of counts. It restarts shared services, so it is ignored in the
-//! parallel run and run alone by `scripts/test`. `LIFECYCLE_FAULTS_MEMBERS` sets the stream's
-//! size (members; about five events each): small in CI, larger by hand.
+//! parallel run and run alone by `scripts/test`. `FAULT_SUITE_MEMBERS` sets the stream's
+//! size (members; about four events each): small in CI, larger by hand. (Not a `LIFECYCLE_`
+//! variable: the workers inherit the environment and refuse settings they do not know.)
 
 mod common;
 
@@ -348,7 +349,7 @@ fn read_logs(dir: &std::path::Path, secrets: &[String]) -> (Vec<(String, String)
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "restarts RabbitMQ and PostgreSQL; run alone with --run-ignored only"]
 async fn every_promise_holds_under_faults() {
-    let members: usize = std::env::var("LIFECYCLE_FAULTS_MEMBERS")
+    let members: usize = std::env::var("FAULT_SUITE_MEMBERS")
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(DEFAULT_MEMBERS)

@@ -168,6 +168,15 @@ impl Worker {
     }
 }
 
+/// The words of a caught panic (`panic!` gives a `&str` or a `String`).
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or(payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
 /// Runs the roles' tasks and notices one that ends before shutdown was asked for (an error,
 /// a panic, or returning at all), so that the process ends rather than go on half-alive.
 struct Supervisor {
@@ -205,14 +214,7 @@ impl Supervisor {
                     .await
                 {
                     Ok(result) => result,
-                    Err(panic) => Err(anyhow::anyhow!(
-                        "panicked: {}",
-                        panic
-                            .downcast_ref::<&str>()
-                            .copied()
-                            .or(panic.downcast_ref::<String>().map(String::as_str))
-                            .unwrap_or("(no message)")
-                    )),
+                    Err(panic) => Err(anyhow::anyhow!("panicked: {}", panic_message(&*panic))),
                 };
             let unasked = !shutdown.is_triggered();
             if unasked {

@@ -321,7 +321,7 @@ pub async fn run_scan(app: &App, job: Job, now: DateTime<Utc>) -> anyhow::Result
     let mut planned = 0;
     let mut after = String::new();
     if job == Job::Retention {
-        prune(app, now).await?;
+        prune(app).await?;
         return Ok(0);
     }
     loop {
@@ -356,7 +356,7 @@ pub async fn run_scan(app: &App, job: Job, now: DateTime<Utc>) -> anyhow::Result
 /// many rows: inbox rows, delivery attempts, then finished messages (their dedupe keys kept in
 /// `retired_keys`, so a pruned message can never be planned again). Ages are in database
 /// time. Returns nothing; logs what it deleted.
-async fn prune(app: &App, _now: DateTime<Utc>) -> anyhow::Result<()> {
+async fn prune(app: &App) -> anyhow::Result<()> {
     let r = &app.settings.retention;
     let steps: [(&str, u32, &str); 3] = [
         (

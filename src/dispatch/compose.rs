@@ -49,11 +49,7 @@ impl Composer {
                 Ok(Err(error)) => Composed::Broken(error),
                 Err(panic) => Composed::Broken(anyhow::anyhow!(
                     "rendering panicked: {}",
-                    panic
-                        .downcast_ref::<&str>()
-                        .copied()
-                        .or(panic.downcast_ref::<String>().map(String::as_str))
-                        .unwrap_or("(no message)")
+                    crate::app::panic_message(&*panic)
                 )),
             };
             (claimed, composed)

@@ -17,6 +17,7 @@ use crate::metrics::Metrics;
 use crate::render::Templates;
 use crate::scheduler::Scheduler;
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
+use crate::template_store::TemplateStore;
 
 /// What every part of the worker shares.
 #[derive(Clone)]
@@ -35,6 +36,10 @@ pub struct App {
     pub tokens: Arc<crate::suppress::Tokens>,
     /// What each role reports of itself, for `/readyz`.
     pub health: Arc<Health>,
+    /// The templates: shipped, and the marketers' versions.
+    pub templates: Arc<TemplateStore>,
+    /// Failed console logins, by user and by address.
+    pub logins: Arc<crate::users::LoginThrottle>,
 }
 
 /// Each role's own report of being alive, read by `/readyz`.
@@ -76,7 +81,11 @@ impl App {
         let tokens = crate::suppress::Tokens::load(&pool)
             .await
             .context("loading the unsubscribe key")?;
+        let shipped = Templates::load_configured(settings.templates_dir.as_deref())?;
+        let templates = TemplateStore::open(pool.clone(), shipped).await?;
         Ok(App {
+            templates: Arc::new(templates),
+            logins: Arc::default(),
             tokens: Arc::new(tokens),
             clock: Clock::from_setting(settings.now),
             settings: Arc::new(settings),
@@ -118,9 +127,12 @@ impl Worker {
         let mut supervisor = Supervisor::new(shutdown.clone());
         app.health.roles.set(roles).ok();
         if roles.dispatch {
-            let templates = Templates::load_configured(app.settings.templates_dir.as_deref())?;
-            let dispatcher = Dispatcher::new(app.clone(), Arc::new(templates))?;
+            let dispatcher = Dispatcher::new(app.clone())?;
             supervisor.spawn("dispatch", dispatcher.run(shutdown.clone()));
+        }
+        if roles.dispatch || roles.http {
+            // Publishes made through any replica.
+            supervisor.spawn("templates", app.templates.clone().watch(shutdown.clone()));
         }
         if roles.http {
             let listener = crate::http::bind(&app).await?;

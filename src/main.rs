@@ -72,6 +72,16 @@ enum Command {
         #[command(subcommand)]
         action: TemplatesAction,
     },
+    /// Console and API users.
+    Users {
+        #[command(subcommand)]
+        action: UsersAction,
+    },
+    /// Coupon code pools.
+    Coupons {
+        #[command(subcommand)]
+        action: CouponsAction,
+    },
     /// Show the most recent messages and what became of them.
     Deliveries {
         /// How many.
@@ -83,6 +93,30 @@ enum Command {
         /// Put every failed message back in the queue.
         #[arg(long, conflicts_with = "retry")]
         retry_failed: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum UsersAction {
+    /// Add a user (or give one new credentials): prints a one-time console password and an
+    /// API token.
+    Add {
+        /// The user's name (letters, digits, '.', '_', '-', '@').
+        name: String,
+        /// ops (everything) or marketer (templates, previews, test sends, reading members).
+        #[arg(long)]
+        role: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum CouponsAction {
+    /// Load unique codes (one per line, or a CSV's first column) into a pool.
+    Import {
+        /// The pool's name, as `[program.coupons]` names it.
+        pool: String,
+        /// The file of codes.
+        file: PathBuf,
     },
 }
 
@@ -187,6 +221,31 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                 format!("templates in {}", d.display())
             });
             println!("{which} are valid ({} warnings)", warnings.len());
+            Ok(())
+        }
+        Command::Users {
+            action: UsersAction::Add { name, role },
+        } => {
+            let role =
+                lifecycle::users::Role::parse(&role).map_err(|e| anyhow::anyhow!("--role: {e}"))?;
+            lifecycle::db::migrate(&settings.database_url).await?;
+            let pool = lifecycle::db::pool(&settings.database_url, 1)?;
+            let credentials = lifecycle::users::add(&pool, &name, role).await?;
+            println!("user: {name} ({})", role.as_str());
+            println!("password: {}", credentials.password);
+            println!("token: {}", credentials.token);
+            Ok(())
+        }
+        Command::Coupons {
+            action: CouponsAction::Import { pool, file },
+        } => {
+            lifecycle::db::migrate(&settings.database_url).await?;
+            let db = lifecycle::db::pool(&settings.database_url, 1)?;
+            let done = lifecycle::coupons::import(&db, &pool, &file).await?;
+            println!(
+                "pool {pool}: {} codes added, {} already there, {} available",
+                done.added, done.duplicates, done.available
+            );
             Ok(())
         }
         Command::Deliveries {

@@ -47,6 +47,15 @@ pub struct Claimed {
     pub consent_sms: bool,
     /// Why the address of the message's channel is suppressed, if it is.
     pub suppressed: Option<String>,
+    /// A test send (never the trigger's send; no cap, no quiet hours).
+    pub test: bool,
+    /// The template version it renders with, once fixed (a test send's from the start; any
+    /// other's at its first render).
+    pub template_version: Option<i32>,
+    /// A test send's locale (it may be sent to no member).
+    pub test_locale: Option<String>,
+    /// A test send's explicit recipient (an address or number), instead of the member's.
+    pub test_to: Option<String>,
 }
 
 /// How a claimed message was settled.
@@ -73,6 +82,8 @@ pub struct Settled {
     pub sent_at: Option<DateTime<Utc>>,
     /// Every provider call of this claim.
     pub attempts: Vec<Attempt>,
+    /// The template version it was rendered with.
+    pub template_version: Option<i32>,
 }
 
 impl Settled {
@@ -89,6 +100,7 @@ impl Settled {
             uncounted: false,
             sent_at: None,
             attempts: Vec::new(),
+            template_version: None,
         }
     }
 }
@@ -117,7 +129,7 @@ pub async fn claim(
 ) -> anyhow::Result<Vec<Claimed>> {
     let rows = sqlx::query(
         "with due as (
-             select id, status = 'sending' as lapsed, attempts from messages
+             select id, member_id, status = 'sending' as lapsed, attempts from messages
              where (status = 'pending' and due_at <= $1)
                 or (status = 'sending' and claimed_until < now())
              order by due_at
@@ -133,15 +145,20 @@ pub async fn claim(
          update messages m
          set status = 'sending', claimed_until = now() + make_interval(secs => $3),
              claimed_by = $4, attempts = m.attempts + 1
-         from due, members mem
-         where m.id = due.id and mem.member_id = m.member_id
-         returning m.id, m.member_id, mem.timezone, m.attempts, m.trigger, m.channel, m.context,
-                   mem.email, mem.phone, mem.first_name, mem.locale, mem.consent_email,
-                   mem.consent_sms,
+         -- a test send may be for no member
+         from due left join members mem on mem.member_id = due.member_id
+         where m.id = due.id and (mem.member_id is not null or m.test)
+         returning m.id, m.member_id, coalesce(mem.timezone, 'UTC') as timezone, m.attempts,
+                   m.trigger, m.channel, m.context, mem.email, mem.phone, mem.first_name,
+                   coalesce(m.test_locale, mem.locale, 'en') as locale,
+                   coalesce(mem.consent_email, false) as consent_email,
+                   coalesce(mem.consent_sms, false) as consent_sms,
                    (select s.reason from suppressions s
                     where s.channel = m.channel
-                      and s.address = case m.channel when 'email' then mem.email else mem.phone end
-                   ) as suppressed",
+                      and s.address = coalesce(m.test_to,
+                          case m.channel when 'email' then mem.email else mem.phone end)
+                   ) as suppressed,
+                   m.test, m.template_version, m.test_locale, m.test_to",
     )
     .bind(now)
     .bind(limit)
@@ -167,6 +184,10 @@ pub async fn claim(
             consent_email: r.get("consent_email"),
             consent_sms: r.get("consent_sms"),
             suppressed: r.get("suppressed"),
+            test: r.get("test"),
+            template_version: r.get("template_version"),
+            test_locale: r.get("test_locale"),
+            test_to: r.get("test_to"),
         })
         .collect())
 }
@@ -204,6 +225,7 @@ pub async fn record(pool: &PgPool, owner: &str, settled: &[Settled]) -> anyhow::
     let retry_at: Vec<Option<DateTime<Utc>>> = settled.iter().map(|s| s.retry_at).collect();
     let uncounted: Vec<bool> = settled.iter().map(|s| s.uncounted).collect();
     let sent_at: Vec<Option<DateTime<Utc>>> = settled.iter().map(|s| s.sent_at).collect();
+    let versions: Vec<Option<i32>> = settled.iter().map(|s| s.template_version).collect();
     let updated: Vec<i64> = sqlx::query_scalar(
         "update messages m
          set status = r.status, claimed_until = null, claimed_by = null,
@@ -212,10 +234,12 @@ pub async fn record(pool: &PgPool, owner: &str, settled: &[Settled]) -> anyhow::
              due_at = coalesce(r.retry_at, m.due_at),
              attempts = m.attempts - case when r.uncounted then 1 else 0 end,
              sent_at = coalesce(r.sent_at, m.sent_at),
+             template_version = coalesce(m.template_version, r.version),
              finished_at = case when r.status = 'pending' then null else now() end
          from unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                     $7::timestamptz[], $8::bool[], $9::timestamptz[])
-              as r(id, status, recipient, provider, ref, error, retry_at, uncounted, sent_at)
+                     $7::timestamptz[], $8::bool[], $9::timestamptz[], $11::int[])
+              as r(id, status, recipient, provider, ref, error, retry_at, uncounted, sent_at,
+                   version)
          where m.id = r.id and m.status = 'sending' and m.claimed_by = $10
          returning m.id",
     )
@@ -229,6 +253,7 @@ pub async fn record(pool: &PgPool, owner: &str, settled: &[Settled]) -> anyhow::
     .bind(&uncounted)
     .bind(&sent_at)
     .bind(owner)
+    .bind(&versions)
     .fetch_all(&mut *tx)
     .await
     .context("recording message states")?;

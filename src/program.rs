@@ -11,7 +11,7 @@ use anyhow::{bail, ensure};
 use chrono::NaiveTime;
 use serde::Deserialize;
 
-use crate::domain::{Currency, Money};
+use crate::domain::{Currency, Locale, Money};
 
 /// How many points an amount in one currency earns: `points` per `per` major units.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -44,6 +44,20 @@ pub struct Tier {
     /// Benefits listed in the tier-up message.
     #[serde(default)]
     pub benefits: Vec<String>,
+    /// The name and benefits in other languages, by locale (`ko`, `tr`, `ko-KR`):
+    /// `translations.ko = { name = "골드", benefits = ["무료 배송"] }`.
+    #[serde(default)]
+    pub translations: BTreeMap<String, TierText>,
+}
+
+/// A tier's name and benefits in one language; what is left out stays as in the tier.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierText {
+    /// The tier's name.
+    pub name: Option<String>,
+    /// Its benefits.
+    pub benefits: Option<Vec<String>>,
 }
 
 /// The programme's rules.
@@ -75,6 +89,11 @@ pub struct Program {
     pub abandoned_cart_minutes: u32,
     /// Days before a lot's expiry at which a notice goes out, farthest first.
     pub expiring_notice_days: Vec<u32>,
+    /// The coupon pool each trigger's messages draw a code from (`abandoned-cart = "CART10"`).
+    pub coupons: BTreeMap<String, String>,
+    /// A pool with this many codes left or fewer is logged and counted as running low.
+    #[serde(deserialize_with = "crate::config::parsed")]
+    pub coupon_low_water: i64,
 }
 
 impl Default for Program {
@@ -84,6 +103,7 @@ impl Default for Program {
             name: name.into(),
             threshold,
             benefits: benefits.iter().map(|b| (*b).into()).collect(),
+            translations: BTreeMap::new(),
         };
         Program {
             earn: [
@@ -123,6 +143,8 @@ impl Default for Program {
             birthday_time: "09:00".into(),
             abandoned_cart_minutes: 60,
             expiring_notice_days: vec![30, 7],
+            coupons: BTreeMap::new(),
+            coupon_low_water: 100,
         }
     }
 }
@@ -189,6 +211,16 @@ impl Program {
                 "program.expiring_notice_days: {days} is not between 1 and 366"
             );
         }
+        for (trigger, pool) in &self.coupons {
+            ensure!(
+                crate::triggers::Trigger::parse(trigger).is_some(),
+                "program.coupons: {trigger:?} is not a trigger"
+            );
+            ensure!(
+                !pool.is_empty(),
+                "program.coupons.{trigger}: the pool's name is empty"
+            );
+        }
         for pair in self.expiring_notice_days.windows(2) {
             ensure!(
                 pair[0] > pair[1],
@@ -217,6 +249,63 @@ impl Program {
             .unwrap_or(0)
     }
 
+    /// Tier `index`'s name in `locale` (its translation, through the locale's fallbacks).
+    pub fn tier_name(&self, index: usize, locale: &Locale) -> &str {
+        let tier = &self.tiers[index];
+        locale
+            .fallbacks()
+            .into_iter()
+            .find_map(|l| tier.translations.get(l)?.name.as_deref())
+            .unwrap_or(&tier.name)
+    }
+
+    /// Tier `index`'s benefits in `locale`.
+    pub fn tier_benefits(&self, index: usize, locale: &Locale) -> &[String] {
+        let tier = &self.tiers[index];
+        locale
+            .fallbacks()
+            .into_iter()
+            .find_map(|l| tier.translations.get(l)?.benefits.as_deref())
+            .unwrap_or(&tier.benefits)
+    }
+
+    /// What a member with `balance` points and `tier_points` qualifying points has ahead:
+    /// `next_tier` (its name in `locale`) and `points_to_next_tier`, `next_reward`
+    /// ({`points`, `discount`}) and `points_to_next_reward`; null where there is none (the top
+    /// tier, the dearest reward reached).
+    pub fn progress(
+        &self,
+        balance: i64,
+        tier_points: i64,
+        locale: &Locale,
+    ) -> serde_json::Map<String, serde_json::Value> {
+        use serde_json::{Value, json};
+        let next = self.tier_for(tier_points) + 1;
+        let (next_tier, to_tier) = match self.tiers.get(next) {
+            Some(tier) => (
+                json!(self.tier_name(next, locale)),
+                json!(tier.threshold - tier_points),
+            ),
+            None => (Value::Null, Value::Null),
+        };
+        let (next_reward, to_reward) = match self.rewards.iter().find(|r| r.points > balance) {
+            Some(r) => (
+                json!({"points": r.points, "discount": r.discount}),
+                json!(r.points - balance),
+            ),
+            None => (Value::Null, Value::Null),
+        };
+        [
+            ("next_tier", next_tier),
+            ("points_to_next_tier", to_tier),
+            ("next_reward", next_reward),
+            ("points_to_next_reward", to_reward),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
     /// Local time of birthday messages.
     pub fn birthday_time(&self) -> anyhow::Result<NaiveTime> {
         NaiveTime::parse_from_str(&self.birthday_time, "%H:%M").map_err(|_| {
@@ -234,6 +323,39 @@ mod tests {
 
     fn money(minor: i64, code: &str) -> Money {
         Money::new("total", minor, Currency::parse(code).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn progress_names_the_next_tier_and_reward_in_the_members_language() {
+        let mut p = Program::default();
+        p.rewards.push(Reward {
+            points: 250,
+            discount: 30,
+        });
+        p.tiers[1].translations.insert(
+            "ko".into(),
+            TierText {
+                name: Some("실버".into()),
+                benefits: Some(vec!["무료 배송".into()]),
+            },
+        );
+        let ko = Locale::parse("ko-KR").unwrap();
+        let en = Locale::parse("en").unwrap();
+        let ahead = p.progress(160, 380, &ko);
+        assert_eq!(ahead["next_tier"], "실버");
+        assert_eq!(ahead["points_to_next_tier"], 120);
+        assert_eq!(
+            ahead["next_reward"],
+            serde_json::json!({"points": 250, "discount": 30})
+        );
+        assert_eq!(ahead["points_to_next_reward"], 90);
+        assert_eq!(p.progress(160, 380, &en)["next_tier"], "Silver");
+        assert_eq!(p.tier_benefits(1, &ko), ["무료 배송"]);
+        assert_eq!(p.tier_benefits(1, &en)[0], "Free standard shipping");
+        // The top tier and the dearest reward have nothing ahead: null, not 0.
+        let top = p.progress(300, 2_000, &en);
+        assert!(top["next_tier"].is_null() && top["points_to_next_tier"].is_null());
+        assert!(top["next_reward"].is_null() && top["points_to_next_reward"].is_null());
     }
 
     #[test]

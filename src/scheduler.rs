@@ -330,7 +330,7 @@ pub async fn run_scan(app: &App, job: Job, now: DateTime<Utc>) -> anyhow::Result
             Job::Carts => {
                 let due = ledger::carts::due(&mut tx, now, &after, limit).await?;
                 let ids = due.iter().map(|c| c.cart_id.clone()).collect();
-                planned += ledger::abandon_carts(&mut tx, &due, now).await?;
+                planned += ledger::abandon_carts(&mut tx, &due, program, now).await?;
                 ids
             }
             _ => {

@@ -94,6 +94,23 @@ pub fn dedupe_key(trigger: Trigger, key: &str, channel: Channel) -> String {
     format!("{}:{key}:{}", trigger.as_str(), channel.as_str())
 }
 
+/// `context` with what the member has ahead (`Program::progress`: `next_tier`,
+/// `points_to_next_tier`, `next_reward`, `points_to_next_reward`) and `coupon_code` (null
+/// here; planning fills it from the trigger's pool).
+pub fn with_progress(
+    mut context: serde_json::Value,
+    state: &MemberState,
+    program: &Program,
+    now: DateTime<Utc>,
+) -> serde_json::Value {
+    if let serde_json::Value::Object(map) = &mut context {
+        let tier_points = state.points.tier_points(now, program.tier_window_months);
+        map.extend(program.progress(state.points.balance(), tier_points, &state.member.locale));
+        map.insert("coupon_code".into(), serde_json::Value::Null);
+    }
+    context
+}
+
 /// Plans a message per reachable channel, with `key` as the dedupe key's trigger-specific part.
 fn per_channel(
     trigger: Trigger,
@@ -164,6 +181,7 @@ pub fn welcome(
         "balance": balance,
         "rewards": rewards_within(program, balance),
     });
+    let context = with_progress(context, after, program, now);
     per_channel(
         Trigger::Welcome,
         member.member_id.as_str(),
@@ -207,6 +225,7 @@ pub fn redemption_ready(
         "reward": {"points": reward.points, "discount": reward.discount},
         "rewards": rewards_within(program, is),
     });
+    let context = with_progress(context, after, program, now);
     let key = format!("{}:{}:{}", member.member_id, reward.points, event.id);
     per_channel(Trigger::RedemptionReady, &key, member, now, context)
 }
@@ -230,15 +249,17 @@ pub fn tier_up(
     if is <= was {
         return Vec::new();
     }
-    let (tier, previous) = (&program.tiers[is], &program.tiers[was]);
+    let tier = &program.tiers[is];
     let member = &after.member;
+    let locale = &member.locale;
     let context = json!({
         "first_name": member.first_name,
-        "tier": tier.name,
-        "previous_tier": previous.name,
-        "benefits": tier.benefits,
+        "tier": program.tier_name(is, locale),
+        "previous_tier": program.tier_name(was, locale),
+        "benefits": program.tier_benefits(is, locale),
         "tier_points": points,
     });
+    let context = with_progress(context, after, program, now);
     let key = format!("{}:{}:{}", member.member_id, tier.name, event.id);
     per_channel(Trigger::TierUp, &key, member, now, context)
 }
@@ -300,6 +321,7 @@ pub fn points_expiring(state: &MemberState, program: &Program, now: DateTime<Utc
                 "notice_days": notice,
                 "balance": balance,
             });
+            let context = with_progress(context, state, program, now);
             let key = format!("{}:{date}:{notice}", member.member_id);
             Some(per_channel(
                 Trigger::PointsExpiring,
@@ -346,6 +368,7 @@ pub fn birthday(
         "bonus": program.birthday_bonus,
         "balance": after.points.balance(),
     });
+    let context = with_progress(context, after, program, now);
     let key = format!("{}:{year}", member.member_id);
     per_channel(Trigger::Birthday, &key, member, now, context)
 }
@@ -355,7 +378,13 @@ pub fn birthday(
 ///
 /// Context: `first_name`, `cart_id`, `items` [{`sku`, `name`, `quantity`, `unit_price`}],
 /// `item_count`, `total_minor`, `currency`, `checkout_url`.
-pub fn abandoned_cart(cart: &CartState, member: &Member, now: DateTime<Utc>) -> Vec<Planned> {
+pub fn abandoned_cart(
+    cart: &CartState,
+    state: &MemberState,
+    program: &Program,
+    now: DateTime<Utc>,
+) -> Vec<Planned> {
+    let member = &state.member;
     if !cart.is_due(now) {
         return Vec::new();
     }
@@ -374,6 +403,7 @@ pub fn abandoned_cart(cart: &CartState, member: &Member, now: DateTime<Utc>) -> 
         "currency": cart.currency,
         "checkout_url": cart.checkout_url,
     });
+    let context = with_progress(context, state, program, now);
     let key = cart.dedupe_part(cart.version);
     per_channel(Trigger::AbandonedCart, &key, member, now, context)
 }
@@ -958,7 +988,8 @@ mod tests {
             currency: "USD".into(),
             checkout_url: "https://shop.example/c1".into(),
         };
-        let m = in_zone("UTC", None);
+        let m = with_lots("UTC", &[]);
+        let program = Program::default();
         let later = now() + delay;
         // (cart, at, expected keys)
         let table: Vec<(CartState, DateTime<Utc>, Vec<&str>)> = vec![
@@ -983,13 +1014,140 @@ mod tests {
             (cart(2, false, Some(1)), later, vec![]),
         ];
         for (c, at, expected) in table {
-            assert_eq!(keys(abandoned_cart(&c, &m, at)), expected, "{c:?} at {at}");
+            assert_eq!(
+                keys(abandoned_cart(&c, &m, &program, at)),
+                expected,
+                "{c:?} at {at}"
+            );
         }
-        let planned = abandoned_cart(&cart(1, true, None), &m, later);
+        let planned = abandoned_cart(&cart(1, true, None), &m, &program, later);
+        assert_eq!(planned[0].context["coupon_code"], serde_json::Value::Null);
+        assert_eq!(planned[0].context["next_tier"], "Silver");
+        assert_eq!(planned[0].context["points_to_next_tier"], 500);
         assert_eq!(planned[0].context["item_count"], 2);
         assert_eq!(
             planned[0].context["checkout_url"],
             "https://shop.example/c1"
         );
     }
+}
+
+/// The context `trigger` would render with for this member now, built from the ledger: the
+/// balance, the lots expiring next, the tier and what is ahead; the member's newest open cart
+/// (or the sample cart when there is none). What previews and test sends to a member use.
+pub fn context_now(
+    trigger: Trigger,
+    state: &MemberState,
+    cart: Option<&CartState>,
+    program: &Program,
+    now: DateTime<Utc>,
+) -> serde_json::Value {
+    let member = &state.member;
+    let balance = state.points.balance();
+    let window = program.tier_window_months;
+    let locale = &member.locale;
+    let context = match trigger {
+        Trigger::Welcome => json!({
+            "member_id": member.member_id,
+            "signup_bonus": program.signup_bonus,
+            "balance": balance,
+            "rewards": rewards_within(program, balance),
+        }),
+        Trigger::RedemptionReady => {
+            let reward = program
+                .rewards
+                .iter()
+                .rev()
+                .find(|r| r.points <= balance)
+                .or(program.rewards.first());
+            json!({
+                "balance": balance,
+                "reward": reward.map(|r| json!({"points": r.points, "discount": r.discount})),
+                "rewards": rewards_within(program, balance),
+            })
+        }
+        Trigger::TierUp => {
+            let points = state.points.tier_points(now, window);
+            let is = program.tier_for(points);
+            json!({
+                "tier": program.tier_name(is, locale),
+                "previous_tier": program.tier_name(is.saturating_sub(1), locale),
+                "benefits": program.tier_benefits(is, locale),
+                "tier_points": points,
+            })
+        }
+        Trigger::PointsExpiring => {
+            let tz = member.timezone.tz();
+            let today = now.with_timezone(&tz).date_naive();
+            let next = state
+                .points
+                .lots
+                .iter()
+                .filter(|l| l.expires_at > now && l.remaining > 0)
+                .map(|l| l.expires_at.with_timezone(&tz).date_naive())
+                .min();
+            let date = next.unwrap_or(today + chrono::Duration::days(30));
+            let points: i64 = state
+                .points
+                .lots
+                .iter()
+                .filter(|l| {
+                    l.expires_at > now && l.expires_at.with_timezone(&tz).date_naive() == date
+                })
+                .map(|l| l.remaining)
+                .sum();
+            let days_left = (date - today).num_days();
+            let notice = program
+                .expiring_notice_days
+                .iter()
+                .rev()
+                .find(|n| days_left <= i64::from(**n))
+                .or(program.expiring_notice_days.first())
+                .copied()
+                .unwrap_or(30);
+            json!({
+                "points": points,
+                "expiry_date": date.to_string(),
+                "days_left": days_left,
+                "notice_days": notice,
+                "balance": balance,
+            })
+        }
+        Trigger::Birthday => json!({"bonus": program.birthday_bonus, "balance": balance}),
+        Trigger::AbandonedCart => match cart {
+            Some(cart) => {
+                let item_count = cart.items.as_array().map_or(0, |items| {
+                    items
+                        .iter()
+                        .map(|i| i["quantity"].as_u64().unwrap_or(0))
+                        .sum::<u64>()
+                });
+                json!({
+                    "cart_id": cart.cart_id,
+                    "items": cart.items,
+                    "item_count": item_count,
+                    "total_minor": cart.total_minor,
+                    "currency": cart.currency,
+                    "checkout_url": cart.checkout_url,
+                })
+            }
+            None => {
+                let sample = crate::render::sample_context(Trigger::AbandonedCart);
+                let keys = [
+                    "cart_id",
+                    "items",
+                    "item_count",
+                    "total_minor",
+                    "currency",
+                    "checkout_url",
+                ];
+                keys.iter()
+                    .map(|k| ((*k).to_owned(), sample[*k].clone()))
+                    .collect()
+            }
+        },
+    };
+    let mut context = with_progress(context, state, program, now);
+    context["first_name"] = json!(member.first_name);
+    context
 }

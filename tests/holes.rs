@@ -7,7 +7,6 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::smtp_relay::{Fault, SmtpRelay};
@@ -18,12 +17,10 @@ use common::{
 use lifecycle::app::{Roles, Worker};
 use lifecycle::dispatch::{Dispatcher, Step};
 use lifecycle::outbox::{self, Settled};
-use lifecycle::render::Templates;
 use serde_json::json;
 
-fn dispatcher(app: &lifecycle::app::App, env: &TestEnv) -> Dispatcher {
-    let templates = Templates::load_configured(env.settings.templates_dir.as_deref()).unwrap();
-    Dispatcher::new(app.clone(), Arc::new(templates)).unwrap()
+fn dispatcher(app: &lifecycle::app::App) -> Dispatcher {
+    Dispatcher::new(app.clone()).unwrap()
 }
 
 /// Enrols `n` members with only ingest running and waits until their welcomes are planned.
@@ -192,7 +189,7 @@ async fn a_failed_record_is_retried_until_it_succeeds() {
     ] {
         sqlx::query(sql).execute(&app.pool).await.unwrap();
     }
-    let d = dispatcher(&app, &env);
+    let d = dispatcher(&app);
     let step = tokio::spawn(async move { d.try_execute_once().await.unwrap() });
     wait_for("the mail at the sink", || async {
         (sink.messages().len() == 1).then_some(())
@@ -242,7 +239,7 @@ async fn an_smtp_connection_lost_after_the_data_is_unsure_and_does_not_fail_over
     ]);
     let worker = planned(&env, 1).await;
     let app = worker.app.clone();
-    let d = dispatcher(&app, &env);
+    let d = dispatcher(&app);
     assert_eq!(d.try_execute_once().await.unwrap(), Step::Settled(1));
     // The server has the mail; lifecycle cannot know it, so it neither fails over to the file
     // provider nor calls it a plain failure.
@@ -294,7 +291,7 @@ async fn two_dispatchers_never_both_send_a_marketing_message_inside_the_cap() {
         .execute(&app.pool)
         .await
         .unwrap();
-    let (a, b) = (dispatcher(&app, &env), dispatcher(&app, &env));
+    let (a, b) = (dispatcher(&app), dispatcher(&app));
     let (one, two) = tokio::join!(a.try_execute_once(), b.try_execute_once());
     assert_eq!(
         (one.unwrap(), two.unwrap()),

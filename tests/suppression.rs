@@ -4,12 +4,9 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use common::{SmtpSink, TestEnv, count, free_port, publish_in_order, wait_for};
 use lifecycle::app::{App, Roles, Worker};
 use lifecycle::dispatch::{Dispatcher, Step};
-use lifecycle::render::Templates;
 use serde_json::json;
 
 /// Consume events and serve HTTP; sending is done step by step by the test.
@@ -88,9 +85,8 @@ async fn enrolled_at_smtp(
     (env, worker)
 }
 
-async fn dispatch_all(app: &App, env: &TestEnv) {
-    let templates = Templates::load_configured(env.settings.templates_dir.as_deref()).unwrap();
-    let dispatcher = Dispatcher::new(app.clone(), Arc::new(templates)).unwrap();
+async fn dispatch_all(app: &App) {
+    let dispatcher = Dispatcher::new(app.clone()).unwrap();
     while dispatcher.try_execute_once().await.unwrap() != Step::Idle {}
 }
 
@@ -165,7 +161,7 @@ async fn sms_stop_stops_a_queued_message_and_start_restores() {
         .unwrap();
     assert_eq!(answer.status(), 200);
     assert!(answer.text().await.unwrap().contains("<Response>"));
-    dispatch_all(&app, &env).await;
+    dispatch_all(&app).await;
     assert_eq!(
         outcomes(&app, "m-stop", "sms").await,
         [(
@@ -192,7 +188,7 @@ async fn sms_stop_stops_a_queued_message_and_start_restores() {
         async |_| {},
     )
     .await;
-    dispatch_all(&app, &env).await;
+    dispatch_all(&app).await;
     let after = outcomes(&app, "m-stop", "sms").await;
     assert_eq!(after[1].0, "redemption-ready");
     assert_eq!(after[1].1, "sent");
@@ -242,7 +238,7 @@ async fn one_click_unsubscribe_from_the_emails_own_header() {
         async |_| {},
     )
     .await;
-    dispatch_all(&app, &env).await;
+    dispatch_all(&app).await;
 
     // The welcome carries RFC 8058's two headers.
     let eml = std::fs::read_dir(env.outbox.path())
@@ -352,7 +348,7 @@ async fn one_click_unsubscribe_from_the_emails_own_header() {
         async |_| {},
     )
     .await;
-    dispatch_all(&app, &env).await;
+    dispatch_all(&app).await;
     let after = outcomes(&app, "m-unsub", "email").await;
     assert_eq!(
         after[1],
@@ -486,7 +482,7 @@ async fn a_sendgrid_bounce_suppresses_the_address_but_a_block_does_not() {
         .unwrap();
     assert_eq!(answer.status(), 204);
     // Both welcomes were queued before the events came: the bounced one is stopped.
-    dispatch_all(&app, &env).await;
+    dispatch_all(&app).await;
     assert_eq!(
         outcomes(&app, "m-bounce", "email").await,
         [(
@@ -509,7 +505,7 @@ async fn an_smtp_server_refusing_the_recipient_suppresses_the_address() {
     let (env, worker) = enrolled_at_smtp(&sink, "m-550", &[]).await;
     let app = worker.app.clone();
     let tag = env.tag.clone();
-    dispatch_all(&app, &env).await;
+    dispatch_all(&app).await;
     let first = outcomes(&app, "m-550", "email").await;
     assert_eq!(first[0].1, "failed");
     assert!(
@@ -524,7 +520,7 @@ async fn an_smtp_server_refusing_the_recipient_suppresses_the_address() {
     assert!(reason.starts_with("bounced: smtp"), "{reason}");
     // The next message is not even tried.
     publish_in_order(&env, &app, &another_message(&tag, 1, "m-550"), async |_| {}).await;
-    dispatch_all(&app, &env).await;
+    dispatch_all(&app).await;
     let after = outcomes(&app, "m-550", "email").await;
     assert_eq!(after[1].1, "suppressed");
     wait_for("nothing reached the sink", || async {
@@ -544,7 +540,7 @@ async fn smtp_soft_rejects_and_disconnects_are_retried_not_suppressed() {
         let retry_later = [("LIFECYCLE_DISPATCH__RETRY_BASE_MS", "600000".to_owned())];
         let (env, worker) = enrolled_at_smtp(&sink, member, &retry_later).await;
         let app = worker.app.clone();
-        dispatch_all(&app, &env).await;
+        dispatch_all(&app).await;
         let (_, status, error) = outcomes(&app, member, "email").await.remove(0);
         assert_eq!(status, "pending", "{member}: retried later ({error:?})");
         assert!(error.as_deref().unwrap().starts_with("smtp"), "{error:?}");

@@ -4,7 +4,6 @@ mod common;
 
 use common::{ALL_ROLES, INGEST_ONLY, SmtpSink, TestEnv, count, enrolled, parse_mail, wait_for};
 use lifecycle::dispatch::{Dispatcher, Step};
-use lifecycle::render::Templates;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn enrolment_yields_a_welcome_email_in_the_member_language() {
@@ -317,8 +316,7 @@ async fn no_consent_no_message_and_consent_withdrawn_before_sending_suppresses()
         "no email is planned without email consent"
     );
 
-    let templates = Templates::load_configured(env.settings.templates_dir.as_deref()).unwrap();
-    let dispatcher = Dispatcher::new(app.clone(), std::sync::Arc::new(templates)).unwrap();
+    let dispatcher = Dispatcher::new(app.clone()).unwrap();
     assert_eq!(
         dispatcher.try_execute_once().await.unwrap(),
         Step::Settled(2)

@@ -16,12 +16,22 @@ use crate::domain::{Channel, Email, Locale, MemberId, Phone};
 use crate::outbox::Claimed;
 use crate::render::Templates;
 use crate::suppress::Tokens;
+use crate::template_store::{Catalog, TemplateStore};
 use crate::triggers::Trigger;
+
+/// Context variables a message planned by an older version lacks.
+const PLANNED_LATER: [&str; 5] = [
+    "coupon_code",
+    "next_tier",
+    "points_to_next_tier",
+    "next_reward",
+    "points_to_next_reward",
+];
 
 /// What composing a message needs: templates, settings, and the unsubscribe token key.
 #[derive(Clone)]
 pub(super) struct Composer {
-    pub templates: Arc<Templates>,
+    pub store: Arc<TemplateStore>,
     pub settings: Arc<Settings>,
     pub tokens: Arc<Tokens>,
 }
@@ -35,13 +45,24 @@ pub(super) enum Composed {
 }
 
 impl Composer {
-    /// Composes `claimed` on the blocking pool. A panic inside a template helper or the
-    /// renderer fails this message with the panic's words; the dispatcher goes on.
-    pub async fn compose(&self, claimed: Claimed) -> (Claimed, Composed) {
+    /// Composes `claimed` on the blocking pool with the templates of `catalog` (the catalog in
+    /// force when the batch was claimed), or with the version the message is pinned to (a
+    /// test send; a message rendered before). Returns the version used. A panic inside a
+    /// template helper or the renderer fails this message with the panic's words; the
+    /// dispatcher goes on.
+    pub async fn compose(
+        &self,
+        claimed: Claimed,
+        catalog: &Catalog,
+    ) -> (Claimed, Composed, Option<i32>) {
+        let (templates, locale, version) = match self.templates_for(&claimed, catalog).await {
+            Ok(found) => found,
+            Err(error) => return (claimed, Composed::Broken(error), None),
+        };
         let this = self.clone();
         let joined = tokio::task::spawn_blocking(move || {
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                this.compose_now(&claimed)
+                this.compose_now(&claimed, &templates, locale)
             }));
             let composed = match result {
                 Ok(Ok(Ok(outgoing))) => Composed::Ready(Box::new(outgoing)),
@@ -52,7 +73,7 @@ impl Composer {
                     crate::app::panic_message(&*panic)
                 )),
             };
-            (claimed, composed)
+            (claimed, composed, Some(version))
         })
         .await;
         // The closure cannot panic past catch_unwind; a join error means the runtime is
@@ -60,13 +81,48 @@ impl Composer {
         joined.unwrap_or_else(|e| panic!("the blocking pool refused a render: {e}"))
     }
 
+    /// The templates a message renders with, the locale they serve it in, and their version.
+    async fn templates_for(
+        &self,
+        c: &Claimed,
+        catalog: &Catalog,
+    ) -> anyhow::Result<(Arc<Templates>, String, i32)> {
+        let trigger = Trigger::parse(&c.trigger)
+            .with_context(|| format!("unknown trigger {:?}", c.trigger))?;
+        let locale = match &c.test_locale {
+            // A test send renders the locale it was asked for, exactly.
+            Some(locale) => locale.clone(),
+            None => {
+                let asked = Locale::parse(&c.locale)?;
+                catalog.templates.resolve_locale(trigger, &asked).to_owned()
+            }
+        };
+        match c.template_version {
+            Some(version) => {
+                let templates = self
+                    .store
+                    .templates_of(trigger, &locale, version)
+                    .await
+                    .with_context(|| format!("template version {version}"))?;
+                Ok((templates, locale, version))
+            }
+            None => {
+                let version = catalog.version(trigger, &locale);
+                Ok((catalog.templates.clone(), locale, version))
+            }
+        }
+    }
+
     /// Builds the outgoing message, or says why it must not be sent (`Ok(Err(reason))`).
-    fn compose_now(&self, c: &Claimed) -> anyhow::Result<Result<Outgoing, Cow<'static, str>>> {
+    fn compose_now(
+        &self,
+        c: &Claimed,
+        templates: &Templates,
+        locale: String,
+    ) -> anyhow::Result<Result<Outgoing, Cow<'static, str>>> {
         let trigger = Trigger::parse(&c.trigger)
             .with_context(|| format!("unknown trigger {:?}", c.trigger))?;
         let channel = Channel::parse(&c.channel)?;
-        let locale = Locale::parse(&c.locale)?;
-        let locale = self.templates.resolve_locale(trigger, &locale).to_owned();
         let settings = &self.settings;
         let mut context = c.context.clone();
         if let Value::Object(map) = &mut context {
@@ -80,9 +136,16 @@ impl Composer {
                 "shop_address".into(),
                 Value::String(settings.shop_address.clone().unwrap_or_default()),
             );
+            // Messages planned before these variables existed render too.
+            for key in PLANNED_LATER {
+                map.entry(key).or_insert(Value::Null);
+            }
         }
+        // A test send to an address the marketer typed needs no member's consent; it is still
+        // refused when that address is suppressed.
+        let explicit = c.test_to.is_some();
         let refusal = |consent: bool, what: &'static str| -> Option<Cow<'static, str>> {
-            if !consent {
+            if !consent && !explicit {
                 return Some(Cow::Owned(format!("no consent for {what}")));
             }
             c.suppressed
@@ -91,7 +154,7 @@ impl Composer {
         };
         let (to, content) = match channel {
             Channel::Email => {
-                let Some(address) = c.email.as_deref() else {
+                let Some(address) = c.test_to.as_deref().or(c.email.as_deref()) else {
                     return Ok(Err("no email address".into()));
                 };
                 if let Some(reason) = refusal(c.consent_email, "email") {
@@ -107,7 +170,7 @@ impl Composer {
                 if let Value::Object(map) = &mut context {
                     map.insert("unsubscribe_url".into(), unsubscribe_url.clone().into());
                 }
-                let rendered = self.templates.render_email(trigger, &locale, &context)?;
+                let rendered = templates.render_email(trigger, &locale, &context)?;
                 // The MIME form is composed only by the providers that send it (smtp, file).
                 let content = Content::Email {
                     rendered,
@@ -121,14 +184,14 @@ impl Composer {
                 (to.to_string(), content)
             }
             Channel::Sms => {
-                let Some(number) = c.phone.as_deref() else {
+                let Some(number) = c.test_to.as_deref().or(c.phone.as_deref()) else {
                     return Ok(Err("no phone number".into()));
                 };
                 if let Some(reason) = refusal(c.consent_sms, "SMS") {
                     return Ok(Err(reason));
                 }
                 let to = Phone::parse(number)?;
-                let body = self.templates.render_sms(trigger, &locale, &context)?;
+                let body = templates.render_sms(trigger, &locale, &context)?;
                 (to.to_string(), Content::Sms { body })
             }
         };

@@ -36,8 +36,8 @@ use crate::ingest::Backoff;
 use crate::metrics::Metrics;
 pub use crate::outbox::retry_failed;
 use crate::outbox::{self, Attempt, Claimed, Settled};
-use crate::render::Templates;
 use crate::shutdown::Shutdown;
+use crate::template_store::Catalog;
 use crate::triggers::Trigger;
 use compose::{Composed, Composer};
 pub use providers::{Accepted, Content, Failure, Outgoing, Provider};
@@ -97,7 +97,7 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     /// A dispatcher with the providers of the settings; fails when one cannot be built.
-    pub fn new(app: App, templates: Arc<Templates>) -> anyhow::Result<Dispatcher> {
+    pub fn new(app: App) -> anyhow::Result<Dispatcher> {
         let d = &app.settings.dispatch;
         let email_providers = providers::email_providers(&app.settings)?
             .into_iter()
@@ -109,7 +109,7 @@ impl Dispatcher {
             .collect();
         Ok(Dispatcher {
             composer: Composer {
-                templates,
+                store: app.templates.clone(),
                 settings: app.settings.clone(),
                 tokens: app.tokens.clone(),
             },
@@ -186,9 +186,12 @@ impl Dispatcher {
         }
         let n = claimed.len();
         let ids: Vec<i64> = claimed.iter().map(|c| c.id).collect();
+        // The batch renders with the templates in force when it was claimed.
+        let catalog = self.composer.store.current();
+        let catalog = &catalog;
         let sending = futures_util::stream::iter(claimed)
             .map(|c| async move {
-                let settled = self.settle(c).await;
+                let settled = self.settle(c, catalog).await;
                 self.recorder
                     .record(&self.app.pool, &self.owner, settled)
                     .await;
@@ -219,9 +222,10 @@ impl Dispatcher {
     }
 
     /// Decides and sends one claimed message: compose, defer, deliver, conclude.
-    async fn settle(&self, claimed: Claimed) -> Settled {
+    async fn settle(&self, claimed: Claimed, catalog: &Catalog) -> Settled {
         let mut settled = Settled::new(claimed.id);
-        let (c, composed) = self.composer.compose(claimed).await;
+        let (c, composed, version) = self.composer.compose(claimed, catalog).await;
+        settled.template_version = version;
         let outgoing = match composed {
             Composed::Ready(outgoing) => outgoing,
             Composed::Suppressed(reason) => return self.suppressed(settled, reason.into_owned()),
@@ -291,7 +295,8 @@ impl Dispatcher {
     }
 
     fn is_marketing(&self, c: &Claimed) -> bool {
-        self.app.settings.dispatch.marketing_cap_hours > 0
+        !c.test
+            && self.app.settings.dispatch.marketing_cap_hours > 0
             && Trigger::parse(&c.trigger).is_some_and(policy::is_marketing)
     }
 
@@ -304,6 +309,10 @@ impl Dispatcher {
         marketing: bool,
     ) -> anyhow::Result<Option<(DateTime<Utc>, String)>> {
         let now = self.app.clock.now();
+        if c.test {
+            // The marketer asked for it now, usually to their own phone.
+            return Ok(None);
+        }
         if outgoing.channel == Channel::Sms {
             let quiet = crate::domain::TimeZone::parse(&c.timezone)
                 .ok()

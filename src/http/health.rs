@@ -121,5 +121,26 @@ pub(super) async fn metrics(State(app): State<App>) -> Response {
         let _ = writeln!(text, "# TYPE lifecycle_{name}_total counter");
         let _ = writeln!(text, "lifecycle_{name}_total {}", Metrics::get(counter));
     }
+    use std::sync::atomic::Ordering;
+    for (name, help, counter) in [
+        (
+            "coupon_pool_low",
+            "Coupon draws that left their pool at or below program.coupon_low_water.",
+            &crate::coupons::POOL_LOW,
+        ),
+        (
+            "coupon_pool_empty",
+            "Messages planned without a coupon code because their pool was empty.",
+            &crate::coupons::POOL_EMPTY,
+        ),
+    ] {
+        let _ = writeln!(text, "# HELP lifecycle_{name}_total {help}");
+        let _ = writeln!(text, "# TYPE lifecycle_{name}_total counter");
+        let _ = writeln!(
+            text,
+            "lifecycle_{name}_total {}",
+            counter.load(Ordering::Relaxed)
+        );
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

@@ -362,7 +362,7 @@ pub async fn apply_batch(
     carts::save(conn, &carts).await?;
     carts::cancel_pending(conn, &cancelled).await?;
     release_inbox(conn, &not_applied).await?;
-    insert_planned(conn, &planned).await?;
+    insert_planned(conn, &planned, program).await?;
     Ok(outcomes)
 }
 
@@ -414,10 +414,12 @@ async fn release_inbox(conn: &mut PgConnection, ids: &[&str]) -> Result<(), sqlx
     Ok(())
 }
 
-/// Inserts planned messages; a dedupe key already in the outbox is skipped.
+/// Inserts planned messages; a dedupe key already in the outbox is skipped. Messages of a
+/// trigger with a coupon pool draw their codes here, in the planning transaction.
 async fn insert_planned(
     conn: &mut PgConnection,
     planned: &[(MemberId, Planned)],
+    program: &Program,
 ) -> Result<(), sqlx::Error> {
     if planned.is_empty() {
         return Ok(());
@@ -436,14 +438,15 @@ async fn insert_planned(
         contexts.push(p.context.to_string());
         due.push(p.due_at);
     }
-    sqlx::query(
+    let inserted: Vec<(i64, String, String)> = sqlx::query_as(
         "insert into messages (dedupe_key, member_id, trigger, channel, context, due_at)
          select k, m, t, c, x::jsonb, d
          from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])
               as p(k, m, t, c, x, d)
          -- a key whose message retention pruned was sent (or settled) before
          where not exists (select 1 from retired_keys r where r.dedupe_key = p.k)
-         on conflict (dedupe_key) do nothing",
+         on conflict (dedupe_key) do nothing
+         returning id, dedupe_key, trigger",
     )
     .bind(&keys)
     .bind(&members)
@@ -451,8 +454,11 @@ async fn insert_planned(
     .bind(&channels)
     .bind(&contexts)
     .bind(&due)
-    .execute(conn)
+    .fetch_all(&mut *conn)
     .await?;
+    if !program.coupons.is_empty() {
+        crate::coupons::draw(conn, program, &inserted).await?;
+    }
     Ok(())
 }
 
@@ -553,8 +559,39 @@ where
         .map(|(m, e, c)| (m.clone(), e.clone(), c.as_str()))
         .collect();
     store::save_points(conn, &saved_refs, &loaded, &journal_refs).await?;
-    insert_planned(conn, &planned).await?;
+    insert_planned(conn, &planned, program).await?;
     Ok(planned.len())
+}
+
+/// A member as they are at `now` (lots lapsed by then expired, on this copy only) and their
+/// newest open cart: what a preview renders with. `None` when there is no such member.
+pub async fn member_now(
+    pool: &sqlx::PgPool,
+    id: &str,
+    program: &Program,
+    now: DateTime<Utc>,
+) -> Result<Option<(MemberState, Option<CartState>)>, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let mut states = store::load_members(&mut conn, &[id], program, now).await?;
+    let Some(key) = states.keys().next().cloned() else {
+        return Ok(None);
+    };
+    let mut state = states.remove(&key).expect("present");
+    state.points.expire(now, program.tier_window_months);
+    let cart: Option<String> = sqlx::query_scalar(
+        "select cart_id from carts where member_id = $1 and open order by changed_at desc limit 1",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let cart = match cart {
+        Some(cart_id) => carts::load(&mut conn, &[cart_id.as_str()])
+            .await?
+            .into_values()
+            .next(),
+        None => None,
+    };
+    Ok(Some((state, cart)))
 }
 
 /// Plans the abandoned-cart message of each due cart inside the caller's transaction, under
@@ -564,6 +601,7 @@ where
 pub async fn abandon_carts(
     conn: &mut PgConnection,
     due: &[CartState],
+    program: &Program,
     now: DateTime<Utc>,
 ) -> Result<usize, sqlx::Error> {
     let mut member_ids: Vec<&str> = due.iter().map(|c| c.member_id.as_str()).collect();
@@ -572,12 +610,12 @@ pub async fn abandon_carts(
     members::lock(conn, &member_ids).await?;
     let cart_ids: Vec<&str> = due.iter().map(|c| c.cart_id.as_str()).collect();
     let current = carts::load(conn, &cart_ids).await?;
-    let profiles = members::load(conn, &member_ids).await?;
+    let states = store::load_members(conn, &member_ids, program, now).await?;
     let mut marked = Vec::new();
     let mut planned = Vec::new();
     for cart in current.into_values().filter(|c| c.is_due(now)) {
-        if let Some((member, _)) = profiles.get(&cart.member_id) {
-            let messages = triggers::abandoned_cart(&cart, member, now);
+        if let Some(state) = states.get(&cart.member_id) {
+            let messages = triggers::abandoned_cart(&cart, state, program, now);
             planned.extend(messages.into_iter().map(|p| (cart.member_id.clone(), p)));
         }
         marked.push(CartState {
@@ -586,7 +624,7 @@ pub async fn abandon_carts(
         });
     }
     carts::save(conn, &marked.iter().collect::<Vec<_>>()).await?;
-    insert_planned(conn, &planned).await?;
+    insert_planned(conn, &planned, program).await?;
     Ok(planned.len())
 }
 

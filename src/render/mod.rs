@@ -35,11 +35,34 @@ pub struct RenderedEmail {
 }
 
 /// The loaded templates.
+#[derive(Clone)]
 pub struct Templates {
     html: Handlebars<'static>,
     text: Handlebars<'static>,
     /// `trigger/locale` pairs that have templates.
     available: HashSet<String>,
+    /// Every source by its path under the templates' root (`welcome/ko/sms.hbs`).
+    sources: std::collections::BTreeMap<String, String>,
+}
+
+/// The files a (trigger, locale) may have, by name.
+pub const FILE_NAMES: [&str; 5] = [
+    "email.subject.hbs",
+    "email.mjml.hbs",
+    "email.html.hbs",
+    "email.txt.hbs",
+    "sms.hbs",
+];
+
+/// A problem with one file of a template version: which file, the line when known, and what.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+pub struct FileError {
+    /// The file's name (`email.mjml.hbs`), or empty when the problem is the version's.
+    pub file: String,
+    /// 1-based line, when the error has one.
+    pub line: Option<usize>,
+    /// What is wrong.
+    pub message: String,
 }
 
 /// The shipped templates, compiled into the binary: `lifecycle` finds them from any directory.
@@ -143,6 +166,7 @@ impl Templates {
             html,
             text,
             available,
+            sources: sources.into_iter().collect(),
         };
         templates.check_complete()?;
         Ok(templates)
@@ -179,6 +203,158 @@ impl Templates {
             }
         }
         Ok(())
+    }
+
+    /// The files of one (trigger, locale) as they are here, by file name.
+    pub fn files(
+        &self,
+        trigger: Trigger,
+        locale: &str,
+    ) -> std::collections::BTreeMap<String, String> {
+        let prefix = format!("{}/{locale}/", trigger.as_str());
+        self.sources
+            .range(prefix.clone()..)
+            .take_while(|(path, _)| path.starts_with(&prefix))
+            .filter_map(|(path, source)| {
+                let file = &path[prefix.len()..];
+                FILE_NAMES
+                    .contains(&file)
+                    .then(|| (file.to_owned(), source.clone()))
+            })
+            .collect()
+    }
+
+    /// The (trigger, locale) pairs that have templates, sorted.
+    pub fn pairs(&self) -> Vec<(Trigger, String)> {
+        let mut pairs: Vec<(Trigger, String)> = self
+            .available
+            .iter()
+            .filter_map(|key| {
+                let (trigger, locale) = key.split_once('/')?;
+                Some((Trigger::parse(trigger)?, locale.to_owned()))
+            })
+            .collect();
+        pairs.sort_by(|a, b| (a.0.as_str(), &a.1).cmp(&(b.0.as_str(), &b.1)));
+        pairs
+    }
+
+    /// These templates with one (trigger, locale)'s files replaced by `files` (a version),
+    /// validated as `templates check` validates: each file compiles, includes only the shared
+    /// partials and layouts, is at most 256 KiB; the required files are there; and the email
+    /// and SMS render with the trigger's sample context (strict: an unknown variable is an
+    /// error). Errors name the file and, where the error has one, the line.
+    pub fn overlay(
+        &self,
+        trigger: Trigger,
+        locale: &str,
+        files: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Templates, Vec<FileError>> {
+        let mut errors = Vec::new();
+        let whole = |message: String| FileError {
+            file: String::new(),
+            line: None,
+            message,
+        };
+        if Locale::parse(locale).is_err() {
+            return Err(vec![whole(format!(
+                "{locale:?} is not a locale (BCP 47, e.g. ko or ko-KR)"
+            ))]);
+        }
+        let mut next = self.clone();
+        let base = format!("{}/{locale}", trigger.as_str());
+        for file in FILE_NAMES {
+            let name = format!("{base}/{}", file.trim_end_matches(".hbs"));
+            next.html.unregister_template(&name);
+            next.text.unregister_template(&name);
+            next.sources.remove(&format!("{base}/{file}"));
+        }
+        for (file, source) in files {
+            let at = |line: Option<usize>, message: String| FileError {
+                file: file.clone(),
+                line,
+                message,
+            };
+            if !FILE_NAMES.contains(&file.as_str()) {
+                errors.push(at(
+                    None,
+                    format!(
+                        "not a template file; the files are {}",
+                        FILE_NAMES.join(", ")
+                    ),
+                ));
+                continue;
+            }
+            if source.len() as u64 > MAX_TEMPLATE_BYTES {
+                errors.push(at(None, format!("larger than {MAX_TEMPLATE_BYTES} bytes")));
+                continue;
+            }
+            if let Some(bad) = included_partials(source)
+                .into_iter()
+                .find(|p| !self.is_shared(p))
+            {
+                let line = source.find(&bad).map(|at| line_of(source, at));
+                errors.push(at(
+                    line,
+                    format!(
+                        "includes {bad}, which is not a partial or layout (partials/…, layouts/…)"
+                    ),
+                ));
+                continue;
+            }
+            let stem = file.trim_end_matches(".hbs");
+            let registry = if stem.ends_with(".html") || stem.ends_with(".mjml") {
+                &mut next.html
+            } else {
+                &mut next.text
+            };
+            if let Err(e) = registry.register_template_string(&format!("{base}/{stem}"), source) {
+                errors.push(at(e.pos().map(|(line, _)| line), e.reason().to_string()));
+                continue;
+            }
+            next.sources
+                .insert(format!("{base}/{file}"), source.clone());
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        for required in ["email.subject.hbs", "sms.hbs"] {
+            if !files.contains_key(required) {
+                errors.push(whole(format!("{required} is missing")));
+            }
+        }
+        if !files.contains_key("email.mjml.hbs") && !files.contains_key("email.html.hbs") {
+            errors.push(whole(
+                "the email needs email.mjml.hbs or email.html.hbs".to_owned(),
+            ));
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        next.available.insert(base.clone());
+        let mut context = sample_context(trigger);
+        context["locale"] = Value::String(locale.to_owned());
+        let email = next.render_email(trigger, locale, &context).map(drop);
+        let sms = next.render_sms(trigger, locale, &context).map(drop);
+        for error in [email.err(), sms.err()].into_iter().flatten() {
+            errors.push(render_error(&base, &error));
+        }
+        if errors.is_empty() {
+            Ok(next)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Whether `name` is a shared partial or layout.
+    fn is_shared(&self, name: &str) -> bool {
+        (name.starts_with("partials/") || name.starts_with("layouts/"))
+            && self.sources.contains_key(&format!("{name}.hbs"))
+    }
+
+    /// Whether (trigger, locale) has templates of its own (not through fallback).
+    pub fn has_pair(&self, trigger: Trigger, locale: &str) -> bool {
+        self.available
+            .contains(&format!("{}/{locale}", trigger.as_str()))
     }
 
     /// Whether the trigger has templates at all.
@@ -275,6 +451,47 @@ impl Templates {
             .with_context(|| format!("rendering {name}.hbs"))?;
         Ok(body.trim().to_owned())
     }
+}
+
+/// A rendering error of (trigger/locale) `base` as a file error: the file and line when the
+/// error is in one of its files, else the whole message (an error inside a shared layout).
+pub fn render_error(base: &str, error: &anyhow::Error) -> FileError {
+    let message = format!("{error:#}");
+    let Some(e) = error
+        .chain()
+        .find_map(|e| e.downcast_ref::<handlebars::RenderError>())
+    else {
+        let file = FILE_NAMES
+            .iter()
+            .find(|f| message.contains(&format!("{base}/{f}")))
+            .map_or(String::new(), |f| (*f).to_owned());
+        return FileError {
+            file,
+            line: None,
+            message,
+        };
+    };
+    let in_file = e
+        .template_name
+        .as_deref()
+        .and_then(|name| name.strip_prefix(&format!("{base}/")));
+    match in_file {
+        Some(stem) => FileError {
+            file: format!("{stem}.hbs"),
+            line: e.line_no,
+            message: e.reason().to_string(),
+        },
+        None => FileError {
+            file: String::new(),
+            line: None,
+            message,
+        },
+    }
+}
+
+/// The 1-based line of byte offset `at` in `source`.
+fn line_of(source: &str, at: usize) -> usize {
+    source[..at].matches('\n').count() + 1
 }
 
 /// MJML to responsive HTML (mrml), then CSS inlined (css-inline) for mail clients that ignore
@@ -518,6 +735,15 @@ pub fn sample_context(trigger: Trigger) -> Value {
     context["unsubscribe_url"] = json!("https://loyalty.example/unsubscribe/abc.def");
     context["locale"] = json!("en");
     context["shop_address"] = json!("1 Market Street <Suite 5>, Springfield");
+    context["next_tier"] = json!("Gold");
+    context["points_to_next_tier"] = json!(120);
+    context["next_reward"] = json!({"points": 250, "discount": 30});
+    context["points_to_next_reward"] = json!(90);
+    context["coupon_code"] = if matches!(trigger, Trigger::AbandonedCart | Trigger::Birthday) {
+        json!("SAVE-10 <b>")
+    } else {
+        Value::Null
+    };
     context
 }
 
@@ -603,13 +829,13 @@ mod tests {
         // A variable outside the trigger's documented context is an error naming the file.
         std::fs::write(
             dir.path().join("tier-up/tr/email.subject.hbs"),
-            "{{tier}} {{coupon_code}}",
+            "{{tier}} {{voucher}}",
         )
         .unwrap();
         let t = Templates::load(dir.path()).unwrap();
         let error = format!("{:#}", t.check(2).unwrap_err());
         assert!(error.contains("tier-up/tr/email.subject"), "{error}");
-        assert!(error.contains("coupon_code"), "{error}");
+        assert!(error.contains("voucher"), "{error}");
     }
 
     #[test]
@@ -790,6 +1016,107 @@ mod tests {
             .render_email(Trigger::Welcome, "en", &json!({}))
             .unwrap_err();
         assert!(format!("{error:#}").contains("welcome/en"), "{error:#}");
+    }
+
+    #[test]
+    fn a_version_overlays_one_pair_and_its_errors_name_file_and_line() {
+        let t = templates();
+        let mut files = t.files(Trigger::Welcome, "ko");
+        assert_eq!(
+            files.keys().collect::<Vec<_>>(),
+            [
+                "email.mjml.hbs",
+                "email.subject.hbs",
+                "email.txt.hbs",
+                "sms.hbs"
+            ]
+        );
+        files.insert("sms.hbs".into(), "새 환영 {{first_name}} STOP".into());
+        let next = t.overlay(Trigger::Welcome, "ko", &files).unwrap();
+        let context = sample(Trigger::Welcome);
+        assert_eq!(
+            next.render_sms(Trigger::Welcome, "ko", &context).unwrap(),
+            "새 환영 Ada <script> STOP"
+        );
+        // Only that pair changed.
+        assert_eq!(
+            next.render_sms(Trigger::Welcome, "tr", &context).unwrap(),
+            t.render_sms(Trigger::Welcome, "tr", &context).unwrap()
+        );
+
+        // A syntax error on line 3.
+        let mut broken = files.clone();
+        broken.insert(
+            "email.txt.hbs".into(),
+            "one\ntwo\n{{#if first_name}}\n".into(),
+        );
+        let errors = t.overlay(Trigger::Welcome, "ko", &broken).err().unwrap();
+        assert_eq!(errors[0].file, "email.txt.hbs", "{errors:?}");
+        assert!(errors[0].line.is_some_and(|l| l >= 3), "{errors:?}");
+        // An unknown variable, found by rendering the sample, on line 2.
+        let mut unknown = files.clone();
+        unknown.insert("sms.hbs".into(), "hi\n{{voucher}}".into());
+        let errors = t.overlay(Trigger::Welcome, "ko", &unknown).err().unwrap();
+        assert_eq!(
+            (errors[0].file.as_str(), errors[0].line),
+            ("sms.hbs", Some(2)),
+            "{errors:?}"
+        );
+        assert!(errors[0].message.contains("voucher"), "{errors:?}");
+        // A template may include only the shared partials (never itself: no recursion).
+        let mut looped = files.clone();
+        looped.insert("sms.hbs".into(), "{{> welcome/ko/sms}}".into());
+        let errors = t.overlay(Trigger::Welcome, "ko", &looped).err().unwrap();
+        assert!(errors[0].message.contains("not a partial"), "{errors:?}");
+        // A required file missing, an unknown file.
+        let mut missing = files.clone();
+        missing.remove("email.subject.hbs");
+        missing.insert("notes.md".into(), "x".into());
+        let errors = t.overlay(Trigger::Welcome, "ko", &missing).err().unwrap();
+        assert_eq!(errors[0].file, "notes.md", "{errors:?}");
+    }
+
+    #[test]
+    fn the_shipped_templates_say_what_is_ahead_and_carry_the_coupon() {
+        let t = templates();
+        let welcome = t
+            .render_email(Trigger::Welcome, "en", &sample(Trigger::Welcome))
+            .unwrap();
+        assert!(
+            welcome.html.contains("120 points</strong> to Gold"),
+            "{}",
+            welcome.html
+        );
+        assert!(
+            welcome.text.contains("120 points to Gold."),
+            "{}",
+            welcome.text
+        );
+        let ko = t
+            .render_email(Trigger::Welcome, "ko", &sample(Trigger::Welcome))
+            .unwrap();
+        assert!(
+            ko.text.contains("Gold 등급까지 120포인트 남았습니다."),
+            "{}",
+            ko.text
+        );
+        for locale in ["en", "ko", "tr"] {
+            for trigger in [Trigger::AbandonedCart, Trigger::Birthday] {
+                let context = sample(trigger);
+                let email = t.render_email(trigger, locale, &context).unwrap();
+                assert!(
+                    email.html.contains("SAVE-10 &lt;b&gt;"),
+                    "{trigger:?}/{locale}"
+                );
+                assert!(email.text.contains("SAVE-10 <b>"), "{trigger:?}/{locale}");
+                let sms = t.render_sms(trigger, locale, &context).unwrap();
+                assert!(sms.contains("SAVE-10"), "{trigger:?}/{locale}: {sms}");
+                let mut without = context.clone();
+                without["coupon_code"] = Value::Null;
+                let sms = t.render_sms(trigger, locale, &without).unwrap();
+                assert!(!sms.contains("SAVE") && sms.contains("STOP"), "{sms}");
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,83 @@
+//! `/api/messages`: the outbox (ops).
+
+use axum::Json;
+use axum::extract::State;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::app::App;
+use crate::http::auth::{ApiError, Authed};
+use crate::users::Role;
+
+/// Which failed messages to requeue: by id, or every failed one matching a filter.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetryRequest {
+    /// These messages (those of them that are failed).
+    pub ids: Option<Vec<i64>>,
+    /// Every failed message matching it (`{}`: all).
+    pub filter: Option<RetryFilter>,
+}
+
+/// A filter over failed messages.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetryFilter {
+    /// One member's.
+    pub member_id: Option<String>,
+    /// One trigger's.
+    pub trigger: Option<String>,
+    /// `email` or `sms`.
+    pub channel: Option<String>,
+}
+
+/// How many went back in the queue.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Requeued {
+    /// Messages requeued.
+    pub requeued: u64,
+}
+
+#[utoipa::path(post, path = "/api/messages/retry", tag = "messages",
+    request_body = RetryRequest,
+    responses((status = 200, description = "Failed messages put back in the queue", body = Requeued),
+              (status = 401, body = ApiError), (status = 403, description = "Not ops", body = ApiError),
+              (status = 422, body = ApiError)),
+    security(("bearer" = []), ("session" = [])))]
+/// Requeues failed messages (ops only).
+pub async fn retry(
+    State(app): State<App>,
+    who: Authed,
+    Json(body): Json<RetryRequest>,
+) -> Result<Json<Requeued>, ApiError> {
+    who.require(Role::Ops)?;
+    let now = app.clock.now();
+    let requeued = match (body.ids, body.filter) {
+        (Some(ids), None) => crate::outbox::retry_failed(&app.pool, Some(&ids), now).await,
+        (None, Some(f)) => {
+            let ids: Vec<i64> = sqlx::query_scalar(
+                "select id from messages where status = 'failed'
+                 and ($1::text is null or member_id = $1)
+                 and ($2::text is null or trigger = $2)
+                 and ($3::text is null or channel = $3)",
+            )
+            .bind(f.member_id)
+            .bind(f.trigger)
+            .bind(f.channel)
+            .fetch_all(&app.pool)
+            .await?;
+            crate::outbox::retry_failed(&app.pool, Some(&ids), now).await
+        }
+        _ => {
+            return Err(ApiError::new(
+                axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                "send either ids or filter",
+            ));
+        }
+    }
+    .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    if requeued > 0 {
+        app.outbox_ready.notify_waiters();
+    }
+    Ok(Json(Requeued { requeued }))
+}

@@ -1,0 +1,82 @@
+//! The admin API (`/api`, JSON, authenticated; see `auth`). Its OpenAPI document is generated
+//! from these handlers and types (utoipa) and served open at `/api/openapi.json`.
+
+pub mod messages;
+pub mod templates;
+
+use axum::Json;
+use axum::Router;
+use axum::routing::{get, post, put};
+use utoipa::OpenApi;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+
+use crate::app::App;
+
+/// The OpenAPI document.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "lifecycle admin API", description = "Templates, previews, test sends and deliveries of the lifecycle loyalty messaging worker. Authenticate with `Authorization: Bearer <token>` (a user's API token, or LIFECYCLE_ADMIN_TOKEN as ops) or the console's session cookie (then send X-CSRF-Token on changes)."),
+    paths(
+        templates::list,
+        templates::versions,
+        templates::save_draft,
+        templates::preview,
+        templates::test_send,
+        templates::publish,
+        messages::retry,
+    ),
+    modifiers(&Security),
+    tags((name = "templates", description = "Template versions: drafts, previews, test sends, publishing and rollback"),
+         (name = "messages", description = "The outbox"))
+)]
+pub struct ApiDoc;
+
+/// The two ways to authenticate.
+struct Security;
+
+impl utoipa::Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components.add_security_scheme(
+            "session",
+            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::new(
+                crate::http::auth::SESSION_COOKIE,
+            ))),
+        );
+    }
+}
+
+/// `/api` routes.
+pub fn routes() -> Router<App> {
+    Router::new()
+        .route(
+            "/api/openapi.json",
+            get(|| async { Json(ApiDoc::openapi()) }),
+        )
+        .route("/api/templates", get(templates::list))
+        .route(
+            "/api/templates/{trigger}/{locale}",
+            get(templates::versions),
+        )
+        .route(
+            "/api/templates/{trigger}/{locale}/draft",
+            put(templates::save_draft),
+        )
+        .route(
+            "/api/templates/{trigger}/{locale}/preview",
+            post(templates::preview),
+        )
+        .route(
+            "/api/templates/{trigger}/{locale}/test-send",
+            post(templates::test_send),
+        )
+        .route(
+            "/api/templates/{trigger}/{locale}/publish",
+            post(templates::publish),
+        )
+        .route("/api/messages/retry", post(messages::retry))
+}

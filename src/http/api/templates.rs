@@ -1,0 +1,452 @@
+//! `/api/templates`: versions, drafts, previews, test sends and publishing.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use crate::app::App;
+use crate::domain::{Email, Phone};
+use crate::http::auth::{ApiError, Authed};
+use crate::render::{self, FileError};
+use crate::template_store::{Files, Pair, Version};
+use crate::triggers::Trigger;
+use crate::users::Role;
+
+/// A draft's files: each given file replaces the published one; `null` removes one (say,
+/// `email.txt.hbs`, to derive the text part from the HTML).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DraftRequest {
+    /// By file name: `email.subject.hbs`, `email.mjml.hbs` (or `email.html.hbs`),
+    /// `email.txt.hbs`, `sms.hbs`.
+    pub files: BTreeMap<String, Option<String>>,
+}
+
+/// A saved version's number.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Saved {
+    /// The version.
+    pub version: i32,
+}
+
+/// What to preview: unsaved files, a saved version, or the published one; with a member's
+/// context as it is now, or the trigger's sample.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PreviewRequest {
+    /// Render for this member (their ledger now).
+    pub member_id: Option<String>,
+    /// A saved version (default: the published one).
+    pub version: Option<i32>,
+    /// Unsaved files over the published ones (as a draft's).
+    pub files: Option<BTreeMap<String, Option<String>>>,
+}
+
+/// An email as it will arrive.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EmailPreview {
+    /// The subject line.
+    pub subject: String,
+    /// The HTML part.
+    pub html: String,
+    /// The plain-text part.
+    pub text: String,
+}
+
+/// An SMS as it will arrive.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SmsPreview {
+    /// The text.
+    pub body: String,
+    /// How many segments it is sent as.
+    pub segments: usize,
+    /// `GSM-7` or `UCS-2`.
+    pub encoding: String,
+}
+
+/// A rendered preview.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Preview {
+    /// The email.
+    pub email: EmailPreview,
+    /// The SMS.
+    pub sms: SmsPreview,
+}
+
+/// Where a test goes: an address, a number, or a member (their addresses, consent and
+/// suppressions apply); with which version (default: the draft, else the published one).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TestSendRequest {
+    /// The version to send.
+    pub version: Option<i32>,
+    /// A member whose context (and, without `email` and `phone`, addresses) it uses.
+    pub member_id: Option<String>,
+    /// An email address to send the email to.
+    pub email: Option<String>,
+    /// An E.164 number to send the SMS to.
+    pub phone: Option<String>,
+}
+
+/// The test messages queued.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TestSent {
+    /// Their outbox ids (`GET /api/messages/{id}`).
+    pub message_ids: Vec<i64>,
+}
+
+/// The version to publish.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PublishRequest {
+    /// A saved version, or 0 for the shipped files.
+    pub version: i32,
+}
+
+/// What dispatch uses now.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Published {
+    /// The trigger.
+    pub trigger: String,
+    /// The locale.
+    pub locale: String,
+    /// The version published.
+    pub version: i32,
+}
+
+/// The trigger of a path, or 404.
+pub fn trigger(name: &str) -> Result<Trigger, ApiError> {
+    Trigger::parse(name).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "no trigger {name:?}; the triggers are {}",
+            Trigger::ALL.map(|t| t.as_str()).join(", ")
+        ))
+    })
+}
+
+/// The locale of a path, checked.
+pub fn locale(raw: &str) -> Result<String, ApiError> {
+    crate::domain::Locale::parse(raw)
+        .map(|l| l.as_str().to_owned())
+        .map_err(|_| ApiError::not_found(format!("{raw:?} is not a locale (ko, ko-KR, tr …)")))
+}
+
+#[utoipa::path(get, path = "/api/templates", tag = "templates",
+    responses((status = 200, description = "Every (trigger, locale) with its published and draft versions", body = [Pair]),
+              (status = 401, body = ApiError)),
+    security(("bearer" = []), ("session" = [])))]
+/// Every (trigger, locale): published version, draft version or null.
+pub async fn list(State(app): State<App>, who: Authed) -> Result<Json<Vec<Pair>>, ApiError> {
+    who.require(Role::Marketer)?;
+    Ok(Json(app.templates.pairs().await?))
+}
+
+#[utoipa::path(get, path = "/api/templates/{trigger}/{locale}", tag = "templates",
+    params(("trigger" = String, Path), ("locale" = String, Path)),
+    responses((status = 200, description = "Versions, newest first; version 0 is the shipped files", body = [Version]),
+              (status = 401, body = ApiError), (status = 404, body = ApiError)),
+    security(("bearer" = []), ("session" = [])))]
+/// The versions of one (trigger, locale), newest first.
+pub async fn versions(
+    State(app): State<App>,
+    who: Authed,
+    Path((name, raw_locale)): Path<(String, String)>,
+) -> Result<Json<Vec<Version>>, ApiError> {
+    who.require(Role::Marketer)?;
+    let (trigger, locale) = (trigger(&name)?, locale(&raw_locale)?);
+    Ok(Json(app.templates.versions(trigger, &locale).await?))
+}
+
+#[utoipa::path(put, path = "/api/templates/{trigger}/{locale}/draft", tag = "templates",
+    params(("trigger" = String, Path), ("locale" = String, Path)),
+    request_body = DraftRequest,
+    responses((status = 200, description = "Saved as the draft", body = Saved),
+              (status = 401, body = ApiError), (status = 403, body = ApiError),
+              (status = 413, description = "Body over 1 MiB"),
+              (status = 422, description = "Does not validate; nothing saved", body = ApiError)),
+    security(("bearer" = []), ("session" = [])))]
+/// Validates and saves a draft; the published version is untouched.
+pub async fn save_draft(
+    State(app): State<App>,
+    who: Authed,
+    Path((name, raw_locale)): Path<(String, String)>,
+    Json(body): Json<DraftRequest>,
+) -> Result<Json<Saved>, ApiError> {
+    who.require(Role::Marketer)?;
+    let (trigger, locale) = (trigger(&name)?, locale(&raw_locale)?);
+    let version = draft(&app, trigger, &locale, &body.files, &who.user.name).await?;
+    Ok(Json(Saved { version }))
+}
+
+/// Saves `changes` over the published files as the draft.
+pub async fn draft(
+    app: &App,
+    trigger: Trigger,
+    locale: &str,
+    changes: &BTreeMap<String, Option<String>>,
+    author: &str,
+) -> Result<i32, ApiError> {
+    let files = app.templates.merged(trigger, locale, changes).await?;
+    Ok(app
+        .templates
+        .save_draft(trigger, locale, &files, author)
+        .await?)
+}
+
+#[utoipa::path(post, path = "/api/templates/{trigger}/{locale}/preview", tag = "templates",
+    params(("trigger" = String, Path), ("locale" = String, Path)),
+    request_body = PreviewRequest,
+    responses((status = 200, description = "The email and the SMS as they will arrive", body = Preview),
+              (status = 401, body = ApiError), (status = 404, body = ApiError),
+              (status = 422, description = "The files do not validate", body = ApiError)),
+    security(("bearer" = []), ("session" = [])))]
+/// Renders unsaved files, a version, or the published one, for a member or the sample.
+pub async fn preview(
+    State(app): State<App>,
+    who: Authed,
+    Path((name, raw_locale)): Path<(String, String)>,
+    Json(body): Json<PreviewRequest>,
+) -> Result<Json<Preview>, ApiError> {
+    who.require(Role::Marketer)?;
+    let (trigger, locale) = (trigger(&name)?, locale(&raw_locale)?);
+    Ok(Json(render_preview(&app, trigger, &locale, body).await?))
+}
+
+/// The files a preview or test send is about.
+async fn files_of(
+    app: &App,
+    trigger: Trigger,
+    locale: &str,
+    version: Option<i32>,
+    changes: Option<&BTreeMap<String, Option<String>>>,
+) -> Result<Files, ApiError> {
+    if let Some(changes) = changes {
+        return Ok(app.templates.merged(trigger, locale, changes).await?);
+    }
+    let version = match version {
+        Some(v) => v,
+        None => app.templates.published(trigger, locale).await?,
+    };
+    Ok(app.templates.files(trigger, locale, version).await?)
+}
+
+/// The context a preview or test send renders with: the member's now, or the sample.
+async fn context_for(
+    app: &App,
+    trigger: Trigger,
+    member_id: Option<&str>,
+) -> Result<Value, ApiError> {
+    let program = &app.settings.program;
+    let mut context = match member_id {
+        None => render::sample_context(trigger),
+        Some(id) => {
+            let now = app.clock.now();
+            let Some((state, cart)) =
+                crate::ledger::member_now(&app.pool, id, program, now).await?
+            else {
+                return Err(ApiError::not_found(format!("no member {id:?}")));
+            };
+            crate::triggers::context_now(trigger, &state, cart.as_ref(), program, now)
+        }
+    };
+    // A pool's code is drawn when a message is planned; a preview shows where it goes.
+    if program.coupons.contains_key(trigger.as_str()) && context["coupon_code"].is_null() {
+        context["coupon_code"] = Value::String("COUPON-CODE".into());
+    }
+    Ok(context)
+}
+
+/// Renders a preview (on the blocking pool: MJML and CSS inlining are CPU work).
+pub async fn render_preview(
+    app: &App,
+    trigger: Trigger,
+    locale: &str,
+    request: PreviewRequest,
+) -> Result<Preview, ApiError> {
+    let files = files_of(
+        app,
+        trigger,
+        locale,
+        request.version,
+        request.files.as_ref(),
+    )
+    .await?;
+    let mut context = context_for(app, trigger, request.member_id.as_deref()).await?;
+    let settings = app.settings.clone();
+    context["shop_name"] = Value::String(settings.shop_name.clone());
+    context["shop_address"] = Value::String(settings.shop_address.clone().unwrap_or_default());
+    context["locale"] = Value::String(locale.to_owned());
+    context["unsubscribe_url"] = Value::String(format!(
+        "{}/unsubscribe/preview",
+        settings.public_url.as_str().trim_end_matches('/')
+    ));
+    let store = app.templates.clone();
+    let locale = locale.to_owned();
+    let rendered = tokio::task::spawn_blocking(move || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let templates = store
+                .shipped()
+                .overlay(trigger, &locale, &files)
+                .map_err(ApiError::invalid)?;
+            let base = format!("{}/{locale}", trigger.as_str());
+            let email = templates
+                .render_email(trigger, &locale, &context)
+                .map_err(|e| ApiError::invalid(vec![render::render_error(&base, &e)]))?;
+            let sms = templates
+                .render_sms(trigger, &locale, &context)
+                .map_err(|e| ApiError::invalid(vec![render::render_error(&base, &e)]))?;
+            Ok::<_, ApiError>((email, sms))
+        }))
+        .unwrap_or_else(|panic| {
+            Err(ApiError::invalid(vec![FileError {
+                file: String::new(),
+                line: None,
+                message: format!("rendering panicked: {}", crate::app::panic_message(&*panic)),
+            }]))
+        })
+    })
+    .await
+    .map_err(ApiError::internal)??;
+    let (email, sms) = rendered;
+    let (encoding, segments) = render::helpers::sms_segments(&sms);
+    Ok(Preview {
+        email: EmailPreview {
+            subject: email.subject,
+            html: email.html,
+            text: email.text,
+        },
+        sms: SmsPreview {
+            body: sms,
+            segments,
+            encoding: encoding.to_string(),
+        },
+    })
+}
+
+#[utoipa::path(post, path = "/api/templates/{trigger}/{locale}/test-send", tag = "templates",
+    params(("trigger" = String, Path), ("locale" = String, Path)),
+    request_body = TestSendRequest,
+    responses((status = 202, description = "Queued for the real providers, recorded with test: true", body = TestSent),
+              (status = 401, body = ApiError), (status = 404, body = ApiError),
+              (status = 422, description = "No recipient, or a malformed one", body = ApiError)),
+    security(("bearer" = []), ("session" = [])))]
+/// Sends a version (default: the draft, else the published one) through the real providers.
+pub async fn test_send(
+    State(app): State<App>,
+    who: Authed,
+    Path((name, raw_locale)): Path<(String, String)>,
+    Json(body): Json<TestSendRequest>,
+) -> Result<(StatusCode, Json<TestSent>), ApiError> {
+    who.require(Role::Marketer)?;
+    let (trigger, locale) = (trigger(&name)?, locale(&raw_locale)?);
+    let message_ids = queue_test(&app, trigger, &locale, body).await?;
+    Ok((StatusCode::ACCEPTED, Json(TestSent { message_ids })))
+}
+
+/// Plans the test messages of a request; returns their ids.
+pub async fn queue_test(
+    app: &App,
+    trigger: Trigger,
+    locale: &str,
+    request: TestSendRequest,
+) -> Result<Vec<i64>, ApiError> {
+    let unprocessable = |e: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e);
+    let version = match request.version {
+        Some(v) => v,
+        None => match app.templates.draft(trigger, locale).await? {
+            Some(draft) => draft,
+            None => app.templates.published(trigger, locale).await?,
+        },
+    };
+    // The version must exist and validate before anything is queued.
+    app.templates.templates_of(trigger, locale, version).await?;
+    let email = request
+        .email
+        .as_deref()
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| Email::parse(e.trim()).map(|e| e.to_string()))
+        .transpose()
+        .map_err(|e| unprocessable(format!("email: {e}")))?;
+    let phone = request
+        .phone
+        .as_deref()
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| Phone::parse(p.trim()).map(|p| p.to_string()))
+        .transpose()
+        .map_err(|e| unprocessable(format!("phone: {e}")))?;
+    let member = request.member_id.as_deref().filter(|m| !m.is_empty());
+    // (channel, explicit recipient)
+    let targets: Vec<(&str, Option<String>)> = match (email, phone, member) {
+        (None, None, None) => {
+            return Err(unprocessable(
+                "say where the test goes: email, phone or member_id".into(),
+            ));
+        }
+        (None, None, Some(_)) => vec![("email", None), ("sms", None)],
+        (email, phone, _) => email
+            .map(|e| ("email", Some(e)))
+            .into_iter()
+            .chain(phone.map(|p| ("sms", Some(p))))
+            .collect(),
+    };
+    let context = context_for(app, trigger, member).await?;
+    let mut ids = Vec::new();
+    for (channel, to) in targets {
+        let id: i64 = sqlx::query_scalar(
+            "insert into messages (dedupe_key, member_id, trigger, channel, context, due_at,
+                                   test, template_version, test_locale, test_to)
+             values ($1, $2, $3, $4, $5, $6, true, $7, $8, $9)
+             returning id",
+        )
+        // Its own key: a test never takes the trigger's.
+        .bind(format!(
+            "test:{}:{}:{channel}",
+            trigger.as_str(),
+            crate::users::random_secret(12)
+        ))
+        .bind(member.unwrap_or(""))
+        .bind(trigger.as_str())
+        .bind(channel)
+        .bind(&context)
+        .bind(app.clock.now())
+        .bind(version)
+        .bind(locale)
+        .bind(to)
+        .fetch_one(&app.pool)
+        .await?;
+        ids.push(id);
+    }
+    app.outbox_ready.notify_waiters();
+    Ok(ids)
+}
+
+#[utoipa::path(post, path = "/api/templates/{trigger}/{locale}/publish", tag = "templates",
+    params(("trigger" = String, Path), ("locale" = String, Path)),
+    request_body = PublishRequest,
+    responses((status = 200, description = "Dispatch uses this version from now on (every replica within about a second)", body = Published),
+              (status = 401, body = ApiError), (status = 404, body = ApiError),
+              (status = 422, body = ApiError)),
+    security(("bearer" = []), ("session" = [])))]
+/// Publishes a version: a draft, or an earlier one (a rollback; 0 is the shipped files).
+pub async fn publish(
+    State(app): State<App>,
+    who: Authed,
+    Path((name, raw_locale)): Path<(String, String)>,
+    Json(body): Json<PublishRequest>,
+) -> Result<Json<Published>, ApiError> {
+    who.require(Role::Marketer)?;
+    let (trigger, locale) = (trigger(&name)?, locale(&raw_locale)?);
+    app.templates
+        .publish(trigger, &locale, body.version, &who.user.name)
+        .await?;
+    Ok(Json(Published {
+        trigger: trigger.as_str().to_owned(),
+        locale,
+        version: body.version,
+    }))
+}

@@ -1,0 +1,226 @@
+//! Who is asking, and may they: bearer tokens and console sessions, roles, CSRF, and the
+//! JSON error every `/api` refusal is.
+//!
+//! `Authorization: Bearer <token>` is a user's API token or `LIFECYCLE_ADMIN_TOKEN` (as
+//! `ops`). The console's session cookie (`lifecycle_session`: HttpOnly, SameSite=Strict,
+//! Secure when `LIFECYCLE_PUBLIC_URL` is https) works for `/api` too, as the console's own
+//! scripts use it; then a request that changes anything must carry the session's CSRF token in
+//! `X-CSRF-Token` (the console's forms carry it as a field instead). Missing or wrong
+//! credentials: 401; a role that may not: 403.
+
+use std::net::SocketAddr;
+
+use axum::Json;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::app::App;
+use crate::render::FileError;
+use crate::template_store::StoreError;
+use crate::users::{self, Role, User};
+
+/// The session cookie's name.
+pub const SESSION_COOKIE: &str = "lifecycle_session";
+/// The header carrying the CSRF token of a session-authenticated API request.
+pub const CSRF_HEADER: &str = "x-csrf-token";
+
+/// An `/api` error: `{"error": "..."}`, and `errors` by file and line for a template that
+/// does not validate (422).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ApiError {
+    #[serde(skip)]
+    status: u16,
+    /// What went wrong.
+    pub error: String,
+    /// For a template that does not validate: each problem by file and line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub errors: Option<Vec<FileError>>,
+}
+
+impl ApiError {
+    /// An error with this status.
+    pub fn new(status: StatusCode, error: impl Into<String>) -> ApiError {
+        ApiError {
+            status: status.as_u16(),
+            error: error.into(),
+            errors: None,
+        }
+    }
+
+    /// 401.
+    pub fn unauthorized() -> ApiError {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong credentials: send Authorization: Bearer <token>, or log in to the console",
+        )
+    }
+
+    /// 404.
+    pub fn not_found(what: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, what)
+    }
+
+    /// 422 with each problem.
+    pub fn invalid(errors: Vec<FileError>) -> ApiError {
+        ApiError {
+            status: 422,
+            error: "the template does not validate".into(),
+            errors: Some(errors),
+        }
+    }
+
+    /// 500, logged; the client learns nothing of the cause.
+    pub fn internal(error: impl std::fmt::Display) -> ApiError {
+        tracing::error!(
+            error = crate::mask::text(&error.to_string()),
+            "Admin API request failed."
+        );
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error; the server's log has the cause",
+        )
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status(), Json(self)).into_response()
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> ApiError {
+        ApiError::internal(e)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::Invalid(errors) => ApiError::invalid(errors),
+            StoreError::NotFound(what) => ApiError::not_found(what),
+            StoreError::Database(e) => ApiError::internal(format!("{e:#}")),
+        }
+    }
+}
+
+/// An authenticated request's user; `csrf` is set when it came with the session cookie.
+#[derive(Debug, Clone)]
+pub struct Authed {
+    /// Who.
+    pub user: User,
+    /// The session's CSRF token, when the session cookie authenticated it.
+    pub csrf: Option<String>,
+}
+
+impl Authed {
+    /// Refuses (403) a user whose role is not `role` (`ops` may do everything).
+    pub fn require(&self, role: Role) -> Result<(), ApiError> {
+        if self.user.role == role || self.user.role == Role::Ops {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "{} may not do this: it needs the {} role",
+                    self.user.role.as_str(),
+                    role.as_str()
+                ),
+            ))
+        }
+    }
+}
+
+/// The value of cookie `name`.
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// The bearer token's user, or `Ok(None)` when there is no `Authorization` header.
+async fn bearer(app: &App, headers: &HeaderMap) -> Result<Option<User>, ApiError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(ApiError::unauthorized)?;
+    if let Some(admin) = &app.settings.admin_token {
+        // Compared by digest: equal-length values, and no early exit on the secret's bytes.
+        if users::sha256_hex(token) == users::sha256_hex(admin.expose()) {
+            return Ok(Some(User {
+                name: "admin".into(),
+                role: Role::Ops,
+            }));
+        }
+    }
+    match users::by_token(&app.pool, token).await? {
+        Some(user) => Ok(Some(user)),
+        None => Err(ApiError::unauthorized()),
+    }
+}
+
+impl FromRequestParts<App> for Authed {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Authed, ApiError> {
+        if let Some(user) = bearer(app, &parts.headers).await? {
+            return Ok(Authed { user, csrf: None });
+        }
+        let Some(cookie) = cookie(&parts.headers, SESSION_COOKIE) else {
+            return Err(ApiError::unauthorized());
+        };
+        let Some((user, csrf)) = users::by_session(&app.pool, cookie).await? else {
+            return Err(ApiError::unauthorized());
+        };
+        let safe = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+        let sent = parts.headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok());
+        if !safe && sent != Some(csrf.as_str()) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "the CSRF token is missing or wrong (X-CSRF-Token)",
+            ));
+        }
+        Ok(Authed {
+            user,
+            csrf: Some(csrf),
+        })
+    }
+}
+
+/// The client's address, put on each request by the accept loop.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+/// The `Set-Cookie` value of a session cookie (`value` empty: one that clears it).
+pub fn session_cookie(app: &App, value: &str) -> String {
+    let secure = if app.settings.public_url.as_str().starts_with("https://") {
+        "; Secure"
+    } else {
+        ""
+    };
+    let age = if value.is_empty() {
+        "; Max-Age=0".to_owned()
+    } else {
+        format!("; Max-Age={}", users::SESSION_HOURS * 3600)
+    };
+    format!("{SESSION_COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict{age}{secure}")
+}

@@ -1,0 +1,516 @@
+//! The marketer's template versions, in PostgreSQL, over the shipped templates (version 0).
+//!
+//! A version holds one (trigger, locale)'s files for both channels. Saving validates it (as
+//! `templates check` does) and keeps it as that pair's one draft; publishing a version makes
+//! dispatch use it; publishing an earlier one rolls back (version 0: the shipped files). Each
+//! publish bumps a sequence; every replica reads it every second and reloads when it moved,
+//! so a publish is seen everywhere within about a second, without a restart.
+//!
+//! Dispatch takes the [`Catalog`] in force when it claims a batch and renders the whole batch
+//! with it, recording each message's version. A test send names its version and is rendered
+//! with exactly that one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{PgPool, Row};
+use tracing::{info, warn};
+
+use crate::render::{FileError, Templates};
+use crate::shutdown::Shutdown;
+use crate::triggers::Trigger;
+
+/// Template files by name (`email.subject.hbs` …).
+pub type Files = BTreeMap<String, String>;
+
+/// The templates in force: the shipped ones with every published version in place.
+pub struct Catalog {
+    /// Compiled, ready to render.
+    pub templates: Arc<Templates>,
+    /// The published version of each (trigger, locale) that has one above 0.
+    versions: HashMap<(Trigger, String), i32>,
+    /// The publish sequence this catalog was built at.
+    seq: i64,
+}
+
+impl Catalog {
+    /// The version in force for a (trigger, resolved locale).
+    pub fn version(&self, trigger: Trigger, locale: &str) -> i32 {
+        self.versions
+            .get(&(trigger, locale.to_owned()))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// One version as the API lists it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Version {
+    /// 0 for the shipped files.
+    pub version: i32,
+    /// `draft`, `published` or `archived`.
+    pub state: String,
+    /// The files, by name.
+    pub files: Files,
+    /// Who saved it (`lifecycle` for the shipped files).
+    pub author: String,
+    /// When it was saved (null for the shipped files).
+    pub created_at: Option<DateTime<Utc>>,
+}
+
+/// A (trigger, locale) with its published and draft versions.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Pair {
+    /// The trigger.
+    pub trigger: String,
+    /// The locale.
+    pub locale: String,
+    /// The version dispatch uses.
+    pub published: i32,
+    /// The draft, if there is one.
+    pub draft: Option<i32>,
+}
+
+/// Why a store operation did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The version does not validate.
+    #[error("the template does not validate")]
+    Invalid(Vec<FileError>),
+    /// No such version.
+    #[error("{0}")]
+    NotFound(String),
+    /// The database failed.
+    #[error(transparent)]
+    Database(#[from] anyhow::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> StoreError {
+        StoreError::Database(e.into())
+    }
+}
+
+/// The template store: the shipped templates, the catalog in force, and versions compiled on
+/// demand (test sends, and messages claimed under a catalog since replaced).
+pub struct TemplateStore {
+    pool: PgPool,
+    base: Arc<Templates>,
+    current: RwLock<Arc<Catalog>>,
+    compiled: Mutex<HashMap<(Trigger, String, i32), Arc<Templates>>>,
+}
+
+/// Compiled versions kept besides the catalog; more are dropped (and compiled again if asked).
+const COMPILED_KEPT: usize = 64;
+
+impl TemplateStore {
+    /// The store over `base` (version 0), with the published versions loaded.
+    pub async fn open(pool: PgPool, base: Templates) -> anyhow::Result<TemplateStore> {
+        let base = Arc::new(base);
+        let store = TemplateStore {
+            current: RwLock::new(Arc::new(Catalog {
+                templates: base.clone(),
+                versions: HashMap::new(),
+                seq: -1,
+            })),
+            compiled: Mutex::new(HashMap::new()),
+            base,
+            pool,
+        };
+        store.reload().await?;
+        Ok(store)
+    }
+
+    /// The catalog in force.
+    pub fn current(&self) -> Arc<Catalog> {
+        self.current.read().expect("catalog lock").clone()
+    }
+
+    /// The shipped templates.
+    pub fn shipped(&self) -> &Templates {
+        &self.base
+    }
+
+    /// Rebuilds the catalog when a publish happened since it was built.
+    pub async fn reload(&self) -> anyhow::Result<bool> {
+        let seq: i64 = sqlx::query_scalar("select coalesce(max(seq), 0) from template_heads")
+            .fetch_one(&self.pool)
+            .await
+            .context("reading the template publish sequence")?;
+        if seq == self.current().seq {
+            return Ok(false);
+        }
+        let rows = sqlx::query(
+            "select h.trigger, h.locale, h.version, v.files
+             from template_heads h
+             join template_versions v using (trigger, locale, version)
+             where h.version > 0",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .context("loading the published templates")?;
+        let mut templates = (*self.base).clone();
+        let mut versions = HashMap::new();
+        for row in rows {
+            let name: String = row.get("trigger");
+            let locale: String = row.get("locale");
+            let version: i32 = row.get("version");
+            let Some(trigger) = Trigger::parse(&name) else {
+                continue;
+            };
+            let files: Files = serde_json::from_value(row.get("files")).unwrap_or_default();
+            match templates.overlay(trigger, &locale, &files) {
+                Ok(next) => {
+                    templates = next;
+                    versions.insert((trigger, locale), version);
+                }
+                // Validated when saved; the shipped templates may have changed since (a new
+                // sample variable, a partial removed). The pair stays on version 0.
+                Err(errors) => warn!(
+                    trigger = name,
+                    locale,
+                    version,
+                    ?errors,
+                    "A published template version no longer validates; using the shipped one."
+                ),
+            }
+        }
+        info!(seq, published = versions.len(), "Templates loaded.");
+        *self.current.write().expect("catalog lock") = Arc::new(Catalog {
+            templates: Arc::new(templates),
+            versions,
+            seq,
+        });
+        Ok(true)
+    }
+
+    /// Reloads every second until shutdown; a failure is logged and tried again.
+    pub async fn watch(self: Arc<Self>, shutdown: Shutdown) -> anyhow::Result<()> {
+        loop {
+            shutdown.sleep(Duration::from_secs(1)).await;
+            if shutdown.is_triggered() {
+                return Ok(());
+            }
+            if let Err(error) = self.reload().await {
+                warn!(
+                    error = format!("{error:#}"),
+                    "Checking for published templates failed."
+                );
+            }
+        }
+    }
+
+    /// The templates of exactly `version` of (trigger, locale): the catalog's when it is the
+    /// one in force, else compiled from the stored version (and kept a while).
+    pub async fn templates_of(
+        &self,
+        trigger: Trigger,
+        locale: &str,
+        version: i32,
+    ) -> Result<Arc<Templates>, StoreError> {
+        let catalog = self.current();
+        if catalog.version(trigger, locale) == version
+            && catalog.templates.has_pair(trigger, locale)
+        {
+            return Ok(catalog.templates.clone());
+        }
+        let key = (trigger, locale.to_owned(), version);
+        if let Some(t) = self.compiled.lock().expect("compiled lock").get(&key) {
+            return Ok(t.clone());
+        }
+        let files = self.files(trigger, locale, version).await?;
+        let compiled = Arc::new(
+            self.base
+                .overlay(trigger, locale, &files)
+                .map_err(StoreError::Invalid)?,
+        );
+        let mut kept = self.compiled.lock().expect("compiled lock");
+        if kept.len() >= COMPILED_KEPT {
+            kept.clear();
+        }
+        kept.insert(key, compiled.clone());
+        Ok(compiled)
+    }
+
+    /// The files of a version (0: the shipped ones).
+    pub async fn files(
+        &self,
+        trigger: Trigger,
+        locale: &str,
+        version: i32,
+    ) -> Result<Files, StoreError> {
+        if version == 0 {
+            let files = self.base.files(trigger, locale);
+            if files.is_empty() {
+                return Err(StoreError::NotFound(format!(
+                    "{}/{locale} has no shipped templates",
+                    trigger.as_str()
+                )));
+            }
+            return Ok(files);
+        }
+        let files: Option<serde_json::Value> = sqlx::query_scalar(
+            "select files from template_versions
+             where trigger = $1 and locale = $2 and version = $3",
+        )
+        .bind(trigger.as_str())
+        .bind(locale)
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await?;
+        let files = files.ok_or_else(|| {
+            StoreError::NotFound(format!(
+                "{}/{locale} has no version {version}",
+                trigger.as_str()
+            ))
+        })?;
+        serde_json::from_value(files)
+            .map_err(|e| StoreError::Database(anyhow::anyhow!("stored template files: {e}")))
+    }
+
+    /// The published version of (trigger, locale) as stored (not as this replica last
+    /// loaded it).
+    pub async fn published(&self, trigger: Trigger, locale: &str) -> Result<i32, StoreError> {
+        let version: Option<i32> = sqlx::query_scalar(
+            "select version from template_heads where trigger = $1 and locale = $2",
+        )
+        .bind(trigger.as_str())
+        .bind(locale)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(version.unwrap_or(0))
+    }
+
+    /// The draft of (trigger, locale), if there is one.
+    pub async fn draft(&self, trigger: Trigger, locale: &str) -> Result<Option<i32>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "select version from template_versions
+             where trigger = $1 and locale = $2 and state = 'draft'",
+        )
+        .bind(trigger.as_str())
+        .bind(locale)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Every (trigger, locale) that has templates (shipped or versions), with its published
+    /// and draft versions.
+    pub async fn pairs(&self) -> Result<Vec<Pair>, StoreError> {
+        let mut pairs: BTreeMap<(String, String), Pair> = self
+            .base
+            .pairs()
+            .into_iter()
+            .map(|(trigger, locale)| {
+                let pair = Pair {
+                    trigger: trigger.as_str().to_owned(),
+                    locale: locale.clone(),
+                    published: 0,
+                    draft: None,
+                };
+                ((trigger.as_str().to_owned(), locale), pair)
+            })
+            .collect();
+        let rows = sqlx::query(
+            "select trigger, locale,
+                    (select h.version from template_heads h
+                     where h.trigger = v.trigger and h.locale = v.locale) as published,
+                    max(version) filter (where state = 'draft') as draft
+             from template_versions v group by trigger, locale",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        for row in rows {
+            let key: (String, String) = (row.get("trigger"), row.get("locale"));
+            let pair = pairs.entry(key.clone()).or_insert_with(|| Pair {
+                trigger: key.0,
+                locale: key.1,
+                published: 0,
+                draft: None,
+            });
+            pair.published = row.get::<Option<i32>, _>("published").unwrap_or(0);
+            pair.draft = row.get("draft");
+        }
+        Ok(pairs.into_values().collect())
+    }
+
+    /// Every version of (trigger, locale), newest first, version 0 last.
+    pub async fn versions(
+        &self,
+        trigger: Trigger,
+        locale: &str,
+    ) -> Result<Vec<Version>, StoreError> {
+        let published = self.published(trigger, locale).await?;
+        let rows = sqlx::query(
+            "select version, state, files, author, created_at from template_versions
+             where trigger = $1 and locale = $2 order by version desc",
+        )
+        .bind(trigger.as_str())
+        .bind(locale)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut versions: Vec<Version> = rows
+            .into_iter()
+            .map(|r| Version {
+                version: r.get("version"),
+                state: r.get("state"),
+                files: serde_json::from_value(r.get("files")).unwrap_or_default(),
+                author: r.get("author"),
+                created_at: Some(r.get("created_at")),
+            })
+            .collect();
+        let shipped = self.base.files(trigger, locale);
+        if !shipped.is_empty() {
+            versions.push(Version {
+                version: 0,
+                state: if published == 0 {
+                    "published"
+                } else {
+                    "archived"
+                }
+                .to_owned(),
+                files: shipped,
+                author: "lifecycle".to_owned(),
+                created_at: None,
+            });
+        }
+        if versions.is_empty() {
+            return Err(StoreError::NotFound(format!(
+                "{}/{locale} has no templates",
+                trigger.as_str()
+            )));
+        }
+        Ok(versions)
+    }
+
+    /// `changes` over the published files (a `None` removes a file): the files a draft would
+    /// hold.
+    pub async fn merged(
+        &self,
+        trigger: Trigger,
+        locale: &str,
+        changes: &BTreeMap<String, Option<String>>,
+    ) -> Result<Files, StoreError> {
+        let published = self.published(trigger, locale).await?;
+        let mut files = match self.files(trigger, locale, published).await {
+            Ok(files) => files,
+            // A locale with no templates yet: the draft must bring every file.
+            Err(StoreError::NotFound(_)) => Files::new(),
+            Err(e) => return Err(e),
+        };
+        for (name, text) in changes {
+            match text {
+                Some(text) => files.insert(name.clone(), text.clone()),
+                None => files.remove(name),
+            };
+        }
+        Ok(files)
+    }
+
+    /// Validates `files` and saves them as a new version, the draft of (trigger, locale) (the
+    /// draft there was is archived); returns its number. Nothing is saved when they do not validate.
+    pub async fn save_draft(
+        &self,
+        trigger: Trigger,
+        locale: &str,
+        files: &Files,
+        author: &str,
+    ) -> Result<i32, StoreError> {
+        self.base
+            .overlay(trigger, locale, files)
+            .map_err(StoreError::Invalid)?;
+        let files_json = serde_json::to_value(files).expect("files serialize");
+        let mut tx = self.pool.begin().await?;
+        // One saver at a time per pair: the draft's number is decided under this lock.
+        sqlx::query(
+            "select pg_advisory_xact_lock(hashtextextended('templates:' || $1 || '/' || $2, 0))",
+        )
+        .bind(trigger.as_str())
+        .bind(locale)
+        .execute(&mut *tx)
+        .await?;
+        // Versions never change once saved (a test send or a claimed message may be rendering
+        // one): a new save is a new version, and the draft it replaces is archived.
+        sqlx::query(
+            "update template_versions set state = 'archived'
+             where trigger = $1 and locale = $2 and state = 'draft'",
+        )
+        .bind(trigger.as_str())
+        .bind(locale)
+        .execute(&mut *tx)
+        .await?;
+        let version: i32 = sqlx::query_scalar(
+            "insert into template_versions (trigger, locale, version, state, files, author)
+             select $1, $2, coalesce((select max(version) from template_versions
+                                      where trigger = $1 and locale = $2), 0) + 1,
+                    'draft', $3, $4
+             returning version",
+        )
+        .bind(trigger.as_str())
+        .bind(locale)
+        .bind(&files_json)
+        .bind(author)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(version)
+    }
+
+    /// Makes `version` of (trigger, locale) the one dispatch uses (0: the shipped files),
+    /// archiving the one it replaces. This replica reloads at once; the others within a
+    /// second.
+    pub async fn publish(
+        &self,
+        trigger: Trigger,
+        locale: &str,
+        version: i32,
+        by: &str,
+    ) -> Result<(), StoreError> {
+        // It must exist and still validate.
+        let files = self.files(trigger, locale, version).await?;
+        self.base
+            .overlay(trigger, locale, &files)
+            .map_err(StoreError::Invalid)?;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "select pg_advisory_xact_lock(hashtextextended('templates:' || $1 || '/' || $2, 0))",
+        )
+        .bind(trigger.as_str())
+        .bind(locale)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "update template_versions
+             set state = case when version = $3 then 'published' else 'archived' end
+             where trigger = $1 and locale = $2 and (state = 'published' or version = $3)",
+        )
+        .bind(trigger.as_str())
+        .bind(locale)
+        .bind(version)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "insert into template_heads (trigger, locale, version, published_by)
+             values ($1, $2, $3, $4)
+             on conflict (trigger, locale) do update
+             set version = excluded.version, seq = nextval('template_publish_seq'),
+                 published_by = excluded.published_by, published_at = now()",
+        )
+        .bind(trigger.as_str())
+        .bind(locale)
+        .bind(version)
+        .bind(by)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        info!(
+            trigger = trigger.as_str(),
+            locale, version, by, "Template version published."
+        );
+        self.reload().await?;
+        Ok(())
+    }
+}

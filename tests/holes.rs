@@ -451,11 +451,20 @@ async fn a_failing_scan_does_not_keep_the_others_from_running() {
         (count(&app, "select count(*) from inbox").await == 2).then_some(())
     })
     .await;
-    // The expiry scan (the first of a tick) will fail: the lots are away.
-    sqlx::query("alter table point_lots rename to point_lots_away")
-        .execute(&app.pool)
-        .await
-        .unwrap();
+    // The expiry scan (the first of a tick) will fail: the member's bonus has lapsed, and the
+    // database refuses the expiry's journal entry.
+    for sql in [
+        "update point_lots set expires_at = '2026-11-01T00:00:00Z'",
+        "create function refuse_expiry() returns trigger language plpgsql as $$
+         begin
+             if new.kind = 'expiry' then raise exception 'the expiry scan is broken'; end if;
+             return new;
+         end $$",
+        "create trigger refuse_expiry before insert on point_entries
+         for each row execute function refuse_expiry()",
+    ] {
+        sqlx::query(sql).execute(&app.pool).await.unwrap();
+    }
     let scheduler = Worker::start(
         app.clone(),
         Roles {
@@ -480,10 +489,12 @@ async fn a_failing_scan_does_not_keep_the_others_from_running() {
         },
     )
     .await;
-    sqlx::query("alter table point_lots_away rename to point_lots")
-        .execute(&app.pool)
-        .await
-        .unwrap();
+    let expiry_ran = count(
+        &app,
+        "select count(*) from scheduled_jobs where job = 'expiry' and last_run is not null",
+    )
+    .await;
+    assert_eq!(expiry_ran, 0, "the expiry scan did fail");
     scheduler.stop().await.unwrap();
     worker.stop().await.unwrap();
     env.cleanup().await;

@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod admin;
 pub mod fake_api;
 pub mod smtp_relay;
 

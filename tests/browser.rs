@@ -269,6 +269,13 @@ async fn a_marketer_changes_the_korean_welcome_in_the_browser() {
         sms_area.attr("aria-invalid").await.unwrap().as_deref(),
         Some("true")
     );
+    client
+        .execute(
+            "document.getElementById('errors-live').scrollIntoView();",
+            vec![],
+        )
+        .await
+        .unwrap();
     screenshot(&client, "editor-error").await;
     retype(&client, "textarea[data-file='sms.hbs']", &sms).await;
     text_when(&client, "#preview-state", "the error gone", |t| {

@@ -448,16 +448,22 @@ async fn a_draft_is_validated_previewed_test_sent_published_and_rolled_back() {
     })
     .await;
     assert_eq!(third, "새 소식: 지우님, 100포인트가 있어요");
+    // The version each member's welcome recorded, once its result is recorded (the mail can
+    // reach the sink a moment before).
     let versions_of = |member: &'static str| {
         let pool = app.pool.clone();
         async move {
-            sqlx::query_scalar::<_, Option<i32>>(
-                "select template_version from messages where member_id = $1 and not test",
-            )
-            .bind(member)
-            .fetch_one(&pool)
+            wait_for("the welcome recorded as sent", || async {
+                sqlx::query_scalar::<_, Option<i32>>(
+                    "select template_version from messages
+                     where member_id = $1 and not test and status = 'sent'",
+                )
+                .bind(member)
+                .fetch_optional(&pool)
+                .await
+                .unwrap()
+            })
             .await
-            .unwrap()
         }
     };
     assert_eq!(versions_of("ko-2").await, Some(0));

@@ -74,17 +74,15 @@ impl FromRequestParts<App> for Session {
 }
 
 impl Session {
-    /// Refuses a form whose CSRF token is not this session's (403).
-    fn check(&self, sent: &str) -> Result<(), Response> {
-        if sent == self.csrf {
-            Ok(())
-        } else {
-            Err(page_error(
+    /// The refusal (403) of a form whose CSRF token is not this session's.
+    fn refusal(&self, sent: &str) -> Option<Response> {
+        (sent != self.csrf).then(|| {
+            page_error(
                 StatusCode::FORBIDDEN,
                 "Refused",
                 "This form's security token is missing or out of date. Reload the page and try again.",
-            ))
-        }
+            )
+        })
     }
 }
 
@@ -260,7 +258,7 @@ async fn logout(
     session: Session,
     axum::Form(form): axum::Form<CsrfForm>,
 ) -> Response {
-    if let Err(refused) = session.check(&form.csrf) {
+    if let Some(refused) = session.refusal(&form.csrf) {
         return refused;
     }
     if let Some(cookie) = auth::cookie(&headers, auth::SESSION_COOKIE)
@@ -340,10 +338,8 @@ struct EditorQuery {
 }
 
 /// The trigger and locale of a console path.
-fn pair(name: &str, locale: &str) -> Result<(Trigger, String), Response> {
-    let trigger = api::trigger(name).map_err(error_page)?;
-    let locale = api::locale(locale).map_err(error_page)?;
-    Ok((trigger, locale))
+fn pair(name: &str, locale: &str) -> Result<(Trigger, String), ApiError> {
+    Ok((api::trigger(name)?, api::locale(locale)?))
 }
 
 async fn editor(
@@ -354,7 +350,7 @@ async fn editor(
 ) -> Response {
     let (trigger, locale) = match pair(&name, &raw_locale) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(e) => return error_page(e),
     };
     editor_page(
         &app,
@@ -472,12 +468,12 @@ async fn save(
     Path((name, raw_locale)): Path<(String, String)>,
     axum::Form(form): axum::Form<BTreeMap<String, String>>,
 ) -> Response {
-    if let Err(refused) = session.check(form.get("csrf").map_or("", String::as_str)) {
+    if let Some(refused) = session.refusal(form.get("csrf").map_or("", String::as_str)) {
         return refused;
     }
     let (trigger, locale) = match pair(&name, &raw_locale) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(e) => return error_page(e),
     };
     // Every file the editor shows is sent; an emptied one is removed.
     let mut changes: BTreeMap<String, Option<String>> = form
@@ -538,12 +534,12 @@ async fn publish(
     Path((name, raw_locale)): Path<(String, String)>,
     axum::Form(form): axum::Form<PublishForm>,
 ) -> Response {
-    if let Err(refused) = session.check(&form.csrf) {
+    if let Some(refused) = session.refusal(&form.csrf) {
         return refused;
     }
     let (trigger, locale) = match pair(&name, &raw_locale) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(e) => return error_page(e),
     };
     match app
         .templates
@@ -575,12 +571,12 @@ async fn test_send(
     Path((name, raw_locale)): Path<(String, String)>,
     axum::Form(form): axum::Form<TestSendForm>,
 ) -> Response {
-    if let Err(refused) = session.check(&form.csrf) {
+    if let Some(refused) = session.refusal(&form.csrf) {
         return refused;
     }
     let (trigger, locale) = match pair(&name, &raw_locale) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(e) => return error_page(e),
     };
     let nonempty = |v: Option<String>| v.filter(|s| !s.trim().is_empty());
     let version = nonempty(form.version).and_then(|v| v.trim().parse().ok());
@@ -637,7 +633,7 @@ async fn diff(
 ) -> Response {
     let (trigger, locale) = match pair(&name, &raw_locale) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(e) => return error_page(e),
     };
     let store = &app.templates;
     let (old, new) = match (

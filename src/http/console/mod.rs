@@ -334,7 +334,30 @@ struct EditorPage {
 #[derive(Deserialize, Default)]
 struct EditorQuery {
     version: Option<i32>,
-    notice: Option<String>,
+    /// What just happened, as a code (never text from the URL on the page): `saved`,
+    /// `published`, `sent`, with `of` (the version, or the test's message ids).
+    done: Option<String>,
+    of: Option<String>,
+}
+
+impl EditorQuery {
+    /// The notice the editor shows.
+    fn notice(&self) -> Option<String> {
+        let of = self.of.as_deref().unwrap_or_default();
+        let number = |s: &str| s.parse::<i64>().ok();
+        match self.done.as_deref()? {
+            "saved" => number(of).map(|v| format!("Saved as draft v{v}.")),
+            "published" => number(of).map(|v| format!("Published v{v}: new messages use it now.")),
+            "sent" => {
+                let ids: Option<Vec<String>> = of
+                    .split(',')
+                    .map(|i| number(i).map(|i| format!("#{i}")))
+                    .collect();
+                ids.map(|ids| format!("Test queued: message {}.", ids.join(", ")))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// The trigger and locale of a console path.
@@ -360,7 +383,7 @@ async fn editor(
         query.version,
         None,
         Vec::new(),
-        query.notice,
+        query.notice(),
     )
     .await
 }
@@ -447,8 +470,9 @@ async fn editor_page(
     )
 }
 
-/// Where the editor goes after a change, with a notice.
-fn back_to(trigger: Trigger, locale: &str, version: Option<i32>, notice: &str) -> Response {
+/// Where the editor goes after a change, with what was `done` (a code the page turns into
+/// its notice) `of` what.
+fn back_to(trigger: Trigger, locale: &str, version: Option<i32>, done: &str, of: &str) -> Response {
     let mut url = url::Url::parse("http://console/").expect("static URL");
     url.set_path(&format!("/console/templates/{}/{locale}", trigger.as_str()));
     {
@@ -456,7 +480,8 @@ fn back_to(trigger: Trigger, locale: &str, version: Option<i32>, notice: &str) -
         if let Some(v) = version {
             query.append_pair("version", &v.to_string());
         }
-        query.append_pair("notice", notice);
+        query.append_pair("done", done);
+        query.append_pair("of", of);
     }
     let target = format!("{}?{}", url.path(), url.query().unwrap_or_default());
     Redirect::to(&target).into_response()
@@ -498,7 +523,8 @@ async fn save(
             trigger,
             &locale,
             Some(version),
-            &format!("Saved as draft v{version}."),
+            "saved",
+            &version.to_string(),
         ),
         Err(e) if e.errors.is_some() => {
             let unsaved: Files = changes
@@ -550,7 +576,8 @@ async fn publish(
             trigger,
             &locale,
             Some(form.version),
-            &format!("Published v{}: new messages use it now.", form.version),
+            "published",
+            &form.version.to_string(),
         ),
         Err(e) => error_page(e.into()),
     }
@@ -588,13 +615,8 @@ async fn test_send(
     };
     match api::queue_test(&app, trigger, &locale, request).await {
         Ok(ids) => {
-            let ids: Vec<String> = ids.iter().map(|i| format!("#{i}")).collect();
-            back_to(
-                trigger,
-                &locale,
-                version,
-                &format!("Test queued: message {}.", ids.join(", ")),
-            )
+            let ids: Vec<String> = ids.iter().map(i64::to_string).collect();
+            back_to(trigger, &locale, version, "sent", &ids.join(","))
         }
         Err(e) => error_page(e),
     }

@@ -53,6 +53,8 @@ pub struct Health {
     pub dispatch_loops: AtomicUsize,
     /// The scheduler's loop is running.
     pub scheduler: AtomicBool,
+    /// Each provider's circuit as this process's dispatcher last saw it: open or not.
+    pub circuits: std::sync::Mutex<std::collections::BTreeMap<String, bool>>,
 }
 
 impl Health {
@@ -81,6 +83,8 @@ impl App {
         let tokens = crate::suppress::Tokens::load(&pool)
             .await
             .context("loading the unsubscribe key")?;
+        // Counters recorded before the recorder exists are lost: install it first.
+        crate::metrics::prometheus();
         let shipped = Templates::load_configured(settings.templates_dir.as_deref())?;
         let templates = TemplateStore::open(pool.clone(), shipped).await?;
         Ok(App {
@@ -130,6 +134,13 @@ impl Worker {
             let dispatcher = Dispatcher::new(app.clone())?;
             supervisor.spawn("dispatch", dispatcher.run(shutdown.clone()));
         }
+        if roles.http {
+            // The queue, outbox and coupon gauges of /metrics.
+            supervisor.spawn(
+                "gauges",
+                crate::queues::sample(app.clone(), shutdown.clone()),
+            );
+        }
         if roles.dispatch || roles.http {
             // Publishes made through any replica.
             supervisor.spawn("templates", app.templates.clone().watch(shutdown.clone()));
@@ -148,6 +159,10 @@ impl Worker {
         if roles.ingest {
             let ingest = Ingest::new(app.clone());
             supervisor.spawn("ingest", ingest.run(shutdown.clone()));
+            supervisor.spawn(
+                "dead letters",
+                crate::dead_letters::store(app.clone(), shutdown.clone()),
+            );
         }
         info!(
             ingest = roles.ingest,

@@ -86,6 +86,8 @@ pub async fn draw(
                 }
                 None => {
                     POOL_EMPTY.fetch_add(message_ids.len() as u64, Ordering::Relaxed);
+                    metrics::counter!("lifecycle_coupon_pool_empty_total", "pool" => pool.to_owned())
+                        .increment(message_ids.len() as u64);
                     warn!(
                         pool,
                         occurrence, "Coupon pool is empty; the message goes without a code."
@@ -106,6 +108,8 @@ pub async fn draw(
         let left = remaining(&mut *conn, pool, program.coupon_low_water + 1).await?;
         if left <= program.coupon_low_water {
             POOL_LOW.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("lifecycle_coupon_pool_low_total", "pool" => pool.to_owned())
+                .increment(1);
             warn!(pool, left, "Coupon pool is running low.");
         }
     }

@@ -258,11 +258,10 @@ pub async fn recent_messages(
 
 /// Formats messages as an aligned text table.
 pub fn table(rows: &[MessageRow]) -> String {
-    let header = ["id", "trigger", "channel", "to", "status", "where"];
-    let cells: Vec<[String; 6]> = rows
+    let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
-            [
+            vec![
                 r.id.to_string(),
                 r.trigger.clone(),
                 r.channel.clone(),
@@ -272,15 +271,25 @@ pub fn table(rows: &[MessageRow]) -> String {
             ]
         })
         .collect();
-    let mut widths = header.map(|h| h.chars().count());
-    for row in &cells {
+    text_table(
+        &["id", "trigger", "channel", "to", "status", "where"],
+        &cells,
+        "(no messages)",
+    )
+}
+
+/// A plain-text table: columns padded to their widest cell, the last one left as it is;
+/// `empty` when there are no rows.
+pub fn text_table(header: &[&str], rows: &[Vec<String>], empty: &str) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
     let line = |cells: &[String]| {
         let mut s = String::new();
-        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
             if i + 1 == cells.len() {
                 s.push_str(cell);
             } else {
@@ -289,12 +298,13 @@ pub fn table(rows: &[MessageRow]) -> String {
         }
         s.trim_end().to_owned() + "\n"
     };
-    let mut out = line(&header.map(str::to_owned));
-    for row in &cells {
+    let mut out = line(&header.iter().map(|h| (*h).to_owned()).collect::<Vec<_>>());
+    for row in rows {
         out.push_str(&line(row));
     }
-    if cells.is_empty() {
-        out.push_str("(no messages)\n");
+    if rows.is_empty() {
+        out.push_str(empty);
+        out.push('\n');
     }
     out
 }

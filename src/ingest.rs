@@ -203,6 +203,8 @@ impl Ingest {
                         error = format!("{error:#}"),
                         "Ingest session ended; reconnecting."
                     );
+                    metrics::counter!("lifecycle_reconnects_total", "component" => "ingest")
+                        .increment(1);
                     shutdown.sleep(backoff.next()).await;
                 }
             }
@@ -340,10 +342,31 @@ impl Ingest {
                 Err(rejection) => Outcome::Rejected(rejection.0.clone()),
                 Ok(_) => applied.next().expect("an outcome per valid event"),
             };
+            let kind = parsed.as_ref().map_or("invalid", |e| e.kind.type_name());
+            let count = |outcome: &'static str| {
+                metrics::counter!("lifecycle_events_total", "type" => kind, "outcome" => outcome)
+                    .increment(1);
+            };
+            let dead = |class: &'static str| {
+                metrics::counter!("lifecycle_dead_letters_total", "reason_class" => class)
+                    .increment(1);
+            };
             match outcome {
-                Outcome::Applied { .. } => Metrics::inc(&self.app.metrics.events_applied),
-                Outcome::Duplicate => Metrics::inc(&self.app.metrics.events_duplicate),
+                Outcome::Applied { .. } => {
+                    count("applied");
+                    Metrics::inc(&self.app.metrics.events_applied);
+                }
+                Outcome::Duplicate => {
+                    count("duplicate");
+                    Metrics::inc(&self.app.metrics.events_duplicate);
+                }
                 Outcome::Rejected(reason) => {
+                    count("dead_lettered");
+                    dead(if parsed.is_err() {
+                        "malformed"
+                    } else {
+                        "refused"
+                    });
                     Metrics::inc(&self.app.metrics.events_dead_lettered);
                     // The header keeps the reason whole for ops; the log masks what it quotes.
                     warn!(reason = crate::mask::text(&reason), routing_key = %delivery.routing_key, "Event dead-lettered.");
@@ -352,6 +375,8 @@ impl Ingest {
                 Outcome::Deferred(reason) => {
                     let retries = retries_of(delivery);
                     if retries >= self.app.settings.ingest.max_retries {
+                        count("dead_lettered");
+                        dead("gave_up");
                         Metrics::inc(&self.app.metrics.events_dead_lettered);
                         let reason = format!("{reason} (gave up after {retries} retries)");
                         warn!(
@@ -360,6 +385,7 @@ impl Ingest {
                         );
                         confirms.push(self.dead_letter(publisher, delivery, &reason).await);
                     } else {
+                        count("deferred");
                         Metrics::inc(&self.app.metrics.events_deferred);
                         debug!(
                             reason = crate::mask::text(&reason),

@@ -82,17 +82,119 @@ enum Command {
         #[command(subcommand)]
         action: CouponsAction,
     },
-    /// Show the most recent messages and what became of them.
+    /// Search messages (newest first) and what became of them; `retry` requeues failed ones.
     Deliveries {
+        #[command(subcommand)]
+        action: Option<DeliveriesAction>,
+        #[command(flatten)]
+        filter: Box<MessageFilter>,
         /// How many.
         #[arg(long, default_value_t = 50)]
         limit: i64,
-        /// Put these failed messages back in the queue (repeatable).
-        #[arg(long, value_name = "ID")]
-        retry: Vec<i64>,
-        /// Put every failed message back in the queue.
-        #[arg(long, conflicts_with = "retry")]
-        retry_failed: bool,
+        /// One JSON object a line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Dead letters (refused events) kept in PostgreSQL; `replay` republishes them.
+    DeadLetters {
+        #[command(subcommand)]
+        action: Option<DeadLettersAction>,
+        /// Reason contains this.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Event type.
+        #[arg(long = "type")]
+        event_type: Option<String>,
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        /// One JSON object a line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The broker's queues (ready messages, consumers) and the outbox by status.
+    Queues {
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Filters of `deliveries`.
+#[derive(clap::Args, Debug, Default)]
+struct MessageFilter {
+    /// One member's.
+    #[arg(long)]
+    member: Option<String>,
+    /// One trigger's (welcome, redemption-ready, …).
+    #[arg(long)]
+    trigger: Option<String>,
+    /// email or sms.
+    #[arg(long)]
+    channel: Option<String>,
+    /// pending, sending, sent, suppressed, cancelled or failed.
+    #[arg(long)]
+    status: Option<String>,
+    /// The provider that took it, or was tried last.
+    #[arg(long)]
+    provider: Option<String>,
+    /// Planned at or after (RFC 3339).
+    #[arg(long)]
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Planned before (RFC 3339).
+    #[arg(long)]
+    until: Option<chrono::DateTime<chrono::Utc>>,
+    /// Test sends only (true) or none of them (false).
+    #[arg(long)]
+    test: Option<bool>,
+}
+
+impl MessageFilter {
+    fn filter(self) -> lifecycle::deliveries::Filter {
+        lifecycle::deliveries::Filter {
+            member_id: self.member,
+            trigger: self.trigger,
+            channel: self.channel,
+            status: self.status,
+            provider: self.provider,
+            since: self.since,
+            until: self.until,
+            test: self.test,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum DeliveriesAction {
+    /// Put failed messages back in the queue: these ids, or every failed one matching.
+    Retry {
+        /// Message ids.
+        ids: Vec<i64>,
+        /// Every failed message matching the filters.
+        #[arg(long, conflicts_with = "ids")]
+        failed: bool,
+        #[command(flatten)]
+        filter: Box<MessageFilter>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLettersAction {
+    /// Republish dead letters to the exchange with a fresh retry count.
+    Replay {
+        /// Dead letter ids.
+        ids: Vec<i64>,
+        /// Every unarchived dead letter.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+    /// Archive dead letters (they leave the list).
+    Archive {
+        /// Dead letter ids.
+        ids: Vec<i64>,
+        /// Every unarchived dead letter.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
     },
 }
 
@@ -249,19 +351,110 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Deliveries {
+            action,
+            filter,
             limit,
-            retry,
-            retry_failed,
+            json,
         } => {
             let app = App::open(settings).await?;
-            if retry_failed || !retry.is_empty() {
-                let ids = (!retry.is_empty()).then_some(retry.as_slice());
-                let n = lifecycle::dispatch::retry_failed(&app.pool, ids, app.clock.now()).await?;
+            if let Some(DeliveriesAction::Retry {
+                ids,
+                failed,
+                filter,
+            }) = action
+            {
+                let ids = match (failed, ids.is_empty()) {
+                    (true, _) => lifecycle::deliveries::failed_ids(&app, &filter.filter()).await?,
+                    (false, false) => ids,
+                    (false, true) => anyhow::bail!("name the messages to retry, or --failed"),
+                };
+                let n = lifecycle::dispatch::retry_failed(&app.pool, Some(&ids), app.clock.now())
+                    .await?;
                 println!("{n} failed messages queued again.");
                 return Ok(());
             }
-            let rows = lifecycle::demo::recent_messages(&app.pool, None, limit).await?;
-            print!("{}", lifecycle::demo::table(&rows));
+            let rows =
+                lifecycle::deliveries::search(&app, &filter.filter(), limit, None, true).await?;
+            if json {
+                for row in &rows {
+                    println!("{}", serde_json::to_string(row)?);
+                }
+            } else {
+                print!("{}", lifecycle::deliveries::table(&rows));
+            }
+            Ok(())
+        }
+        Command::DeadLetters {
+            action,
+            reason,
+            event_type,
+            limit,
+            json,
+        } => {
+            let app = App::open(settings).await?;
+            let every = lifecycle::dead_letters::Filter::default();
+            let by = std::env::var("USER").unwrap_or_else(|_| "cli".into());
+            match action {
+                Some(DeadLettersAction::Replay { ids, all }) => {
+                    let selection = if all {
+                        lifecycle::dead_letters::Selection::Matching(&every)
+                    } else if !ids.is_empty() {
+                        lifecycle::dead_letters::Selection::Ids(&ids)
+                    } else {
+                        anyhow::bail!("name the dead letters to replay, or --all");
+                    };
+                    let n =
+                        lifecycle::dead_letters::replay(&app, selection, &format!("{by} (cli)"))
+                            .await?;
+                    println!("{n} dead letters replayed.");
+                }
+                Some(DeadLettersAction::Archive { ids, all }) => {
+                    let selection = if all {
+                        lifecycle::dead_letters::Selection::Matching(&every)
+                    } else if !ids.is_empty() {
+                        lifecycle::dead_letters::Selection::Ids(&ids)
+                    } else {
+                        anyhow::bail!("name the dead letters to archive, or --all");
+                    };
+                    let n =
+                        lifecycle::dead_letters::archive(&app, selection, &format!("{by} (cli)"))
+                            .await?;
+                    println!("{n} dead letters archived.");
+                }
+                None => {
+                    let filter = lifecycle::dead_letters::Filter {
+                        reason,
+                        event_type,
+                        ..Default::default()
+                    };
+                    let rows = lifecycle::dead_letters::list(&app, &filter, limit, None).await?;
+                    if json {
+                        for row in &rows {
+                            println!("{}", serde_json::to_string(row)?);
+                        }
+                    } else {
+                        print!("{}", lifecycle::dead_letters::table(&rows));
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Queues { json } => {
+            let app = App::open(settings).await?;
+            let q = lifecycle::queues::snapshot(&app).await?;
+            if json {
+                println!("{}", serde_json::to_string(&q)?);
+            } else {
+                println!("{:<8} {:>10} {:>10}", "queue", "ready", "consumers");
+                for (name, d) in [("events", q.events), ("retry", q.retry), ("dead", q.dead)] {
+                    println!("{name:<8} {:>10} {:>10}", d.messages, d.consumers);
+                }
+                println!();
+                println!("{:<8} {:>10}", "outbox", "messages");
+                for (status, n) in &q.outbox {
+                    println!("{status:<8} {n:>10}");
+                }
+            }
             Ok(())
         }
     }

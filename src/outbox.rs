@@ -56,6 +56,8 @@ pub struct Claimed {
     pub test_locale: Option<String>,
     /// A test send's explicit recipient (an address or number), instead of the member's.
     pub test_to: Option<String>,
+    /// When it was planned (database time).
+    pub created_at: DateTime<Utc>,
 }
 
 /// How a claimed message was settled.
@@ -158,7 +160,7 @@ pub async fn claim(
                       and s.address = coalesce(m.test_to,
                           case m.channel when 'email' then mem.email else mem.phone end)
                    ) as suppressed,
-                   m.test, m.template_version, m.test_locale, m.test_to",
+                   m.test, m.template_version, m.test_locale, m.test_to, m.created_at",
     )
     .bind(now)
     .bind(limit)
@@ -188,6 +190,7 @@ pub async fn claim(
             template_version: r.get("template_version"),
             test_locale: r.get("test_locale"),
             test_to: r.get("test_to"),
+            created_at: r.get("created_at"),
         })
         .collect())
 }

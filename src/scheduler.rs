@@ -217,6 +217,12 @@ impl Scheduler {
             result = run_scan(&self.app, job, now) => result,
             never = self.renew_lease(job) => match never {},
         };
+        metrics::counter!(
+            "lifecycle_scans_total",
+            "scan" => job.as_str(),
+            "result" => if result.is_ok() { "ok" } else { "failed" },
+        )
+        .increment(1);
         if let Ok(planned) = &result {
             Metrics::inc(&self.app.metrics.scans_run);
             self.app

@@ -230,6 +230,10 @@ async fn bad_events_are_dead_lettered_with_a_reason_and_the_queue_moves_on() {
             .then_some(())
     })
     .await;
+    wait_for("five dead letters stored", || async {
+        (count(&worker.app, "select count(*) from dead_letters").await >= 5).then_some(())
+    })
+    .await;
     let dead = env.take_dead_letters().await;
     let reasons: Vec<&str> = dead.iter().map(|(_, r)| r.as_str()).collect();
     let expected = [

@@ -221,8 +221,49 @@ impl Dispatcher {
         }
     }
 
-    /// Decides and sends one claimed message: compose, defer, deliver, conclude.
+    /// Decides and sends one claimed message, and counts what became of it.
     async fn settle(&self, claimed: Claimed, catalog: &Catalog) -> Settled {
+        let trigger = claimed.trigger.clone();
+        let channel = claimed.channel.clone();
+        let planned_at = claimed.created_at;
+        let settled = self.decide(claimed, catalog).await;
+        let status = match (settled.status, settled.uncounted) {
+            ("pending", true) => "deferred",
+            ("pending", false) => "retried",
+            (status, _) => status,
+        };
+        let provider = settled.provider.clone().unwrap_or_else(|| "none".into());
+        for attempt in &settled.attempts {
+            metrics::histogram!(
+                "lifecycle_provider_latency_seconds",
+                "provider" => attempt.provider,
+                "outcome" => attempt.outcome,
+            )
+            .record(attempt.latency.as_secs_f64());
+        }
+        if status == "sent" {
+            let waited = (chrono::Utc::now() - planned_at)
+                .to_std()
+                .unwrap_or_default();
+            metrics::histogram!(
+                "lifecycle_event_to_send_seconds",
+                "trigger" => trigger.clone(),
+                "channel" => channel,
+            )
+            .record(waited.as_secs_f64());
+        }
+        metrics::counter!(
+            "lifecycle_messages_total",
+            "status" => status,
+            "provider" => provider,
+            "trigger" => trigger,
+        )
+        .increment(1);
+        settled
+    }
+
+    /// Decides and sends one claimed message: compose, defer, deliver, conclude.
+    async fn decide(&self, claimed: Claimed, catalog: &Catalog) -> Settled {
         let mut settled = Settled::new(claimed.id);
         let (c, composed, version) = self.composer.compose(claimed, catalog).await;
         settled.template_version = version;
@@ -438,6 +479,14 @@ impl Dispatcher {
                 break;
             }
         }
+        let mut circuits = self.app.health.circuits.lock().expect("circuits lock");
+        for slot in providers {
+            let open = slot.breaker.is_open();
+            metrics::gauge!("lifecycle_provider_circuit_open", "provider" => slot.provider.name())
+                .set(if open { 1.0 } else { 0.0 });
+            circuits.insert(slot.provider.name().to_owned(), open);
+        }
+        drop(circuits);
         delivery
     }
 

@@ -1,6 +1,5 @@
 //! `/readyz` (each role and the database) and `/metrics` (Prometheus text).
 
-use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 
 use axum::extract::State;
@@ -8,7 +7,6 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::app::App;
-use crate::metrics::Metrics;
 
 /// Each role's state and the database's, as JSON; 503 unless every role this process runs is
 /// alive and PostgreSQL answers.
@@ -66,81 +64,12 @@ pub(super) async fn ready(State(app): State<App>) -> Response {
     (status, axum::Json(serde_json::Value::Object(report))).into_response()
 }
 
-pub(super) async fn metrics(State(app): State<App>) -> Response {
-    let m = &app.metrics;
-    let counters = [
-        (
-            "events_applied",
-            "Events that changed state.",
-            &m.events_applied,
-        ),
-        (
-            "events_duplicate",
-            "Events whose id was applied before.",
-            &m.events_duplicate,
-        ),
-        (
-            "events_deferred",
-            "Early events sent to the retry queue.",
-            &m.events_deferred,
-        ),
-        (
-            "events_dead_lettered",
-            "Events refused to the dead-letter queue.",
-            &m.events_dead_lettered,
-        ),
-        (
-            "messages_sent",
-            "Messages a provider accepted.",
-            &m.messages_sent,
-        ),
-        (
-            "messages_suppressed",
-            "Messages not sent for consent or suppression.",
-            &m.messages_suppressed,
-        ),
-        (
-            "messages_failed",
-            "Messages that ended failed.",
-            &m.messages_failed,
-        ),
-        (
-            "messages_retried",
-            "Transient failures to be retried.",
-            &m.messages_retried,
-        ),
-        (
-            "scans_run",
-            "Scheduled scans this process ran.",
-            &m.scans_run,
-        ),
-    ];
-    let mut text = String::new();
-    for (name, help, counter) in counters {
-        let _ = writeln!(text, "# HELP lifecycle_{name}_total {help}");
-        let _ = writeln!(text, "# TYPE lifecycle_{name}_total counter");
-        let _ = writeln!(text, "lifecycle_{name}_total {}", Metrics::get(counter));
-    }
-    use std::sync::atomic::Ordering;
-    for (name, help, counter) in [
-        (
-            "coupon_pool_low",
-            "Coupon draws that left their pool at or below program.coupon_low_water.",
-            &crate::coupons::POOL_LOW,
-        ),
-        (
-            "coupon_pool_empty",
-            "Messages planned without a coupon code because their pool was empty.",
-            &crate::coupons::POOL_EMPTY,
-        ),
-    ] {
-        let _ = writeln!(text, "# HELP lifecycle_{name}_total {help}");
-        let _ = writeln!(text, "# TYPE lifecycle_{name}_total counter");
-        let _ = writeln!(
-            text,
-            "lifecycle_{name}_total {}",
-            counter.load(Ordering::Relaxed)
-        );
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+/// The Prometheus text of every labelled metric this process records (see
+/// `crate::metrics::prometheus`).
+pub(super) async fn metrics() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::metrics::prometheus().render(),
+    )
+        .into_response()
 }

@@ -456,6 +456,19 @@ async fn insert_planned(
     .bind(&due)
     .fetch_all(&mut *conn)
     .await?;
+    for (_, key, trigger) in &inserted {
+        let channel = if key.ends_with(":sms") {
+            "sms"
+        } else {
+            "email"
+        };
+        metrics::counter!(
+            "lifecycle_messages_planned_total",
+            "trigger" => trigger.clone(),
+            "channel" => channel,
+        )
+        .increment(1);
+    }
     if !program.coupons.is_empty() {
         crate::coupons::draw(conn, program, &inserted).await?;
     }

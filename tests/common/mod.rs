@@ -16,9 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lapin::BasicProperties;
-use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicPublishOptions, ExchangeDeleteOptions, QueueDeleteOptions};
 use lifecycle::app::{App, Roles, Worker};
 use lifecycle::config::Settings;
 
@@ -168,30 +166,23 @@ impl TestEnv {
         connection.close(200, "bye".into()).await.ok();
     }
 
-    /// Takes every message from the dead-letter queue: (body, reason header).
+    /// Takes every dead letter the dead-letter store has moved to PostgreSQL and not yet
+    /// taken: (body, reason). Taking archives them.
     pub async fn take_dead_letters(&self) -> Vec<(Vec<u8>, String)> {
-        let connection = lifecycle::ingest::connect(&self.settings.amqp_url, "test")
-            .await
-            .unwrap();
-        let channel = connection.create_channel().await.unwrap();
-        let mut out = Vec::new();
-        while let Some(message) = channel
-            .basic_get(
-                self.settings.ingest.dead_letter_queue.as_str().into(),
-                BasicGetOptions { no_ack: true },
-            )
-            .await
-            .unwrap()
-        {
-            let reason = lifecycle::publish::header_text(
-                &message.delivery.properties,
-                lifecycle::ingest::ERROR_HEADER,
-            )
-            .unwrap_or_default();
-            out.push((message.delivery.data, reason));
-        }
-        connection.close(200, "bye".into()).await.ok();
-        out
+        let pool = lifecycle::db::pool(&self.settings.database_url, 1).unwrap();
+        let rows: Vec<(i64, Vec<u8>, String)> = sqlx::query_as(
+            "update dead_letters set archived_at = now(), archived_by = 'test'
+             where archived_at is null returning id, body, reason",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap_or_default();
+        pool.close().await;
+        let mut rows = rows;
+        rows.sort_by_key(|(id, ..)| *id);
+        rows.into_iter()
+            .map(|(_, body, reason)| (body, reason))
+            .collect()
     }
 
     /// Removes this test's queues, exchanges and database.

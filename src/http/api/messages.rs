@@ -16,19 +16,7 @@ pub struct RetryRequest {
     /// These messages (those of them that are failed).
     pub ids: Option<Vec<i64>>,
     /// Every failed message matching it (`{}`: all).
-    pub filter: Option<RetryFilter>,
-}
-
-/// A filter over failed messages.
-#[derive(Debug, Default, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RetryFilter {
-    /// One member's.
-    pub member_id: Option<String>,
-    /// One trigger's.
-    pub trigger: Option<String>,
-    /// `email` or `sms`.
-    pub channel: Option<String>,
+    pub filter: Option<crate::deliveries::Filter>,
 }
 
 /// How many went back in the queue.
@@ -54,20 +42,10 @@ pub async fn retry(
     let now = app.clock.now();
     let requeued = match (body.ids, body.filter) {
         (Some(ids), None) => crate::outbox::retry_failed(&app.pool, Some(&ids), now).await,
-        (None, Some(f)) => {
-            let ids: Vec<i64> = sqlx::query_scalar(
-                "select id from messages where status = 'failed'
-                 and ($1::text is null or member_id = $1)
-                 and ($2::text is null or trigger = $2)
-                 and ($3::text is null or channel = $3)",
-            )
-            .bind(f.member_id)
-            .bind(f.trigger)
-            .bind(f.channel)
-            .fetch_all(&app.pool)
-            .await?;
-            crate::outbox::retry_failed(&app.pool, Some(&ids), now).await
-        }
+        (None, Some(filter)) => match crate::deliveries::failed_ids(&app, &filter).await {
+            Ok(ids) => crate::outbox::retry_failed(&app.pool, Some(&ids), now).await,
+            Err(e) => Err(e),
+        },
         _ => {
             return Err(ApiError::new(
                 axum::http::StatusCode::UNPROCESSABLE_ENTITY,

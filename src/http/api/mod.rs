@@ -2,6 +2,7 @@
 //! from these handlers and types (utoipa) and served open at `/api/openapi.json`.
 
 pub mod messages;
+pub mod ops;
 pub mod templates;
 
 use axum::Json;
@@ -23,11 +24,23 @@ use crate::app::App;
         templates::preview,
         templates::test_send,
         templates::publish,
+        ops::messages,
+        ops::message,
         messages::retry,
+        ops::list_dead_letters,
+        ops::replay,
+        ops::archive,
+        ops::queues,
+        ops::providers,
+        ops::member,
+        ops::lift,
     ),
     modifiers(&Security),
     tags((name = "templates", description = "Template versions: drafts, previews, test sends, publishing and rollback"),
-         (name = "messages", description = "The outbox"))
+         (name = "messages", description = "The outbox: search, one message with its attempts and content, retry"),
+         (name = "dead-letters", description = "Refused events: list, replay, archive"),
+         (name = "queues", description = "The broker's queues, the outbox, the providers"),
+         (name = "members", description = "A member's profile, points, suppressions and messages"))
 )]
 pub struct ApiDoc;
 
@@ -78,5 +91,17 @@ pub fn routes() -> Router<App> {
             "/api/templates/{trigger}/{locale}/publish",
             post(templates::publish),
         )
+        .route("/api/messages", get(ops::messages))
+        .route("/api/messages/{id}", get(ops::message))
         .route("/api/messages/retry", post(messages::retry))
+        .route("/api/dead-letters", get(ops::list_dead_letters))
+        .route("/api/dead-letters/replay", post(ops::replay))
+        .route("/api/dead-letters/archive", post(ops::archive))
+        .route("/api/queues", get(ops::queues))
+        .route("/api/providers", get(ops::providers))
+        .route("/api/members/{member_id}", get(ops::member))
+        .route(
+            "/api/members/{member_id}/suppressions/lift",
+            post(ops::lift),
+        )
 }

@@ -1,0 +1,409 @@
+//! Dead letters ops can act on: a consumer moves every message of the dead-letter queue into
+//! PostgreSQL (acked after commit), those lifecycle refused (`x-lifecycle-error`) and those the
+//! broker dead-lettered itself (over `x-delivery-limit`: the reason comes from `x-death`).
+//! Ops list and search them, replay them (republished to the exchange with a fresh retry
+//! count; the inbox makes a replay of an applied event a no-op) and archive them.
+
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use serde::Serialize;
+use serde_json::{Value, json};
+use sqlx::Row;
+use tracing::{info, warn};
+
+use crate::app::App;
+use crate::ingest::ERROR_HEADER;
+use crate::publish::Publisher;
+use crate::shutdown::Shutdown;
+
+/// Dead letters moved per transaction.
+const BATCH: usize = 100;
+
+/// One dead letter.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct DeadLetter {
+    /// Its id here.
+    pub id: i64,
+    /// The event's id, when the body had one.
+    pub event_id: Option<String>,
+    /// The event's type, when the body had one.
+    #[serde(rename = "type")]
+    pub event_type: Option<String>,
+    /// The routing key it was published with.
+    pub routing_key: String,
+    /// Why it was dead-lettered.
+    pub reason: String,
+    /// When it reached the dead-letter queue's store.
+    pub dead_lettered_at: DateTime<Utc>,
+    /// The body as it came (UTF-8, lossy for a body that is not).
+    pub body: String,
+    /// The AMQP headers, as JSON.
+    pub headers: Value,
+    /// Times replayed.
+    pub replays: i32,
+    /// The last replay: when and by whom.
+    pub replayed_at: Option<DateTime<Utc>>,
+    /// Who replayed it last.
+    pub replayed_by: Option<String>,
+    /// When it was archived (archived ones are listed only when asked).
+    pub archived_at: Option<DateTime<Utc>>,
+}
+
+/// Which dead letters.
+#[derive(Debug, Clone, Default, serde::Deserialize, utoipa::ToSchema, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct Filter {
+    /// Reason contains this (case-insensitive).
+    pub reason: Option<String>,
+    /// Event type.
+    #[serde(rename = "type")]
+    pub event_type: Option<String>,
+    /// Dead-lettered at or after.
+    pub since: Option<DateTime<Utc>>,
+    /// Dead-lettered before.
+    pub until: Option<DateTime<Utc>>,
+    /// Archived ones too.
+    #[serde(default)]
+    pub archived: bool,
+}
+
+/// Moves the dead-letter queue into PostgreSQL until shutdown, reconnecting after a failure.
+pub async fn store(app: App, shutdown: Shutdown) -> anyhow::Result<()> {
+    let mut backoff =
+        crate::ingest::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    while !shutdown.is_triggered() {
+        match session(&app, &shutdown).await {
+            Ok(()) => backoff.reset(),
+            Err(error) => {
+                warn!(
+                    error = format!("{error:#}"),
+                    "Dead-letter store session ended; reconnecting."
+                );
+                metrics::counter!("lifecycle_reconnects_total", "component" => "dead_letters")
+                    .increment(1);
+                shutdown.sleep(backoff.next()).await;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn session(app: &App, shutdown: &Shutdown) -> anyhow::Result<()> {
+    let connection =
+        crate::ingest::connect(&app.settings.amqp_url, "lifecycle-dead-letters").await?;
+    crate::ingest::declare_topology(&connection, &app.settings).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(BATCH as u16, BasicQosOptions::default())
+        .await?;
+    let queue = &app.settings.ingest.dead_letter_queue;
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            format!("lifecycle-dead-{}", std::process::id())
+                .as_str()
+                .into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("consuming from {queue}"))?;
+    loop {
+        let first = tokio::select! {
+            _ = shutdown.triggered() => break,
+            next = consumer.next() => next,
+        };
+        let mut batch = match first {
+            None => return Err(anyhow!("the broker cancelled the dead-letter consumer")),
+            Some(delivery) => vec![delivery?],
+        };
+        while batch.len() < BATCH {
+            match futures_util::FutureExt::now_or_never(consumer.next()) {
+                Some(Some(Ok(delivery))) => batch.push(delivery),
+                Some(Some(Err(e))) => return Err(e.into()),
+                _ => break,
+            }
+        }
+        save(app, &batch).await?;
+        let last = batch.last().expect("non-empty");
+        // Acked only after the commit: a crash in between stores a letter twice at worst.
+        channel
+            .basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
+            .await?;
+        info!(n = batch.len(), "Dead letters stored.");
+    }
+    connection.close(200, "bye".into()).await.ok();
+    Ok(())
+}
+
+/// Stores a batch of dead letters in one transaction.
+async fn save(app: &App, batch: &[Delivery]) -> anyhow::Result<()> {
+    let mut ids = Vec::new();
+    let mut types = Vec::new();
+    let mut keys = Vec::new();
+    let mut reasons = Vec::new();
+    let mut headers = Vec::new();
+    let mut bodies: Vec<&[u8]> = Vec::new();
+    for d in batch {
+        let table = d.properties.headers().clone().unwrap_or_default();
+        let (id, kind) = identity(&d.data);
+        ids.push(id);
+        types.push(kind);
+        keys.push(d.routing_key.as_str().to_owned());
+        reasons.push(reason(&table));
+        headers.push(table_json(&table).to_string());
+        bodies.push(&d.data);
+    }
+    sqlx::query(
+        "insert into dead_letters (event_id, event_type, routing_key, reason, headers, body)
+         select i, t, k, r, h::jsonb, b
+         from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[])
+              as d(i, t, k, r, h, b)",
+    )
+    .bind(&ids)
+    .bind(&types)
+    .bind(&keys)
+    .bind(&reasons)
+    .bind(&headers)
+    .bind(&bodies)
+    .execute(&app.pool)
+    .await
+    .context("storing dead letters")?;
+    Ok(())
+}
+
+/// The event id and type of a body, when it is JSON that has them.
+fn identity(body: &[u8]) -> (Option<String>, Option<String>) {
+    let Ok(value) = serde_json::from_slice::<Value>(body) else {
+        return (None, None);
+    };
+    let text = |k: &str| {
+        value
+            .get(k)
+            .and_then(Value::as_str)
+            .map(|s| s.chars().take(200).collect())
+    };
+    (text("id"), text("type"))
+}
+
+/// Why a message was dead-lettered: lifecycle's header, else the broker's `x-death`.
+fn reason(headers: &FieldTable) -> String {
+    let inner = headers.inner();
+    if let Some(AMQPValue::LongString(reason)) = inner.get(ERROR_HEADER) {
+        return String::from_utf8_lossy(reason.as_bytes()).into_owned();
+    }
+    if let Some(AMQPValue::FieldArray(deaths)) = inner.get("x-death")
+        && let Some(AMQPValue::FieldTable(death)) = deaths.as_slice().first()
+    {
+        let field = |k: &str| match death.inner().get(k) {
+            Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+            Some(AMQPValue::ShortString(s)) => s.as_str().to_owned(),
+            _ => String::new(),
+        };
+        let why = match field("reason").as_str() {
+            "delivery_limit" => "delivered too many times (x-delivery-limit)".to_owned(),
+            "expired" => "expired in the queue".to_owned(),
+            "rejected" => "rejected by a consumer".to_owned(),
+            "maxlen" => "the queue was full".to_owned(),
+            other => format!("dead-lettered by the broker ({other})"),
+        };
+        return format!("{why} on queue {}", field("queue"));
+    }
+    "dead-lettered without a reason".to_owned()
+}
+
+/// AMQP headers as JSON (strings, numbers, booleans, arrays, tables; bytes as lossy text).
+fn table_json(table: &FieldTable) -> Value {
+    Value::Object(
+        table
+            .inner()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), value_json(v)))
+            .collect(),
+    )
+}
+
+fn value_json(value: &AMQPValue) -> Value {
+    match value {
+        AMQPValue::Boolean(b) => json!(b),
+        AMQPValue::ShortShortInt(n) => json!(n),
+        AMQPValue::ShortShortUInt(n) => json!(n),
+        AMQPValue::ShortInt(n) => json!(n),
+        AMQPValue::ShortUInt(n) => json!(n),
+        AMQPValue::LongInt(n) => json!(n),
+        AMQPValue::LongUInt(n) => json!(n),
+        AMQPValue::LongLongInt(n) => json!(n),
+        AMQPValue::Float(n) => json!(n),
+        AMQPValue::Double(n) => json!(n),
+        AMQPValue::Timestamp(t) => json!(t),
+        AMQPValue::ShortString(s) => json!(s.as_str()),
+        AMQPValue::LongString(s) => json!(String::from_utf8_lossy(s.as_bytes())),
+        AMQPValue::ByteArray(b) => json!(String::from_utf8_lossy(b.as_slice())),
+        AMQPValue::FieldArray(items) => {
+            Value::Array(items.as_slice().iter().map(value_json).collect())
+        }
+        AMQPValue::FieldTable(t) => table_json(t),
+        AMQPValue::DecimalValue(_) | AMQPValue::Void => Value::Null,
+    }
+}
+
+/// Dead letters matching `filter`, newest first, `limit` from before id `before`.
+pub async fn list(
+    app: &App,
+    filter: &Filter,
+    limit: i64,
+    before: Option<i64>,
+) -> anyhow::Result<Vec<DeadLetter>> {
+    let rows = sqlx::query(
+        "select id, event_id, event_type, routing_key, reason, dead_lettered_at, body, headers,
+                replays, replayed_at, replayed_by, archived_at
+         from dead_letters
+         where ($1::text is null or reason ilike '%' || $1 || '%')
+           and ($2::text is null or event_type = $2)
+           and ($3::timestamptz is null or dead_lettered_at >= $3)
+           and ($4::timestamptz is null or dead_lettered_at < $4)
+           and ($5 or archived_at is null)
+           and ($6::bigint is null or id < $6)
+         order by id desc limit $7",
+    )
+    .bind(&filter.reason)
+    .bind(&filter.event_type)
+    .bind(filter.since)
+    .bind(filter.until)
+    .bind(filter.archived)
+    .bind(before)
+    .bind(limit)
+    .fetch_all(&app.pool)
+    .await
+    .context("listing dead letters")?;
+    Ok(rows
+        .into_iter()
+        .map(|r| DeadLetter {
+            id: r.get("id"),
+            event_id: r.get("event_id"),
+            event_type: r.get("event_type"),
+            routing_key: r.get("routing_key"),
+            reason: r.get("reason"),
+            dead_lettered_at: r.get("dead_lettered_at"),
+            body: String::from_utf8_lossy(r.get::<&[u8], _>("body")).into_owned(),
+            headers: r.get("headers"),
+            replays: r.get("replays"),
+            replayed_at: r.get("replayed_at"),
+            replayed_by: r.get("replayed_by"),
+            archived_at: r.get("archived_at"),
+        })
+        .collect())
+}
+
+/// Which dead letters to act on: these ids, or every one matching a filter.
+pub enum Selection<'a> {
+    /// By id.
+    Ids(&'a [i64]),
+    /// Every unarchived one matching.
+    Matching(&'a Filter),
+}
+
+async fn select_ids(app: &App, selection: &Selection<'_>) -> anyhow::Result<Vec<i64>> {
+    Ok(match selection {
+        Selection::Ids(ids) => ids.to_vec(),
+        Selection::Matching(filter) => list(app, filter, i64::MAX, None)
+            .await?
+            .into_iter()
+            .map(|d| d.id)
+            .collect(),
+    })
+}
+
+/// Republishes dead letters to the exchange as the platform publishes events (routing key:
+/// the event's type; the stored routing key for a body without one), their bodies as they
+/// came and without their headers (so with a fresh retry count and no dead-lettering
+/// history), and records who replayed them. Returns how many.
+pub async fn replay(app: &App, selection: Selection<'_>, by: &str) -> anyhow::Result<u64> {
+    let ids = select_ids(app, &selection).await?;
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let rows = sqlx::query(
+        "select id, coalesce(event_type, routing_key) as routing_key, body from dead_letters
+         where id = any($1) order by id",
+    )
+    .bind(&ids)
+    .fetch_all(&app.pool)
+    .await?;
+    let connection = crate::ingest::connect(&app.settings.amqp_url, "lifecycle-replay").await?;
+    let publisher = Publisher::open(&connection).await?;
+    let mut replayed = Vec::new();
+    for row in rows {
+        let id: i64 = row.get("id");
+        let routing_key: String = row.get("routing_key");
+        let body: Vec<u8> = row.get("body");
+        let properties = lapin::BasicProperties::default()
+            .with_content_type("application/cloudevents+json".into());
+        let confirm = publisher
+            .publish_raw(
+                &app.settings.exchange,
+                &routing_key,
+                &body,
+                &properties,
+                FieldTable::default(),
+            )
+            .await;
+        Publisher::confirmed(confirm)
+            .await
+            .with_context(|| format!("replaying dead letter {id}"))?;
+        replayed.push(id);
+    }
+    connection.close(200, "bye".into()).await.ok();
+    sqlx::query(
+        "update dead_letters set replays = replays + 1, replayed_at = now(), replayed_by = $2
+         where id = any($1)",
+    )
+    .bind(&replayed)
+    .bind(by)
+    .execute(&app.pool)
+    .await?;
+    info!(n = replayed.len(), by, "Dead letters replayed.");
+    Ok(replayed.len() as u64)
+}
+
+/// Archives dead letters (they leave the default list). Returns how many.
+pub async fn archive(app: &App, selection: Selection<'_>, by: &str) -> anyhow::Result<u64> {
+    let ids = select_ids(app, &selection).await?;
+    let done = sqlx::query(
+        "update dead_letters set archived_at = now(), archived_by = $2
+         where id = any($1) and archived_at is null",
+    )
+    .bind(&ids)
+    .bind(by)
+    .execute(&app.pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Dead letters as a table for the command line.
+pub fn table(rows: &[DeadLetter]) -> String {
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|d| {
+            vec![
+                d.id.to_string(),
+                d.dead_lettered_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                d.event_type.clone().unwrap_or_else(|| "?".into()),
+                d.event_id.clone().unwrap_or_default(),
+                d.replays.to_string(),
+                crate::mask::text(&d.reason).chars().take(100).collect(),
+            ]
+        })
+        .collect();
+    crate::demo::text_table(
+        &["id", "dead-lettered", "type", "event", "replays", "reason"],
+        &cells,
+        "(no dead letters)",
+    )
+}

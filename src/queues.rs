@@ -1,0 +1,131 @@
+//! What is waiting: the broker's queues (depth and consumers of the input, retry and
+//! dead-letter queues) and the outbox by status; sampled into gauges every few seconds by the
+//! process that serves HTTP, and read at once by `GET /api/queues` and `lifecycle queues`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use serde::Serialize;
+use tracing::warn;
+
+use crate::app::App;
+use crate::shutdown::Shutdown;
+
+/// One broker queue.
+#[derive(Debug, Clone, Copy, Default, Serialize, utoipa::ToSchema)]
+pub struct Depth {
+    /// Messages ready (not yet delivered to a consumer).
+    pub messages: u32,
+    /// Consumers subscribed.
+    pub consumers: u32,
+}
+
+/// The queues and the outbox now.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Queues {
+    /// The input queue (`ingest.queue`).
+    pub events: Depth,
+    /// Early events waiting to be tried again (`ingest.retry_queue`).
+    pub retry: Depth,
+    /// Refused events (`ingest.dead_letter_queue`); the dead-letter store moves them to
+    /// PostgreSQL, so this is what it has not taken yet.
+    pub dead: Depth,
+    /// Messages in the outbox by status (`pending`, `sending`, `failed`).
+    pub outbox: BTreeMap<String, i64>,
+}
+
+/// How often the gauges are refreshed.
+const SAMPLE_EVERY: Duration = Duration::from_secs(5);
+
+/// Reads the queues (passively: nothing is declared) and the outbox.
+pub async fn snapshot(app: &App) -> anyhow::Result<Queues> {
+    let s = &app.settings.ingest;
+    let connection = crate::ingest::connect(&app.settings.amqp_url, "lifecycle-queues").await?;
+    let mut depths = Vec::new();
+    for name in [&s.queue, &s.retry_queue, &s.dead_letter_queue] {
+        // A passive declare of a missing queue closes its channel: one channel per queue.
+        let channel = connection.create_channel().await?;
+        let depth = match channel
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+        {
+            Ok(queue) => Depth {
+                messages: queue.message_count(),
+                consumers: queue.consumer_count(),
+            },
+            Err(_) => Depth::default(),
+        };
+        channel.close(200, "bye".into()).await.ok();
+        depths.push(depth);
+    }
+    connection.close(200, "bye".into()).await.ok();
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "select status, count(*) from messages
+         where status in ('pending', 'sending', 'failed') group by status",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .context("counting the outbox")?;
+    let mut outbox: BTreeMap<String, i64> = ["pending", "sending", "failed"]
+        .into_iter()
+        .map(|s| (s.to_owned(), 0))
+        .collect();
+    outbox.extend(rows);
+    Ok(Queues {
+        events: depths[0],
+        retry: depths[1],
+        dead: depths[2],
+        outbox,
+    })
+}
+
+/// Refreshes the queue, outbox and coupon gauges until shutdown. A failed read is logged and
+/// the gauges keep their last values until the next.
+pub async fn sample(app: App, shutdown: Shutdown) -> anyhow::Result<()> {
+    loop {
+        match snapshot(&app).await {
+            Ok(q) => {
+                for (name, depth) in [("events", q.events), ("retry", q.retry), ("dead", q.dead)] {
+                    metrics::gauge!("lifecycle_queue_messages", "queue" => name)
+                        .set(f64::from(depth.messages));
+                    metrics::gauge!("lifecycle_queue_consumers", "queue" => name)
+                        .set(f64::from(depth.consumers));
+                }
+                for (status, n) in q.outbox {
+                    metrics::gauge!("lifecycle_outbox_messages", "status" => status).set(n as f64);
+                }
+            }
+            Err(error) => warn!(
+                error = format!("{error:#}"),
+                "Reading the queues for the gauges failed."
+            ),
+        }
+        match sqlx::query_as::<_, (String, i64)>(
+            "select pool, count(*) filter (where occurrence is null) from coupons group by pool",
+        )
+        .fetch_all(&app.pool)
+        .await
+        {
+            Ok(pools) => {
+                for (pool, left) in pools {
+                    metrics::gauge!("lifecycle_coupons_remaining", "pool" => pool).set(left as f64);
+                }
+            }
+            Err(error) => warn!(%error, "Counting coupons for the gauges failed."),
+        }
+        shutdown.sleep(SAMPLE_EVERY).await;
+        if shutdown.is_triggered() {
+            return Ok(());
+        }
+    }
+}

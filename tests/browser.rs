@@ -434,3 +434,215 @@ async fn a_marketer_changes_the_korean_welcome_in_the_browser() {
     worker.stop().await.unwrap();
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ops_find_the_failed_messages_retry_them_and_open_a_member() {
+    use common::fake_api::{FakeApi, Reply};
+    let fake = FakeApi::start(Reply::new(503, "maintenance")).await;
+    let sink = SmtpSink::start(&[]);
+    let (env, base) = admin::env(
+        &sink,
+        &[
+            ("LIFECYCLE_EMAIL_PROVIDERS", "sendgrid".into()),
+            ("LIFECYCLE_SENDGRID_BASE_URL", fake.url.clone()),
+            ("LIFECYCLE_SENDGRID_API_KEY", "SG.test-key".into()),
+            ("LIFECYCLE_DISPATCH__MAX_ATTEMPTS", "1".into()),
+            ("LIFECYCLE_DISPATCH__BREAKER_COOLDOWN_MS", "200".into()),
+        ],
+    );
+    let worker = env.start(SERVING).await;
+    let app = worker.app.clone();
+    let (password, _) = admin::add_user(&env, "otto", "ops");
+    let members: Vec<String> = (1..=3).map(|n| korean(&env, n)).collect();
+    env.publish(&members).await;
+    env.publish_raw("order.placed", b"{\"broken\": ").await;
+    wait_for("three failed welcomes", || async {
+        (common::count(
+            &app,
+            "select count(*) from messages where status = 'failed'",
+        )
+        .await
+            == 3)
+            .then_some(())
+    })
+    .await;
+
+    let (_driver, client) = browser().await;
+    client.goto(&format!("{base}/console/login")).await.unwrap();
+    client
+        .find(Locator::Css("#name"))
+        .await
+        .unwrap()
+        .send_keys("otto")
+        .await
+        .unwrap();
+    client
+        .find(Locator::Css("#password"))
+        .await
+        .unwrap()
+        .send_keys(&password)
+        .await
+        .unwrap();
+    client
+        .find(Locator::Css("form button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for("logged in", || async {
+        (client.title().await.ok()? == "Templates · lifecycle console").then_some(())
+    })
+    .await;
+
+    // Find the failed messages: the filter lands in the URL, so the view can be shared.
+    client
+        .find(Locator::LinkText("Deliveries"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for("the deliveries page", || async {
+        (client.title().await.ok()? == "Deliveries · lifecycle console").then_some(())
+    })
+    .await;
+    client
+        .find(Locator::Css("#f-status option[value=failed]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    client
+        .find(Locator::XPath("//button[text()='Search']"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let caption = text_when(&client, "caption", "the failed messages", |t| {
+        t == "3 messages, newest first"
+    })
+    .await;
+    assert_eq!(caption, "3 messages, newest first");
+    assert!(
+        client
+            .current_url()
+            .await
+            .unwrap()
+            .query()
+            .unwrap()
+            .contains("status=failed")
+    );
+    let table = client
+        .find(Locator::Css("table"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        table.contains("503"),
+        "the provider's error is shown: {table}"
+    );
+    screenshot(&client, "deliveries-failed").await;
+
+    // The provider is back: retry them all in one click.
+    fake.set_fallback(Reply::new(202, "").header("X-Message-Id", "sg-back"));
+    client
+        .find(Locator::XPath(
+            "//button[starts-with(text(), 'Retry every failed message')]",
+        ))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    text_when(&client, ".notice", "requeued", |t| {
+        t == "3 failed messages queued again."
+    })
+    .await;
+    wait_for("every message sent", || async {
+        (common::count(&app, "select count(*) from messages where status = 'sent'").await == 3)
+            .then_some(())
+    })
+    .await;
+
+    // One message: its attempts and its content.
+    client
+        .goto(&format!("{base}/console/deliveries?member_id=ko-1"))
+        .await
+        .unwrap();
+    client
+        .find(Locator::Css("td a"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let facts = text_when(&client, "dl.facts", "the message page", |t| {
+        t.contains("sent")
+    })
+    .await;
+    assert!(facts.contains("v0"), "{facts}");
+    let attempts = client
+        .find(Locator::Css("table"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        attempts.contains("transient") && attempts.contains("sent"),
+        "{attempts}"
+    );
+    screenshot(&client, "message").await;
+
+    // Open the member.
+    client
+        .find(Locator::LinkText("ko-1"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let facts = text_when(&client, "dl.facts", "the member page", |t| {
+        t.contains("Balance")
+    })
+    .await;
+    assert!(
+        facts.contains("100 points") && facts.contains("ko1@example.com"),
+        "{facts}"
+    );
+    screenshot(&client, "member").await;
+
+    // Queues and dead letters.
+    client
+        .goto(&format!("{base}/console/queues"))
+        .await
+        .unwrap();
+    let queues = client
+        .find(Locator::Css("main"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(queues.contains("sendgrid"), "{queues}");
+    screenshot(&client, "queues").await;
+    client
+        .goto(&format!("{base}/console/dead-letters"))
+        .await
+        .unwrap();
+    let dead = text_when(&client, "main", "the malformed event listed", |t| {
+        t.contains("not JSON")
+    })
+    .await;
+    assert!(dead.contains("Dead letters, newest first (1)"), "{dead}");
+    screenshot(&client, "dead-letters").await;
+
+    client.close().await.unwrap();
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}

@@ -342,7 +342,8 @@ async fn a_dead_letter_is_replayed_once_its_cause_is_fixed() {
         )
         .await;
     assert_eq!((status, &replayed["replayed"]), (StatusCode::OK, &json!(1)));
-    let balance = "select coalesce(sum(points), 0)::bigint from point_entries where member_id = 'm-late'";
+    let balance =
+        "select coalesce(sum(points), 0)::bigint from point_entries where member_id = 'm-late'";
     wait_for("the order's points applied", || async {
         (count(&app, balance).await == 100 + 120).then_some(())
     })

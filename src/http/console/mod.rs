@@ -2,6 +2,8 @@
 //! the session cookie; every form carries the session's CSRF token (the login form a
 //! double-submitted one); the editor's live preview is one small script calling the API.
 
+mod ops;
+
 use std::collections::BTreeMap;
 
 use askama::Template;
@@ -47,6 +49,7 @@ pub fn routes() -> Router<App> {
             post(test_send),
         )
         .route("/console/templates/{trigger}/{locale}/diff", get(diff))
+        .merge(ops::routes())
 }
 
 /// A logged-in console user and their session's CSRF token. Without a session, a page
@@ -54,6 +57,19 @@ pub fn routes() -> Router<App> {
 struct Session {
     user: User,
     csrf: String,
+}
+
+impl Session {
+    /// A 403 page unless the user is ops.
+    fn ops_only(&self) -> Option<Response> {
+        (self.user.role != Role::Ops).then(|| {
+            page_error(
+                StatusCode::FORBIDDEN,
+                "Not allowed",
+                "This page is for the ops role.",
+            )
+        })
+    }
 }
 
 impl FromRequestParts<App> for Session {
@@ -88,7 +104,7 @@ impl Session {
 
 /// A page, with the headers every console page has: no framing, no caching, and a content
 /// policy that allows only this origin's script (the email preview's iframe is sandboxed).
-fn page<T: Template>(status: StatusCode, template: &T) -> Response {
+pub(super) fn page<T: Template>(status: StatusCode, template: &T) -> Response {
     match template.render() {
         Ok(html) => {
             let mut response = (status, Html(html)).into_response();
@@ -132,7 +148,7 @@ fn page_error(status: StatusCode, heading: &str, text: &str) -> Response {
 }
 
 /// An API error as a page.
-fn error_page(error: ApiError) -> Response {
+pub(super) fn error_page(error: ApiError) -> Response {
     let status = error.status();
     let heading = status.canonical_reason().unwrap_or("Error");
     page_error(status, heading, &error.error)

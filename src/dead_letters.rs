@@ -407,3 +407,54 @@ pub fn table(rows: &[DeadLetter]) -> String {
         "(no dead letters)",
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::{FieldArray, LongString, ShortString};
+
+    #[test]
+    fn the_reason_is_lifecycles_or_else_the_brokers_x_death() {
+        let mut ours = FieldTable::default();
+        ours.insert(
+            ShortString::from(ERROR_HEADER),
+            AMQPValue::LongString(LongString::from("not JSON")),
+        );
+        assert_eq!(reason(&ours), "not JSON");
+
+        let mut death = FieldTable::default();
+        death.insert(
+            "reason".into(),
+            AMQPValue::LongString("delivery_limit".into()),
+        );
+        death.insert(
+            "queue".into(),
+            AMQPValue::LongString("lifecycle.events".into()),
+        );
+        death.insert("count".into(), AMQPValue::LongLongInt(1));
+        let mut brokers = FieldTable::default();
+        brokers.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
+        );
+        assert_eq!(
+            reason(&brokers),
+            "delivered too many times (x-delivery-limit) on queue lifecycle.events"
+        );
+        let headers = table_json(&brokers);
+        assert_eq!(headers["x-death"][0]["count"], 1);
+        assert_eq!(
+            reason(&FieldTable::default()),
+            "dead-lettered without a reason"
+        );
+    }
+
+    #[test]
+    fn identity_comes_from_a_json_body_only() {
+        assert_eq!(
+            identity(br#"{"id": "e1", "type": "order.placed"}"#),
+            (Some("e1".into()), Some("order.placed".into()))
+        );
+        assert_eq!(identity(b"{not json"), (None, None));
+    }
+}

@@ -35,6 +35,19 @@ pub struct Queues {
     pub dead: Depth,
     /// Messages in the outbox by status (`pending`, `sending`, `failed`).
     pub outbox: BTreeMap<String, i64>,
+    /// What moved over the last five minutes, per minute.
+    pub rates: Rates,
+}
+
+/// Per-minute rates over the last five minutes.
+#[derive(Debug, Clone, Copy, Default, Serialize, utoipa::ToSchema)]
+pub struct Rates {
+    /// Events applied.
+    pub events_applied: f64,
+    /// Messages a provider took.
+    pub messages_sent: f64,
+    /// Provider calls that failed.
+    pub attempts_failed: f64,
 }
 
 /// How often the gauges are refreshed.
@@ -81,7 +94,24 @@ pub async fn snapshot(app: &App) -> anyhow::Result<Queues> {
         .map(|s| (s.to_owned(), 0))
         .collect();
     outbox.extend(rows);
+    let (applied, sent, failed): (i64, i64, i64) = sqlx::query_as(
+        "select (select count(*) from inbox where applied_at > now() - interval '5 minutes'),
+                (select count(*) from delivery_attempts
+                 where at > now() - interval '5 minutes' and outcome = 'sent'),
+                (select count(*) from delivery_attempts
+                 where at > now() - interval '5 minutes'
+                   and outcome in ('transient', 'permanent', 'unsure'))",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .context("reading the rates")?;
+    let per_minute = |n: i64| n as f64 / 5.0;
     Ok(Queues {
+        rates: Rates {
+            events_applied: per_minute(applied),
+            messages_sent: per_minute(sent),
+            attempts_failed: per_minute(failed),
+        },
         events: depths[0],
         retry: depths[1],
         dead: depths[2],

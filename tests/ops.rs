@@ -227,6 +227,13 @@ async fn a_provider_outage_is_seen_then_retried_and_every_message_sent_once() {
     let calls = fake.requests().iter().filter(|r| r.at >= recovered).count();
     assert_eq!(calls, 5, "one call per message after the recovery");
     assert!(cli(&env, &["deliveries", "retry", "--failed"]).starts_with("0 failed"));
+    // A message that is not failed is not requeued by id either.
+    assert!(cli(&env, &["deliveries", "retry", &id.to_string()]).starts_with("0 failed"));
+    let (_, queues) = api.json(Method::GET, "/api/queues", ops, None).await;
+    assert!(
+        queues["rates"]["messages_sent"].as_f64().unwrap() >= 1.0,
+        "{queues}"
+    );
 
     worker.stop().await.unwrap();
     env.cleanup().await;
@@ -378,6 +385,15 @@ async fn a_dead_letter_is_replayed_once_its_cause_is_fixed() {
         again["replayed_by"].as_str().unwrap().ends_with("(cli)"),
         "who replayed it last: {again}"
     );
+    let (status, _) = api
+        .json(
+            Method::POST,
+            "/api/dead-letters/archive",
+            Auth::Bearer(&marketer),
+            Some(&json!({"all": true})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
     // Archived, it leaves the list.
     let (_, archived) = api
         .json(
@@ -390,6 +406,23 @@ async fn a_dead_letter_is_replayed_once_its_cause_is_fixed() {
     assert_eq!(archived["archived"], 1);
     let (_, listed) = api.json(Method::GET, "/api/dead-letters", ops, None).await;
     assert_eq!(listed["dead_letters"].as_array().unwrap().len(), 1);
+    let (_, everything) = api
+        .json(Method::GET, "/api/dead-letters?archived=true", ops, None)
+        .await;
+    assert_eq!(everything["dead_letters"].as_array().unwrap().len(), 2);
+    // The malformed one replays too (`--all`), and is refused again, with its reason.
+    assert_eq!(
+        cli(&env, &["dead-letters", "replay", "--all"]).trim(),
+        "1 dead letters replayed."
+    );
+    wait_for("the malformed event dead-lettered again", || async {
+        (count(&app, "select count(*) from dead_letters").await == 3).then_some(())
+    })
+    .await;
+    assert_eq!(
+        cli(&env, &["dead-letters", "archive", "--all"]).trim(),
+        "2 dead letters archived."
+    );
 
     // Queues: the input queue has its consumers; the outbox by status.
     let (status, queues) = api.json(Method::GET, "/api/queues", ops, None).await;

@@ -450,6 +450,7 @@ struct QueuesPage {
     csrf: Option<String>,
     queues: Vec<(&'static str, Depth)>,
     outbox: Vec<(String, i64)>,
+    rates: crate::queues::Rates,
     providers: Vec<ProviderHealth>,
 }
 
@@ -471,6 +472,7 @@ async fn queues_page(State(app): State<App>, session: Session) -> Response {
             csrf: Some(session.csrf),
             queues: vec![("events", q.events), ("retry", q.retry), ("dead", q.dead)],
             outbox: q.outbox.into_iter().collect(),
+            rates: q.rates,
             providers,
         },
     )

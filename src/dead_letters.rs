@@ -78,7 +78,13 @@ pub async fn store(app: App, shutdown: Shutdown) -> anyhow::Result<()> {
     let mut backoff =
         crate::ingest::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     while !shutdown.is_triggered() {
-        match session(&app, &shutdown).await {
+        // A session waiting on the broker (connecting, declaring) must not hold up shutdown:
+        // it is dropped, and the broker requeues whatever it had delivered and not been acked.
+        let ended = tokio::select! {
+            ended = session(&app, &shutdown) => ended,
+            _ = shutdown.triggered() => Ok(()),
+        };
+        match ended {
             Ok(()) => backoff.reset(),
             Err(error) => {
                 warn!(

@@ -123,7 +123,11 @@ pub async fn snapshot(app: &App) -> anyhow::Result<Queues> {
 /// the gauges keep their last values until the next.
 pub async fn sample(app: App, shutdown: Shutdown) -> anyhow::Result<()> {
     loop {
-        match snapshot(&app).await {
+        let taken = tokio::select! {
+            taken = snapshot(&app) => taken,
+            _ = shutdown.triggered() => return Ok(()),
+        };
+        match taken {
             Ok(q) => {
                 for (name, depth) in [("events", q.events), ("retry", q.retry), ("dead", q.dead)] {
                     metrics::gauge!("lifecycle_queue_messages", "queue" => name)

@@ -447,6 +447,7 @@ async fn ops_find_the_failed_messages_retry_them_and_open_a_member() {
             ("LIFECYCLE_SENDGRID_BASE_URL", fake.url.clone()),
             ("LIFECYCLE_SENDGRID_API_KEY", "SG.test-key".into()),
             ("LIFECYCLE_DISPATCH__MAX_ATTEMPTS", "1".into()),
+            ("LIFECYCLE_DISPATCH__BREAKER_FAILURES", "2".into()),
             ("LIFECYCLE_DISPATCH__BREAKER_COOLDOWN_MS", "200".into()),
         ],
     );
@@ -547,6 +548,18 @@ async fn ops_find_the_failed_messages_retry_them_and_open_a_member() {
         "the provider's error is shown: {table}"
     );
     screenshot(&client, "deliveries-failed").await;
+    // The queues page shows the provider's circuit open.
+    client.goto(&format!("{base}/console/queues")).await.unwrap();
+    let circuit = client
+        .find(Locator::Css(".circuit-open"))
+        .await
+        .expect("sendgrid's circuit shown open")
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(circuit, "open");
+    screenshot(&client, "queues-outage").await;
+    client.back().await.unwrap();
 
     // The provider is back: retry them all in one click.
     fake.set_fallback(Reply::new(202, "").header("X-Message-Id", "sg-back"));

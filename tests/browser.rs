@@ -549,7 +549,10 @@ async fn ops_find_the_failed_messages_retry_them_and_open_a_member() {
     );
     screenshot(&client, "deliveries-failed").await;
     // The queues page shows the provider's circuit open.
-    client.goto(&format!("{base}/console/queues")).await.unwrap();
+    client
+        .goto(&format!("{base}/console/queues"))
+        .await
+        .unwrap();
     let circuit = client
         .find(Locator::Css(".circuit-open"))
         .await

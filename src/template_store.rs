@@ -410,6 +410,24 @@ impl TemplateStore {
         Ok(files)
     }
 
+    /// A transaction holding (trigger, locale)'s lock: saves and publishes of one pair go one
+    /// at a time.
+    async fn locked(
+        &self,
+        trigger: Trigger,
+        locale: &str,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "select pg_advisory_xact_lock(hashtextextended('templates:' || $1 || '/' || $2, 0))",
+        )
+        .bind(trigger.as_str())
+        .bind(locale)
+        .execute(&mut *tx)
+        .await?;
+        Ok(tx)
+    }
+
     /// Validates `files` and saves them as a new version, the draft of (trigger, locale) (the
     /// draft there was is archived); returns its number. Nothing is saved when they do not validate.
     pub async fn save_draft(
@@ -423,15 +441,8 @@ impl TemplateStore {
             .overlay(trigger, locale, files)
             .map_err(StoreError::Invalid)?;
         let files_json = serde_json::to_value(files).expect("files serialize");
-        let mut tx = self.pool.begin().await?;
         // One saver at a time per pair: the draft's number is decided under this lock.
-        sqlx::query(
-            "select pg_advisory_xact_lock(hashtextextended('templates:' || $1 || '/' || $2, 0))",
-        )
-        .bind(trigger.as_str())
-        .bind(locale)
-        .execute(&mut *tx)
-        .await?;
+        let mut tx = self.locked(trigger, locale).await?;
         // Versions never change once saved (a test send or a claimed message may be rendering
         // one): a new save is a new version, and the draft it replaces is archived.
         sqlx::query(
@@ -474,14 +485,7 @@ impl TemplateStore {
         self.base
             .overlay(trigger, locale, &files)
             .map_err(StoreError::Invalid)?;
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "select pg_advisory_xact_lock(hashtextextended('templates:' || $1 || '/' || $2, 0))",
-        )
-        .bind(trigger.as_str())
-        .bind(locale)
-        .execute(&mut *tx)
-        .await?;
+        let mut tx = self.locked(trigger, locale).await?;
         sqlx::query(
             "update template_versions
              set state = case when version = $3 then 'published' else 'archived' end

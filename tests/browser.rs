@@ -113,6 +113,26 @@ async fn retype(client: &Client, css: &str, text: &str) {
     area.send_keys(text).await.unwrap();
 }
 
+/// The text of the element `css`.
+async fn text_of(client: &Client, css: &str) -> String {
+    let element = client.find(Locator::Css(css)).await.unwrap();
+    element.text().await.unwrap()
+}
+
+/// Clicks the element `at`.
+async fn click(client: &Client, at: Locator<'_>) {
+    client.find(at).await.unwrap().click().await.unwrap();
+}
+
+/// Fills in the login form on the page and sends it.
+async fn log_in(client: &Client, name: &str, password: &str) {
+    for (field, value) in [("#name", name), ("#password", password)] {
+        let input = client.find(Locator::Css(field)).await.unwrap();
+        input.send_keys(value).await.unwrap();
+    }
+    click(&client, Locator::Css("form button[type=submit]")).await;
+}
+
 fn korean(env: &TestEnv, n: usize) -> String {
     enrolled(
         &format!("{}-ko-{n}", env.tag),
@@ -157,51 +177,19 @@ async fn a_marketer_changes_the_korean_welcome_in_the_browser() {
     );
     assert_eq!(client.title().await.unwrap(), "Log in · lifecycle console");
     screenshot(&client, "login").await;
-    client
-        .find(Locator::Css("#name"))
-        .await
-        .unwrap()
-        .send_keys("mia")
-        .await
-        .unwrap();
-    client
-        .find(Locator::Css("#password"))
-        .await
-        .unwrap()
-        .send_keys(&password)
-        .await
-        .unwrap();
-    client
-        .find(Locator::Css("form button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    log_in(&client, "mia", &password).await;
     wait_for("the templates page", || async {
         (client.title().await.ok()? == "Templates · lifecycle console").then_some(())
     })
     .await;
     screenshot(&client, "templates").await;
 
-    client
-        .find(Locator::LinkText("Edit welcome (ko)"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&client, Locator::LinkText("Edit welcome (ko)")).await;
     text_when(&client, "#preview-state", "the first preview", |t| {
         t == "Preview up to date."
     })
     .await;
-    let subject = client
-        .find(Locator::Css("#subject"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let subject = text_of(&client, "#subject").await;
     assert!(
         subject.contains("Ada <script>"),
         "the sample context: {subject}"
@@ -284,13 +272,7 @@ async fn a_marketer_changes_the_korean_welcome_in_the_browser() {
     .await;
 
     // Save the draft.
-    client
-        .find(Locator::Css("#draft-form button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&client, Locator::Css("#draft-form button[type=submit]")).await;
     text_when(&client, ".notice", "saved", |t| t == "Saved as draft v1.").await;
 
     // Test-send it to the marketer.
@@ -308,13 +290,7 @@ async fn a_marketer_changes_the_korean_welcome_in_the_browser() {
         .send_keys("ko-1")
         .await
         .unwrap();
-    client
-        .find(Locator::XPath("//button[text()='Send test']"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&client, Locator::XPath("//button[text()='Send test']")).await;
     text_when(&client, ".notice", "queued", |t| {
         t.starts_with("Test queued")
     })
@@ -326,13 +302,11 @@ async fn a_marketer_changes_the_korean_welcome_in_the_browser() {
     assert_eq!(test, "브라우저에서 바꾼 환영 지우님");
 
     // Publish: the next Korean member's welcome uses it.
-    client
-        .find(Locator::XPath("//button[text()='Publish draft v1']"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(
+        &client,
+        Locator::XPath("//button[text()='Publish draft v1']"),
+    )
+    .await;
     text_when(&client, ".notice", "published", |t| {
         t.starts_with("Published v1")
     })
@@ -351,13 +325,7 @@ async fn a_marketer_changes_the_korean_welcome_in_the_browser() {
         ))
         .await
         .unwrap();
-    let diff = client
-        .find(Locator::Css("main"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let diff = text_of(&client, "main").await;
     assert!(
         diff.contains("+ 브라우저에서 바꾼 환영 {{first_name}}님"),
         "{diff}"
@@ -369,13 +337,11 @@ async fn a_marketer_changes_the_korean_welcome_in_the_browser() {
         .goto(&format!("{base}/console/templates/welcome/ko"))
         .await
         .unwrap();
-    client
-        .find(Locator::XPath("//button[text()='Roll back to v0']"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(
+        &client,
+        Locator::XPath("//button[text()='Roll back to v0']"),
+    )
+    .await;
     text_when(&client, ".notice", "rolled back", |t| {
         t.starts_with("Published v0")
     })
@@ -440,12 +406,10 @@ async fn ops_find_the_failed_messages_retry_them_and_open_a_member() {
     use common::fake_api::{FakeApi, Reply};
     let fake = FakeApi::start(Reply::new(503, "maintenance")).await;
     let sink = SmtpSink::start(&[]);
-    let (env, base) = admin::env(
+    let (env, base) = admin::sendgrid_env(
         &sink,
+        &fake.url,
         &[
-            ("LIFECYCLE_EMAIL_PROVIDERS", "sendgrid".into()),
-            ("LIFECYCLE_SENDGRID_BASE_URL", fake.url.clone()),
-            ("LIFECYCLE_SENDGRID_API_KEY", "SG.test-key".into()),
             ("LIFECYCLE_DISPATCH__MAX_ATTEMPTS", "1".into()),
             ("LIFECYCLE_DISPATCH__BREAKER_FAILURES", "2".into()),
             ("LIFECYCLE_DISPATCH__BREAKER_COOLDOWN_MS", "200".into()),
@@ -470,58 +434,20 @@ async fn ops_find_the_failed_messages_retry_them_and_open_a_member() {
 
     let (_driver, client) = browser().await;
     client.goto(&format!("{base}/console/login")).await.unwrap();
-    client
-        .find(Locator::Css("#name"))
-        .await
-        .unwrap()
-        .send_keys("otto")
-        .await
-        .unwrap();
-    client
-        .find(Locator::Css("#password"))
-        .await
-        .unwrap()
-        .send_keys(&password)
-        .await
-        .unwrap();
-    client
-        .find(Locator::Css("form button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    log_in(&client, "otto", &password).await;
     wait_for("logged in", || async {
         (client.title().await.ok()? == "Templates · lifecycle console").then_some(())
     })
     .await;
 
     // Find the failed messages: the filter lands in the URL, so the view can be shared.
-    client
-        .find(Locator::LinkText("Deliveries"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&client, Locator::LinkText("Deliveries")).await;
     wait_for("the deliveries page", || async {
         (client.title().await.ok()? == "Deliveries · lifecycle console").then_some(())
     })
     .await;
-    client
-        .find(Locator::Css("#f-status option[value=failed]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    client
-        .find(Locator::XPath("//button[text()='Search']"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&client, Locator::Css("#f-status option[value=failed]")).await;
+    click(&client, Locator::XPath("//button[text()='Search']")).await;
     let caption = text_when(&client, "caption", "the failed messages", |t| {
         t == "3 messages, newest first"
     })
@@ -536,13 +462,7 @@ async fn ops_find_the_failed_messages_retry_them_and_open_a_member() {
             .unwrap()
             .contains("status=failed")
     );
-    let table = client
-        .find(Locator::Css("table"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let table = text_of(&client, "table").await;
     assert!(
         table.contains("503"),
         "the provider's error is shown: {table}"
@@ -590,25 +510,13 @@ async fn ops_find_the_failed_messages_retry_them_and_open_a_member() {
         .goto(&format!("{base}/console/deliveries?member_id=ko-1"))
         .await
         .unwrap();
-    client
-        .find(Locator::Css("td a"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&client, Locator::Css("td a")).await;
     let facts = text_when(&client, "dl.facts", "the message page", |t| {
         t.contains("sent")
     })
     .await;
     assert!(facts.contains("v0"), "{facts}");
-    let attempts = client
-        .find(Locator::Css("table"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let attempts = text_of(&client, "table").await;
     assert!(
         attempts.contains("transient") && attempts.contains("sent"),
         "{attempts}"
@@ -616,13 +524,7 @@ async fn ops_find_the_failed_messages_retry_them_and_open_a_member() {
     screenshot(&client, "message").await;
 
     // Open the member.
-    client
-        .find(Locator::LinkText("ko-1"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&client, Locator::LinkText("ko-1")).await;
     let facts = text_when(&client, "dl.facts", "the member page", |t| {
         t.contains("Balance")
     })
@@ -638,13 +540,7 @@ async fn ops_find_the_failed_messages_retry_them_and_open_a_member() {
         .goto(&format!("{base}/console/queues"))
         .await
         .unwrap();
-    let queues = client
-        .find(Locator::Css("main"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let queues = text_of(&client, "main").await;
     assert!(queues.contains("sendgrid"), "{queues}");
     screenshot(&client, "queues").await;
     client

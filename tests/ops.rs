@@ -45,12 +45,10 @@ fn json_lines(text: &str) -> Vec<Value> {
 async fn a_provider_outage_is_seen_then_retried_and_every_message_sent_once() {
     let fake = FakeApi::start(Reply::new(503, "maintenance")).await;
     let sink = SmtpSink::start(&[]);
-    let (env, base) = admin::env(
+    let (env, base) = admin::sendgrid_env(
         &sink,
+        &fake.url,
         &[
-            ("LIFECYCLE_EMAIL_PROVIDERS", "sendgrid".into()),
-            ("LIFECYCLE_SENDGRID_BASE_URL", fake.url.clone()),
-            ("LIFECYCLE_SENDGRID_API_KEY", "SG.test-key".into()),
             ("LIFECYCLE_DISPATCH__MAX_ATTEMPTS", "2".into()),
             ("LIFECYCLE_DISPATCH__RETRY_BASE_MS", "50".into()),
             ("LIFECYCLE_DISPATCH__BREAKER_FAILURES", "3".into()),

@@ -23,6 +23,17 @@ pub fn env(sink: &SmtpSink, extra: &[(&str, String)]) -> (TestEnv, String) {
     (TestEnv::new(&vars), format!("http://{addr}"))
 }
 
+/// `env` with email going to SendGrid's API at `fake` (a local fake of it).
+pub fn sendgrid_env(sink: &SmtpSink, fake: &str, extra: &[(&str, String)]) -> (TestEnv, String) {
+    let mut vars = vec![
+        ("LIFECYCLE_EMAIL_PROVIDERS", "sendgrid".to_owned()),
+        ("LIFECYCLE_SENDGRID_BASE_URL", fake.to_owned()),
+        ("LIFECYCLE_SENDGRID_API_KEY", "SG.test-key".to_owned()),
+    ];
+    vars.extend(extra.iter().cloned());
+    env(sink, &vars)
+}
+
 /// Calls the server at `base`.
 pub struct Client {
     /// `http://127.0.0.1:port`.

@@ -130,7 +130,7 @@ async fn log_in(client: &Client, name: &str, password: &str) {
         let input = client.find(Locator::Css(field)).await.unwrap();
         input.send_keys(value).await.unwrap();
     }
-    click(&client, Locator::Css("form button[type=submit]")).await;
+    click(client, Locator::Css("form button[type=submit]")).await;
 }
 
 fn korean(env: &TestEnv, n: usize) -> String {

@@ -204,6 +204,9 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
         .unwrap_or("(no message)")
 }
 
+/// How long roles have to finish their work in hand once shutdown is asked for.
+const STOP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Runs the roles' tasks and notices one that ends before shutdown was asked for (an error,
 /// a panic, or returning at all), so that the process ends rather than go on half-alive.
 struct Supervisor {
@@ -258,13 +261,26 @@ impl Supervisor {
         self.died.notified().await;
     }
 
-    /// Waits for every role; the first failure, if any.
+    /// Waits for every role; the first failure, if any. A role still running 30 s after
+    /// shutdown was asked for (stuck on a broker or database that does not answer) is aborted
+    /// and logged: what it had in hand comes back (unacked deliveries are requeued, claims
+    /// lapse), and the process ends rather than hang.
     async fn join(self) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + STOP_DEADLINE;
         let mut first_error = None;
-        for (name, task) in self.tasks {
-            let end = task
-                .await
-                .with_context(|| format!("the {name} role's task was lost"))?;
+        for (name, mut task) in self.tasks {
+            let joined = match tokio::time::timeout_at(deadline, &mut task).await {
+                Ok(joined) => joined,
+                Err(_) => {
+                    task.abort();
+                    error!(
+                        role = name,
+                        "A role did not stop within 30 s of shutdown; it was aborted."
+                    );
+                    continue;
+                }
+            };
+            let end = joined.with_context(|| format!("the {name} role's task was lost"))?;
             let failed = match end.result {
                 Err(error) => Some(error.context(format!("the {name} role failed"))),
                 Ok(()) if end.unasked => Some(anyhow::anyhow!(

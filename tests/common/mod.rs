@@ -187,16 +187,27 @@ impl TestEnv {
 
     /// Removes this test's queues, exchanges and database.
     pub async fn cleanup(self) {
-        if let Ok(connection) = lifecycle::ingest::connect(&self.settings.amqp_url, "test").await {
+        // Cleaning up never hangs a test: a broker or database that does not answer within
+        // 20 s leaves the leftovers (random names) behind.
+        let settings = self.settings.clone();
+        let done = tokio::time::timeout(Duration::from_secs(20), Self::remove(settings)).await;
+        if done.is_err() {
+            eprintln!("cleanup of {} did not finish within 20 s", self.tag);
+        }
+    }
+
+    async fn remove(settings: Settings) {
+        let this = &settings;
+        if let Ok(connection) = lifecycle::ingest::connect(&this.amqp_url, "test").await {
             let channel = connection.create_channel().await.unwrap();
-            let s = &self.settings.ingest;
+            let s = &this.ingest;
             for q in [&s.queue, &s.dead_letter_queue, &s.retry_queue] {
                 channel
                     .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                     .await
                     .ok();
             }
-            for e in [&self.settings.exchange, &s.dead_letter_exchange] {
+            for e in [&this.exchange, &s.dead_letter_exchange] {
                 channel
                     .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
                     .await
@@ -204,9 +215,7 @@ impl TestEnv {
             }
             connection.close(200, "bye".into()).await.ok();
         }
-        lifecycle::db::drop_database(&self.settings.database_url)
-            .await
-            .ok();
+        lifecycle::db::drop_database(&this.database_url).await.ok();
     }
 }
 

@@ -144,7 +144,7 @@ async fn session(app: &App, shutdown: &Shutdown) -> anyhow::Result<()> {
             .await?;
         info!(n = batch.len(), "Dead letters stored.");
     }
-    connection.close(200, "bye".into()).await.ok();
+    crate::ingest::bounded(connection.close(200, "bye".into())).await;
     Ok(())
 }
 
@@ -365,7 +365,7 @@ pub async fn replay(app: &App, selection: Selection<'_>, by: &str) -> anyhow::Re
             .with_context(|| format!("replaying dead letter {id}"))?;
         replayed.push(id);
     }
-    connection.close(200, "bye".into()).await.ok();
+    crate::ingest::bounded(connection.close(200, "bye".into())).await;
     sqlx::query(
         "update dead_letters set replays = replays + 1, replayed_at = now(), replayed_by = $2
          where id = any($1)",

@@ -240,7 +240,9 @@ impl Ingest {
                 result = Err(error);
             }
         }
-        connection.close(200, "bye".into()).await.ok();
+        // The broker may never answer a close (a channel already closing: seen under load);
+        // the connection goes with the process, or with the next session, either way.
+        bounded(connection.close(200, "bye".into())).await;
         result
     }
 
@@ -304,11 +306,8 @@ impl Ingest {
             }
         }
         // Stop the flow; prefetched deliveries return to the queue when the channel closes.
-        channel
-            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-            .await
-            .ok();
-        channel.close(200, "shutdown".into()).await.ok();
+        bounded(channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default())).await;
+        bounded(channel.close(200, "shutdown".into())).await;
         Ok(())
     }
 
@@ -577,4 +576,12 @@ impl Backoff {
     pub(crate) fn reset(&mut self) {
         self.attempt = 0;
     }
+}
+
+/// Awaits a broker call made while closing, for at most 5 s: its answer does not matter, and
+/// a broker that never gives one must not keep a worker from stopping.
+pub(crate) async fn bounded<T>(call: impl std::future::Future<Output = T>) {
+    tokio::time::timeout(std::time::Duration::from_secs(5), call)
+        .await
+        .ok();
 }

@@ -78,10 +78,10 @@ pub async fn snapshot(app: &App) -> anyhow::Result<Queues> {
             },
             Err(_) => Depth::default(),
         };
-        channel.close(200, "bye".into()).await.ok();
+        crate::ingest::bounded(channel.close(200, "bye".into())).await;
         depths.push(depth);
     }
-    connection.close(200, "bye".into()).await.ok();
+    crate::ingest::bounded(connection.close(200, "bye".into())).await;
     let rows: Vec<(String, i64)> = sqlx::query_as(
         "select status, count(*) from messages
          where status in ('pending', 'sending', 'failed') group by status",

@@ -22,3 +22,14 @@ create index dead_letters_open on dead_letters (id) where archived_at is null;
 
 -- Failed messages, counted for the gauges and listed for ops.
 create index messages_failed on messages (id) where status = 'failed';
+
+-- Suppressions ops lifted: whose, why, by whom and when (the suppression itself is deleted).
+create table suppression_lifts (
+    id        bigint generated always as identity primary key,
+    member_id text not null,
+    channel   text not null,
+    address   text not null,
+    reason    text not null,
+    lifted_by text not null,
+    at        timestamptz not null default now()
+);

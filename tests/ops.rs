@@ -488,6 +488,16 @@ async fn a_dead_letter_is_replayed_once_its_cause_is_fixed() {
     let (status, lifted) = api.json(Method::POST, path, ops, Some(&lift)).await;
     assert_eq!((status, &lifted["lifted"]), (StatusCode::OK, &json!(true)));
     assert_eq!(count(&app, "select count(*) from suppressions").await, 0);
+    let (reason, by): (String, String) = sqlx::query_as(
+        "select reason, lifted_by from suppression_lifts where member_id = 'm-late'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (reason.as_str(), by.as_str()),
+        ("mailbox fixed, confirmed by phone", "admin")
+    );
 
     worker.stop().await.unwrap();
     env.cleanup().await;

@@ -464,7 +464,8 @@ pub struct Lifted {
     responses((status = 200, body = Lifted), (status = 401, body = ApiError), (status = 403, body = ApiError),
               (status = 404, body = ApiError), (status = 422, body = ApiError)),
     security(("bearer" = []), ("session" = [])))]
-/// Lifts the suppression of a member's address on one channel (ops), with a reason.
+/// Lifts the suppression of a member's address on one channel (ops), with a reason, kept
+/// with who lifted it in `suppression_lifts`.
 pub async fn lift(
     State(app): State<App>,
     who: Authed,
@@ -492,6 +493,19 @@ pub async fn lift(
         return Ok(Json(Lifted { lifted: false }));
     };
     let lifted = crate::suppress::restore(&app.pool, channel, &address).await?;
+    if lifted {
+        sqlx::query(
+            "insert into suppression_lifts (member_id, channel, address, reason, lifted_by)
+             values ($1, $2, $3, $4, $5)",
+        )
+        .bind(&id)
+        .bind(channel.as_str())
+        .bind(&address)
+        .bind(body.reason.trim())
+        .bind(&who.user.name)
+        .execute(&app.pool)
+        .await?;
+    }
     tracing::info!(
         member = id,
         channel = channel.as_str(),

@@ -74,12 +74,11 @@ pub async fn run(mut settings: Settings, events: &Path) -> anyhow::Result<()> {
     result?;
     let m = &app.metrics;
     println!(
-        "Events: {} applied, {} duplicates (event ids already applied), {} waiting for a prerequisite, {} dead-lettered to {}.",
+        "Events: {} applied, {} duplicates (event ids already applied), {} waiting for a prerequisite, {} dead-lettered (list them with `lifecycle dead-letters`).",
         Metrics::get(&m.events_applied),
         Metrics::get(&m.events_duplicate),
         Metrics::get(&m.events_deferred),
         Metrics::get(&m.events_dead_lettered),
-        app.settings.ingest.dead_letter_queue,
     );
     let rows = recent_messages(&app.pool, Some(&member_ids), 100).await?;
     println!("\nMessages for the demo's members:\n");

@@ -306,8 +306,9 @@ impl Ingest {
             }
         }
         // Stop the flow; prefetched deliveries return to the queue when the channel closes.
+        // The channel closes with the connection, which the session closes next (closing it
+        // here as well raced that close: lapin logged "invalid channel state: Closing").
         bounded(channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default())).await;
-        bounded(channel.close(200, "shutdown".into())).await;
         Ok(())
     }
 

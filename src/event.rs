@@ -56,6 +56,8 @@ pub enum EventKind {
     CartUpdated(Cart),
     /// `cart.checked_out`
     CartCheckedOut(CartRef),
+    /// `feedback.submitted`
+    FeedbackSubmitted(Feedback),
 }
 
 impl EventKind {
@@ -70,6 +72,7 @@ impl EventKind {
             EventKind::PointsRedeemed(_) => "points.redeemed",
             EventKind::CartUpdated(_) => "cart.updated",
             EventKind::CartCheckedOut(_) => "cart.checked_out",
+            EventKind::FeedbackSubmitted(_) => "feedback.submitted",
         }
     }
 
@@ -84,6 +87,7 @@ impl EventKind {
             EventKind::PointsRedeemed(r) => &r.member_id,
             EventKind::CartUpdated(c) => &c.member_id,
             EventKind::CartCheckedOut(c) => &c.member_id,
+            EventKind::FeedbackSubmitted(f) => &f.member_id,
         }
     }
 }
@@ -193,6 +197,19 @@ pub struct Redemption {
     pub reward: Option<String>,
 }
 
+/// `feedback.submitted`: the answer to the NPS question, perhaps about an order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Feedback {
+    /// Who answered.
+    pub member_id: MemberId,
+    /// 0 to 10 ("how likely are you to recommend us?").
+    pub score: u8,
+    /// The order it is about, if any (feedback points are given once per order).
+    pub order_id: Option<RecordId>,
+    /// What they wrote, if anything (at most 2,000 characters).
+    pub comment: Option<String>,
+}
+
 /// `cart.updated`
 #[derive(Debug, Clone, PartialEq)]
 pub struct Cart {
@@ -288,6 +305,9 @@ pub fn parse(body: &[u8], max_bytes: usize) -> Result<Event, Rejection> {
         }
         "cart.updated" => EventKind::CartUpdated(decode::<wire::Cart>(data)?.try_into()?),
         "cart.checked_out" => EventKind::CartCheckedOut(decode::<wire::CartRef>(data)?.try_into()?),
+        "feedback.submitted" => {
+            EventKind::FeedbackSubmitted(decode::<wire::Feedback>(data)?.try_into()?)
+        }
         other => return Err(Rejection(format!("unknown event type {}", quoted(other)))),
     };
     Ok(Event {
@@ -604,6 +624,52 @@ mod wire {
     }
 
     #[derive(Deserialize)]
+    pub struct Feedback {
+        pub member_id: String,
+        pub score: i64,
+        pub order_id: Option<String>,
+        pub comment: Option<String>,
+    }
+
+    impl TryFrom<Feedback> for super::Feedback {
+        type Error = Rejection;
+
+        fn try_from(w: Feedback) -> Result<Self, Rejection> {
+            let score = u8::try_from(w.score)
+                .ok()
+                .filter(|s| *s <= 10)
+                .ok_or_else(|| {
+                    Rejection(format!("data.score: {} is not between 0 and 10", w.score))
+                })?;
+            let comment = match w.comment.map(|c| c.trim().to_owned()) {
+                Some(c) if c.chars().count() > 2000 => {
+                    return Err(Rejection(
+                        "data.comment: longer than 2000 characters".into(),
+                    ));
+                }
+                Some(c) if c.chars().any(|ch| ch.is_control() && ch != '\n') => {
+                    return Err(Rejection(
+                        "data.comment: must not contain control characters other than line breaks"
+                            .into(),
+                    ));
+                }
+                Some(c) => (!c.is_empty()).then_some(c),
+                None => None,
+            };
+            Ok(super::Feedback {
+                member_id: field("member_id", MemberId::parse(&w.member_id))?,
+                score,
+                order_id: w
+                    .order_id
+                    .as_deref()
+                    .map(|o| field("order_id", RecordId::parse("order_id", o)))
+                    .transpose()?,
+                comment,
+            })
+        }
+    }
+
+    #[derive(Deserialize)]
     pub struct Redemption {
         pub member_id: String,
         pub points: i64,
@@ -731,6 +797,10 @@ mod tests {
                 r#"{"cart_id":"c1","member_id":"m1","items":[],"total":0,"currency":"EUR","checkout_url":"https://shop.example/cart/c1"}"#,
             ),
             ("cart.checked_out", r#"{"cart_id":"c1","member_id":"m1"}"#),
+            (
+                "feedback.submitted",
+                r#"{"member_id":"m1","score":9,"order_id":"o1","comment":"Fast delivery.\nThanks"}"#,
+            ),
         ];
         for (kind, data) in cases {
             let parsed =
@@ -738,6 +808,41 @@ mod tests {
             assert_eq!(parsed.kind.type_name(), kind);
             assert_eq!(parsed.kind.member_id().as_str(), "m1");
         }
+    }
+
+    #[test]
+    fn feedback_is_a_score_from_0_to_10_with_an_optional_order_and_comment() {
+        let answer = |data: &str| parse(event("feedback.submitted", data).as_bytes(), MAX);
+        let EventKind::FeedbackSubmitted(f) =
+            answer(r#"{"member_id":"m1","score":0}"#).unwrap().kind
+        else {
+            panic!()
+        };
+        assert_eq!((f.score, f.order_id, f.comment), (0, None, None));
+        for (data, reason) in [
+            (
+                r#"{"member_id":"m1","score":11}"#,
+                "data.score: 11 is not between 0 and 10",
+            ),
+            (
+                r#"{"member_id":"m1","score":-1}"#,
+                "data.score: -1 is not between 0 and 10",
+            ),
+            (r#"{"member_id":"m1","score":9.5}"#, "data.score"),
+            (r#"{"member_id":"m1"}"#, "missing field `score`"),
+            (
+                r#"{"member_id":"m1","score":9,"comment":"a\u0007b"}"#,
+                "data.comment: must not contain control characters",
+            ),
+        ] {
+            let error = answer(data).unwrap_err().0;
+            assert!(error.contains(reason), "{data}: {error}");
+        }
+        let long = format!(
+            r#"{{"member_id":"m1","score":9,"comment":"{}"}}"#,
+            "가".repeat(2001)
+        );
+        assert!(answer(&long).unwrap_err().0.contains("longer than 2000"));
     }
 
     #[test]

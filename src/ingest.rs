@@ -32,7 +32,7 @@ pub const ERROR_HEADER: &str = "x-lifecycle-error";
 /// Header that counts how often an early event went through the retry queue.
 pub const RETRIES_HEADER: &str = "x-lifecycle-retries";
 /// Routing-key patterns that bind the input queue to the exchange.
-const BINDINGS: [&str; 4] = ["member.#", "order.#", "cart.#", "points.#"];
+const BINDINGS: [&str; 5] = ["member.#", "order.#", "cart.#", "points.#", "feedback.#"];
 
 /// Connects to RabbitMQ.
 ///

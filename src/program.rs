@@ -94,6 +94,9 @@ pub struct Program {
     /// A pool with this many codes left or fewer is logged and counted as running low.
     #[serde(deserialize_with = "crate::config::parsed")]
     pub coupon_low_water: i64,
+    /// Points for answering the feedback question about an order, once per order (0: none).
+    #[serde(deserialize_with = "crate::config::parsed")]
+    pub feedback_points: i64,
 }
 
 impl Default for Program {
@@ -145,6 +148,7 @@ impl Default for Program {
             expiring_notice_days: vec![30, 7],
             coupons: BTreeMap::new(),
             coupon_low_water: 100,
+            feedback_points: 0,
         }
     }
 }

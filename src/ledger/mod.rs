@@ -57,6 +57,21 @@ struct State {
     members: HashMap<MemberId, MemberState>,
     orders: HashMap<String, OrderRecord>,
     carts: HashMap<String, CartState>,
+    /// Orders whose feedback has earned its points (before or earlier in this batch).
+    feedback_rewarded: HashSet<String>,
+}
+
+/// A feedback answer as stored.
+struct FeedbackRecord {
+    member_id: MemberId,
+    order_id: Option<String>,
+    score: i16,
+    comment: Option<String>,
+    /// Points it earned (0 when none: no order, the order's feedback already rewarded, or
+    /// the programme gives none).
+    points: i64,
+    /// When it was given (the event's time).
+    at: DateTime<Utc>,
 }
 
 /// The verdict of applying one event in memory (returned once and matched at once, so the
@@ -73,6 +88,8 @@ enum Verdict {
         order: Option<OrderRecord>,
         /// The cart the event changed.
         cart: Option<CartState>,
+        /// The feedback the event gave.
+        feedback: Option<FeedbackRecord>,
     },
     Deferred(String),
     Rejected(String),
@@ -93,6 +110,7 @@ fn apply(state: &mut State, event: &Event, program: &Program, now: DateTime<Utc>
     });
     let mut order = None;
     let mut cart = None;
+    let mut feedback = None;
     // Carts order their events by when they happened (never later than now).
     let happened = event.time.map_or(now, |t| t.min(now));
     let after = match (&event.kind, &before) {
@@ -229,6 +247,41 @@ fn apply(state: &mut State, event: &Event, program: &Program, now: DateTime<Utc>
             }
             before.clone()
         }
+        (EventKind::FeedbackSubmitted(answer), Some(before)) => {
+            let mut after = before.clone();
+            let mut points = 0;
+            if let Some(order_id) = &answer.order_id {
+                let Some(record) = state.orders.get(order_id.as_str()) else {
+                    return Verdict::Deferred(format!("order {order_id} is not known yet"));
+                };
+                if &record.member_id != member_id {
+                    return Verdict::Rejected(format!(
+                        "order {order_id} belongs to another member"
+                    ));
+                }
+                // Once per order, however often the member answers about it.
+                if program.feedback_points > 0
+                    && state.feedback_rewarded.insert(order_id.to_string())
+                {
+                    points = program.feedback_points;
+                    entries.extend(after.points.earn(
+                        EntryKind::Feedback,
+                        points,
+                        now,
+                        program.expiry_months,
+                    ));
+                }
+            }
+            feedback = Some(FeedbackRecord {
+                member_id: member_id.clone(),
+                order_id: answer.order_id.as_ref().map(ToString::to_string),
+                score: i16::from(answer.score),
+                comment: answer.comment.clone(),
+                points,
+                at: happened,
+            });
+            after
+        }
         (EventKind::CartCheckedOut(checkout), Some(before)) => {
             let existing = state.carts.get(checkout.cart_id.as_str());
             match CartState::closed(existing, checkout.cart_id.as_str(), member_id, happened) {
@@ -251,6 +304,7 @@ fn apply(state: &mut State, event: &Event, program: &Program, now: DateTime<Utc>
         entries,
         order,
         cart,
+        feedback,
     }
 }
 
@@ -278,6 +332,7 @@ pub async fn apply_batch(
         .filter_map(|e| match &e.kind {
             EventKind::OrderPlaced(o) => Some(o.order_id.as_str()),
             EventKind::OrderRefunded(r) => Some(r.order_id.as_str()),
+            EventKind::FeedbackSubmitted(f) => f.order_id.as_ref().map(|o| o.as_str()),
             _ => None,
         })
         .collect();
@@ -294,6 +349,7 @@ pub async fn apply_batch(
         members: store::load_members(conn, &member_ids, program, now).await?,
         orders: store::load_orders(conn, &order_ids).await?,
         carts: carts::load(conn, &cart_ids).await?,
+        feedback_rewarded: store::feedback_rewarded(conn, &order_ids).await?,
     };
     let loaded = stored_lots(&state.members);
 
@@ -306,6 +362,7 @@ pub async fn apply_batch(
     let mut planned: Vec<(MemberId, Planned)> = Vec::new();
     let mut carts_changed: HashSet<String> = HashSet::new();
     let mut cancelled: Vec<String> = Vec::new();
+    let mut answers: Vec<(&str, FeedbackRecord)> = Vec::new();
     for event in events {
         let id = event.id.as_str();
         // Applied before this batch, or earlier in it (a copy deferred here travels on as
@@ -321,8 +378,10 @@ pub async fn apply_batch(
                 entries,
                 order,
                 cart,
+                feedback,
             } => {
                 let messages = triggers::plan(before.as_ref(), event, &after, program, now);
+                answers.extend(feedback.map(|f| (id, f)));
                 outcomes.push(Outcome::Applied {
                     planned: messages.len(),
                 });
@@ -363,7 +422,41 @@ pub async fn apply_batch(
     carts::cancel_pending(conn, &cancelled).await?;
     release_inbox(conn, &not_applied).await?;
     insert_planned(conn, &planned, program).await?;
+    save_feedback(conn, &answers).await?;
     Ok(outcomes)
+}
+
+/// Stores feedback answers (by event id: a replayed answer is not stored twice).
+async fn save_feedback(
+    conn: &mut PgConnection,
+    answers: &[(&str, FeedbackRecord)],
+) -> Result<(), sqlx::Error> {
+    if answers.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&str> = answers.iter().map(|(id, _)| *id).collect();
+    let members: Vec<&str> = answers.iter().map(|(_, f)| f.member_id.as_str()).collect();
+    let orders: Vec<Option<&str>> = answers.iter().map(|(_, f)| f.order_id.as_deref()).collect();
+    let scores: Vec<i16> = answers.iter().map(|(_, f)| f.score).collect();
+    let comments: Vec<Option<&str>> = answers.iter().map(|(_, f)| f.comment.as_deref()).collect();
+    let points: Vec<i64> = answers.iter().map(|(_, f)| f.points).collect();
+    let at: Vec<DateTime<Utc>> = answers.iter().map(|(_, f)| f.at).collect();
+    sqlx::query(
+        "insert into feedback (event_id, member_id, order_id, score, comment, points, at)
+         select * from unnest($1::text[], $2::text[], $3::text[], $4::smallint[], $5::text[],
+                              $6::bigint[], $7::timestamptz[])
+         on conflict (event_id) do nothing",
+    )
+    .bind(&ids)
+    .bind(&members)
+    .bind(&orders)
+    .bind(&scores)
+    .bind(&comments)
+    .bind(&points)
+    .bind(&at)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Each stored lot's member and remaining points as loaded, so that saving writes only the
@@ -745,7 +838,7 @@ mod model {
             let program = program();
             let m = MemberId::parse("m1").unwrap();
             let mut now = Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap();
-            let mut state = State { members: HashMap::new(), orders: HashMap::new(), carts: HashMap::new() };
+            let mut state = State { members: HashMap::new(), orders: HashMap::new(), carts: HashMap::new(), feedback_rewarded: HashSet::new() };
             let enrol = event(0, EventKind::MemberEnrolled(Profile {
                 member_id: m.clone(),
                 email: Some(Email::parse("m1@example.com").unwrap()),

@@ -30,6 +30,8 @@ pub enum EntryKind {
     Expiry,
     /// The birthday bonus.
     Birthday,
+    /// Points for answering the feedback question about an order.
+    Feedback,
 }
 
 impl EntryKind {
@@ -41,6 +43,7 @@ impl EntryKind {
             EntryKind::Refund => "refund",
             EntryKind::Adjustment => "adjustment",
             EntryKind::Redemption => "redemption",
+            EntryKind::Feedback => "feedback",
             EntryKind::Expiry => "expiry",
             EntryKind::Birthday => "birthday",
         }

@@ -265,3 +265,20 @@ pub(super) async fn save_orders(
     .await?;
     Ok(())
 }
+
+/// The orders among `ids` whose feedback has already earned its points.
+pub(super) async fn feedback_rewarded(
+    conn: &mut PgConnection,
+    ids: &[&str],
+) -> Result<std::collections::HashSet<String>, sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(Default::default());
+    }
+    let rows: Vec<String> = sqlx::query_scalar(
+        "select distinct order_id from feedback where order_id = any($1) and points > 0",
+    )
+    .bind(ids)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().collect())
+}

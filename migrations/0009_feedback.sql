@@ -17,3 +17,10 @@ create unique index feedback_rewarded_once on feedback (order_id) where points >
 alter table point_entries drop constraint point_entries_kind_check;
 alter table point_entries add constraint point_entries_kind_check
     check (kind in ('signup', 'order', 'refund', 'adjustment', 'redemption', 'expiry', 'birthday', 'feedback'));
+
+-- When what a record records happened, by the platform's clock (the event's `time`): a report
+-- for a past period counts an event applied late in the period it happened in. Rows from
+-- before this migration have none; reports fall back to `at` and `created_at`.
+alter table point_entries add column event_at timestamptz;
+alter table messages add column event_at timestamptz;
+create index point_entries_event_at on point_entries using brin (event_at);

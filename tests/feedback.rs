@@ -132,3 +132,86 @@ async fn feedback_is_stored_and_earns_its_points_once_per_order() {
     worker.stop().await.unwrap();
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn an_event_applied_late_keeps_the_time_it_happened() {
+    // The worker's clock is a week past the events.
+    let env = TestEnv::new(&[("LIFECYCLE_NOW", "2026-11-29T12:00:00Z".into())]);
+    let worker = env.start(INGEST_ONLY).await;
+    let app = worker.app.clone();
+    let t = &env.tag;
+    let mut enrolment: serde_json::Value = serde_json::from_str(&enrolled(
+        &format!("{t}-e"),
+        "m-late",
+        Some("late@example.com"),
+        None,
+        "en",
+        "Lee",
+        (true, false),
+    ))
+    .unwrap();
+    enrolment["time"] = json!("2026-11-20T08:00:00Z");
+    env.publish(&[
+        enrolment.to_string(),
+        event(
+            format!("{t}-o"),
+            "order.placed",
+            "2026-11-21T09:30:00Z",
+            json!({"order_id": "o-late", "member_id": "m-late", "total": 60000, "currency": "USD", "items": []}),
+        ),
+        // From the future (a skewed platform clock): recorded at the worker's now.
+        event(
+            format!("{t}-f"),
+            "feedback.submitted",
+            "2027-01-01T00:00:00Z",
+            json!({"member_id": "m-late", "score": 10}),
+        ),
+    ])
+    .await;
+    wait_for("all three applied", || async {
+        (count(&app, "select count(*) from inbox").await == 3).then_some(())
+    })
+    .await;
+    let time = |sql: &'static str| {
+        let pool = app.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+                .to_rfc3339()
+        }
+    };
+    assert_eq!(
+        time("select placed_at from orders where order_id = 'o-late'").await,
+        "2026-11-21T09:30:00+00:00"
+    );
+    assert_eq!(
+        time("select event_at from point_entries where kind = 'order'").await,
+        "2026-11-21T09:30:00+00:00"
+    );
+    assert_eq!(
+        time("select event_at from point_entries where kind = 'signup'").await,
+        "2026-11-20T08:00:00+00:00"
+    );
+    // The journal's business time is still the worker's (lots and tiers run on it).
+    assert_eq!(
+        time("select at from point_entries where kind = 'order'").await,
+        "2026-11-29T12:00:00+00:00"
+    );
+    // The welcome and the tier-up the order crossed, planned for the events' times.
+    assert_eq!(
+        time("select event_at from messages where trigger = 'welcome'").await,
+        "2026-11-20T08:00:00+00:00"
+    );
+    assert_eq!(
+        time("select event_at from messages where trigger = 'tier-up'").await,
+        "2026-11-21T09:30:00+00:00"
+    );
+    assert_eq!(
+        time("select at from feedback").await,
+        "2026-11-29T12:00:00+00:00"
+    );
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}

@@ -161,7 +161,8 @@ fn apply(state: &mut State, event: &Event, program: &Program, now: DateTime<Utc>
                         reversed: 0,
                     },
                     cart_id: placed.cart_id.as_ref().map(ToString::to_string),
-                    placed_at: now,
+                    // When the platform says it was placed: reports count it in its period.
+                    placed_at: happened,
                 });
             }
             // The order checks its cart out. A cart id of another member's cart is the
@@ -357,9 +358,9 @@ pub async fn apply_batch(
     let mut settled: HashSet<&str> = HashSet::new();
     let mut not_applied: Vec<&str> = Vec::new();
     let mut changed: HashSet<MemberId> = HashSet::new();
-    let mut journal: Vec<(MemberId, Entry, &str)> = Vec::new();
+    let mut journal: Vec<(MemberId, Entry, &str, DateTime<Utc>)> = Vec::new();
     let mut orders: HashMap<String, OrderRecord> = HashMap::new();
-    let mut planned: Vec<(MemberId, Planned)> = Vec::new();
+    let mut planned: Vec<(MemberId, Planned, DateTime<Utc>)> = Vec::new();
     let mut carts_changed: HashSet<String> = HashSet::new();
     let mut cancelled: Vec<String> = Vec::new();
     let mut answers: Vec<(&str, FeedbackRecord)> = Vec::new();
@@ -371,6 +372,9 @@ pub async fn apply_batch(
             outcomes.push(Outcome::Duplicate);
             continue;
         }
+        // What the event records happened when the platform says (never later than now), so
+        // an event applied late counts in the period it happened in.
+        let happened = event.time.map_or(now, |t| t.min(now));
         match apply(&mut state, event, program, now) {
             Verdict::Applied {
                 before,
@@ -391,7 +395,11 @@ pub async fn apply_batch(
                 if before.as_ref() != Some(&after) || !entries.is_empty() {
                     changed.insert(member_id.clone());
                 }
-                journal.extend(entries.into_iter().map(|e| (member_id.clone(), e, id)));
+                journal.extend(
+                    entries
+                        .into_iter()
+                        .map(|e| (member_id.clone(), e, id, happened)),
+                );
                 if let Some(order) = order {
                     orders.insert(order.order_id.clone(), order);
                 }
@@ -400,7 +408,11 @@ pub async fn apply_batch(
                     cancelled.extend(cart.planned_keys());
                     carts_changed.insert(cart.cart_id);
                 }
-                planned.extend(messages.into_iter().map(|p| (member_id.clone(), p)));
+                planned.extend(
+                    messages
+                        .into_iter()
+                        .map(|p| (member_id.clone(), p, happened)),
+                );
             }
             Verdict::Deferred(reason) => {
                 not_applied.push(id);
@@ -511,7 +523,7 @@ async fn release_inbox(conn: &mut PgConnection, ids: &[&str]) -> Result<(), sqlx
 /// trigger with a coupon pool draw their codes here, in the planning transaction.
 async fn insert_planned(
     conn: &mut PgConnection,
-    planned: &[(MemberId, Planned)],
+    planned: &[(MemberId, Planned, DateTime<Utc>)],
     program: &Program,
 ) -> Result<(), sqlx::Error> {
     if planned.is_empty() {
@@ -523,7 +535,9 @@ async fn insert_planned(
     let mut channels = Vec::with_capacity(planned.len());
     let mut contexts = Vec::with_capacity(planned.len());
     let mut due = Vec::with_capacity(planned.len());
-    for (member_id, p) in planned {
+    let mut happened = Vec::with_capacity(planned.len());
+    for (member_id, p, at) in planned {
+        happened.push(*at);
         keys.push(p.dedupe_key.as_str());
         members.push(member_id.as_str());
         triggers.push(p.trigger.as_str());
@@ -532,10 +546,11 @@ async fn insert_planned(
         due.push(p.due_at);
     }
     let inserted: Vec<(i64, String, String)> = sqlx::query_as(
-        "insert into messages (dedupe_key, member_id, trigger, channel, context, due_at)
-         select k, m, t, c, x::jsonb, d
-         from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])
-              as p(k, m, t, c, x, d)
+        "insert into messages (dedupe_key, member_id, trigger, channel, context, due_at, event_at)
+         select k, m, t, c, x::jsonb, d, e
+         from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
+                     $7::timestamptz[])
+              as p(k, m, t, c, x, d, e)
          -- a key whose message retention pruned was sent (or settled) before
          where not exists (select 1 from retired_keys r where r.dedupe_key = p.k)
          on conflict (dedupe_key) do nothing
@@ -547,6 +562,7 @@ async fn insert_planned(
     .bind(&channels)
     .bind(&contexts)
     .bind(&due)
+    .bind(&happened)
     .fetch_all(&mut *conn)
     .await?;
     for (_, key, trigger) in &inserted {
@@ -631,7 +647,7 @@ where
     };
 
     let mut journal: Vec<(MemberId, Entry, String)> = Vec::new();
-    let mut planned: Vec<(MemberId, Planned)> = Vec::new();
+    let mut planned: Vec<(MemberId, Planned, DateTime<Utc>)> = Vec::new();
     let mut saved: Vec<MemberState> = Vec::new();
     for (id, base, entries, changed, decided) in expired {
         let expiry = !entries.is_empty();
@@ -649,7 +665,7 @@ where
                         .into_iter()
                         .map(|e| (id.clone(), e, d.cause.clone())),
                 );
-                planned.extend(d.planned.into_iter().map(|p| (id.clone(), p)));
+                planned.extend(d.planned.into_iter().map(|p| (id.clone(), p, now)));
                 if expiry || touched {
                     saved.push(changed);
                 }
@@ -660,9 +676,10 @@ where
     }
     let saved_refs: Vec<&MemberState> = saved.iter().collect();
     members::save(conn, &saved_refs, now).await?;
-    let journal_refs: Vec<(MemberId, Entry, &str)> = journal
+    // A scan's changes happen at the scan's time.
+    let journal_refs: Vec<(MemberId, Entry, &str, DateTime<Utc>)> = journal
         .iter()
-        .map(|(m, e, c)| (m.clone(), e.clone(), c.as_str()))
+        .map(|(m, e, c)| (m.clone(), e.clone(), c.as_str(), now))
         .collect();
     store::save_points(conn, &saved_refs, &loaded, &journal_refs).await?;
     insert_planned(conn, &planned, program).await?;
@@ -722,7 +739,11 @@ pub async fn abandon_carts(
     for cart in current.into_values().filter(|c| c.is_due(now)) {
         if let Some(state) = states.get(&cart.member_id) {
             let messages = triggers::abandoned_cart(&cart, state, program, now);
-            planned.extend(messages.into_iter().map(|p| (cart.member_id.clone(), p)));
+            planned.extend(
+                messages
+                    .into_iter()
+                    .map(|p| (cart.member_id.clone(), p, now)),
+            );
         }
         marked.push(CartState {
             notified_version: Some(cart.version),

@@ -94,7 +94,7 @@ pub(super) async fn save_points(
     conn: &mut PgConnection,
     changed: &[&MemberState],
     loaded: &HashMap<i64, (MemberId, i64)>,
-    journal: &[(MemberId, Entry, &str)],
+    journal: &[(MemberId, Entry, &str, DateTime<Utc>)],
 ) -> Result<(), sqlx::Error> {
     let mut kept: HashSet<i64> = HashSet::new();
     let (mut updated_members, mut updated, mut updated_remaining) =
@@ -167,17 +167,29 @@ pub(super) async fn save_points(
     if journal.is_empty() {
         return Ok(());
     }
-    let members: Vec<&str> = journal.iter().map(|(m, _, _)| m.as_str()).collect();
-    let kinds: Vec<&str> = journal.iter().map(|(_, e, _)| e.kind.as_str()).collect();
-    let points: Vec<i64> = journal.iter().map(|(_, e, _)| e.points).collect();
-    let qualifying: Vec<i64> = journal.iter().map(|(_, e, _)| e.qualifying).collect();
-    let at: Vec<DateTime<Utc>> = journal.iter().map(|(_, e, _)| e.at).collect();
-    let causes: Vec<&str> = journal.iter().map(|(_, _, c)| *c).collect();
+    let members: Vec<&str> = journal.iter().map(|(m, ..)| m.as_str()).collect();
+    let kinds: Vec<&str> = journal.iter().map(|(_, e, ..)| e.kind.as_str()).collect();
+    let points: Vec<i64> = journal.iter().map(|(_, e, ..)| e.points).collect();
+    let qualifying: Vec<i64> = journal.iter().map(|(_, e, ..)| e.qualifying).collect();
+    let at: Vec<DateTime<Utc>> = journal.iter().map(|(_, e, ..)| e.at).collect();
+    let causes: Vec<&str> = journal.iter().map(|(_, _, c, _)| *c).collect();
+    // When it happened: the event's time; a lot lapses when it lapses, whatever applied it.
+    let happened: Vec<DateTime<Utc>> = journal
+        .iter()
+        .map(|(_, e, _, t)| {
+            if e.kind == crate::ledger::EntryKind::Expiry {
+                e.at
+            } else {
+                *t
+            }
+        })
+        .collect();
     sqlx::query(
-        "insert into point_entries (member_id, kind, points, qualifying, at, cause)
-         select m, k, p, q, a, c
-         from unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::timestamptz[], $6::text[])
-              with ordinality as j(m, k, p, q, a, c, n)
+        "insert into point_entries (member_id, kind, points, qualifying, at, cause, event_at)
+         select m, k, p, q, a, c, h
+         from unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::timestamptz[], $6::text[],
+                     $7::timestamptz[])
+              with ordinality as j(m, k, p, q, a, c, h, n)
          order by n",
     )
     .bind(&members)
@@ -186,6 +198,7 @@ pub(super) async fn save_points(
     .bind(&qualifying)
     .bind(&at)
     .bind(&causes)
+    .bind(&happened)
     .execute(conn)
     .await?;
     Ok(())

@@ -24,3 +24,7 @@ alter table point_entries add constraint point_entries_kind_check
 alter table point_entries add column event_at timestamptz;
 alter table messages add column event_at timestamptz;
 create index point_entries_event_at on point_entries using brin (event_at);
+
+-- The distinct SKUs of each order (a JSON array of strings), for the upsell ratio. Orders from
+-- before this migration have none.
+alter table orders add column skus jsonb not null default '[]';

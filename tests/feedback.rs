@@ -157,7 +157,10 @@ async fn an_event_applied_late_keeps_the_time_it_happened() {
             format!("{t}-o"),
             "order.placed",
             "2026-11-21T09:30:00Z",
-            json!({"order_id": "o-late", "member_id": "m-late", "total": 60000, "currency": "USD", "items": []}),
+            json!({"order_id": "o-late", "member_id": "m-late", "total": 60000, "currency": "USD",
+                   "items": [{"sku": "tea", "name": "Tea", "quantity": 1, "unit_price": 30000},
+                             {"sku": "mug", "name": "Mug", "quantity": 1, "unit_price": 15000},
+                             {"sku": "tea", "name": "Tea", "quantity": 1, "unit_price": 15000}]}),
         ),
         // From the future (a skewed platform clock): recorded at the worker's now.
         event(
@@ -208,6 +211,11 @@ async fn an_event_applied_late_keeps_the_time_it_happened() {
         time("select event_at from messages where trigger = 'tier-up'").await,
         "2026-11-21T09:30:00+00:00"
     );
+    let skus: serde_json::Value = sqlx::query_scalar("select skus from orders")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(skus, json!(["mug", "tea"]), "the order's distinct SKUs");
     assert_eq!(
         time("select at from feedback").await,
         "2026-11-29T12:00:00+00:00"

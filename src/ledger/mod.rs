@@ -163,6 +163,13 @@ fn apply(state: &mut State, event: &Event, program: &Program, now: DateTime<Utc>
                     cart_id: placed.cart_id.as_ref().map(ToString::to_string),
                     // When the platform says it was placed: reports count it in its period.
                     placed_at: happened,
+                    skus: {
+                        let mut skus: Vec<String> =
+                            placed.items.iter().map(|i| i.sku.clone()).collect();
+                        skus.sort_unstable();
+                        skus.dedup();
+                        skus
+                    },
                 });
             }
             // The order checks its cart out. A cart id of another member's cart is the

@@ -23,8 +23,10 @@ pub struct OrderRecord {
     pub points: OrderPoints,
     /// The cart it checked out, if any.
     pub cart_id: Option<String>,
-    /// When the ledger applied it (business time).
+    /// When it was placed (the event's time, capped at the business time it was applied).
     pub placed_at: DateTime<Utc>,
+    /// The distinct SKUs bought (what the upsell ratio counts), sorted.
+    pub skus: Vec<String>,
 }
 
 /// Loads the members among `ids` that exist, with their lots and the qualifying entries
@@ -213,7 +215,8 @@ pub(super) async fn load_orders(
         return Ok(HashMap::new());
     }
     let rows = sqlx::query(
-        "select order_id, member_id, currency, total_minor, earned, refunded_minor, reversed, cart_id, placed_at
+        "select order_id, member_id, currency, total_minor, earned, refunded_minor, reversed, cart_id, placed_at,
+                skus
          from orders where order_id = any($1)",
     )
     .bind(ids)
@@ -235,6 +238,7 @@ pub(super) async fn load_orders(
                 },
                 cart_id: r.get("cart_id"),
                 placed_at: r.get("placed_at"),
+                skus: serde_json::from_value(r.get("skus")).unwrap_or_default(),
             };
             Ok((record.order_id.clone(), record))
         })
@@ -258,10 +262,17 @@ pub(super) async fn save_orders(
     let reversed: Vec<i64> = orders.iter().map(|o| o.points.reversed).collect();
     let carts: Vec<Option<&str>> = orders.iter().map(|o| o.cart_id.as_deref()).collect();
     let placed: Vec<DateTime<Utc>> = orders.iter().map(|o| o.placed_at).collect();
+    let skus: Vec<String> = orders
+        .iter()
+        .map(|o| serde_json::to_string(&o.skus).expect("strings serialize"))
+        .collect();
     sqlx::query(
-        "insert into orders (order_id, member_id, currency, total_minor, earned, refunded_minor, reversed, cart_id, placed_at)
-         select * from unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[],
-                              $7::bigint[], $8::text[], $9::timestamptz[])
+        "insert into orders (order_id, member_id, currency, total_minor, earned, refunded_minor, reversed, cart_id, placed_at,
+                             skus)
+         select o, m, c, t, e, f, r, k, p, s::jsonb
+         from unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[],
+                     $7::bigint[], $8::text[], $9::timestamptz[], $10::text[])
+              as x(o, m, c, t, e, f, r, k, p, s)
          on conflict (order_id) do update set
              refunded_minor = excluded.refunded_minor, reversed = excluded.reversed",
     )
@@ -274,6 +285,7 @@ pub(super) async fn save_orders(
     .bind(&reversed)
     .bind(&carts)
     .bind(&placed)
+    .bind(&skus)
     .execute(conn)
     .await?;
     Ok(())

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use common::admin::{self, ADMIN_TOKEN, Auth, Client};
 use common::fake_api::{FakeApi, Reply};
-use common::{SmtpSink, TestEnv, count, enrolled, wait_for};
+use common::{SmtpSink, TestEnv, count, enrolled, enrolments, wait_for};
 use lifecycle::app::Roles;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -60,20 +60,7 @@ async fn a_provider_outage_is_seen_then_retried_and_every_message_sent_once() {
     let api = Client::new(&base);
     let (_, marketer) = admin::add_user(&env, "mia", "marketer");
     let ops = Auth::Bearer(ADMIN_TOKEN);
-    let members: Vec<String> = (0..5)
-        .map(|i| {
-            enrolled(
-                &format!("{}-{i}", env.tag),
-                &format!("m-{i}"),
-                Some(&format!("m{i}@example.com")),
-                None,
-                "en",
-                "Ada",
-                (true, false),
-            )
-        })
-        .collect();
-    env.publish(&members).await;
+    env.publish(&enrolments(&env, 5)).await;
     wait_for("five welcomes failed", || async {
         (count(
             &app,

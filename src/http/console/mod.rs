@@ -90,6 +90,20 @@ impl FromRequestParts<App> for Session {
 }
 
 impl Session {
+    /// The (trigger, locale) a form posted to a template's path is about, or the page that
+    /// refuses it: a CSRF token not this session's (403), an unknown trigger or locale (404).
+    fn form_on(
+        &self,
+        csrf: &str,
+        name: &str,
+        locale: &str,
+    ) -> Result<(Trigger, String), Box<Response>> {
+        if let Some(refused) = self.refusal(csrf) {
+            return Err(Box::new(refused));
+        }
+        pair(name, locale).map_err(|e| Box::new(error_page(e)))
+    }
+
     /// The refusal (403) of a form whose CSRF token is not this session's.
     fn refusal(&self, sent: &str) -> Option<Response> {
         (sent != self.csrf).then(|| {
@@ -509,12 +523,10 @@ async fn save(
     Path((name, raw_locale)): Path<(String, String)>,
     axum::Form(form): axum::Form<BTreeMap<String, String>>,
 ) -> Response {
-    if let Some(refused) = session.refusal(form.get("csrf").map_or("", String::as_str)) {
-        return refused;
-    }
-    let (trigger, locale) = match pair(&name, &raw_locale) {
-        Ok(p) => p,
-        Err(e) => return error_page(e),
+    let csrf = form.get("csrf").map_or("", String::as_str);
+    let (trigger, locale) = match session.form_on(csrf, &name, &raw_locale) {
+        Ok(pair) => pair,
+        Err(refused) => return *refused,
     };
     // Every file the editor shows is sent; an emptied one is removed.
     let mut changes: BTreeMap<String, Option<String>> = form
@@ -576,12 +588,9 @@ async fn publish(
     Path((name, raw_locale)): Path<(String, String)>,
     axum::Form(form): axum::Form<PublishForm>,
 ) -> Response {
-    if let Some(refused) = session.refusal(&form.csrf) {
-        return refused;
-    }
-    let (trigger, locale) = match pair(&name, &raw_locale) {
-        Ok(p) => p,
-        Err(e) => return error_page(e),
+    let (trigger, locale) = match session.form_on(&form.csrf, &name, &raw_locale) {
+        Ok(pair) => pair,
+        Err(refused) => return *refused,
     };
     match app
         .templates
@@ -614,12 +623,9 @@ async fn test_send(
     Path((name, raw_locale)): Path<(String, String)>,
     axum::Form(form): axum::Form<TestSendForm>,
 ) -> Response {
-    if let Some(refused) = session.refusal(&form.csrf) {
-        return refused;
-    }
-    let (trigger, locale) = match pair(&name, &raw_locale) {
-        Ok(p) => p,
-        Err(e) => return error_page(e),
+    let (trigger, locale) = match session.form_on(&form.csrf, &name, &raw_locale) {
+        Ok(pair) => pair,
+        Err(refused) => return *refused,
     };
     let nonempty = |v: Option<String>| v.filter(|s| !s.trim().is_empty());
     let version = nonempty(form.version).and_then(|v| v.trim().parse().ok());

@@ -393,7 +393,7 @@ pub struct RetentionSettings {
     /// applied again, so keep it longer than any replay you might make.
     #[serde(deserialize_with = "parsed")]
     pub inbox_days: u32,
-    /// Finished messages (sent, suppressed, cancelled, failed) and their attempts. A pruned
+    /// Finished messages (sent, suppressed, cancelled, failed, held out) and their attempts. A pruned
     /// message's dedupe key is kept (`retired_keys`), so pruning never lets a message go twice.
     #[serde(deserialize_with = "parsed")]
     pub messages_days: u32,

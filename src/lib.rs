@@ -38,6 +38,7 @@ pub mod program;
 pub mod publish;
 pub mod queues;
 pub mod render;
+pub mod report;
 pub mod scheduler;
 pub mod shutdown;
 pub mod suppress;

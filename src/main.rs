@@ -112,12 +112,34 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The loyalty report for [--from, --to): retention, repeat purchase, upsell, NPS, points,
+    /// and each trigger's conversions beside its control group's.
+    Report {
+        /// Start, included: a date (2026-10-01, midnight UTC) or an RFC 3339 time. Default:
+        /// 30 days before --to.
+        #[arg(long, value_parser = time_arg)]
+        from: Option<chrono::DateTime<chrono::Utc>>,
+        /// End, excluded. Default: now.
+        #[arg(long, value_parser = time_arg)]
+        to: Option<chrono::DateTime<chrono::Utc>>,
+        /// JSON (the API's shape) instead of a table.
+        #[arg(long, conflicts_with = "csv")]
+        json: bool,
+        /// CSV, a `figure,value` row per figure.
+        #[arg(long)]
+        csv: bool,
+    },
     /// The broker's queues (ready messages, consumers) and the outbox by status.
     Queues {
         /// JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
+}
+
+/// A `--from`/`--to` value.
+fn time_arg(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    lifecycle::report::parse_time(text).map_err(|e| e.to_string())
 }
 
 /// Filters of `deliveries`.
@@ -132,7 +154,7 @@ struct MessageFilter {
     /// email or sms.
     #[arg(long)]
     channel: Option<String>,
-    /// pending, sending, sent, suppressed, cancelled or failed.
+    /// pending, sending, sent, suppressed, cancelled, failed or held_out.
     #[arg(long)]
     status: Option<String>,
     /// The provider that took it, or was tried last.
@@ -436,6 +458,24 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                         print!("{}", lifecycle::dead_letters::table(&rows));
                     }
                 }
+            }
+            Ok(())
+        }
+        Command::Report {
+            from,
+            to,
+            json,
+            csv,
+        } => {
+            let app = App::open(settings).await?;
+            let period = lifecycle::report::Period::new(from, to, app.clock.now())?;
+            let report = lifecycle::report::loyalty(&app.pool, period).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else if csv {
+                print!("{}", lifecycle::report::csv(&report));
+            } else {
+                print!("{}", lifecycle::report::table(&report));
             }
             Ok(())
         }

@@ -65,7 +65,8 @@ pub struct Claimed {
 pub struct Settled {
     /// Outbox id.
     pub id: i64,
-    /// The new status: `sent`, `suppressed`, `failed`, or `pending` (to be tried again).
+    /// The new status: `sent`, `suppressed`, `failed`, `held_out` (the trigger's control group:
+    /// not sent, `sent_at` when it would have been), or `pending` (to be tried again).
     pub status: &'static str,
     /// The address or number it went to.
     pub recipient: Option<String>,

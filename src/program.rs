@@ -97,6 +97,115 @@ pub struct Program {
     /// Points for answering the feedback question about an order, once per order (0: none).
     #[serde(deserialize_with = "crate::config::parsed")]
     pub feedback_points: i64,
+    /// The share of members held out of each trigger as its control group.
+    pub holdout_percent: Holdout,
+}
+
+/// `[program] holdout_percent`: the percentage of members (0 to 100, two decimals) held out of
+/// a trigger, for all triggers (`holdout_percent = 10`) or per trigger
+/// (`[program.holdout_percent]` with `welcome = 50`, `default = 10`). Who is held out is a
+/// stable hash of member and trigger: the same member is always on the same side of the
+/// same trigger, on every replica and after every restart, and the sides of two triggers are
+/// independent.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Holdout {
+    /// Basis points (hundredths of a percent) of triggers without their own share.
+    default: u32,
+    /// Basis points, by trigger name.
+    per_trigger: BTreeMap<String, u32>,
+}
+
+impl Holdout {
+    /// The share held out of `trigger`, in percent.
+    pub fn percent(&self, trigger: &str) -> f64 {
+        f64::from(self.basis_points(trigger)) / 100.0
+    }
+
+    fn basis_points(&self, trigger: &str) -> u32 {
+        self.per_trigger
+            .get(trigger)
+            .copied()
+            .unwrap_or(self.default)
+    }
+
+    /// Whether `member_id` is in `trigger`'s control group.
+    pub fn holds_out(&self, member_id: &str, trigger: &str) -> bool {
+        let share = self.basis_points(trigger);
+        share > 0 && holdout_bucket(member_id, trigger) < share
+    }
+
+    /// Refuses a share outside 0 to 100 or a name that is not a trigger.
+    fn check(&self) -> anyhow::Result<()> {
+        ensure!(
+            self.default <= 10_000,
+            "program.holdout_percent must be between 0 and 100"
+        );
+        for (trigger, share) in &self.per_trigger {
+            ensure!(
+                crate::triggers::Trigger::parse(trigger).is_some(),
+                "program.holdout_percent: {trigger:?} is not a trigger"
+            );
+            ensure!(
+                *share <= 10_000,
+                "program.holdout_percent.{trigger} must be between 0 and 100"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A member's bucket for a trigger, 0 to 9,999: the first eight bytes of
+/// SHA-256(member id, NUL, trigger) modulo 10,000. Fixed forever: changing it would move
+/// members between a trigger's sides mid-measurement.
+pub fn holdout_bucket(member_id: &str, trigger: &str) -> u32 {
+    let mut input = Vec::with_capacity(member_id.len() + trigger.len() + 1);
+    input.extend_from_slice(member_id.as_bytes());
+    input.push(0);
+    input.extend_from_slice(trigger.as_bytes());
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &input);
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest.as_ref()[..8]);
+    (u64::from_be_bytes(first) % 10_000) as u32
+}
+
+/// A percentage, as basis points.
+fn basis_points(value: &toml::Value) -> Result<u32, String> {
+    let percent = match value {
+        toml::Value::Integer(i) => *i as f64,
+        toml::Value::Float(f) => *f,
+        toml::Value::String(s) => s
+            .trim()
+            .parse::<f64>()
+            .map_err(|_| format!("{s:?} is not a percentage"))?,
+        other => return Err(format!("expected a percentage, found {}", other.type_str())),
+    };
+    if !(0.0..=100.0).contains(&percent) {
+        return Err(format!("{percent} is not between 0 and 100"));
+    }
+    Ok((percent * 100.0).round() as u32)
+}
+
+impl<'de> Deserialize<'de> for Holdout {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let value = toml::Value::deserialize(deserializer)?;
+        let mut holdout = Holdout::default();
+        match value {
+            toml::Value::Table(table) => {
+                for (key, value) in table {
+                    let share = basis_points(&value)
+                        .map_err(|e| D::Error::custom(format!("{key}: {e}")))?;
+                    if key == "default" {
+                        holdout.default = share;
+                    } else {
+                        holdout.per_trigger.insert(key, share);
+                    }
+                }
+            }
+            value => holdout.default = basis_points(&value).map_err(D::Error::custom)?,
+        }
+        Ok(holdout)
+    }
 }
 
 impl Default for Program {
@@ -149,6 +258,7 @@ impl Default for Program {
             coupons: BTreeMap::new(),
             coupon_low_water: 100,
             feedback_points: 0,
+            holdout_percent: Holdout::default(),
         }
     }
 }
@@ -231,6 +341,7 @@ impl Program {
                 "program.expiring_notice_days must be in decreasing order"
             );
         }
+        self.holdout_percent.check()?;
         Ok(())
     }
 
@@ -447,5 +558,72 @@ mod tests {
             assert!(error.contains(expected), "{error}");
         }
         Program::default().check().unwrap();
+    }
+
+    #[test]
+    fn holdout_buckets_are_fixed_and_even() {
+        // Computed apart from this code (Python's hashlib): SHA-256 of "m-1\0welcome", first
+        // eight bytes big-endian, modulo 10,000. A change here moves members between sides.
+        assert_eq!(holdout_bucket("m-1", "welcome"), 1938);
+        assert_eq!(holdout_bucket("m-2", "welcome"), 366);
+        assert_eq!(holdout_bucket("m-1", "birthday"), 4940);
+        // 20,000 members at 30%: the count held out is binomial (sd 65); 5 sd either side.
+        let holdout = Holdout {
+            default: 3_000,
+            per_trigger: BTreeMap::new(),
+        };
+        let held = (0..20_000)
+            .filter(|i| holdout.holds_out(&format!("member-{i}"), "welcome"))
+            .count();
+        assert!((5_675..=6_325).contains(&held), "{held} of 20000 held out");
+        // Independent across triggers: about 30% of those held out of welcome are held out of
+        // birthday too (binomial on ~6,000, sd 35).
+        let both = (0..20_000)
+            .map(|i| format!("member-{i}"))
+            .filter(|m| holdout.holds_out(m, "welcome") && holdout.holds_out(m, "birthday"))
+            .count();
+        assert!((1_625..=1_975).contains(&both), "{both} held out of both");
+        assert!(!Holdout::default().holds_out("m-1", "welcome"));
+    }
+
+    #[test]
+    fn holdout_percent_is_one_share_or_one_per_trigger() {
+        let settings = |file: Option<&str>, env: &[(&str, &str)]| {
+            crate::config::Settings::from_sources(
+                file,
+                env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+            )
+        };
+        let s = settings(None, &[("LIFECYCLE_PROGRAM__HOLDOUT_PERCENT", "12.5")]).unwrap();
+        assert_eq!(s.program.holdout_percent.percent("welcome"), 12.5);
+        assert_eq!(s.program.holdout_percent.percent("birthday"), 12.5);
+        let s = settings(
+            Some("[program.holdout_percent]\nwelcome = 50\ndefault = 10\n"),
+            &[("LIFECYCLE_PROGRAM__HOLDOUT_PERCENT__BIRTHDAY", "20")],
+        )
+        .unwrap();
+        let h = &s.program.holdout_percent;
+        assert_eq!(
+            (
+                h.percent("welcome"),
+                h.percent("birthday"),
+                h.percent("tier-up")
+            ),
+            (50.0, 20.0, 10.0)
+        );
+        for (value, expected) in [
+            ("101", "not between 0 and 100"),
+            ("-1", "not between 0 and 100"),
+            ("half", "not a percentage"),
+        ] {
+            let error = settings(None, &[("LIFECYCLE_PROGRAM__HOLDOUT_PERCENT", value)])
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(expected), "{value}: {error}");
+        }
+        let error = settings(Some("[program.holdout_percent]\nwelcom = 50\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("\"welcom\" is not a trigger"), "{error}");
     }
 }

@@ -384,7 +384,7 @@ async fn prune(app: &App) -> anyhow::Result<()> {
             r.messages_days,
             "with old as (
                  select id, dedupe_key from messages
-                 where status in ('sent', 'suppressed', 'cancelled', 'failed')
+                 where status in ('sent', 'suppressed', 'cancelled', 'failed', 'held_out')
                    and created_at < now() - make_interval(days => $1)
                    and finished_at < now() - make_interval(days => $1)
                  limit $2

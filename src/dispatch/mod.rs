@@ -279,6 +279,21 @@ impl Dispatcher {
             }
         };
         settled.recipient = Some(outgoing.to.clone());
+        if !c.test
+            && self
+                .app
+                .settings
+                .program
+                .holdout_percent
+                .holds_out(&c.member_id, &c.trigger)
+        {
+            // The trigger's control group: everything a send checks was checked, and the
+            // moment it would have gone is kept for the report.
+            debug!(message_id = c.id, "Message held out (control group).");
+            settled.status = "held_out";
+            settled.sent_at = Some(self.app.clock.now());
+            return settled;
+        }
         let marketing = self.is_marketing(&c);
         match self.deferral(&c, &outgoing, marketing).await {
             Ok(None) => {}

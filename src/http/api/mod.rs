@@ -3,6 +3,7 @@
 
 pub mod messages;
 pub mod ops;
+pub mod reports;
 pub mod templates;
 
 use axum::Json;
@@ -34,13 +35,15 @@ use crate::app::App;
         ops::providers,
         ops::member,
         ops::lift,
+        reports::loyalty,
     ),
     modifiers(&Security),
     tags((name = "templates", description = "Template versions: drafts, previews, test sends, publishing and rollback"),
          (name = "messages", description = "The outbox: search, one message with its attempts and content, retry"),
          (name = "dead-letters", description = "Refused events: list, replay, archive"),
          (name = "queues", description = "The broker's queues, the outbox, the providers"),
-         (name = "members", description = "A member's profile, points, suppressions and messages"))
+         (name = "members", description = "A member's profile, points, suppressions and messages"),
+         (name = "reports", description = "The loyalty report: retention, repeat purchase, upsell, NPS, points, and each trigger's conversions against its control group"))
 )]
 pub struct ApiDoc;
 
@@ -104,4 +107,5 @@ pub fn routes() -> Router<App> {
             "/api/members/{member_id}/suppressions/lift",
             post(ops::lift),
         )
+        .route("/api/reports/loyalty", get(reports::loyalty))
 }

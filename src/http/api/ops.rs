@@ -52,7 +52,7 @@ pub struct MessagesQuery {
     pub trigger: Option<String>,
     /// `email` or `sms`.
     pub channel: Option<String>,
-    /// `pending`, `sending`, `sent`, `suppressed`, `cancelled`, `failed`.
+    /// `pending`, `sending`, `sent`, `suppressed`, `cancelled`, `failed`, `held_out`.
     pub status: Option<String>,
     /// The provider that took it, or was tried last.
     pub provider: Option<String>,

@@ -2,7 +2,9 @@
 //! the session cookie; every form carries the session's CSRF token (the login form a
 //! double-submitted one); the editor's live preview is one small script calling the API.
 
+mod charts;
 mod ops;
+mod reports;
 
 use std::collections::BTreeMap;
 
@@ -50,6 +52,7 @@ pub fn routes() -> Router<App> {
         )
         .route("/console/templates/{trigger}/{locale}/diff", get(diff))
         .merge(ops::routes())
+        .merge(reports::routes())
 }
 
 /// A logged-in console user and their session's CSRF token. Without a session, a page

@@ -192,6 +192,7 @@ async fn deliveries_page(
                 "suppressed",
                 "cancelled",
                 "failed",
+                "held_out",
             ],
             f: query,
             rows,

@@ -1,0 +1,197 @@
+//! Server-rendered SVG charts for the report page: no script, no remote fonts, each chart an
+//! image with a text alternative that says what it shows. Every label is escaped; numbers are
+//! formatted here.
+
+use std::fmt::Write;
+
+fn escape(text: &str) -> String {
+    handlebars::html_escape(text)
+}
+
+/// One series of a bar chart: its name, its CSS class (its colour), and a value per category
+/// (`None`: nothing to show, drawn as a dash).
+pub struct Series<'a> {
+    pub name: &'a str,
+    pub class: &'a str,
+    pub values: Vec<Option<f64>>,
+}
+
+const WIDTH: f64 = 560.0;
+const HEIGHT: f64 = 220.0;
+const LEFT: f64 = 48.0;
+const RIGHT: f64 = 8.0;
+const TOP: f64 = 24.0;
+const BOTTOM: f64 = 40.0;
+
+/// A "nice" upper bound (1, 2 or 5 times a power of ten) at or above `value`.
+fn nice(value: f64) -> f64 {
+    if value <= 0.0 || !value.is_finite() {
+        return 1.0;
+    }
+    let magnitude = 10f64.powf(value.log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * magnitude)
+        .find(|bound| *bound >= value)
+        .unwrap_or(10.0 * magnitude)
+}
+
+/// A vertical bar chart of `series` over `categories` (the periods), with a zero line, four
+/// grid lines and each bar's value above it. `format` writes a value; `span` fixes the axis
+/// (`(min, max)`), else it runs from 0 (or the lowest negative) to a nice maximum.
+pub fn bars(
+    title: &str,
+    categories: &[String],
+    series: &[Series<'_>],
+    format: &dyn Fn(f64) -> String,
+    span: Option<(f64, f64)>,
+) -> String {
+    let values = series
+        .iter()
+        .flat_map(|s| s.values.iter().flatten().copied());
+    let (lowest, highest) = values.fold((0.0f64, 0.0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let (min, max) = span.unwrap_or_else(|| {
+        let min = if lowest < 0.0 { -nice(-lowest) } else { 0.0 };
+        (min, nice(highest))
+    });
+    let plot_w = WIDTH - LEFT - RIGHT;
+    let plot_h = HEIGHT - TOP - BOTTOM;
+    let y = |v: f64| TOP + plot_h * (max - v.clamp(min, max)) / (max - min);
+    let mut svg = String::new();
+    let summary = summary(title, categories, series, format);
+    let _ = write!(
+        svg,
+        r#"<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{}"><title>{}</title>"#,
+        escape(&summary),
+        escape(title)
+    );
+    for i in 0..=4 {
+        let v = min + (max - min) * f64::from(i) / 4.0;
+        let yy = y(v);
+        let _ = write!(
+            svg,
+            r#"<line class="grid" x1="{LEFT}" x2="{}" y1="{yy:.1}" y2="{yy:.1}"/><text class="axis" x="{}" y="{:.1}" text-anchor="end">{}</text>"#,
+            WIDTH - RIGHT,
+            LEFT - 4.0,
+            yy + 4.0,
+            escape(&format(v))
+        );
+    }
+    let zero = y(0.0);
+    let _ = write!(
+        svg,
+        r#"<line class="zero" x1="{LEFT}" x2="{}" y1="{zero:.1}" y2="{zero:.1}"/>"#,
+        WIDTH - RIGHT
+    );
+    let slot = plot_w / categories.len().max(1) as f64;
+    let bar_w = (slot * 0.8) / series.len().max(1) as f64;
+    for (c, category) in categories.iter().enumerate() {
+        let x0 = LEFT + slot * c as f64 + slot * 0.1;
+        for (s, serie) in series.iter().enumerate() {
+            let x = x0 + bar_w * s as f64;
+            match serie.values.get(c).copied().flatten() {
+                Some(v) => {
+                    let (top, bottom) = if v >= 0.0 { (y(v), zero) } else { (zero, y(v)) };
+                    let _ = write!(
+                        svg,
+                        r#"<rect class="{}" x="{x:.1}" y="{top:.1}" width="{:.1}" height="{:.1}"><title>{}: {}, {}</title></rect><text class="value" x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+                        escape(serie.class),
+                        (bar_w - 2.0).max(1.0),
+                        (bottom - top).max(0.5),
+                        escape(category),
+                        escape(serie.name),
+                        escape(&format(v)),
+                        x + bar_w / 2.0,
+                        top - 3.0,
+                        escape(&format(v)),
+                    );
+                }
+                None => {
+                    let _ = write!(
+                        svg,
+                        r#"<text class="value none" x="{:.1}" y="{:.1}" text-anchor="middle">–</text>"#,
+                        x + bar_w / 2.0,
+                        zero - 3.0
+                    );
+                }
+            }
+        }
+        let _ = write!(
+            svg,
+            r#"<text class="axis" x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+            x0 + slot * 0.4,
+            HEIGHT - BOTTOM + 16.0,
+            escape(category)
+        );
+    }
+    if series.len() > 1 {
+        let mut x = LEFT;
+        for serie in series {
+            let _ = write!(
+                svg,
+                r#"<rect class="{}" x="{x:.1}" y="{:.1}" width="10" height="10"/><text class="axis" x="{:.1}" y="{:.1}">{}</text>"#,
+                escape(serie.class),
+                HEIGHT - 14.0,
+                x + 14.0,
+                HEIGHT - 5.0,
+                escape(serie.name)
+            );
+            x += 24.0 + 7.0 * serie.name.chars().count() as f64;
+        }
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+/// What a chart shows, in words, for screen readers.
+fn summary(
+    title: &str,
+    categories: &[String],
+    series: &[Series<'_>],
+    format: &dyn Fn(f64) -> String,
+) -> String {
+    let mut text = format!("{title}.");
+    for serie in series {
+        let values: Vec<String> = categories
+            .iter()
+            .zip(&serie.values)
+            .map(|(c, v)| format!("{c}: {}", v.map_or_else(|| "none".to_owned(), format)))
+            .collect();
+        let _ = write!(text, " {}: {}.", serie.name, values.join(", "));
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_escaped_and_missing_values_drawn_as_a_dash() {
+        let svg = bars(
+            "Rate <b>",
+            &["<script>".to_owned(), "B".to_owned()],
+            &[Series {
+                name: "\"quoted\"",
+                class: "a",
+                values: vec![Some(0.5), None],
+            }],
+            &|v| format!("{:.0}%", v * 100.0),
+            Some((0.0, 1.0)),
+        );
+        assert!(!svg.contains("<script>") && !svg.contains("<b>"), "{svg}");
+        assert!(svg.contains("&lt;script&gt;"));
+        assert!(svg.contains(">50%<"));
+        assert!(svg.contains(">–<"));
+        assert!(svg.contains("B: none"));
+    }
+
+    #[test]
+    fn axes_end_at_nice_numbers() {
+        assert_eq!(nice(0.0), 1.0);
+        assert_eq!(nice(0.37), 0.5);
+        assert_eq!(nice(1.0), 1.0);
+        assert_eq!(nice(1234.0), 2000.0);
+        assert_eq!(nice(f64::NAN), 1.0);
+    }
+}

@@ -1,0 +1,335 @@
+//! The console's report page: the period's figures, the KPIs over the last six periods of the
+//! same length, and each trigger's conversion against its control group, as SVG charts with
+//! the table beside them. Marketers and ops.
+
+use askama::Template;
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::routing::get;
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+
+use super::charts::{self, Series};
+use super::{Session, error_page, page};
+use crate::app::App;
+use crate::http::api::reports::PeriodQuery;
+use crate::http::auth::ApiError;
+use crate::report::{self, Period, Report};
+
+/// How many periods the charts cover.
+const PERIODS: usize = 6;
+
+pub(super) fn routes() -> Router<App> {
+    Router::new().route("/console/reports", get(report_page))
+}
+
+/// One line of the figures table.
+struct Figure {
+    name: &'static str,
+    value: String,
+    from: String,
+}
+
+/// One trigger's line.
+struct TriggerLine {
+    name: String,
+    f: report::TriggerFigures,
+    rate: String,
+    control_rate: String,
+    lift: String,
+}
+
+#[derive(Template)]
+#[template(path = "reports.html")]
+struct ReportsPage {
+    user: Option<String>,
+    csrf: Option<String>,
+    from: String,
+    to: String,
+    error: Option<String>,
+    heading: String,
+    figures: Vec<Figure>,
+    triggers: Vec<TriggerLine>,
+    /// SVG markup, made and escaped by `charts`.
+    kpi_charts: Vec<String>,
+    trigger_chart: String,
+    api_query: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct ReportQuery {
+    from: String,
+    to: String,
+}
+
+fn percent(v: Option<f64>) -> String {
+    v.map_or_else(|| "–".to_owned(), |v| format!("{:.1}%", v * 100.0))
+}
+
+/// A period's label on a chart: its first day (and hour, for periods under a day).
+fn label(p: &Period) -> String {
+    if p.to - p.from < chrono::Duration::days(1) {
+        p.from.format("%m-%d %H:%M").to_string()
+    } else {
+        p.from.format("%b %-d").to_string()
+    }
+}
+
+fn day(t: DateTime<Utc>) -> String {
+    if t.time() == chrono::NaiveTime::MIN {
+        t.format("%Y-%m-%d").to_string()
+    } else {
+        t.to_rfc3339()
+    }
+}
+
+async fn report_page(
+    State(app): State<App>,
+    session: Session,
+    Query(q): Query<ReportQuery>,
+) -> Response {
+    let asked = PeriodQuery {
+        from: Some(q.from.clone()),
+        to: Some(q.to.clone()),
+    };
+    let empty = |error: String| ReportsPage {
+        user: Some(session.user.name.clone()),
+        csrf: Some(session.csrf.clone()),
+        from: q.from.clone(),
+        to: q.to.clone(),
+        error: Some(error),
+        heading: String::new(),
+        figures: Vec::new(),
+        triggers: Vec::new(),
+        kpi_charts: Vec::new(),
+        trigger_chart: String::new(),
+        api_query: String::new(),
+    };
+    let period = match asked.period(&app) {
+        Ok(p) => p,
+        Err(e) => return page(StatusCode::BAD_REQUEST, &empty(e.error)),
+    };
+    let series = period.series(PERIODS);
+    let reports =
+        futures_util::future::try_join_all(series.iter().map(|p| report::loyalty(&app.pool, *p)))
+            .await;
+    let reports: Vec<Report> = match reports {
+        Ok(r) => r,
+        Err(e) => return error_page(ApiError::internal(format!("{e:#}"))),
+    };
+    let Some(current) = reports.last() else {
+        return error_page(ApiError::internal("no period"));
+    };
+    let labels: Vec<String> = series.iter().map(label).collect();
+    let kpi = |pick: fn(&Report) -> Option<f64>| -> Vec<Option<f64>> {
+        reports.iter().map(pick).collect()
+    };
+    let pct = |v: f64| format!("{:.0}%", v * 100.0);
+    let plain = |v: f64| format!("{v:.2}");
+    let whole = |v: f64| format!("{v:.0}");
+    let one = |name, class, values| {
+        vec![Series {
+            name,
+            class,
+            values,
+        }]
+    };
+    let kpi_charts = vec![
+        charts::bars(
+            "Retention rate",
+            &labels,
+            &one("retention", "s-main", kpi(|r| r.retention_rate)),
+            &pct,
+            Some((0.0, 1.0)),
+        ),
+        charts::bars(
+            "Repeat-purchase rate",
+            &labels,
+            &one("repeat purchase", "s-main", kpi(|r| r.repeat_purchase_rate)),
+            &pct,
+            Some((0.0, 1.0)),
+        ),
+        charts::bars(
+            "Upsell ratio",
+            &labels,
+            &one("upsell", "s-main", kpi(|r| r.upsell_ratio)),
+            &plain,
+            None,
+        ),
+        charts::bars(
+            "NPS",
+            &labels,
+            &one("NPS", "s-main", kpi(|r| r.nps)),
+            &whole,
+            Some((-100.0, 100.0)),
+        ),
+        charts::bars(
+            "Points issued, redeemed and expired",
+            &labels,
+            &[
+                Series {
+                    name: "issued",
+                    class: "s-issued",
+                    values: reports
+                        .iter()
+                        .map(|r| Some(r.points.issued as f64))
+                        .collect(),
+                },
+                Series {
+                    name: "redeemed",
+                    class: "s-redeemed",
+                    values: reports
+                        .iter()
+                        .map(|r| Some(r.points.redeemed as f64))
+                        .collect(),
+                },
+                Series {
+                    name: "expired",
+                    class: "s-expired",
+                    values: reports
+                        .iter()
+                        .map(|r| Some(r.points.expired as f64))
+                        .collect(),
+                },
+            ],
+            &whole,
+            None,
+        ),
+        charts::bars(
+            "Points outstanding at the end of each period",
+            &labels,
+            &one(
+                "outstanding",
+                "s-main",
+                reports
+                    .iter()
+                    .map(|r| Some(r.points.outstanding as f64))
+                    .collect(),
+            ),
+            &whole,
+            None,
+        ),
+    ];
+    let names: Vec<String> = current.triggers.keys().cloned().collect();
+    let trigger_chart = charts::bars(
+        "Conversion within 7 days: with the message and without it (control)",
+        &names,
+        &[
+            Series {
+                name: "sent",
+                class: "s-main",
+                values: current
+                    .triggers
+                    .values()
+                    .map(|f| f.conversion_rate)
+                    .collect(),
+            },
+            Series {
+                name: "control",
+                class: "s-control",
+                values: current
+                    .triggers
+                    .values()
+                    .map(|f| f.control_conversion_rate)
+                    .collect(),
+            },
+        ],
+        &pct,
+        Some((0.0, 1.0)),
+    );
+    let c = &current.counts;
+    let figures = vec![
+        Figure {
+            name: "Retention rate",
+            value: percent(current.retention_rate),
+            from: format!(
+                "(E {} − N {}) / S {}",
+                c.buyers, c.new_buyers, c.previous_buyers
+            ),
+        },
+        Figure {
+            name: "Repeat-purchase rate",
+            value: percent(current.repeat_purchase_rate),
+            from: format!(
+                "{} of {} buyers ordered twice or more",
+                c.repeat_buyers, c.buyers
+            ),
+        },
+        Figure {
+            name: "Upsell ratio",
+            value: current
+                .upsell_ratio
+                .map_or_else(|| "–".to_owned(), |v| format!("{v:.2}")),
+            from: format!(
+                "{} bought 2+ SKUs / {} bought exactly 1",
+                c.multi_sku_buyers, c.single_sku_buyers
+            ),
+        },
+        Figure {
+            name: "NPS",
+            value: current
+                .nps
+                .map_or_else(|| "–".to_owned(), |v| format!("{v:.1}")),
+            from: format!(
+                "{} promoters, {} detractors of {} members who answered",
+                c.promoters, c.detractors, c.answers
+            ),
+        },
+        Figure {
+            name: "Points issued",
+            value: current.points.issued.to_string(),
+            from: "net of refunds and negative adjustments".into(),
+        },
+        Figure {
+            name: "Points redeemed",
+            value: current.points.redeemed.to_string(),
+            from: String::new(),
+        },
+        Figure {
+            name: "Points expired",
+            value: current.points.expired.to_string(),
+            from: String::new(),
+        },
+        Figure {
+            name: "Points outstanding",
+            value: current.points.outstanding.to_string(),
+            from: format!("every balance at {}", current.to.to_rfc3339()),
+        },
+    ];
+    let triggers = current
+        .triggers
+        .iter()
+        .map(|(name, f)| TriggerLine {
+            name: name.clone(),
+            f: *f,
+            rate: percent(f.conversion_rate),
+            control_rate: percent(f.control_conversion_rate),
+            lift: f
+                .lift
+                .map_or_else(|| "–".to_owned(), |v| format!("{:+.1} pt", v * 100.0)),
+        })
+        .collect();
+    let api_query = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("from", &period.from.to_rfc3339())
+        .append_pair("to", &period.to.to_rfc3339())
+        .finish();
+    page(
+        StatusCode::OK,
+        &ReportsPage {
+            user: Some(session.user.name.clone()),
+            csrf: Some(session.csrf.clone()),
+            from: day(period.from),
+            to: day(period.to),
+            error: None,
+            heading: format!("{} to {}", day(period.from), day(period.to)),
+            figures,
+            triggers,
+            kpi_charts,
+            trigger_chart,
+            api_query,
+        },
+    )
+}

@@ -21,7 +21,11 @@ fn options(url: &DatabaseUrl) -> anyhow::Result<PgConnectOptions> {
         // Statements are prepared once per connection. A generic plan made while a table was
         // small (a new database, after a purge) scans it sequentially forever after; custom
         // plans see the table's current size. Planning these statements costs microseconds.
-        .options([("plan_cache_mode", "force_custom_plan")])
+        //
+        // No JIT: it compiles a statement for a quarter of a second whenever the planner
+        // thinks it expensive, which lifecycle's short statements never repay (and the
+        // report's scans lose by).
+        .options([("plan_cache_mode", "force_custom_plan"), ("jit", "off")])
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1)))
 }
 

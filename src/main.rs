@@ -66,6 +66,15 @@ enum Command {
         /// Messages to dispatch in each dispatch phase (at most --events).
         #[arg(long, default_value_t = 5_000)]
         messages: usize,
+        /// Instead: time the loyalty report over a year of a shop filled in SQL.
+        #[arg(long)]
+        report: bool,
+        /// Members of that shop.
+        #[arg(long, default_value_t = 100_000, requires = "report")]
+        report_members: i64,
+        /// Events of its year.
+        #[arg(long, default_value_t = 1_000_000, requires = "report")]
+        report_events: i64,
     },
     /// Check that every template compiles.
     Templates {
@@ -325,7 +334,17 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             smtp,
             http,
             messages,
+            report,
+            report_members,
+            report_events,
         } => {
+            if report {
+                let size = lifecycle::report::bench::Size {
+                    members: report_members,
+                    events: report_events,
+                };
+                return lifecycle::report::bench::run(settings, size).await;
+            }
             let smtp = smtp
                 .map(|url| url.parse())
                 .transpose()

@@ -32,13 +32,20 @@ struct Events<'a> {
 }
 
 impl Events<'_> {
-    fn enrolled(&self, member: &str, email: Option<&str>, time: &str) -> String {
+    fn enrolled(
+        &self,
+        member: &str,
+        email: Option<&str>,
+        phone: Option<&str>,
+        time: &str,
+    ) -> String {
         event(
             format!("{}-enrol-{member}", self.tag),
             "member.enrolled",
             time,
-            json!({"member_id": member, "email": email, "first_name": member, "locale": "en",
-                   "timezone": "UTC", "consent": {"email": email.is_some(), "sms": false}}),
+            json!({"member_id": member, "email": email, "phone": phone, "first_name": member,
+                   "locale": "en", "timezone": "UTC",
+                   "consent": {"email": email.is_some(), "sms": phone.is_some()}}),
         )
     }
 
@@ -210,8 +217,9 @@ async fn wait_sent(app: &App, trigger: &str, n: i64) {
 /// The report of October 2026 ([10-01, 10-31), 30 days; the previous period is [09-01, 10-01)).
 ///
 /// Members: A returns (ordered in September and twice in October), B is new (enrolled and
-/// ordered in October, with email: a welcome and a redemption-ready go to B), C lapsed (only
-/// September), D orders exactly on the edges (09-01 00:00, 10-01 00:00 and 10-31 00:00), E
+/// ordered in October, with email and phone: a welcome and a redemption-ready go to B, each by
+/// email and SMS), C lapsed (only September; a phone, so a welcome by SMS alone), D orders
+/// exactly on the edges (09-01 00:00, 10-01 00:00 and 10-31 00:00), E
 /// only before September. Sign-up bonus 50, an order earns 1 point per dollar, feedback 5
 /// points per order.
 #[tokio::test(flavor = "multi_thread")]
@@ -235,20 +243,28 @@ async fn a_month_computed_by_hand_and_the_cli_csv_and_api_agree() {
         }
     };
 
-    // 10-10 12:00: the members join; B's welcome goes now.
-    let mut events = vec![e.enrolled("B", Some("b@example.com"), "2026-10-10T11:00:00Z")];
-    for m in ["A", "C", "D", "E"] {
-        events.push(e.enrolled(m, None, "2026-08-01T00:00:00Z"));
+    // 10-10 12:00: the members join; B's and C's welcomes go now.
+    let mut events = vec![
+        e.enrolled(
+            "B",
+            Some("b@example.com"),
+            Some("+905321234567"),
+            "2026-10-10T11:00:00Z",
+        ),
+        e.enrolled("C", None, Some("+905321234568"), "2026-08-01T00:00:00Z"),
+    ];
+    for m in ["A", "D", "E"] {
+        events.push(e.enrolled(m, None, None, "2026-08-01T00:00:00Z"));
     }
     env.publish(&events).await;
-    wait_sent(&app, "welcome", 1).await;
+    wait_sent(&app, "welcome", 3).await;
 
     // 10-12 10:00: B's first order (50 + 70 = 120 points) reaches the 100-point reward; the
     // redemption-ready message goes now.
     app.clock.set(time("2026-10-12T10:00:00Z"));
     env.publish(&[e.order("b1", "B", "2026-10-12T09:00:00Z", 7000, &["Z"])])
         .await;
-    wait_sent(&app, "redemption-ready", 1).await;
+    wait_sent(&app, "redemption-ready", 2).await;
 
     // 11-20: everything else arrives, long after it happened.
     app.clock.set(time("2026-11-20T00:00:00Z"));
@@ -305,17 +321,21 @@ async fn a_month_computed_by_hand_and_the_cli_csv_and_api_agree() {
     .await
     .unwrap();
     assert_eq!(direct, 515, "the journal itself agrees");
-    // Welcome: B's at 10-10 12:00, b1 at 10-12 09:00 within 7 days: 1 of 1.
-    // Redemption-ready: B's at 10-12 10:00, the redemption at 10-14: 1 of 1. No holdout.
+    // Welcome: B's (email and SMS: one send) and C's (SMS) at 10-10 12:00; b1 at 10-12 09:00
+    // is within 7 days of B's, C did not order: 1 of 2.
+    // Redemption-ready: B's at 10-12 10:00 (email and SMS), the redemption at 10-14: 1 of 1.
+    // No holdout.
     let t = &october["triggers"];
-    for trigger in ["welcome", "redemption-ready"] {
-        assert_eq!(
-            t[trigger],
-            json!({"sent": 1, "conversions": 1, "conversion_rate": 1.0, "control_members": 0,
-                   "control_conversions": 0, "control_conversion_rate": null, "lift": null}),
-            "{trigger}"
-        );
-    }
+    assert_eq!(
+        t["welcome"],
+        json!({"sent": 2, "conversions": 1, "conversion_rate": 0.5, "control_members": 0,
+               "control_conversions": 0, "control_conversion_rate": null, "lift": null})
+    );
+    assert_eq!(
+        t["redemption-ready"],
+        json!({"sent": 1, "conversions": 1, "conversion_rate": 1.0, "control_members": 0,
+               "control_conversions": 0, "control_conversion_rate": null, "lift": null})
+    );
     for trigger in ["points-expiring", "tier-up", "birthday", "abandoned-cart"] {
         assert_eq!(t[trigger]["sent"], 0, "{trigger}");
         assert_eq!(t[trigger]["conversion_rate"], Value::Null, "{trigger}");
@@ -416,7 +436,7 @@ async fn an_order_applied_late_counts_in_the_period_it_happened_in() {
     let api = Client::new(&base);
     let e = Events { tag: &env.tag };
     env.publish(&[
-        e.enrolled("A", None, "2026-09-01T00:00:00Z"),
+        e.enrolled("A", None, None, "2026-09-01T00:00:00Z"),
         e.order("a1", "A", "2026-09-20T00:00:00Z", 1000, &["X"]),
     ])
     .await;
@@ -487,7 +507,14 @@ async fn half_the_members_are_held_out_of_their_welcome_and_measured_as_its_cont
 
     let enrolments: Vec<String> = members
         .iter()
-        .map(|m| e.enrolled(m, Some(&format!("{m}@example.com")), "2026-10-10T11:00:00Z"))
+        .map(|m| {
+            e.enrolled(
+                m,
+                Some(&format!("{m}@example.com")),
+                None,
+                "2026-10-10T11:00:00Z",
+            )
+        })
         .collect();
     env.publish(&enrolments).await;
     wait_for("every welcome settled", || async {

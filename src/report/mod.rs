@@ -16,6 +16,8 @@ use sqlx::PgPool;
 
 use crate::triggers::Trigger;
 
+pub mod bench;
+
 /// How long after a send a conversion counts.
 pub const CONVERSION_WINDOW_DAYS: i64 = 7;
 
@@ -210,33 +212,32 @@ pub async fn loyalty(pool: &PgPool, period: Period) -> anyhow::Result<Report> {
 }
 
 /// Buyers of this period and the one before: S, E, N, repeat buyers, and buyers by distinct
-/// SKUs.
+/// SKUs, in one pass over the two periods' orders grouped by member. An order's SKUs are
+/// stored distinct and sorted (bytewise), so a member bought two or more distinct SKUs when
+/// one order has two or more, or their orders' smallest and largest SKUs differ; exactly one
+/// when they are all the same one.
 async fn buyers(pool: &PgPool, since: DateTime<Utc>, period: Period) -> anyhow::Result<Counts> {
     let row: (i64, i64, i64, i64, i64, i64) = sqlx::query_as(
-        "with placed as (
-             select member_id, placed_at >= $2 as current, skus
-             from orders where placed_at >= $1 and placed_at < $3
-         ), buyers as (
-             select member_id, bool_or(current) as now, bool_or(not current) as before,
-                    count(*) filter (where current) as orders
-             from placed group by member_id
-         ), skus as (
-             select member_id, count(distinct sku) as n
-             from placed, jsonb_array_elements_text(placed.skus) as sku
-             where current group by member_id
-         )
-         select count(*) filter (where before),
+        r#"select count(*) filter (where before),
                 count(*) filter (where now),
                 count(*) filter (where now and not before),
                 count(*) filter (where orders >= 2),
-                (select count(*) from skus where n >= 2),
-                (select count(*) from skus where n = 1)
-         from buyers",
+                count(*) filter (where several or lowest <> highest),
+                count(*) filter (where not several and lowest = highest)
+         from (select bool_or(placed_at >= $2) as now,
+                      bool_or(placed_at < $2) as before,
+                      count(*) filter (where placed_at >= $2) as orders,
+                      bool_or(jsonb_array_length(skus) >= 2) filter (where placed_at >= $2)
+                          as several,
+                      min((skus->>0) collate "C") filter (where placed_at >= $2) as lowest,
+                      max((skus->>-1) collate "C") filter (where placed_at >= $2) as highest
+               from orders where placed_at >= $1 and placed_at < $3
+               group by member_id) buyers"#,
     )
     .bind(since)
     .bind(period.from)
     .bind(period.to)
-    .fetch_one(pool)
+    .fetch_one(&mut *reading(pool).await?)
     .await
     .context("counting buyers")?;
     Ok(Counts {
@@ -250,6 +251,23 @@ async fn buyers(pool: &PgPool, since: DateTime<Utc>, period: Period) -> anyhow::
     })
 }
 
+/// A read-only transaction for one of the report's statements: they may hash a period's rows
+/// in memory (the default `work_mem` of 4 MB spills a year's members to disk), and they join
+/// by hashing, never in nested loops (the planner cannot count the sends of a period before
+/// it has them, guesses a few hundred, and probes an index per send when there are
+/// thousands).
+async fn reading(pool: &PgPool) -> anyhow::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+    let mut tx = pool.begin().await.context("starting the report")?;
+    for setting in [
+        "set transaction read only",
+        "set local work_mem = '64MB'",
+        "set local enable_nestloop = off",
+    ] {
+        sqlx::query(setting).execute(&mut *tx).await?;
+    }
+    Ok(tx)
+}
+
 /// Members who answered, promoters and detractors, each by their latest answer in the period
 /// (two answers at the same time: the greater event id is the later).
 async fn answers(pool: &PgPool, period: Period) -> anyhow::Result<(i64, i64, i64)> {
@@ -261,7 +279,7 @@ async fn answers(pool: &PgPool, period: Period) -> anyhow::Result<(i64, i64, i64
     )
     .bind(period.from)
     .bind(period.to)
-    .fetch_one(pool)
+    .fetch_one(&mut *reading(pool).await?)
     .await
     .context("counting answers")
 }
@@ -281,7 +299,7 @@ async fn points(pool: &PgPool, period: Period) -> anyhow::Result<Points> {
     )
     .bind(period.from)
     .bind(period.to)
-    .fetch_one(pool)
+    .fetch_one(&mut *reading(pool).await?)
     .await
     .context("summing points")?;
     Ok(Points {
@@ -293,8 +311,11 @@ async fn points(pool: &PgPool, period: Period) -> anyhow::Result<Points> {
 }
 
 /// Each trigger's sends and holdouts in the period, and how many converted within the window.
-/// A send is one occurrence (the dedupe key without its channel) for one member; its time is
-/// its first channel's.
+///
+/// A send is one occurrence of the trigger for one member: its email, or its SMS when it had no
+/// email sent or held out (an email and an SMS of one occurrence are one send, at the email's
+/// time). Conversions are semi-joins (the first matching order or redemption ends the search):
+/// by member for orders and redemptions, and by cart too for abandoned-cart.
 async fn triggers(
     pool: &PgPool,
     period: Period,
@@ -305,41 +326,42 @@ async fn triggers(
         .map(Trigger::as_str)
         .collect();
     let rows: Vec<(String, bool, i64, i64)> = sqlx::query_as(
-        "with sends as (
-             select trigger, member_id, status = 'held_out' as held_out,
-                    left(dedupe_key, length(dedupe_key) - length(channel) - 1) as occurrence,
-                    min(sent_at) as at, min(context->>'cart_id') as cart_id
-             from messages
+        "with sends as materialized (
+             select trigger, member_id, status = 'held_out' as held_out, sent_at as at,
+                    sent_at + make_interval(days => $3) as until,
+                    case when trigger = 'abandoned-cart' then context->>'cart_id' end as cart_id
+             from messages m
              where sent_at >= $1 and sent_at < $2 and status in ('sent', 'held_out') and not test
-             group by 1, 2, 3, 4
-         ), orders_after as (
-             select member_id, cart_id, placed_at from orders
-             where placed_at > $1 and placed_at <= $2 + make_interval(days => $3)
-         ), redemptions_after as (
-             select member_id, event_at from point_entries
-             where kind = 'redemption' and event_at > $1
-               and event_at <= $2 + make_interval(days => $3)
-         ), converted as (
-             select distinct s.trigger, s.member_id, s.held_out, s.occurrence
-             from sends s join orders_after o on o.member_id = s.member_id
-             where not (s.trigger = any($4))
-               and o.placed_at > s.at and o.placed_at <= s.at + make_interval(days => $3)
-               and (s.trigger <> 'abandoned-cart' or o.cart_id = s.cart_id)
-             union
-             select distinct s.trigger, s.member_id, s.held_out, s.occurrence
-             from sends s join redemptions_after r on r.member_id = s.member_id
-             where s.trigger = any($4)
-               and r.event_at > s.at and r.event_at <= s.at + make_interval(days => $3)
+               and (channel = 'email' or not exists (
+                   select 1 from messages e
+                   where e.dedupe_key = left(m.dedupe_key, -3) || 'email'
+                     and e.status in ('sent', 'held_out')))
          )
-         select s.trigger, s.held_out, count(*), count(c.occurrence)
-         from sends s left join converted c using (trigger, member_id, held_out, occurrence)
+         select trigger, held_out, count(*), 0::bigint from sends group by 1, 2
+         union all
+         select trigger, held_out, 0, count(*) from sends s
+         where not (trigger = any($4))
+           and exists (
+               select 1 from orders o
+               where o.member_id = s.member_id and o.placed_at > s.at and o.placed_at <= s.until
+                 and (s.cart_id is null or o.cart_id = s.cart_id)
+                 and o.placed_at > $1 and o.placed_at <= $2 + make_interval(days => $3))
+         group by 1, 2
+         union all
+         select trigger, held_out, 0, count(*) from sends s
+         where trigger = any($4)
+           and exists (
+               select 1 from point_entries r
+               where r.kind = 'redemption' and r.member_id = s.member_id
+                 and r.event_at > s.at and r.event_at <= s.until
+                 and r.event_at > $1 and r.event_at <= $2 + make_interval(days => $3))
          group by 1, 2",
     )
     .bind(period.from)
     .bind(period.to)
     .bind(CONVERSION_WINDOW_DAYS as i32)
     .bind(&by_redemption)
-    .fetch_all(pool)
+    .fetch_all(&mut *reading(pool).await?)
     .await
     .context("counting sends and conversions")?;
     let mut figures: BTreeMap<String, TriggerFigures> = Trigger::ALL
@@ -348,13 +370,13 @@ async fn triggers(
         .collect();
     for (trigger, held_out, sends, converted) in rows {
         let f = figures.entry(trigger).or_default();
-        if held_out {
-            f.control_members = sends;
-            f.control_conversions = converted;
+        let (total, conversions) = if held_out {
+            (&mut f.control_members, &mut f.control_conversions)
         } else {
-            f.sent = sends;
-            f.conversions = converted;
-        }
+            (&mut f.sent, &mut f.conversions)
+        };
+        *total += sends;
+        *conversions += converted;
     }
     for f in figures.values_mut() {
         f.conversion_rate = ratio(f.conversions, f.sent);

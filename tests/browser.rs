@@ -354,11 +354,31 @@ async fn a_marketer_changes_the_korean_welcome_in_the_browser() {
     .await;
     assert_eq!(third, old_subject);
 
+    // The loyalty report: the welcomes just sent, as charts.
+    client
+        .goto(&format!("{base}/console/reports"))
+        .await
+        .unwrap();
+    let report = text_of(&client, "main").await;
+    assert!(
+        report.contains("Does each message bring members back?"),
+        "{report}"
+    );
+    let charts = client
+        .find_all(Locator::Css("svg.chart"))
+        .await
+        .unwrap()
+        .len();
+    assert_eq!(charts, 7, "six KPI charts and the triggers'");
+    client.set_window_size(1280, 1800).await.unwrap();
+    screenshot(&client, "report").await;
+
     // At 375 px the pages fit: nothing scrolls sideways but the tables' own boxes.
     client.set_window_size(375, 800).await.unwrap();
     for (path, name) in [
         ("/console/templates", "templates-375"),
         ("/console/templates/welcome/ko", "editor-375"),
+        ("/console/reports", "report-375"),
     ] {
         client.goto(&format!("{base}{path}")).await.unwrap();
         let width = client

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context, bail};
-use chrono::{DateTime, Duration, NaiveDate, NaiveTime, Utc};
+use chrono::{DateTime, Duration, NaiveDate, NaiveTime, SubsecRound, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
 
@@ -39,7 +39,8 @@ impl Period {
         to: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
     ) -> anyhow::Result<Period> {
-        let to = to.unwrap_or(now);
+        // Whole seconds: a period people read.
+        let to = to.unwrap_or_else(|| now.trunc_subsecs(0));
         let from = match from {
             Some(from) => from,
             None => to

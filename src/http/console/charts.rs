@@ -20,8 +20,8 @@ const WIDTH: f64 = 560.0;
 const HEIGHT: f64 = 220.0;
 const LEFT: f64 = 48.0;
 const RIGHT: f64 = 8.0;
-const TOP: f64 = 24.0;
-const BOTTOM: f64 = 40.0;
+const TOP: f64 = 30.0;
+const BOTTOM: f64 = 52.0;
 
 /// A "nice" upper bound (1, 2 or 5 times a power of ten) at or above `value`.
 fn nice(value: f64) -> f64 {
@@ -63,6 +63,11 @@ pub fn bars(
         svg,
         r#"<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{}"><title>{}</title>"#,
         escape(&summary),
+        escape(title)
+    );
+    let _ = write!(
+        svg,
+        r#"<text class="chart-title" x="4" y="15">{}</text>"#,
         escape(title)
     );
     for i in 0..=4 {
@@ -116,13 +121,28 @@ pub fn bars(
                 }
             }
         }
+        // A label wider than its slot goes on two lines, broken at a hyphen.
+        let lines: Vec<&str> = match category.split_once('-') {
+            Some((a, b)) if category.chars().count() as f64 * 6.5 > slot => vec![a, b],
+            _ => vec![category.as_str()],
+        };
         let _ = write!(
             svg,
-            r#"<text class="axis" x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+            r#"<text class="axis" x="{:.1}" y="{:.1}" text-anchor="middle">"#,
             x0 + slot * 0.4,
             HEIGHT - BOTTOM + 16.0,
-            escape(category)
         );
+        for (n, line) in lines.iter().enumerate() {
+            let hyphen = if n + 1 < lines.len() { "-" } else { "" };
+            let _ = write!(
+                svg,
+                r#"<tspan x="{:.1}" dy="{}">{}{hyphen}</tspan>"#,
+                x0 + slot * 0.4,
+                if n == 0 { "0" } else { "1.1em" },
+                escape(line)
+            );
+        }
+        svg.push_str("</text>");
     }
     if series.len() > 1 {
         let mut x = LEFT;

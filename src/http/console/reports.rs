@@ -78,11 +78,12 @@ fn label(p: &Period) -> String {
     }
 }
 
-fn day(t: DateTime<Utc>) -> String {
+/// A time for people: the date, and the minute when it is not midnight.
+fn readable(t: DateTime<Utc>) -> String {
     if t.time() == chrono::NaiveTime::MIN {
-        t.format("%Y-%m-%d").to_string()
+        t.format("%-d %b %Y").to_string()
     } else {
-        t.to_rfc3339()
+        t.format("%-d %b %Y %H:%M UTC").to_string()
     }
 }
 
@@ -296,7 +297,7 @@ async fn report_page(
         Figure {
             name: "Points outstanding",
             value: current.points.outstanding.to_string(),
-            from: format!("every balance at {}", current.to.to_rfc3339()),
+            from: format!("every balance at {}", readable(current.to)),
         },
     ];
     let triggers = current
@@ -321,10 +322,10 @@ async fn report_page(
         &ReportsPage {
             user: Some(session.user.name.clone()),
             csrf: Some(session.csrf.clone()),
-            from: day(period.from),
-            to: day(period.to),
+            from: q.from.clone(),
+            to: q.to.clone(),
             error: None,
-            heading: format!("{} to {}", day(period.from), day(period.to)),
+            heading: format!("{} to {}", readable(period.from), readable(period.to)),
             figures,
             triggers,
             kpi_charts,

@@ -477,16 +477,24 @@ async fn an_order_applied_late_counts_in_the_period_it_happened_in() {
 }
 
 /// 200 members join with email under a 50% welcome holdout: those the hash puts in the control
-/// group get no welcome (nothing reaches the provider; the message is recorded `held_out`),
-/// everyone else gets one, and when half of each side orders, the report counts the control
-/// side's orders as the control's conversions.
+/// group get no welcome (nothing reaches the provider; the message is recorded `held_out`) and
+/// take no code from the welcome's coupon pool, everyone else gets one, and when half of each
+/// side orders, the report counts the control side's orders as the control's conversions.
 #[tokio::test(flavor = "multi_thread")]
 async fn half_the_members_are_held_out_of_their_welcome_and_measured_as_its_control() {
     const MEMBERS: usize = 200;
     let (env, base) = serving_env(&[
         ("LIFECYCLE_NOW", "2026-10-10T12:00:00Z"),
         ("LIFECYCLE_PROGRAM__HOLDOUT_PERCENT__WELCOME", "50"),
+        ("LIFECYCLE_PROGRAM__COUPONS__WELCOME", "HELLO"),
     ]);
+    let codes = tempfile::NamedTempFile::new().unwrap();
+    let lines: Vec<String> = (0..MEMBERS).map(|i| format!("HELLO-{i:04}")).collect();
+    std::fs::write(codes.path(), lines.join("\n")).unwrap();
+    cli(
+        &env,
+        &["coupons", "import", "HELLO", codes.path().to_str().unwrap()],
+    );
     let worker = env.start(SERVING).await;
     let app = worker.app.clone();
     let api = Client::new(&base);
@@ -541,6 +549,13 @@ async fn half_the_members_are_held_out_of_their_welcome_and_measured_as_its_cont
         .collect();
     expected.sort();
     assert_eq!(held_out, expected);
+    // Codes went to the members who get the message, none to the control group.
+    let drawn = count(
+        &app,
+        "select count(*) from coupons where occurrence is not null",
+    )
+    .await;
+    assert_eq!(drawn, (MEMBERS - n_held) as i64);
     // At the provider: a welcome for each member not held out, none for the others.
     let delivered: Vec<String> = std::fs::read_dir(env.outbox.path())
         .unwrap()

@@ -586,7 +586,21 @@ async fn insert_planned(
         .increment(1);
     }
     if !program.coupons.is_empty() {
-        crate::coupons::draw(conn, program, &inserted).await?;
+        // A trigger's control group gets no message, so it takes no code from the pool.
+        let held_out: std::collections::HashSet<&str> = planned
+            .iter()
+            .filter(|(member, p, _)| {
+                program
+                    .holdout_percent
+                    .holds_out(member.as_str(), p.trigger.as_str())
+            })
+            .map(|(_, p, _)| p.dedupe_key.as_str())
+            .collect();
+        let drawing: Vec<(i64, String, String)> = inserted
+            .into_iter()
+            .filter(|(_, key, _)| !held_out.contains(key.as_str()))
+            .collect();
+        crate::coupons::draw(conn, program, &drawing).await?;
     }
     Ok(())
 }

@@ -97,19 +97,28 @@ pub fn bars(
             match serie.values.get(c).copied().flatten() {
                 Some(v) => {
                     let (top, bottom) = if v >= 0.0 { (y(v), zero) } else { (zero, y(v)) };
+                    let label = format(v);
                     let _ = write!(
                         svg,
-                        r#"<rect class="{}" x="{x:.1}" y="{top:.1}" width="{:.1}" height="{:.1}"><title>{}: {}, {}</title></rect><text class="value" x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+                        r#"<rect class="{}" x="{x:.1}" y="{top:.1}" width="{:.1}" height="{:.1}"><title>{}: {}, {}</title></rect>"#,
                         escape(serie.class),
                         (bar_w - 2.0).max(1.0),
                         (bottom - top).max(0.5),
                         escape(category),
                         escape(serie.name),
-                        escape(&format(v)),
-                        x + bar_w / 2.0,
-                        top - 3.0,
-                        escape(&format(v)),
+                        escape(&label),
                     );
+                    // The value above its bar when it fits (else in the bar's tooltip and the
+                    // chart's text alternative).
+                    if label.chars().count() as f64 * 6.0 <= bar_w + 4.0 {
+                        let _ = write!(
+                            svg,
+                            r#"<text class="value" x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+                            x + bar_w / 2.0,
+                            top - 3.0,
+                            escape(&label),
+                        );
+                    }
                 }
                 None => {
                     let _ = write!(

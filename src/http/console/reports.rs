@@ -78,6 +78,20 @@ fn label(p: &Period) -> String {
     }
 }
 
+/// A number short enough for a chart: 950, 13k, 7.5M.
+fn compact(v: f64) -> String {
+    let size = v.abs();
+    if size >= 1e9 {
+        format!("{:.1}B", v / 1e9)
+    } else if size >= 1e6 {
+        format!("{:.1}M", v / 1e6)
+    } else if size >= 1e4 {
+        format!("{:.0}k", v / 1e3)
+    } else {
+        format!("{v:.0}")
+    }
+}
+
 /// A time for people: the date, and the minute when it is not midnight.
 fn readable(t: DateTime<Utc>) -> String {
     if t.time() == chrono::NaiveTime::MIN {
@@ -130,7 +144,7 @@ async fn report_page(
     };
     let pct = |v: f64| format!("{:.0}%", v * 100.0);
     let plain = |v: f64| format!("{v:.2}");
-    let whole = |v: f64| format!("{v:.0}");
+    let whole = compact;
     let one = |name, class, values| {
         vec![Series {
             name,

@@ -92,6 +92,15 @@ pub async fn run(mut settings: Settings, events: &Path) -> anyhow::Result<()> {
     for (member, balance, lifetime) in balances {
         println!("{member:<14} balance {balance:>5}   lifetime {lifetime:>5}");
     }
+    // Up to a second past the clock, so what was sent at the demo's last instant counts.
+    let now = app.clock.now();
+    let to = now + chrono::Duration::seconds(1);
+    let report =
+        crate::report::loyalty(&app.pool, crate::report::Period::new(None, Some(to), now)?).await?;
+    println!(
+        "\nThe loyalty report of the 30 days to the demo's end (`lifecycle report`; the whole database):\n"
+    );
+    print!("{}", crate::report::table(&report));
     println!(
         "\nFiles written by the file providers are in {}/.",
         app.settings.outbox_dir.display()

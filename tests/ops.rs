@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use common::admin::{self, ADMIN_TOKEN, Auth, Client};
 use common::fake_api::{FakeApi, Reply};
-use common::{SmtpSink, TestEnv, count, enrolled, enrolments, wait_for};
+use common::{SmtpSink, cli, count, enrolled, enrolments, wait_for};
 use lifecycle::app::Roles;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -19,21 +19,6 @@ const SERVING: Roles = Roles {
     schedule: false,
     http: true,
 };
-
-/// Runs the `lifecycle` binary with the environment's settings; its stdout.
-fn cli(env: &TestEnv, args: &[&str]) -> String {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_lifecycle"))
-        .args(args)
-        .envs(env.env_vars())
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "lifecycle {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
 
 fn json_lines(text: &str) -> Vec<Value> {
     text.lines()

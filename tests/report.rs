@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::admin::{self, ADMIN_TOKEN, Auth, Client};
-use common::{TestEnv, count, free_port, wait_for};
+use common::{TestEnv, cli, count, free_port, wait_for};
 use lifecycle::app::{App, Roles};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -95,21 +95,6 @@ fn serving_env(extra: &[(&str, &str)]) -> (TestEnv, String) {
 
 fn time(text: &str) -> chrono::DateTime<chrono::Utc> {
     text.parse().unwrap()
-}
-
-/// Runs `lifecycle` with the environment's settings; its stdout.
-fn cli(env: &TestEnv, args: &[&str]) -> String {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_lifecycle"))
-        .args(args)
-        .envs(env.env_vars())
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "lifecycle {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
 }
 
 /// A report's JSON flattened to CSV's names (`points.issued`, `triggers.welcome.lift`), each

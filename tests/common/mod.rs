@@ -249,6 +249,22 @@ where
     }
 }
 
+/// Runs the `lifecycle` binary with the environment's settings and requires it to succeed;
+/// its stdout.
+pub fn cli(env: &TestEnv, args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_lifecycle"))
+        .args(args)
+        .envs(env.env_vars())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "lifecycle {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
 /// A count from the test's database.
 pub async fn count(app: &App, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(&app.pool).await.unwrap()

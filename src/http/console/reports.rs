@@ -139,95 +139,65 @@ async fn report_page(
         return error_page(ApiError::internal("no period"));
     };
     let labels: Vec<String> = series.iter().map(label).collect();
-    let kpi = |pick: fn(&Report) -> Option<f64>| -> Vec<Option<f64>> {
-        reports.iter().map(pick).collect()
-    };
     let pct = |v: f64| format!("{:.0}%", v * 100.0);
     let plain = |v: f64| format!("{v:.2}");
     let whole = compact;
-    let one = |name, class, values| {
-        vec![Series {
-            name,
-            class,
-            values,
-        }]
-    };
-    let kpi_charts = vec![
-        charts::bars(
+    type Pick = fn(&Report) -> Option<f64>;
+    type Format<'a> = &'a dyn Fn(f64) -> String;
+    type Span = Option<(f64, f64)>;
+    let ratios: [(&str, Pick, Format, Span); 4] = [
+        (
             "Retention rate",
-            &labels,
-            &one("retention", "s-main", kpi(|r| r.retention_rate)),
+            |r| r.retention_rate,
             &pct,
             Some((0.0, 1.0)),
         ),
-        charts::bars(
+        (
             "Repeat-purchase rate",
-            &labels,
-            &one("repeat purchase", "s-main", kpi(|r| r.repeat_purchase_rate)),
+            |r| r.repeat_purchase_rate,
             &pct,
             Some((0.0, 1.0)),
         ),
-        charts::bars(
-            "Upsell ratio",
-            &labels,
-            &one("upsell", "s-main", kpi(|r| r.upsell_ratio)),
-            &plain,
-            None,
-        ),
-        charts::bars(
-            "NPS",
-            &labels,
-            &one("NPS", "s-main", kpi(|r| r.nps)),
-            &whole,
-            Some((-100.0, 100.0)),
-        ),
-        charts::bars(
-            "Points issued, redeemed and expired",
-            &labels,
-            &[
-                Series {
-                    name: "issued",
-                    class: "s-issued",
-                    values: reports
-                        .iter()
-                        .map(|r| Some(r.points.issued as f64))
-                        .collect(),
-                },
-                Series {
-                    name: "redeemed",
-                    class: "s-redeemed",
-                    values: reports
-                        .iter()
-                        .map(|r| Some(r.points.redeemed as f64))
-                        .collect(),
-                },
-                Series {
-                    name: "expired",
-                    class: "s-expired",
-                    values: reports
-                        .iter()
-                        .map(|r| Some(r.points.expired as f64))
-                        .collect(),
-                },
-            ],
-            &whole,
-            None,
-        ),
-        charts::bars(
-            "Points outstanding at the end of each period",
-            &labels,
-            &one(
-                "outstanding",
-                "s-main",
-                reports
-                    .iter()
-                    .map(|r| Some(r.points.outstanding as f64))
-                    .collect(),
-            ),
-            &whole,
-            None,
-        ),
+        ("Upsell ratio", |r| r.upsell_ratio, &plain, None),
+        ("NPS", |r| r.nps, &whole, Some((-100.0, 100.0))),
     ];
+    let points = |name, class, pick: fn(&report::Points) -> i64| Series {
+        name,
+        class,
+        values: reports
+            .iter()
+            .map(|r| Some(pick(&r.points) as f64))
+            .collect(),
+    };
+    let mut kpi_charts: Vec<String> = ratios
+        .into_iter()
+        .map(|(title, pick, format, span)| {
+            let series = Series {
+                name: title,
+                class: "s-main",
+                values: reports.iter().map(pick).collect(),
+            };
+            charts::bars(title, &labels, &[series], format, span)
+        })
+        .collect();
+    kpi_charts.push(charts::bars(
+        "Points issued, redeemed and expired",
+        &labels,
+        &[
+            points("issued", "s-issued", |p| p.issued),
+            points("redeemed", "s-redeemed", |p| p.redeemed),
+            points("expired", "s-expired", |p| p.expired),
+        ],
+        &whole,
+        None,
+    ));
+    kpi_charts.push(charts::bars(
+        "Points outstanding at the end of each period",
+        &labels,
+        &[points("outstanding", "s-main", |p| p.outstanding)],
+        &whole,
+        None,
+    ));
     let names: Vec<String> = current.triggers.keys().cloned().collect();
     let trigger_chart = charts::bars(
         "Conversion within 7 days: with the message and without it (control)",

@@ -13,6 +13,7 @@ use anyhow::{Context, bail};
 use handlebars::Handlebars;
 use serde_json::Value;
 
+mod frames;
 pub mod helpers;
 
 use crate::domain::Locale;
@@ -37,12 +38,15 @@ pub struct RenderedEmail {
 /// The loaded templates.
 #[derive(Clone)]
 pub struct Templates {
+    /// Email HTML; its escape function makes frames' tokens while a frame is made.
     html: Handlebars<'static>,
     text: Handlebars<'static>,
     /// `trigger/locale` pairs that have templates.
     available: HashSet<String>,
     /// Every source by its path under the templates' root (`welcome/ko/sms.hbs`).
     sources: std::collections::BTreeMap<String, String>,
+    /// MJML emails made into HTML once per structure (shared by clones and overlays).
+    frames: std::sync::Arc<frames::Frames>,
 }
 
 /// The files a (trigger, locale) may have, by name.
@@ -115,6 +119,7 @@ impl Templates {
         let mut html = Handlebars::new();
         let mut text = Handlebars::new();
         text.register_escape_fn(handlebars::no_escape);
+        html.register_escape_fn(frames::escape);
         for registry in [&mut html, &mut text] {
             registry.set_strict_mode(true);
             registry.set_dev_mode(false);
@@ -167,6 +172,7 @@ impl Templates {
             text,
             available,
             sources: sources.into_iter().collect(),
+            frames: Default::default(),
         };
         templates.check_complete()?;
         Ok(templates)
@@ -391,11 +397,7 @@ impl Templates {
         let subject = one_line(&render_text("email.subject")?);
         let mjml_name = format!("{base}/email.mjml");
         let html = if self.html.has_template(&mjml_name) {
-            let mjml = self
-                .html
-                .render(&mjml_name, context)
-                .with_context(|| format!("rendering {mjml_name}.hbs"))?;
-            mjml_to_html(&mjml).with_context(|| format!("turning {mjml_name}.hbs into HTML"))?
+            self.mjml_email(&mjml_name, context)?
         } else {
             self.html
                 .render(&format!("{base}/email.html"), context)
@@ -411,6 +413,42 @@ impl Templates {
             html,
             text,
         })
+    }
+
+    /// The HTML of MJML template `name`: from its structure's frame when there is one (see
+    /// `frames`), else through the whole pipeline (Handlebars, mrml, css-inline); the first
+    /// message of a structure makes its frame, kept only if it gives this message's HTML.
+    fn mjml_email(&self, name: &str, context: &Value) -> anyhow::Result<String> {
+        let (structure, values) = frames::collecting(|| self.html.render(name, context));
+        let structure = structure.with_context(|| format!("rendering {name}.hbs"))?;
+        if !values.iter().all(|v| frames::fits(v)) {
+            return self.mjml_email_whole(name, context);
+        }
+        match self.frames.get(&structure) {
+            Some(Some(frame)) => match frame.fill(&values) {
+                Some(html) => Ok(html),
+                None => self.mjml_email_whole(name, context),
+            },
+            Some(None) => self.mjml_email_whole(name, context),
+            None => {
+                let html = self.mjml_email_whole(name, context)?;
+                let frame = mjml_to_html(&structure)
+                    .ok()
+                    .and_then(|made| frames::Frame::parse(&made))
+                    .filter(|frame| frame.fill(&values).as_deref() == Some(html.as_str()));
+                self.frames.keep(structure, frame);
+                Ok(html)
+            }
+        }
+    }
+
+    /// The HTML of MJML template `name` through the whole pipeline.
+    fn mjml_email_whole(&self, name: &str, context: &Value) -> anyhow::Result<String> {
+        let mjml = self
+            .html
+            .render(name, context)
+            .with_context(|| format!("rendering {name}.hbs"))?;
+        mjml_to_html(&mjml).with_context(|| format!("turning {name}.hbs into HTML"))
     }
 
     /// Renders every template of every trigger and locale with the trigger's sample context
@@ -750,6 +788,95 @@ pub fn sample_context(trigger: Trigger) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `context` with every free text (names, shop, tier, coupon) made hostile: markup,
+    /// quotes, ampersands, a no-break space, non-Latin letters, spaces at the edges.
+    fn hostile(context: &Value) -> Value {
+        const FREE_TEXT: [&str; 8] = [
+            "first_name",
+            "shop_name",
+            "shop_address",
+            "coupon_code",
+            "next_tier",
+            "tier",
+            "previous_tier",
+            "name",
+        ];
+        match context {
+            Value::Object(map) => Value::Object(
+                map.iter()
+                    .map(|(k, v)| {
+                        let v = match v {
+                            Value::String(s) if FREE_TEXT.contains(&k.as_str()) => Value::String(
+                                format!(" {s} & <b>\"O'Neil\"</b> = `x` 지우 Öz &amp; "),
+                            ),
+                            other => hostile(other),
+                        };
+                        (k.clone(), v)
+                    })
+                    .collect(),
+            ),
+            Value::Array(items) => Value::Array(items.iter().map(hostile).collect()),
+            other => other.clone(),
+        }
+    }
+
+    #[test]
+    fn every_shipped_email_from_its_frame_is_the_email_made_whole() {
+        let t = Templates::shipped().unwrap();
+        let mut emails = 0;
+        for (trigger, locale) in t.pairs() {
+            let name = format!("{}/{locale}/email.mjml", trigger.as_str());
+            if !t.html.has_template(&name) {
+                continue;
+            }
+            let mut sample = sample_context(trigger);
+            sample["locale"] = Value::String(locale.clone());
+            // The same structure without the progress line and the coupon, and with one item.
+            let mut plainer = sample.clone();
+            plainer["next_tier"] = Value::Null;
+            plainer["next_reward"] = Value::Null;
+            plainer["coupon_code"] = Value::Null;
+            plainer["shop_address"] = Value::Null;
+            if let Some(items) = plainer.get_mut("items").and_then(Value::as_array_mut) {
+                items.truncate(1);
+            }
+            for context in [sample, plainer] {
+                let whole = t.mjml_email_whole(&name, &context).unwrap();
+                // The first message of a structure makes its frame…
+                assert_eq!(t.mjml_email(&name, &context).unwrap(), whole, "{name}");
+                let (structure, _) = frames::collecting(|| t.html.render(&name, &context));
+                assert!(
+                    matches!(t.frames.get(&structure.unwrap()), Some(Some(_))),
+                    "{name}: no frame kept for {context}"
+                );
+                // …and another message of that structure, with other values, is filled in.
+                let other = hostile(&context);
+                let (_, values) = frames::collecting(|| t.html.render(&name, &other));
+                assert!(values.iter().all(|v| frames::fits(v)), "{name}: {values:?}");
+                let from_frame = t.mjml_email(&name, &other).unwrap();
+                assert_eq!(
+                    from_frame,
+                    t.mjml_email_whole(&name, &other).unwrap(),
+                    "{name} with {other}"
+                );
+                // A value mrml would change in an attribute (a no-break space in the shop's
+                // name, which is the title) goes the whole way, and comes out the same.
+                let mut odd = other.clone();
+                odd["shop_name"] = Value::String("Shop\u{a0}One\\Two\nThree".into());
+                assert_eq!(
+                    t.mjml_email(&name, &odd).unwrap(),
+                    t.mjml_email_whole(&name, &odd).unwrap()
+                );
+                emails += 1;
+            }
+        }
+        assert_eq!(
+            emails,
+            2 * 18,
+            "six triggers in three locales, two structures each"
+        );
+    }
     use serde_json::json;
 
     fn templates() -> Templates {

@@ -14,6 +14,8 @@
 //! - [`render`]: Handlebars registries with locale fallback.
 //! - [`dispatch`]: per message, consent, rendering, policy, providers; [`outbox`], its SQL
 //!   (claim, renew, record, retry).
+//! - [`report`]: the loyalty report (retention, repeat purchase, upsell, NPS, points, each
+//!   trigger's conversions against its holdout), read from the ledger and the outbox.
 //! - [`app`]: the shared handles and the worker's roles; [`demo`] and [`bench`] drive them.
 
 pub mod app;

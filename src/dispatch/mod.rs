@@ -189,14 +189,14 @@ impl Dispatcher {
         // The batch renders with the templates in force when it was claimed.
         let catalog = self.composer.store.current();
         let catalog = &catalog;
-        // `concurrency` messages are composed and sent at once; a message's slot is free as
-        // soon as its provider answered, while its result waits for the next group commit
-        // (every result is committed before the batch ends and its claims stop renewing).
         let sending = futures_util::stream::iter(claimed)
-            .map(|c| self.settle(c, catalog))
+            .map(|c| async move {
+                let settled = self.settle(c, catalog).await;
+                self.recorder
+                    .record(&self.app.pool, &self.owner, settled)
+                    .await;
+            })
             .buffer_unordered(d.concurrency)
-            .map(|settled| self.recorder.record(&self.app.pool, &self.owner, settled))
-            .buffer_unordered(usize::MAX)
             .collect::<Vec<()>>();
         // While the batch is out, its claims are renewed: a slow provider must not let another
         // dispatcher take (and send again) messages that are still being sent.

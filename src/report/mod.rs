@@ -400,64 +400,109 @@ fn points_difference(value: Option<f64>) -> String {
     value.map_or_else(|| "–".to_owned(), |v| format!("{:+.1} pt", v * 100.0))
 }
 
-/// The report as a readable table: each figure with the counts it is made of.
-pub fn table(r: &Report) -> String {
+/// One figure as people read it: its name, its value, and what it is made of.
+pub struct Line {
+    pub name: &'static str,
+    pub value: String,
+    pub from: String,
+}
+
+/// The report's figures as people read them (the CLI's table and the console page).
+pub fn lines(r: &Report) -> Vec<Line> {
     let c = &r.counts;
-    let plain = |v: Option<f64>| v.map_or_else(|| "–".to_owned(), |v| format!("{v:.2}"));
-    let rows = vec![
-        vec![
-            "retention rate".to_owned(),
+    let line = |name, value, from| Line { name, value, from };
+    vec![
+        line(
+            "Retention rate",
             percent(r.retention_rate),
             format!(
                 "(E {} − N {}) / S {}",
                 c.buyers, c.new_buyers, c.previous_buyers
             ),
-        ],
-        vec![
-            "repeat-purchase rate".to_owned(),
+        ),
+        line(
+            "Repeat-purchase rate",
             percent(r.repeat_purchase_rate),
             format!(
                 "{} of {} buyers ordered twice or more",
                 c.repeat_buyers, c.buyers
             ),
-        ],
-        vec![
-            "upsell ratio".to_owned(),
-            plain(r.upsell_ratio),
+        ),
+        line(
+            "Upsell ratio",
+            r.upsell_ratio
+                .map_or_else(|| "–".to_owned(), |v| format!("{v:.2}")),
             format!(
                 "{} bought 2+ SKUs / {} bought exactly 1",
                 c.multi_sku_buyers, c.single_sku_buyers
             ),
-        ],
-        vec![
-            "NPS".to_owned(),
+        ),
+        line(
+            "NPS",
             r.nps.map_or_else(|| "–".to_owned(), |v| format!("{v:.1}")),
             format!(
                 "{} promoters, {} detractors of {} members who answered",
                 c.promoters, c.detractors, c.answers
             ),
-        ],
-        vec![
-            "points issued".to_owned(),
+        ),
+        line(
+            "Points issued",
             r.points.issued.to_string(),
-            String::new(),
-        ],
-        vec![
-            "points redeemed".to_owned(),
+            "net of refunds and negative adjustments".into(),
+        ),
+        line(
+            "Points redeemed",
             r.points.redeemed.to_string(),
             String::new(),
-        ],
-        vec![
-            "points expired".to_owned(),
+        ),
+        line(
+            "Points expired",
             r.points.expired.to_string(),
             String::new(),
-        ],
-        vec![
-            "points outstanding".to_owned(),
+        ),
+        line(
+            "Points outstanding",
             r.points.outstanding.to_string(),
-            format!("at {}", r.to.to_rfc3339()),
-        ],
-    ];
+            format!("every balance at {}", r.to.to_rfc3339()),
+        ),
+    ]
+}
+
+/// One trigger's figures as people read them.
+pub struct TriggerLine {
+    pub name: String,
+    pub sent: i64,
+    pub conversions: i64,
+    pub rate: String,
+    pub control_members: i64,
+    pub control_conversions: i64,
+    pub control_rate: String,
+    pub lift: String,
+}
+
+/// Each trigger's figures as people read them, by trigger name.
+pub fn trigger_lines(r: &Report) -> Vec<TriggerLine> {
+    r.triggers
+        .iter()
+        .map(|(name, f)| TriggerLine {
+            name: name.clone(),
+            sent: f.sent,
+            conversions: f.conversions,
+            rate: percent(f.conversion_rate),
+            control_members: f.control_members,
+            control_conversions: f.control_conversions,
+            control_rate: percent(f.control_conversion_rate),
+            lift: points_difference(f.lift),
+        })
+        .collect()
+}
+
+/// The report as a readable table: each figure with the counts it is made of.
+pub fn table(r: &Report) -> String {
+    let rows: Vec<Vec<String>> = lines(r)
+        .into_iter()
+        .map(|l| vec![l.name.to_owned(), l.value, l.from])
+        .collect();
     let mut out = format!(
         "Loyalty report, {} to {} (event time, UTC)\n\n",
         r.from.to_rfc3339(),
@@ -469,19 +514,18 @@ pub fn table(r: &Report) -> String {
         "",
     ));
     out.push('\n');
-    let triggers: Vec<Vec<String>> = r
-        .triggers
-        .iter()
-        .map(|(name, f)| {
+    let triggers: Vec<Vec<String>> = trigger_lines(r)
+        .into_iter()
+        .map(|t| {
             vec![
-                name.clone(),
-                f.sent.to_string(),
-                f.conversions.to_string(),
-                percent(f.conversion_rate),
-                f.control_members.to_string(),
-                f.control_conversions.to_string(),
-                percent(f.control_conversion_rate),
-                points_difference(f.lift),
+                t.name,
+                t.sent.to_string(),
+                t.conversions.to_string(),
+                t.rate,
+                t.control_members.to_string(),
+                t.control_conversions.to_string(),
+                t.control_rate,
+                t.lift,
             ]
         })
         .collect();

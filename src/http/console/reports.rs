@@ -25,22 +25,6 @@ pub(super) fn routes() -> Router<App> {
     Router::new().route("/console/reports", get(report_page))
 }
 
-/// One line of the figures table.
-struct Figure {
-    name: &'static str,
-    value: String,
-    from: String,
-}
-
-/// One trigger's line.
-struct TriggerLine {
-    name: String,
-    f: report::TriggerFigures,
-    rate: String,
-    control_rate: String,
-    lift: String,
-}
-
 #[derive(Template)]
 #[template(path = "reports.html")]
 struct ReportsPage {
@@ -50,8 +34,8 @@ struct ReportsPage {
     to: String,
     error: Option<String>,
     heading: String,
-    figures: Vec<Figure>,
-    triggers: Vec<TriggerLine>,
+    figures: Vec<report::Line>,
+    triggers: Vec<report::TriggerLine>,
     /// SVG markup, made and escaped by `charts`.
     kpi_charts: Vec<String>,
     trigger_chart: String,
@@ -63,10 +47,6 @@ struct ReportsPage {
 struct ReportQuery {
     from: String,
     to: String,
-}
-
-fn percent(v: Option<f64>) -> String {
-    v.map_or_else(|| "–".to_owned(), |v| format!("{:.1}%", v * 100.0))
 }
 
 /// A period's label on a chart: its first day (and hour, for periods under a day).
@@ -225,78 +205,8 @@ async fn report_page(
         &pct,
         Some((0.0, 1.0)),
     );
-    let c = &current.counts;
-    let figures = vec![
-        Figure {
-            name: "Retention rate",
-            value: percent(current.retention_rate),
-            from: format!(
-                "(E {} − N {}) / S {}",
-                c.buyers, c.new_buyers, c.previous_buyers
-            ),
-        },
-        Figure {
-            name: "Repeat-purchase rate",
-            value: percent(current.repeat_purchase_rate),
-            from: format!(
-                "{} of {} buyers ordered twice or more",
-                c.repeat_buyers, c.buyers
-            ),
-        },
-        Figure {
-            name: "Upsell ratio",
-            value: current
-                .upsell_ratio
-                .map_or_else(|| "–".to_owned(), |v| format!("{v:.2}")),
-            from: format!(
-                "{} bought 2+ SKUs / {} bought exactly 1",
-                c.multi_sku_buyers, c.single_sku_buyers
-            ),
-        },
-        Figure {
-            name: "NPS",
-            value: current
-                .nps
-                .map_or_else(|| "–".to_owned(), |v| format!("{v:.1}")),
-            from: format!(
-                "{} promoters, {} detractors of {} members who answered",
-                c.promoters, c.detractors, c.answers
-            ),
-        },
-        Figure {
-            name: "Points issued",
-            value: current.points.issued.to_string(),
-            from: "net of refunds and negative adjustments".into(),
-        },
-        Figure {
-            name: "Points redeemed",
-            value: current.points.redeemed.to_string(),
-            from: String::new(),
-        },
-        Figure {
-            name: "Points expired",
-            value: current.points.expired.to_string(),
-            from: String::new(),
-        },
-        Figure {
-            name: "Points outstanding",
-            value: current.points.outstanding.to_string(),
-            from: format!("every balance at {}", readable(current.to)),
-        },
-    ];
-    let triggers = current
-        .triggers
-        .iter()
-        .map(|(name, f)| TriggerLine {
-            name: name.clone(),
-            f: *f,
-            rate: percent(f.conversion_rate),
-            control_rate: percent(f.control_conversion_rate),
-            lift: f
-                .lift
-                .map_or_else(|| "–".to_owned(), |v| format!("{:+.1} pt", v * 100.0)),
-        })
-        .collect();
+    let figures = report::lines(current);
+    let triggers = report::trigger_lines(current);
     let api_query = url::form_urlencoded::Serializer::new(String::new())
         .append_pair("from", &period.from.to_rfc3339())
         .append_pair("to", &period.to.to_rfc3339())

@@ -102,10 +102,12 @@ async fn seed(
     let refunds = size.events * 5 / 100;
     let others = (size.events * 5 / 100) / 3;
     let mut tx = pool.begin().await?;
-    let steps: [(&str, &str); 10] = [
-        ("seed", "select setseed(0.42)"),
+    // Each statement with the count it makes ($3; 0 where it takes none).
+    let steps: [(&str, i64, &str); 10] = [
+        ("seed", 0, "select setseed(0.42)"),
         (
             "members",
+            0,
             "insert into members (member_id, email, locale, timezone, consent_email, consent_sms,
                                   enrolled_at, updated_at)
              select 'm' || i, 'm' || i || '@example.com', 'en', 'UTC', true, false,
@@ -115,12 +117,14 @@ async fn seed(
         ),
         (
             "sign-up points",
+            0,
             "insert into point_entries (member_id, kind, points, at, cause, event_at)
              select member_id, 'signup', 100, enrolled_at, 'e-' || member_id, enrolled_at
              from members order by enrolled_at",
         ),
         (
             "orders",
+            orders,
             "insert into orders (order_id, member_id, total_minor, currency, earned, cart_id,
                                  placed_at, skus)
              select 'o' || i, 'm' || (1 + floor(random() * $2)::bigint), t, 'USD', t / 100,
@@ -134,12 +138,14 @@ async fn seed(
         ),
         (
             "order points",
+            0,
             "insert into point_entries (member_id, kind, points, qualifying, at, cause, event_at)
              select member_id, 'order', earned, earned, placed_at, 'e-' || order_id, placed_at
              from orders order by placed_at",
         ),
         (
             "refunds",
+            refunds,
             "insert into point_entries (member_id, kind, points, qualifying, at, cause, event_at)
              select member_id, 'refund', -earned / 2, -earned / 2, t, 'r-' || order_id, t
              from (select *, least($1, placed_at + random() * interval '10 days') as t
@@ -148,6 +154,7 @@ async fn seed(
         ),
         (
             "adjustments, redemptions and expiries",
+            others,
             "insert into point_entries (member_id, kind, points, at, cause, event_at)
              select 'm' || (1 + floor(random() * $2)::bigint), k, p, t, k || '-' || i, t
              from generate_series(1, $3) i,
@@ -157,6 +164,7 @@ async fn seed(
         ),
         (
             "answers",
+            others,
             "insert into feedback (event_id, member_id, score, at)
              select 'f' || i, 'm' || (1 + floor(random() * $2)::bigint), floor(random() * 11)::int,
                     $1 - random() * interval '365 days' as at
@@ -164,6 +172,7 @@ async fn seed(
         ),
         (
             "messages",
+            members / 2,
             "insert into messages (dedupe_key, member_id, trigger, channel, context, status,
                                    due_at, sent_at, created_at, finished_at)
              select trigger || ':' || member_id || ':' || n || ':email', member_id, trigger,
@@ -184,18 +193,13 @@ async fn seed(
         ),
         (
             "balances",
+            0,
             "update members m set balance = s.points, lifetime = s.points
              from (select member_id, sum(points) as points from point_entries group by member_id) s
              where s.member_id = m.member_id",
         ),
     ];
-    for (what, sql) in steps {
-        let count = match what {
-            "orders" => orders,
-            "refunds" => refunds,
-            "messages" => members / 2,
-            _ => others,
-        };
+    for (what, count, sql) in steps {
         // Each statement takes the parameters it names, in order: now, members, a count.
         let mut query = sqlx::query(sql);
         if sql.contains("$1") {

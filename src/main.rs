@@ -50,22 +50,28 @@ enum Command {
     },
     /// Measure ingest throughput against the broker's raw ceiling, and optionally SMTP dispatch.
     Bench {
-        /// Events to publish.
-        #[arg(long, default_value_t = 50_000)]
+        /// Events of the ceiling and ingest phases: the shop's mix.
+        #[arg(long, default_value_t = 1_000_000)]
         events: usize,
-        /// A mix of event types (enrolments, orders, refunds, adjustments, carts, redemptions)
-        /// instead of enrolments only.
-        #[arg(long)]
-        mix: bool,
-        /// Also measure dispatch to this SMTP server (e.g. smtp-sink), with and without TCP_NODELAY.
+        /// Members of the shop (at most a tenth of --events).
+        #[arg(long, default_value_t = 100_000)]
+        members: usize,
+        /// Messages in each dispatch phase (HTTP, then SMTP).
+        #[arg(long, default_value_t = 20_000)]
+        messages: usize,
+        /// The SMTP server of the SMTP dispatch phase; without it the bench starts smtp-sink
+        /// (postfix) on a free port, and skips the phase if smtp-sink is not installed.
         #[arg(long)]
         smtp: Option<String>,
-        /// Also measure dispatch over HTTP (the webhook provider) to a local server in this process.
+        /// Seconds of steady traffic at half the ingest rate in the latency phase.
+        #[arg(long, default_value_t = 20)]
+        latency_seconds: u64,
+        /// Events of each scale-out run (one worker process, then two); 0 skips it.
+        #[arg(long, default_value_t = 200_000)]
+        scale_out_events: usize,
+        /// Print the figures as one JSON object.
         #[arg(long)]
-        http: bool,
-        /// Messages to dispatch in each dispatch phase (at most --events).
-        #[arg(long, default_value_t = 5_000)]
-        messages: usize,
+        json: bool,
         /// Instead: time the loyalty report over a year of a shop filled in SQL.
         #[arg(long)]
         report: bool,
@@ -330,10 +336,12 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Demo { events } => lifecycle::demo::run(settings, &events).await,
         Command::Bench {
             events,
-            mix,
-            smtp,
-            http,
+            members,
             messages,
+            smtp,
+            latency_seconds,
+            scale_out_events,
+            json,
             report,
             report_members,
             report_events,
@@ -349,7 +357,16 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                 .map(|url| url.parse())
                 .transpose()
                 .map_err(|e: String| anyhow::anyhow!("--smtp: {e}"))?;
-            lifecycle::bench::run(settings, events, mix, smtp, http, messages).await
+            let options = lifecycle::bench::Options {
+                events,
+                members,
+                messages,
+                smtp,
+                latency_seconds,
+                scale_out_events,
+                json,
+            };
+            lifecycle::bench::run(settings, options).await
         }
         Command::Templates {
             action: TemplatesAction::Check,

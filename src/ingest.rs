@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 use crate::app::App;
 use crate::config::{AmqpUrl, Settings};
 use crate::event::{self, Event};
-use crate::ledger::{self, Outcome};
+use crate::ledger::{self, Locking, Outcome};
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
 use crate::shutdown::Shutdown;
@@ -270,22 +270,38 @@ impl Ingest {
             .with_context(|| format!("consuming from {}", s.queue))?;
         debug!(consumer = tag, "Consuming.");
         let _consuming = self.app.health.consuming();
+        // Deliveries whose member another transaction held stay here, unacked, at the front of
+        // the next batch (their tags are the lowest, so its acks stay in order).
         let mut batch: Vec<Delivery> = Vec::with_capacity(s.batch_size);
+        // Batches in a row that left deliveries behind; the next after a few waits for locks.
+        let mut carried_rounds = 0;
         loop {
-            let first = tokio::select! {
-                _ = shutdown.triggered() => break,
-                next = consumer.next() => next,
+            let carried = batch.len();
+            let first = if carried == 0 {
+                tokio::select! {
+                    _ = shutdown.triggered() => break,
+                    next = consumer.next() => Some(next),
+                }
+            } else {
+                // Held deliveries go again at once, with whatever has arrived meanwhile.
+                tokio::select! {
+                    _ = shutdown.triggered() => break,
+                    next = consumer.next() => Some(next),
+                    _ = tokio::time::sleep(Duration::from_millis(1)) => None,
+                }
             };
+            let arrived = first.is_some();
             let mut pending_error = match first {
+                None => None,
                 // The server cancelled the consumer (queue deleted, node shutting down).
-                None => return Err(anyhow!("the broker cancelled consumer {tag}")),
-                Some(Err(error)) => Some(error),
-                Some(Ok(delivery)) => {
+                Some(None) => return Err(anyhow!("the broker cancelled consumer {tag}")),
+                Some(Some(Err(error))) => Some(error),
+                Some(Some(Ok(delivery))) => {
                     batch.push(delivery);
                     None
                 }
             };
-            while pending_error.is_none() && batch.len() < s.batch_size {
+            while arrived && pending_error.is_none() && batch.len() < s.batch_size {
                 match consumer.next().now_or_never() {
                     Some(Some(Ok(delivery))) => batch.push(delivery),
                     Some(Some(Err(error))) => pending_error = Some(error),
@@ -293,11 +309,29 @@ impl Ingest {
                 }
             }
             if !batch.is_empty() {
-                let handled = self.handle_batch(&batch, &publisher, &shutdown).await;
-                batch.clear();
+                // Waiting for the other consumers' locks when nothing new came in, or when
+                // deliveries were held a few times in a row, so that none is held for ever.
+                let locking = if batch.len() == carried || carried_rounds >= 3 {
+                    Locking::Wait
+                } else {
+                    Locking::SkipBusy
+                };
+                let handled = self
+                    .handle_batch(&batch, locking, &publisher, &shutdown)
+                    .await;
                 // An unacked batch must not be acked by a later batch's `multiple` ack: give
                 // the channel up, which returns its unacked deliveries to the queue.
-                handled.context("a batch could not be settled")?;
+                let busy = handled.context("a batch could not be settled")?;
+                let mut index = 0;
+                batch.retain(|_| {
+                    index += 1;
+                    busy.contains(&(index - 1))
+                });
+                carried_rounds = if batch.is_empty() {
+                    0
+                } else {
+                    carried_rounds + 1
+                };
             }
             if let Some(error) = pending_error {
                 // The session ends and `run` connects anew; the broker returns this channel's
@@ -313,19 +347,22 @@ impl Ingest {
     }
 
     /// Handles one batch: parse, apply in one transaction, publish dead letters and retries,
-    /// then ack every delivery at once. An `Err` means the batch was left unacked.
+    /// then ack every delivery at once, except those whose member another transaction held:
+    /// their indices are returned, and they stay unacked for the next batch. An `Err` means
+    /// the batch was left unacked.
     async fn handle_batch(
         &self,
         batch: &[Delivery],
+        locking: Locking,
         publisher: &Publisher,
         shutdown: &Shutdown,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Vec<usize>> {
         let started = std::time::Instant::now();
         let max = self.app.settings.ingest.max_event_bytes;
         let parsed: Vec<Result<Event, event::Rejection>> =
             batch.iter().map(|d| event::parse(&d.data, max)).collect();
         let valid: Vec<&Event> = parsed.iter().filter_map(|p| p.as_ref().ok()).collect();
-        let Some(outcomes) = self.apply_with_retry(&valid, shutdown).await else {
+        let Some(outcomes) = self.apply_with_retry(&valid, locking, shutdown).await else {
             return Err(anyhow!("shutting down while the database is unavailable"));
         };
         if outcomes
@@ -337,7 +374,8 @@ impl Ingest {
         let mut applied = outcomes.into_iter();
 
         let mut confirms = Vec::new();
-        for (delivery, parsed) in batch.iter().zip(&parsed) {
+        let mut busy = Vec::new();
+        for (i, (delivery, parsed)) in batch.iter().zip(&parsed).enumerate() {
             let outcome = match parsed {
                 Err(rejection) => Outcome::Rejected(rejection.0.clone()),
                 Ok(_) => applied.next().expect("an outcome per valid event"),
@@ -352,6 +390,7 @@ impl Ingest {
                     .increment(1);
             };
             match outcome {
+                Outcome::Busy => busy.push(i),
                 Outcome::Applied { .. } => {
                     count("applied");
                     Metrics::inc(&self.app.metrics.events_applied);
@@ -403,23 +442,37 @@ impl Ingest {
                 .context("a dead letter or retry was not confirmed")?;
         }
         let applied_at = started.elapsed();
-        let last = batch.last().expect("non-empty batch");
-        match last.acker.ack(BasicAckOptions { multiple: true }).await {
-            Ok(true) => {}
-            Ok(false) => warn!(
-                "The channel was lost before the ack; the broker will redeliver and the inbox skips them."
-            ),
-            Err(error) => {
-                warn!(%error, "Ack failed; the broker will redeliver and the inbox skips them.")
+        // Tags rise through the batch: one `multiple` ack up to the first held delivery, then
+        // one ack for each settled delivery after it.
+        let first_held = busy.first().copied().unwrap_or(batch.len());
+        let mut acks = Vec::new();
+        if first_held > 0 {
+            acks.push((&batch[first_held - 1], true));
+        }
+        acks.extend(
+            (first_held..batch.len())
+                .filter(|i| busy.binary_search(i).is_err())
+                .map(|i| (&batch[i], false)),
+        );
+        for (delivery, multiple) in acks {
+            match delivery.acker.ack(BasicAckOptions { multiple }).await {
+                Ok(true) => {}
+                Ok(false) => warn!(
+                    "The channel was lost before the ack; the broker will redeliver and the inbox skips them."
+                ),
+                Err(error) => {
+                    warn!(%error, "Ack failed; the broker will redeliver and the inbox skips them.")
+                }
             }
         }
         debug!(
             size = batch.len(),
+            held = busy.len(),
             apply_ms = applied_at.as_secs_f64() * 1e3,
             total_ms = started.elapsed().as_secs_f64() * 1e3,
             "Batch settled."
         );
-        Ok(())
+        Ok(busy)
     }
 
     /// Applies the valid events of a batch, retrying transient database errors with backoff.
@@ -428,6 +481,7 @@ impl Ingest {
     async fn apply_with_retry(
         &self,
         events: &[&Event],
+        locking: Locking,
         shutdown: &Shutdown,
     ) -> Option<Vec<Outcome>> {
         if events.is_empty() {
@@ -435,7 +489,7 @@ impl Ingest {
         }
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
-            match self.apply_once(events).await {
+            match self.apply_once(events, locking).await {
                 Ok(outcomes) => return Some(outcomes),
                 Err(error) if crate::db::is_transient(&error) => {
                     warn!(
@@ -454,7 +508,9 @@ impl Ingest {
                     );
                     let mut outcomes = Vec::with_capacity(events.len());
                     for event in events {
-                        outcomes.extend(Box::pin(self.apply_with_retry(&[event], shutdown)).await?);
+                        outcomes.extend(
+                            Box::pin(self.apply_with_retry(&[event], locking, shutdown)).await?,
+                        );
                     }
                     return Some(outcomes);
                 }
@@ -467,19 +523,20 @@ impl Ingest {
         }
     }
 
-    async fn apply_once(&self, events: &[&Event]) -> Result<Vec<Outcome>, sqlx::Error> {
-        // Every read of a batch looks rows up by key. Without statistics (a new database, or
-        // a table grown since autovacuum last analyzed it) the planner guesses that a key
-        // list of 500 matches most of a table and scans it whole, which made ingest 3x slower
-        // on a fresh database: the index is always the right way here.
-        let mut tx = self
-            .app
-            .pool
-            .begin_with("begin; set local enable_seqscan = off")
-            .await?;
-        let outcomes =
-            ledger::apply_batch(&mut tx, events, &self.app.settings.program, &self.app.clock)
-                .await?;
+    async fn apply_once(
+        &self,
+        events: &[&Event],
+        locking: Locking,
+    ) -> Result<Vec<Outcome>, sqlx::Error> {
+        let mut tx = crate::db::begin_keyed(&self.app.pool).await?;
+        let outcomes = ledger::apply_batch(
+            &mut tx,
+            events,
+            &self.app.settings.program,
+            &self.app.clock,
+            locking,
+        )
+        .await?;
         tx.commit().await?;
         Ok(outcomes)
     }

@@ -130,6 +130,7 @@ pub async fn claim(
     limit: i64,
     lease: Duration,
 ) -> anyhow::Result<Vec<Claimed>> {
+    let mut tx = crate::db::begin_keyed(pool).await?;
     let rows = sqlx::query(
         "with due as (
              select id, member_id, status = 'sending' as lapsed, attempts from messages
@@ -167,9 +168,10 @@ pub async fn claim(
     .bind(limit)
     .bind(lease.as_secs_f64())
     .bind(owner)
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await
     .context("claiming due messages")?;
+    tx.commit().await?;
     Ok(rows
         .into_iter()
         .map(|r| Claimed {
@@ -219,7 +221,7 @@ pub async fn renew(
 /// claim is still `owner`'s) and every attempt (always: an attempt happened, whoever holds the
 /// message now). Returns the ids whose claim had been taken over by another dispatcher.
 pub async fn record(pool: &PgPool, owner: &str, settled: &[Settled]) -> anyhow::Result<Vec<i64>> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin_keyed(pool).await?;
     let ids: Vec<i64> = settled.iter().map(|s| s.id).collect();
     let statuses: Vec<&str> = settled.iter().map(|s| s.status).collect();
     let recipients: Vec<Option<&str>> = settled.iter().map(|s| s.recipient.as_deref()).collect();

@@ -1,6 +1,6 @@
 //! Members: the profile the platform sends, stored one row per member.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Row};
@@ -84,6 +84,22 @@ pub(super) async fn lock(conn: &mut PgConnection, sorted_ids: &[&str]) -> Result
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// Takes the lock of each member that no other transaction holds, without waiting: the ids
+/// whose lock another transaction holds. (No wait, so no order is needed against deadlocks.)
+pub(super) async fn try_lock(
+    conn: &mut PgConnection,
+    ids: &[&str],
+) -> Result<HashSet<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "select m from unnest($1::text[]) as m
+         where not pg_try_advisory_xact_lock(hashtextextended(m, 7))",
+    )
+    .bind(ids)
+    .fetch_all(conn)
+    .await
+    .map(|busy| busy.into_iter().collect())
 }
 
 /// Loads the members among `ids` that exist, with their lifetime points.

@@ -41,6 +41,18 @@ pub enum Outcome {
     Deferred(String),
     /// Valid JSON but refused by the ledger: dead-letter with this reason.
     Rejected(String),
+    /// Another transaction holds its member: nothing was done; try again in a moment.
+    Busy,
+}
+
+/// How a batch takes its members' locks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Locking {
+    /// Wait for every member's lock.
+    Wait,
+    /// Take the free ones; events of members another transaction holds come back `Busy`, so
+    /// two consumers whose batches share a few members do not wait for each other's commit.
+    SkipBusy,
 }
 
 /// A member with their points.
@@ -323,13 +335,49 @@ pub async fn apply_batch(
     events: &[&Event],
     program: &Program,
     clock: &crate::clock::Clock,
+    locking: Locking,
 ) -> Result<Vec<Outcome>, sqlx::Error> {
     // Members first: a redelivered copy of an event is for the same member, so a second worker
-    // handling it waits here rather than deadlocking on the inbox row below.
+    // handling it waits here (or leaves it) rather than deadlocking on the inbox row below.
     let mut member_ids: Vec<&str> = events.iter().map(|e| e.kind.member_id().as_str()).collect();
     member_ids.sort_unstable();
     member_ids.dedup();
-    members::lock(conn, &member_ids).await?;
+    let busy = match locking {
+        Locking::Wait => {
+            members::lock(conn, &member_ids).await?;
+            HashSet::new()
+        }
+        Locking::SkipBusy => members::try_lock(conn, &member_ids).await?,
+    };
+    if busy.is_empty() {
+        return apply_locked(conn, events, &member_ids, program, clock).await;
+    }
+    let is_busy = |e: &&Event| busy.contains(e.kind.member_id().as_str());
+    let free: Vec<&Event> = events.iter().filter(|e| !is_busy(e)).copied().collect();
+    member_ids.retain(|m| !busy.contains(*m));
+    let mut applied = apply_locked(conn, &free, &member_ids, program, clock)
+        .await?
+        .into_iter();
+    Ok(events
+        .iter()
+        .map(|e| match is_busy(e) {
+            true => Outcome::Busy,
+            false => applied.next().expect("an outcome per free event"),
+        })
+        .collect())
+}
+
+/// `apply_batch` once the members of `events` are locked.
+async fn apply_locked(
+    conn: &mut PgConnection,
+    events: &[&Event],
+    member_ids: &[&str],
+    program: &Program,
+    clock: &crate::clock::Clock,
+) -> Result<Vec<Outcome>, sqlx::Error> {
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
     // The time is read once the members are ours: read before, a batch that waited for a lock
     // another worker held would stamp its lots earlier than that worker's, and a member's lots
     // (spent oldest first) would then depend on which worker waited.
@@ -354,7 +402,7 @@ pub async fn apply_batch(
         })
         .collect();
     let mut state = State {
-        members: store::load_members(conn, &member_ids, program, now).await?,
+        members: store::load_members(conn, member_ids, program, now).await?,
         orders: store::load_orders(conn, &order_ids).await?,
         carts: carts::load(conn, &cart_ids).await?,
         feedback_rewarded: store::feedback_rewarded(conn, &order_ids).await?,

@@ -373,3 +373,72 @@ async fn two_workers_on_one_queue_keep_every_ledger_exact() {
     second.stop().await.unwrap();
     env.cleanup().await;
 }
+
+/// A member whose lock another transaction holds does not stop the rest of a batch: its events
+/// stay unacked for the consumer's next batch and are applied once the lock is free, each once.
+#[tokio::test]
+async fn a_held_member_waits_while_the_rest_of_the_batch_goes_on() {
+    let env = TestEnv::new(&[("LIFECYCLE_INGEST__CONSUMERS", "1".into())]);
+    // No worker yet, so that the events below wait queued and arrive as one batch.
+    let app = env.app().await;
+    let t = env.tag.clone();
+    let (held, free) = (format!("{t}-held"), format!("{t}-free"));
+    // The ledger's member lock (`ledger/members.rs`), taken here as another worker would.
+    let mut other = app.pool.begin().await.unwrap();
+    sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 7))")
+        .bind(&held)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let enrol =
+        |id: &str, member: &str| enrolled(id, member, None, None, "en", "M", (false, false));
+    env.publish(&[
+        enrol(&format!("{t}-e1"), &held),
+        enrol(&format!("{t}-e2"), &free),
+        event(
+            format!("{t}-a2"),
+            "points.adjusted",
+            json!({"member_id": free, "points": 7, "reason": "review"}),
+        ),
+    ])
+    .await;
+    let worker = env.start(INGEST_ONLY).await;
+    let members = || async {
+        sqlx::query_scalar::<_, String>("select member_id from members order by 1")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap()
+    };
+    wait_for("the free member's events applied", || async {
+        (count(&app, "select count(*) from inbox").await == 2).then_some(())
+    })
+    .await;
+    assert_eq!(balance(&app, &free).await.0, 107);
+    assert!(
+        !members().await.contains(&held),
+        "applied under another's lock"
+    );
+
+    other.commit().await.unwrap();
+    wait_for("the held member enrolled", || async {
+        members().await.contains(&held).then_some(())
+    })
+    .await;
+    assert_eq!(count(&app, "select count(*) from inbox").await, 3);
+    assert_eq!(balance(&app, &held).await.0, 100, "the signup bonus once");
+    assert!(env.take_dead_letters().await.is_empty(), "nothing refused");
+    worker.stop().await.unwrap();
+    // Nothing was left unacked: a new worker gets no copy back (a returned delivery would go
+    // before this marker and count as a duplicate).
+    let again = env.start(INGEST_ONLY).await;
+    env.publish(&[enrol(&format!("{t}-e3"), &format!("{t}-marker"))])
+        .await;
+    wait_for("the marker applied", || async {
+        (count(&again.app, "select count(*) from inbox").await == 4).then_some(())
+    })
+    .await;
+    let duplicates = lifecycle::metrics::Metrics::get(&again.app.metrics.events_duplicate);
+    assert_eq!(duplicates, 0, "a settled delivery came back");
+    again.stop().await.unwrap();
+    env.cleanup().await;
+}

@@ -1,7 +1,8 @@
 //! Member state and every change to it, applied a batch of events per transaction.
 //!
-//! A batch runs as: take each member's lock (advisory, in key order, so two workers never
-//! deadlock and a member not yet inserted is covered too); insert the event ids into the
+//! A batch runs as: take each member's lock (advisory, so a member not yet inserted is covered
+//! too; either every lock in key order, so two workers never deadlock, or only the free ones
+//! without waiting, leaving the other members' events `Busy`); insert the event ids into the
 //! inbox, keeping those that were new; load the members, their points and the orders the
 //! events name; apply the new events in memory in delivery order (`apply`, pure); write back
 //! changed members, lots, journal entries, orders and planned messages with one statement

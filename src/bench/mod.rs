@@ -146,6 +146,11 @@ pub struct Latency {
     pub p99_ms: f64,
     /// The slowest.
     pub max_ms: f64,
+    /// The first part of the way: from the event to the start of the ingest transaction that
+    /// planned its message (waiting in the queue and for the batch before), median.
+    pub to_ingest_p50_ms: f64,
+    /// The same, 99th percentile.
+    pub to_ingest_p99_ms: f64,
 }
 
 /// Ingest by one worker process and by two.
@@ -234,6 +239,10 @@ pub async fn run(mut settings: Settings, options: Options) -> anyhow::Result<()>
         say(format!(
             "latency at {:.0} events/s (half):   p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} messages)",
             latency.events_per_s, latency.p50_ms, latency.p95_ms, latency.p99_ms, latency.max_ms, latency.messages
+        ));
+        say(format!(
+            "  of which until ingest took the event: p50 {:.1} ms, p99 {:.1} ms",
+            latency.to_ingest_p50_ms, latency.to_ingest_p99_ms
         ));
         drop(http);
         let scale_out = if options.scale_out_events > 0 {
@@ -683,35 +692,60 @@ async fn latency(
     worker.stop().await?;
     let published = finished?;
     let ids: Vec<i64> = arrivals.keys().copied().collect();
-    let stamps: Vec<(i64, DateTime<Utc>)> =
-        sqlx::query_as("select id, event_at from messages where id = any($1) and event_at >= $2")
-            .bind(&ids)
-            .bind(started_at)
-            .fetch_all(&app.pool)
-            .await?;
+    let stamps: Vec<(i64, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
+        "select id, event_at, created_at from messages where id = any($1) and event_at >= $2",
+    )
+    .bind(&ids)
+    .bind(started_at)
+    .fetch_all(&app.pool)
+    .await?;
     app.pool.close().await;
-    let mut millis: Vec<f64> = stamps
-        .iter()
-        .map(|(id, event_at)| {
-            let arrived = DateTime::<Utc>::from(arrivals[id]);
-            (arrived - *event_at).num_microseconds().unwrap_or(i64::MAX) as f64 / 1000.0
-        })
-        .collect();
-    if millis.is_empty() {
+    if stamps.is_empty() {
         bail!("no message of the latency phase reached the provider");
     }
-    millis.sort_by(f64::total_cmp);
-    let at =
-        |q: f64| millis[((millis.len() as f64 * q).ceil() as usize).clamp(1, millis.len()) - 1];
+    let millis = |from: DateTime<Utc>, to: DateTime<Utc>| {
+        (to - from).num_microseconds().unwrap_or(i64::MAX) as f64 / 1000.0
+    };
+    // The whole way, and its first part: until the ingest transaction that planned the message
+    // began (`created_at` is that transaction's `now()`).
+    let total = Percentiles::of(
+        stamps
+            .iter()
+            .map(|(id, event_at, _)| millis(*event_at, arrivals[id].into())),
+    );
+    let planned = Percentiles::of(
+        stamps
+            .iter()
+            .map(|(_, event_at, created_at)| millis(*event_at, *created_at)),
+    );
     Ok(Latency {
         events_per_s: rate,
         events: published,
-        messages: millis.len(),
-        p50_ms: at(0.50),
-        p95_ms: at(0.95),
-        p99_ms: at(0.99),
-        max_ms: at(1.0),
+        messages: stamps.len(),
+        p50_ms: total.at(0.50),
+        p95_ms: total.at(0.95),
+        p99_ms: total.at(0.99),
+        max_ms: total.at(1.0),
+        to_ingest_p50_ms: planned.at(0.50),
+        to_ingest_p99_ms: planned.at(0.99),
     })
+}
+
+/// Sorted samples.
+struct Percentiles(Vec<f64>);
+
+impl Percentiles {
+    fn of(samples: impl Iterator<Item = f64>) -> Percentiles {
+        let mut samples: Vec<f64> = samples.collect();
+        samples.sort_by(f64::total_cmp);
+        Percentiles(samples)
+    }
+
+    /// The `q` quantile (nearest rank); `q` = 1 is the largest.
+    fn at(&self, q: f64) -> f64 {
+        let n = self.0.len();
+        self.0[((n as f64 * q).ceil() as usize).clamp(1, n) - 1]
+    }
 }
 
 /// Publishes the mix at `rate` events/s for `seconds`, in ticks of 10 ms: how many it published.

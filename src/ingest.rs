@@ -325,7 +325,7 @@ impl Ingest {
                 let mut index = 0;
                 batch.retain(|_| {
                     index += 1;
-                    busy.contains(&(index - 1))
+                    busy.binary_search(&(index - 1)).is_ok()
                 });
                 carried_rounds = if batch.is_empty() {
                     0
@@ -348,8 +348,8 @@ impl Ingest {
 
     /// Handles one batch: parse, apply in one transaction, publish dead letters and retries,
     /// then ack every delivery at once, except those whose member another transaction held:
-    /// their indices are returned, and they stay unacked for the next batch. An `Err` means
-    /// the batch was left unacked.
+    /// their indices are returned (ascending), and they stay unacked for the next batch. An
+    /// `Err` means the batch was left unacked.
     async fn handle_batch(
         &self,
         batch: &[Delivery],

@@ -65,6 +65,22 @@ pub struct Options {
 /// two consumers' prefetch, so no event of a queued run waits for one another consumer holds.
 const LAG: usize = 10_000;
 
+/// The roles each phase runs.
+const INGEST: Roles = Roles {
+    dispatch: false,
+    ..INGEST_AND_DISPATCH
+};
+const DISPATCH: Roles = Roles {
+    ingest: false,
+    ..INGEST_AND_DISPATCH
+};
+const INGEST_AND_DISPATCH: Roles = Roles {
+    ingest: true,
+    dispatch: true,
+    schedule: false,
+    http: false,
+};
+
 /// The figures of one run, as `--json` prints them.
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -323,12 +339,7 @@ async fn dispatch(settings: &Settings, messages: usize) -> anyhow::Result<Rate> 
     .fetch_one(&app.pool)
     .await?;
     let messages = messages.min(due as usize);
-    let roles = Roles {
-        ingest: false,
-        dispatch: true,
-        schedule: false,
-        http: false,
-    };
+    let roles = DISPATCH;
     let elapsed = time_worker(&app, roles, |m| {
         let failed = Metrics::get(&m.messages_failed) + Metrics::get(&m.messages_retried);
         if failed > 0 {
@@ -495,12 +506,7 @@ async fn ingest_phase(
 ) -> anyhow::Result<(f64, i64, i64)> {
     let app = App::open(settings.clone()).await?;
     publish(settings, events).await?;
-    let roles = Roles {
-        ingest: true,
-        dispatch: false,
-        schedule: false,
-        http: false,
-    };
+    let roles = INGEST;
     let elapsed = time_worker(&app, roles, |m| {
         let dead = Metrics::get(&m.events_dead_lettered);
         if dead > 0 {
@@ -534,7 +540,7 @@ async fn ingest_phase(
     Ok((total as f64 / elapsed.as_secs_f64(), planned, due))
 }
 
-/// Publishes events to the exchange (routing key = type), waiting for confirms in windows.
+/// Publishes events to the exchange as a platform would, waiting for confirms in windows.
 async fn publish(
     settings: &Settings,
     events: impl Iterator<Item = (&'static str, String)>,
@@ -542,22 +548,15 @@ async fn publish(
     let connection = ingest::connect(&settings.amqp_url, "lifecycle-bench-publish").await?;
     ingest::declare_topology(&connection, settings).await?;
     let publisher = Publisher::open(&connection).await?;
-    let mut pending = Vec::with_capacity(2_000);
-    for (kind, body) in events {
-        pending.push(publish_one(&publisher, &settings.exchange, kind, &body).await);
-        if pending.len() >= 2_000 {
-            for confirm in pending.drain(..) {
-                Publisher::confirmed(confirm).await?;
-            }
-        }
-    }
-    for confirm in pending.drain(..) {
-        Publisher::confirmed(confirm).await?;
-    }
+    publisher
+        .publish_events(&settings.exchange, events.map(|(_, body)| body))
+        .await?;
     connection.close(200, "bye".into()).await.ok();
     Ok(())
 }
 
+/// `Publisher::publish_event` with the routing key already known: the steady stream is timed,
+/// so it does not parse each body again to find its type.
 async fn publish_one(
     publisher: &Publisher,
     exchange: &str,
@@ -577,6 +576,23 @@ async fn publish_one(
         .await
 }
 
+/// Cancels the messages earlier phases left waiting, so that a phase times its own traffic.
+async fn cancel_waiting(app: &App) -> anyhow::Result<()> {
+    sqlx::query("update messages set status = 'cancelled' where status = 'pending'")
+        .execute(&app.pool)
+        .await?;
+    Ok(())
+}
+
+/// Messages due now and not yet settled.
+async fn still_due(pool: &sqlx::PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "select count(*) from messages where status in ('pending', 'sending') and due_at <= now()",
+    )
+    .fetch_one(pool)
+    .await
+}
+
 /// `events` of the mix queued, then ingested with dispatch running: the pipeline's maximum.
 /// Messages still waiting from earlier phases are cancelled first.
 async fn end_to_end(
@@ -586,9 +602,7 @@ async fn end_to_end(
     events: usize,
 ) -> anyhow::Result<EndToEnd> {
     let app = App::open(settings.clone()).await?;
-    sqlx::query("update messages set status = 'cancelled' where status = 'pending'")
-        .execute(&app.pool)
-        .await?;
+    cancel_waiting(&app).await?;
     let workload = Workload::new(
         &format!("{tag}-max"),
         members,
@@ -596,12 +610,7 @@ async fn end_to_end(
         Time::Fixed(Utc::now() - chrono::Duration::hours(1)),
     );
     publish(settings, workload.take(events)).await?;
-    let roles = Roles {
-        ingest: true,
-        dispatch: true,
-        schedule: false,
-        http: false,
-    };
+    let roles = INGEST_AND_DISPATCH;
     let pool = app.pool.clone();
     let waiting = Arc::new(std::sync::atomic::AtomicI64::new(i64::MAX));
     // The outbox is read in a task of its own, the counters on every poll.
@@ -609,12 +618,7 @@ async fn end_to_end(
         let waiting = waiting.clone();
         tokio::spawn(async move {
             loop {
-                if let Ok((n,)) = sqlx::query_as::<_, (i64,)>(
-                    "select count(*) from messages where status in ('pending', 'sending') and due_at <= now()",
-                )
-                .fetch_one(&pool)
-                .await
-                {
+                if let Ok(n) = still_due(&pool).await {
                     waiting.store(n, Ordering::Relaxed);
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -652,19 +656,8 @@ async fn latency(
 ) -> anyhow::Result<Latency> {
     let settings = http.settings(settings);
     let app = App::open(settings.clone()).await?;
-    sqlx::query("update messages set status = 'cancelled' where status = 'pending'")
-        .execute(&app.pool)
-        .await?;
-    let worker = Worker::start(
-        app.clone(),
-        Roles {
-            ingest: true,
-            dispatch: true,
-            schedule: false,
-            http: false,
-        },
-    )
-    .await?;
+    cancel_waiting(&app).await?;
+    let worker = Worker::start(app.clone(), INGEST_AND_DISPATCH).await?;
     http.record();
     let started_at = Utc::now();
     let published = steady(&settings, tag, members, rate, seconds).await;
@@ -673,16 +666,15 @@ async fn latency(
     let finished = async {
         let published = published?;
         loop {
-            let (waiting,): (i64,) = sqlx::query_as(
-                "select count(*) from messages where status in ('pending', 'sending') and due_at <= now()",
-            )
-            .fetch_one(&app.pool)
-            .await?;
+            let waiting = still_due(&app.pool).await?;
             if Metrics::get(&app.metrics.events_applied) >= published as u64 && waiting == 0 {
                 return Ok(published);
             }
             if Instant::now() > deadline {
-                bail!("after 120 s: {waiting} messages still due, {} of {published} events applied", Metrics::get(&app.metrics.events_applied));
+                bail!(
+                    "after 120 s: {waiting} messages still due, {} of {published} events applied",
+                    Metrics::get(&app.metrics.events_applied)
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

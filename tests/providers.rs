@@ -209,6 +209,51 @@ async fn the_webhook_body_is_signed_and_carries_an_idempotency_key() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_busy_dispatcher_reuses_its_connections() {
+    // Each answer takes a while, so that every loop has all its sends in flight at once, and
+    // all of them come back idle together between two batches.
+    let fake = FakeApi::start(Reply::new(200, "{}").after(Duration::from_millis(40))).await;
+    let (loops, concurrency) = (4, 3);
+    let env = TestEnv::new(&[
+        ("LIFECYCLE_EMAIL_PROVIDERS", "webhook".into()),
+        ("LIFECYCLE_WEBHOOK_URL", format!("{}/hooks", fake.url)),
+        ("LIFECYCLE_WEBHOOK_SECRET", "hook-secret".into()),
+        ("LIFECYCLE_DISPATCH__PIPELINES", loops.to_string()),
+        ("LIFECYCLE_DISPATCH__CONCURRENCY", concurrency.to_string()),
+        ("LIFECYCLE_DISPATCH__BATCH_SIZE", "6".into()),
+    ]);
+    let worker = env.start(ALL_ROLES).await;
+    // Email only: one provider, one client.
+    let members = 60;
+    let events: Vec<String> = (0..members)
+        .map(|i| {
+            enrol(
+                format!("{}-{i}", env.tag),
+                &format!("m-reuse-{i}"),
+                true,
+                false,
+            )
+        })
+        .collect();
+    env.publish(&events).await;
+    wait_for("every welcome at the receiver", || async {
+        (fake.requests().len() >= members).then_some(())
+    })
+    .await;
+    // Sends in flight never exceed loops × concurrency, and an idle connection is kept for each:
+    // a connection closed and opened again would show as another client port.
+    let peers: std::collections::HashSet<_> = fake.requests().iter().map(|r| r.peer).collect();
+    assert!(
+        peers.len() <= loops * concurrency,
+        "{} connections for {} sends at most in flight",
+        peers.len(),
+        loops * concurrency
+    );
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn failures_are_classified_and_retry_after_is_honoured() {
     let fake = FakeApi::start(Reply::new(202, "")).await;
     fake.rule(

@@ -646,6 +646,11 @@ async fn end_to_end(
 /// stamped with the moment it was made, and measures each message from its event's stamp to
 /// its arrival at the HTTP provider. Messages still waiting from earlier phases are cancelled
 /// first, so that only this phase's traffic is timed.
+///
+/// The stream's members are new, so that enrolments (and their welcomes) are part of it, and a
+/// member's other events come a second of traffic after its enrolment: the stream's first
+/// second is enrolments alone, a burst of welcomes at eight times the steady rate of messages.
+/// That second is the warm-up: published at the same rate, left to settle, and not timed.
 async fn latency(
     settings: &Settings,
     http: &HttpProvider,
@@ -658,31 +663,26 @@ async fn latency(
     let app = App::open(settings.clone()).await?;
     cancel_waiting(&app).await?;
     let worker = Worker::start(app.clone(), INGEST_AND_DISPATCH).await?;
-    http.record();
-    let started_at = Utc::now();
-    let published = steady(&settings, tag, members, rate, seconds).await;
-    // Then until every event is applied and every message due is sent.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let finished = async {
-        let published = published?;
-        loop {
-            let waiting = still_due(&app.pool).await?;
-            if Metrics::get(&app.metrics.events_applied) >= published as u64 && waiting == 0 {
-                return Ok(published);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "after 120 s: {waiting} messages still due, {} of {published} events applied",
-                    Metrics::get(&app.metrics.events_applied)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    let measured = async {
+        let connection = ingest::connect(&settings.amqp_url, "lifecycle-bench-steady").await?;
+        let publisher = Publisher::open(&connection).await?;
+        let lag = (rate as usize).max(1);
+        let mut events = Workload::new(&format!("{tag}-steady"), members, lag, Time::Live);
+        let exchange = settings.exchange.as_str();
+        steady(&publisher, exchange, &mut events, rate, lag).await?;
+        settled(&app, lag).await?;
+        http.record();
+        let started_at = Utc::now();
+        let count = (rate * seconds as f64) as usize;
+        steady(&publisher, exchange, &mut events, rate, count).await?;
+        settled(&app, lag + count).await?;
+        connection.close(200, "bye".into()).await.ok();
+        Ok::<_, anyhow::Error>((count, started_at))
     }
     .await;
     let arrivals = http.recorded();
     worker.stop().await?;
-    let published = finished?;
+    let (published, started_at) = measured?;
     let ids: Vec<i64> = arrivals.keys().copied().collect();
     let stamps: Vec<(i64, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
         "select id, event_at, created_at from messages where id = any($1) and event_at >= $2",
@@ -740,46 +740,48 @@ impl Percentiles {
     }
 }
 
-/// Publishes the mix at `rate` events/s for `seconds`, in ticks of 10 ms: how many it published.
+/// Publishes the next `count` events of `events` at `rate` events/s, in ticks of 10 ms, and
+/// waits for the broker's confirms.
 async fn steady(
-    settings: &Settings,
-    tag: &str,
-    members: usize,
+    publisher: &Publisher,
+    exchange: &str,
+    events: &mut Workload,
     rate: f64,
-    seconds: u64,
-) -> anyhow::Result<usize> {
-    let connection = ingest::connect(&settings.amqp_url, "lifecycle-bench-steady").await?;
-    let publisher = Publisher::open(&connection).await?;
-    // New members, so that enrolments (and their welcomes) are part of the stream; their first
-    // other events come a second of traffic after them.
-    let lag = (rate as usize).max(1);
-    let mut events = Workload::new(&format!("{tag}-steady"), members, lag, Time::Live);
-    let (confirms, mut confirmed) = tokio::sync::mpsc::unbounded_channel();
-    let waiter = tokio::spawn(async move {
-        while let Some(confirm) = confirmed.recv().await {
-            Publisher::confirmed(confirm).await?;
-        }
-        Ok::<(), anyhow::Error>(())
-    });
+    count: usize,
+) -> anyhow::Result<()> {
+    let mut confirms = Vec::with_capacity(count);
     let started = Instant::now();
-    let total = (rate * seconds as f64) as usize;
     let mut published = 0;
     let mut tick = tokio::time::interval(Duration::from_millis(10));
-    while published < total {
+    while published < count {
         tick.tick().await;
-        let due = ((started.elapsed().as_secs_f64() * rate) as usize).min(total);
+        let due = ((started.elapsed().as_secs_f64() * rate) as usize).min(count);
         while published < due {
             let (kind, body) = events.next().expect("endless");
-            confirms
-                .send(publish_one(&publisher, &settings.exchange, kind, &body).await)
-                .ok();
+            confirms.push(publish_one(publisher, exchange, kind, &body).await);
             published += 1;
         }
     }
-    drop(confirms);
-    waiter.await??;
-    connection.close(200, "bye".into()).await.ok();
-    Ok(published)
+    for confirm in confirms {
+        Publisher::confirmed(confirm).await?;
+    }
+    Ok(())
+}
+
+/// Waits until `applied` events are applied and no message is due: at most two minutes.
+async fn settled(app: &App, applied: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let waiting = still_due(&app.pool).await?;
+        let done = Metrics::get(&app.metrics.events_applied);
+        if done >= applied as u64 && waiting == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("after 120 s: {waiting} messages still due, {done} of {applied} events applied");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// `events` of the mix ingested by one worker process, then by two, each on a fresh database

@@ -173,6 +173,7 @@ impl Dispatcher {
     /// Returns once every result of the batch is recorded.
     pub async fn try_execute_once(&self) -> anyhow::Result<Step> {
         let d = &self.app.settings.dispatch;
+        let started = Instant::now();
         let claimed = outbox::claim(
             &self.app.pool,
             &self.owner,
@@ -185,6 +186,8 @@ impl Dispatcher {
             return Ok(Step::Idle);
         }
         let n = claimed.len();
+        let claimed_in = started.elapsed();
+        let oldest = claimed.iter().map(|c| c.created_at).min();
         let ids: Vec<i64> = claimed.iter().map(|c| c.id).collect();
         // The batch renders with the templates in force when it was claimed.
         let catalog = self.composer.store.current();
@@ -204,6 +207,13 @@ impl Dispatcher {
             _ = sending => {}
             never = self.renew_claims(&ids) => match never {},
         }
+        debug!(
+            messages = n,
+            claim_ms = claimed_in.as_secs_f64() * 1e3,
+            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            oldest_planned_ms = oldest.map(|at| (chrono::Utc::now() - at).num_milliseconds()),
+            "Dispatch batch settled."
+        );
         Ok(Step::Settled(n))
     }
 

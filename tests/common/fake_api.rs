@@ -2,11 +2,12 @@
 //! every request and answers by rules, so a test scripts 202s, 400s, 429s with Retry-After,
 //! 503s and slow answers.
 
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 
@@ -62,6 +63,8 @@ pub struct Recorded {
     pub at: Instant,
     /// The status it was (or is being) answered with.
     pub status: u16,
+    /// The client's address: one per connection.
+    pub peer: SocketAddr,
 }
 
 #[derive(Default)]
@@ -93,6 +96,7 @@ impl FakeApi {
             .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         tokio::spawn(async move { axum::serve(listener, app).await.ok() });
         FakeApi { url, inner }
     }
@@ -129,6 +133,7 @@ impl FakeApi {
 
 async fn handle(
     State(inner): State<Arc<Mutex<Inner>>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -157,6 +162,7 @@ async fn handle(
             body: body.clone(),
             at: Instant::now(),
             status: reply.status,
+            peer,
         });
         reply
     };

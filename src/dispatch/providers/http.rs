@@ -18,12 +18,16 @@ use crate::config::Settings;
 /// Longest provider error text kept in a message's `last_error`.
 const ERROR_TEXT: usize = 300;
 
-/// The client every HTTP provider uses: the send timeout on every call, a connect timeout.
+/// The client every HTTP provider uses: the send timeout on every call, a connect timeout, and
+/// an idle connection kept for every send that may be in flight (each loop's `concurrency`), so
+/// that a busy dispatcher reuses its connections instead of opening (and, over TLS, handshaking)
+/// new ones.
 pub fn client(settings: &Settings) -> anyhow::Result<reqwest::Client> {
+    let d = &settings.dispatch;
     Ok(reqwest::Client::builder()
-        .timeout(settings.dispatch.send_timeout())
-        .connect_timeout(Duration::from_secs(5).min(settings.dispatch.send_timeout()))
-        .pool_max_idle_per_host(settings.dispatch.concurrency)
+        .timeout(d.send_timeout())
+        .connect_timeout(Duration::from_secs(5).min(d.send_timeout()))
+        .pool_max_idle_per_host(d.concurrency.saturating_mul(d.pipelines.max(1)))
         .tcp_nodelay(true)
         .user_agent(concat!("lifecycle/", env!("CARGO_PKG_VERSION")))
         .build()?)

@@ -77,25 +77,44 @@ impl Outgoing {
     }
 
     /// The JSON form of DESIGN.md (`message_id`, `trigger`, `channel`, `locale`, `to`,
-    /// `subject`, `body`), as the `file` and `webhook` providers write it.
-    pub fn to_json(&self) -> serde_json::Value {
-        let mut json = serde_json::json!({
-            "message_id": self.message_id.to_string(),
-            "trigger": self.trigger.as_str(),
-            "channel": self.channel.as_str(),
-            "locale": self.locale,
-            "to": self.to,
-        });
-        match &self.content {
-            Content::Email { rendered, .. } => {
-                json["subject"] = rendered.subject.clone().into();
-                json["body"] = rendered.text.clone().into();
-                json["html"] = rendered.html.clone().into();
-            }
-            Content::Sms { body } => json["body"] = body.clone().into(),
+    /// `subject`, `body`, and `html` for an email), as the `file` and `webhook` providers write
+    /// it. It borrows the message: an email's HTML is escaped straight into the output.
+    pub fn to_json(&self) -> MessageJson<'_> {
+        let (subject, body, html) = match &self.content {
+            Content::Email { rendered, .. } => (
+                Some(rendered.subject.as_str()),
+                rendered.text.as_str(),
+                Some(rendered.html.as_str()),
+            ),
+            Content::Sms { body } => (None, body.as_str(), None),
+        };
+        MessageJson {
+            body,
+            channel: self.channel.as_str(),
+            html,
+            locale: &self.locale,
+            message_id: self.message_id.to_string(),
+            subject,
+            to: &self.to,
+            trigger: self.trigger.as_str(),
         }
-        json
     }
+}
+
+/// A message as JSON (`Outgoing::to_json`). The fields are in alphabetical order, as they were
+/// when this was a `serde_json::Value`, so a receiver sees the same bytes as before.
+#[derive(Debug, serde::Serialize)]
+pub struct MessageJson<'a> {
+    body: &'a str,
+    channel: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    html: Option<&'a str>,
+    locale: &'a str,
+    message_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject: Option<&'a str>,
+    to: &'a str,
+    trigger: &'a str,
 }
 
 /// The rendered content of a message.

@@ -38,8 +38,8 @@ impl WebhookProvider {
 
     /// Posts the message.
     pub async fn send(&self, message: &Outgoing) -> Result<Accepted, Failure> {
-        let body = message.to_json().to_string();
-        let signature = http::hex(hmac::sign(&self.key, body.as_bytes()).as_ref());
+        let body = serde_json::to_vec(&message.to_json()).expect("JSON of strings");
+        let signature = http::hex(hmac::sign(&self.key, &body).as_ref());
         let request = self
             .client
             .post(self.url.clone())

@@ -281,7 +281,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The blocking pool runs rendering (CPU work) and the odd file or password hash: a few
+    // threads per core keep the cores busy, where tokio's default of 512 grew to over a hundred
+    // threads under load, each with its own allocator arena (memory) and its share of switches.
+    let cores = std::thread::available_parallelism().map_or(2, usize::from);
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads((cores * 4).max(8))
         .enable_all()
         .build()
         .expect("tokio runtime");

@@ -749,7 +749,14 @@ async fn steady(
     rate: f64,
     count: usize,
 ) -> anyhow::Result<()> {
-    let mut confirms = Vec::with_capacity(count);
+    // Confirms are awaited as they come, so that they do not pile up in memory.
+    let (confirms, mut confirmed) = tokio::sync::mpsc::unbounded_channel();
+    let waiter = tokio::spawn(async move {
+        while let Some(confirm) = confirmed.recv().await {
+            Publisher::confirmed(confirm).await?;
+        }
+        Ok::<(), anyhow::Error>(())
+    });
     let started = Instant::now();
     let mut published = 0;
     let mut tick = tokio::time::interval(Duration::from_millis(10));
@@ -758,14 +765,14 @@ async fn steady(
         let due = ((started.elapsed().as_secs_f64() * rate) as usize).min(count);
         while published < due {
             let (kind, body) = events.next().expect("endless");
-            confirms.push(publish_one(publisher, exchange, kind, &body).await);
+            confirms
+                .send(publish_one(publisher, exchange, kind, &body).await)
+                .ok();
             published += 1;
         }
     }
-    for confirm in confirms {
-        Publisher::confirmed(confirm).await?;
-    }
-    Ok(())
+    drop(confirms);
+    waiter.await?
 }
 
 /// Waits until `applied` events are applied and no message is due: at most two minutes.

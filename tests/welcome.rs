@@ -446,3 +446,66 @@ async fn an_early_event_waits_for_its_prerequisite_or_is_dead_lettered_with_the_
     worker.stop().await.unwrap();
     env.cleanup().await;
 }
+
+/// A line of mail data that starts with a period is doubled on the wire (RFC 5321 4.5.2) and
+/// arrives whole, whether the server takes pipelined commands (smtp-sink's default) or not
+/// (`-p`); each message reaches the server once.
+#[tokio::test(flavor = "multi_thread")]
+async fn mail_arrives_whole_with_and_without_pipelining() {
+    for flags in [&[][..], &["-p"][..]] {
+        let sink = SmtpSink::start(flags);
+        let env = TestEnv::new(&[
+            ("LIFECYCLE_EMAIL_PROVIDERS", "smtp".into()),
+            ("LIFECYCLE_SMTP_URL", sink.url()),
+            // The text part's last line is the shop's name.
+            ("LIFECYCLE_SHOP_NAME", ".Dot & Co".into()),
+        ]);
+        let worker = env.start(ALL_ROLES).await;
+        let t = &env.tag;
+        let events: Vec<String> = (0..3)
+            .map(|i| {
+                enrolled(
+                    &format!("{t}-{i}"),
+                    &format!("m-dot-{i}"),
+                    Some(&format!("dot{i}@example.com")),
+                    None,
+                    "en",
+                    "Ada",
+                    (true, true),
+                )
+            })
+            .collect();
+        env.publish(&events).await;
+        wait_for("three messages recorded as sent", || async {
+            (count(
+                &worker.app,
+                "select count(*) from messages where status = 'sent'",
+            )
+            .await
+                == 3)
+                .then_some(())
+        })
+        .await;
+        let mails = wait_for("three emails at the SMTP server", || async {
+            let messages = sink.messages();
+            (messages.len() >= 3).then_some(messages)
+        })
+        .await;
+        assert_eq!(mails.len(), 3, "smtp-sink {flags:?}: one copy each");
+        let mut to: Vec<String> = mails.iter().map(|m| parse_mail(m).to).collect();
+        to.sort();
+        assert_eq!(
+            to,
+            ["dot0@example.com", "dot1@example.com", "dot2@example.com"]
+        );
+        for mail in &mails {
+            let text = parse_mail(mail).text;
+            assert!(
+                text.lines().any(|line| line.trim_end() == ".Dot & Co"),
+                "smtp-sink {flags:?}: {text}"
+            );
+        }
+        worker.stop().await.unwrap();
+        env.cleanup().await;
+    }
+}

@@ -359,8 +359,9 @@ pub async fn run_scan(app: &App, job: Job, now: DateTime<Utc>) -> anyhow::Result
 }
 
 /// Deletes what `[retention]` no longer keeps, a page per statement so no transaction holds
-/// many rows: inbox rows, delivery attempts, then finished messages (their dedupe keys kept in
-/// `retired_keys`, so a pruned message can never be planned again). Ages are in database
+/// many rows: inbox rows, delivery attempts, then finished messages with their attempts
+/// (their dedupe keys kept in `retired_keys`, so a pruned message can never be planned
+/// again). Ages are in database
 /// time. Returns nothing; logs what it deleted.
 async fn prune(app: &App) -> anyhow::Result<()> {
     let r = &app.settings.retention;
@@ -392,6 +393,8 @@ async fn prune(app: &App) -> anyhow::Result<()> {
              ), kept as (
                  insert into retired_keys (dedupe_key) select dedupe_key from old
                  on conflict do nothing
+             ), attempts as (
+                 delete from delivery_attempts where message_id in (select id from old)
              )
              delete from messages where id in (select id from old)",
         ),

@@ -516,11 +516,12 @@ async fn retention_prunes_old_rows_and_keeps_their_dedupe_keys() {
             .then_some(())
     })
     .await;
-    // Three of each are two days old.
+    // Three inbox rows and three messages are two days old, and the attempts of two of those
+    // messages: the third message's attempt goes with its message, young as it is.
     for sql in [
         "update inbox set applied_at = now() - interval '2 days' where event_id in (select event_id from inbox order by event_id limit 3)",
         "update messages set created_at = now() - interval '2 days', finished_at = now() - interval '2 days' where id in (select id from messages order by id limit 3)",
-        "update delivery_attempts set at = now() - interval '2 days' where message_id in (select id from messages order by id limit 3)",
+        "update delivery_attempts set at = now() - interval '2 days' where message_id in (select id from messages order by id limit 2)",
     ] {
         sqlx::query(sql).execute(&app.pool).await.unwrap();
     }

@@ -321,7 +321,7 @@ impl Default for DispatchSettings {
             lease_secs: 30,
             max_attempts: 8,
             retry_base_ms: 2_000,
-            smtp_pool_size: 8,
+            smtp_pool_size: 32,
             smtp_nodelay: true,
             send_timeout_ms: 10_000,
             breaker_failures: 5,

@@ -365,6 +365,7 @@ pub async fn replay(app: &App, selection: Selection<'_>, by: &str) -> anyhow::Re
             .with_context(|| format!("replaying dead letter {id}"))?;
         replayed.push(id);
     }
+    publisher.close().await;
     crate::ingest::bounded(connection.close(200, "bye".into())).await;
     sqlx::query(
         "update dead_letters set replays = replays + 1, replayed_at = now(), replayed_by = $2

@@ -20,6 +20,7 @@ pub async fn publish(settings: &Settings, bodies: &[String]) -> anyhow::Result<u
     ingest::declare_topology(&connection, settings).await?;
     let publisher = Publisher::open(&connection).await?;
     let n = publisher.publish_events(&settings.exchange, bodies).await?;
+    publisher.close().await;
     connection.close(200, "bye".into()).await.ok();
     Ok(n)
 }
@@ -134,6 +135,7 @@ async fn tell(
         })
         .await?;
     }
+    publisher.close().await;
     connection.close(200, "bye".into()).await.ok();
     println!(
         "Published {} events one by one, the clock following their times from {} to {}.",

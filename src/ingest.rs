@@ -339,10 +339,13 @@ impl Ingest {
                 return Err(anyhow!(error).context("the channel failed"));
             }
         }
-        // Stop the flow; prefetched deliveries return to the queue when the channel closes.
-        // The channel closes with the connection, which the session closes next (closing it
-        // here as well raced that close: lapin logged "invalid channel state: Closing").
+        // Stop the flow, then close both channels, waiting for the broker each time:
+        // prefetched deliveries return to the queue. Left open, a channel is closed from its
+        // drop, racing the session's close of the connection, and lapin logs that as an
+        // ERROR ("invalid channel state: Closing") at every shutdown.
         bounded(channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default())).await;
+        bounded(channel.close(200, "bye".into())).await;
+        publisher.close().await;
         Ok(())
     }
 

@@ -30,6 +30,13 @@ impl Publisher {
         Ok(Publisher { channel })
     }
 
+    /// Closes the channel and waits (at most 5 s) for the broker to say so. Closing the
+    /// connection first leaves lapin to close the channel from its drop, racing the
+    /// connection's close, and that it logs as an ERROR ("invalid channel state: Closing").
+    pub async fn close(self) {
+        crate::ingest::bounded(self.channel.close(200, "bye".into())).await;
+    }
+
     /// Publishes a body with the given properties and headers; the returned confirm resolves
     /// when the broker has the message safe.
     pub async fn publish_raw(

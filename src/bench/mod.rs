@@ -551,6 +551,7 @@ async fn publish(
     publisher
         .publish_events(&settings.exchange, events.map(|(_, body)| body))
         .await?;
+    publisher.close().await;
     connection.close(200, "bye".into()).await.ok();
     Ok(())
 }
@@ -676,6 +677,7 @@ async fn latency(
         let count = (rate * seconds as f64) as usize;
         steady(&publisher, exchange, &mut events, rate, count).await?;
         settled(&app, lag + count).await?;
+        publisher.close().await;
         connection.close(200, "bye".into()).await.ok();
         Ok::<_, anyhow::Error>((count, started_at))
     }

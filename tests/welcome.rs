@@ -5,6 +5,20 @@ mod common;
 use common::{ALL_ROLES, INGEST_ONLY, SmtpSink, TestEnv, count, enrolled, parse_mail, wait_for};
 use lifecycle::dispatch::{Dispatcher, Step};
 
+/// Waits until `n` messages are recorded as sent and at least `n` emails reached `sink`
+/// (sending precedes recording, so both are waited for): the raw emails.
+async fn sent_and_received(app: &lifecycle::app::App, sink: &SmtpSink, n: i64) -> Vec<Vec<u8>> {
+    wait_for("the messages recorded as sent", || async {
+        (count(app, "select count(*) from messages where status = 'sent'").await == n).then_some(())
+    })
+    .await;
+    wait_for("the emails at the SMTP server", || async {
+        let messages = sink.messages();
+        (messages.len() as i64 >= n).then_some(messages)
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn enrolment_yields_a_welcome_email_in_the_member_language() {
     let sink = SmtpSink::start(&[]);
@@ -42,22 +56,7 @@ async fn enrolment_yields_a_welcome_email_in_the_member_language() {
     ])
     .await;
 
-    // Sending precedes recording, so wait for both the server and the outbox.
-    wait_for("three messages recorded as sent", || async {
-        (count(
-            &worker.app,
-            "select count(*) from messages where status = 'sent'",
-        )
-        .await
-            == 3)
-            .then_some(())
-    })
-    .await;
-    let mails = wait_for("three emails at the SMTP server", || async {
-        let messages = sink.messages();
-        (messages.len() >= 3).then_some(messages)
-    })
-    .await;
+    let mails = sent_and_received(&worker.app, &sink, 3).await;
     let mut mails: Vec<_> = mails.iter().map(|raw| parse_mail(raw)).collect();
     mails.sort_by(|a, b| a.to.cmp(&b.to));
     let expected = [
@@ -476,21 +475,7 @@ async fn mail_arrives_whole_with_and_without_pipelining() {
             })
             .collect();
         env.publish(&events).await;
-        wait_for("three messages recorded as sent", || async {
-            (count(
-                &worker.app,
-                "select count(*) from messages where status = 'sent'",
-            )
-            .await
-                == 3)
-                .then_some(())
-        })
-        .await;
-        let mails = wait_for("three emails at the SMTP server", || async {
-            let messages = sink.messages();
-            (messages.len() >= 3).then_some(messages)
-        })
-        .await;
+        let mails = sent_and_received(&worker.app, &sink, 3).await;
         assert_eq!(mails.len(), 3, "smtp-sink {flags:?}: one copy each");
         let mut to: Vec<String> = mails.iter().map(|m| parse_mail(m).to).collect();
         to.sort();

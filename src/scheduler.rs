@@ -361,8 +361,7 @@ pub async fn run_scan(app: &App, job: Job, now: DateTime<Utc>) -> anyhow::Result
 /// Deletes what `[retention]` no longer keeps, a page per statement so no transaction holds
 /// many rows: inbox rows, delivery attempts, then finished messages with their attempts
 /// (their dedupe keys kept in `retired_keys`, so a pruned message can never be planned
-/// again). Ages are in database
-/// time. Returns nothing; logs what it deleted.
+/// again). Ages are in database time. Returns nothing; logs what it deleted.
 async fn prune(app: &App) -> anyhow::Result<()> {
     let r = &app.settings.retention;
     let steps: [(&str, u32, &str); 3] = [

@@ -9,8 +9,9 @@ use lifecycle::config::Settings;
 
 /// mimalloc instead of glibc's malloc: dispatch allocates and frees a few 10 KB buffers per
 /// email across threads (rendered on the blocking pool, sent from the async workers), where
-/// glibc spent a tenth of the process's time (`malloc_consolidate`, `unlink_chunk`). Without
-/// transparent huge pages (`no_thp`), which added 20–30 MiB to the peak for no more speed.
+/// glibc took about a sixth of the bench process's samples (`malloc_consolidate`,
+/// `unlink_chunk`, `_int_free`). Without transparent huge pages (`no_thp`): they added 20–30
+/// MiB to the peak.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

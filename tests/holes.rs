@@ -688,3 +688,83 @@ async fn templates_are_found_from_any_directory_and_a_missing_one_is_named() {
     assert!(serve.terminate().await.success());
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_claim_reads_only_what_is_due_not_the_whole_outbox() {
+    let env = TestEnv::new(&[]);
+    let worker = planned(&env, 1).await;
+    let pool = worker.app.pool.clone();
+    // A shop's outbox: mostly history, and messages scheduled for later.
+    sqlx::query(
+        "insert into messages (dedupe_key, member_id, trigger, channel, context, status, due_at)
+         select 'later:' || n, 'm' || n, 'abandoned_cart', 'email', '{}',
+                case when n % 2 = 0 then 'sent' else 'pending' end,
+                now() + case when n % 2 = 0 then interval '-1 day' else interval '1 hour' end
+         from generate_series(1, 20000) n",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("analyze messages")
+        .execute(&pool)
+        .await
+        .unwrap();
+    // Planned as `claim` runs it.
+    let mut tx = lifecycle::db::begin_keyed(&pool).await.unwrap();
+    let (plan,): (serde_json::Value,) =
+        sqlx::query_as(&format!("explain (format json) {}", outbox::CLAIM))
+            .bind(worker.app.clock.now())
+            .bind(500_i64)
+            .bind(30.0_f64)
+            .bind("dispatcher-a")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+    tx.rollback().await.unwrap();
+    // Every scan of `messages` in the plan: its kind, the index it uses, and its condition.
+    type Scan = (String, Option<String>, Option<String>);
+    fn scans(node: &serde_json::Value, found: &mut Vec<Scan>) {
+        if node["Relation Name"] == "messages" {
+            let text = |key: &str| node[key].as_str().map(str::to_owned);
+            found.push((
+                text("Node Type").unwrap(),
+                text("Index Name"),
+                text("Index Cond"),
+            ));
+        }
+        for child in node["Plans"].as_array().into_iter().flatten() {
+            scans(child, found);
+        }
+    }
+    let mut found = Vec::new();
+    scans(&plan[0]["Plan"], &mut found);
+    // The due messages come from a range of `messages_due`, not the whole index…
+    assert!(
+        found.iter().any(|(_, index, condition)| {
+            index.as_deref() == Some("messages_due")
+                && condition
+                    .as_deref()
+                    .is_some_and(|c| c.contains("due_at <="))
+        }),
+        "the due messages are not read as a range of messages_due: {found:?}"
+    );
+    // …and nothing reads the whole table.
+    assert!(
+        found.iter().all(|(node, _, _)| !node.contains("Seq Scan")),
+        "the claim reads the whole outbox: {found:?}\n{plan:#}"
+    );
+    // And it claims the one message that is due.
+    let claimed = outbox::claim(
+        &pool,
+        "dispatcher-a",
+        worker.app.clock.now(),
+        500,
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].trigger, "welcome");
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}

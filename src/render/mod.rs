@@ -389,9 +389,12 @@ impl Templates {
         context: &Value,
     ) -> anyhow::Result<RenderedEmail> {
         let base = format!("{}/{locale}", trigger.as_str());
+        // One copy of the context for the email's three or four renders: `Registry::render`
+        // would copy it for each (through serde), about a third of an email's Handlebars time.
+        let context = &handlebars::Context::from(context.clone());
         let render_text = |file: &str| {
             self.text
-                .render(&format!("{base}/{file}"), context)
+                .render_with_context(&format!("{base}/{file}"), context)
                 .with_context(|| format!("rendering {base}/{file}.hbs"))
         };
         let subject = one_line(&render_text("email.subject")?);
@@ -400,7 +403,7 @@ impl Templates {
             self.mjml_email(&mjml_name, context)?
         } else {
             self.html
-                .render(&format!("{base}/email.html"), context)
+                .render_with_context(&format!("{base}/email.html"), context)
                 .with_context(|| format!("rendering {base}/email.html.hbs"))?
         };
         let text = if self.text.has_template(&format!("{base}/email.txt")) {
@@ -418,8 +421,9 @@ impl Templates {
     /// The HTML of MJML template `name`: from its structure's frame when there is one (see
     /// `frames`), else through the whole pipeline (Handlebars, mrml, css-inline); the first
     /// message of a structure makes its frame, kept only if it gives this message's HTML.
-    fn mjml_email(&self, name: &str, context: &Value) -> anyhow::Result<String> {
-        let (structure, values) = frames::collecting(|| self.html.render(name, context));
+    fn mjml_email(&self, name: &str, context: &handlebars::Context) -> anyhow::Result<String> {
+        let (structure, values) =
+            frames::collecting(|| self.html.render_with_context(name, context));
         let structure = structure.with_context(|| format!("rendering {name}.hbs"))?;
         if !values.iter().all(|v| frames::fits(v)) {
             return self.mjml_email_whole(name, context);
@@ -443,10 +447,14 @@ impl Templates {
     }
 
     /// The HTML of MJML template `name` through the whole pipeline.
-    fn mjml_email_whole(&self, name: &str, context: &Value) -> anyhow::Result<String> {
+    fn mjml_email_whole(
+        &self,
+        name: &str,
+        context: &handlebars::Context,
+    ) -> anyhow::Result<String> {
         let mjml = self
             .html
-            .render(name, context)
+            .render_with_context(name, context)
             .with_context(|| format!("rendering {name}.hbs"))?;
         mjml_to_html(&mjml).with_context(|| format!("turning {name}.hbs into HTML"))
     }
@@ -789,6 +797,11 @@ pub fn sample_context(trigger: Trigger) -> Value {
 mod tests {
     use super::*;
 
+    /// A context as `render_email` makes it.
+    fn scope(context: &Value) -> handlebars::Context {
+        handlebars::Context::from(context.clone())
+    }
+
     /// `context` with every free text (names, shop, tier, coupon) made hostile: markup,
     /// quotes, ampersands, a no-break space, non-Latin letters, spaces at the edges.
     fn hostile(context: &Value) -> Value {
@@ -842,9 +855,13 @@ mod tests {
                 items.truncate(1);
             }
             for context in [sample, plainer] {
-                let whole = t.mjml_email_whole(&name, &context).unwrap();
+                let whole = t.mjml_email_whole(&name, &scope(&context)).unwrap();
                 // The first message of a structure makes its frame…
-                assert_eq!(t.mjml_email(&name, &context).unwrap(), whole, "{name}");
+                assert_eq!(
+                    t.mjml_email(&name, &scope(&context)).unwrap(),
+                    whole,
+                    "{name}"
+                );
                 let (structure, _) = frames::collecting(|| t.html.render(&name, &context));
                 assert!(
                     matches!(t.frames.get(&structure.unwrap()), Some(Some(_))),
@@ -854,10 +871,10 @@ mod tests {
                 let other = hostile(&context);
                 let (_, values) = frames::collecting(|| t.html.render(&name, &other));
                 assert!(values.iter().all(|v| frames::fits(v)), "{name}: {values:?}");
-                let from_frame = t.mjml_email(&name, &other).unwrap();
+                let from_frame = t.mjml_email(&name, &scope(&other)).unwrap();
                 assert_eq!(
                     from_frame,
-                    t.mjml_email_whole(&name, &other).unwrap(),
+                    t.mjml_email_whole(&name, &scope(&other)).unwrap(),
                     "{name} with {other}"
                 );
                 // A value mrml would change in an attribute (a no-break space in the shop's
@@ -865,8 +882,8 @@ mod tests {
                 let mut odd = other.clone();
                 odd["shop_name"] = Value::String("Shop\u{a0}One\\Two\nThree".into());
                 assert_eq!(
-                    t.mjml_email(&name, &odd).unwrap(),
-                    t.mjml_email_whole(&name, &odd).unwrap()
+                    t.mjml_email(&name, &scope(&odd)).unwrap(),
+                    t.mjml_email_whole(&name, &scope(&odd)).unwrap()
                 );
                 emails += 1;
             }

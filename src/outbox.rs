@@ -126,9 +126,10 @@ pub struct Attempt {
 ///
 /// Due messages and lapsed claims are both looked for only among messages due by `now` or by
 /// the database's time, whichever is later, so that the scan of `messages_due` stops at the
-/// first message due later. While lapsed claims were looked for at any due time, every claim
-/// read the whole index: every message scheduled for later (abandoned carts, expiring points),
-/// at about 5 ms a claim in the bench. A message is claimed only once it is due, so its lapsed
+/// first message due later. While lapsed claims were looked for at any due time, a claim that
+/// found fewer messages than its limit read the whole index: every message scheduled for later
+/// (abandoned carts, reminders), 3.7 ms a claim over 20,000 of them in a scratch database
+/// against 0.15 ms for the range. A message is claimed only once it is due, so its lapsed
 /// claim is still found; only a test clock moved back before its due time would leave it until
 /// the clock passes that time again.
 pub const CLAIM: &str = "with due as (

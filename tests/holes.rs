@@ -2,7 +2,8 @@
 //! claims with owners, results recorded one by one, a failed record retried, SMTP after DATA,
 //! the marketing cap across dispatchers, scans that fail alone, scan keys apart from event
 //! ids, a changed retry delay, the HTTP server's limits, templates found from any directory,
-//! and retention.
+//! and retention; and one found later by the speed issue: a claim that read every message
+//! scheduled for later.
 
 mod common;
 

@@ -221,6 +221,7 @@ mod tests {
             subject: "Hi".into(),
             html: html.into(),
             text: text.into(),
+            html_json: None,
         };
         let mime = compose(
             &"Shop <shop@example.com>".parse().unwrap(),
@@ -339,6 +340,7 @@ mod tests {
             subject: "Hi\r\nBcc: thief@example.com".into(),
             html: "<p>x</p>".into(),
             text: "x".into(),
+            html_json: None,
         };
         let mime = compose(
             &"Shop <shop@example.com>".parse().unwrap(),

@@ -25,7 +25,7 @@ pub const DEFAULT_LOCALE: &str = "en";
 const MAX_TEMPLATE_BYTES: u64 = 256 * 1024;
 
 /// A rendered email.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct RenderedEmail {
     /// One line: control characters removed, so it cannot break the header.
     pub subject: String,
@@ -33,6 +33,16 @@ pub struct RenderedEmail {
     pub html: String,
     /// The plain-text alternative.
     pub text: String,
+    /// `html` escaped as the contents of a JSON string, when its frame made it (see
+    /// `frames`): what an HTTP provider's JSON body copies instead of escaping `html` again.
+    pub html_json: Option<String>,
+}
+
+impl PartialEq for RenderedEmail {
+    /// The same email: `html_json` is only another form of `html`.
+    fn eq(&self, other: &RenderedEmail) -> bool {
+        (&self.subject, &self.html, &self.text) == (&other.subject, &other.html, &other.text)
+    }
 }
 
 /// The loaded templates.
@@ -399,12 +409,14 @@ impl Templates {
         };
         let subject = one_line(&render_text("email.subject")?);
         let mjml_name = format!("{base}/email.mjml");
-        let html = if self.html.has_template(&mjml_name) {
+        let (html, html_json) = if self.html.has_template(&mjml_name) {
             self.mjml_email(&mjml_name, context)?
         } else {
-            self.html
+            let html = self
+                .html
                 .render_with_context(&format!("{base}/email.html"), context)
-                .with_context(|| format!("rendering {base}/email.html.hbs"))?
+                .with_context(|| format!("rendering {base}/email.html.hbs"))?;
+            (html, None)
         };
         let text = if self.text.has_template(&format!("{base}/email.txt")) {
             render_text("email.txt")?
@@ -415,33 +427,40 @@ impl Templates {
             subject,
             html,
             text,
+            html_json,
         })
     }
 
     /// The HTML of MJML template `name`: from its structure's frame when there is one (see
-    /// `frames`), else through the whole pipeline (Handlebars, mrml, css-inline); the first
-    /// message of a structure makes its frame, kept only if it gives this message's HTML.
-    fn mjml_email(&self, name: &str, context: &handlebars::Context) -> anyhow::Result<String> {
+    /// `frames`), with its JSON form, else through the whole pipeline (Handlebars, mrml,
+    /// css-inline); the first message of a structure makes its frame, kept only if it gives
+    /// this message's HTML.
+    fn mjml_email(
+        &self,
+        name: &str,
+        context: &handlebars::Context,
+    ) -> anyhow::Result<(String, Option<String>)> {
+        let whole = || Ok((self.mjml_email_whole(name, context)?, None));
         let (structure, values) =
             frames::collecting(|| self.html.render_with_context(name, context));
         let structure = structure.with_context(|| format!("rendering {name}.hbs"))?;
         if !values.iter().all(|v| frames::fits(v)) {
-            return self.mjml_email_whole(name, context);
+            return whole();
         }
         match self.frames.get(&structure) {
             Some(Some(frame)) => match frame.fill(&values) {
-                Some(html) => Ok(html),
-                None => self.mjml_email_whole(name, context),
+                Some(filled) => Ok((filled.html, Some(filled.json))),
+                None => whole(),
             },
-            Some(None) => self.mjml_email_whole(name, context),
+            Some(None) => whole(),
             None => {
                 let html = self.mjml_email_whole(name, context)?;
                 let frame = mjml_to_html(&structure)
                     .ok()
                     .and_then(|made| frames::Frame::parse(&made))
-                    .filter(|frame| frame.fill(&values).as_deref() == Some(html.as_str()));
+                    .filter(|frame| frame.fill(&values).is_some_and(|f| f.html == html));
                 self.frames.keep(structure, frame);
-                Ok(html)
+                Ok((html, None))
             }
         }
     }
@@ -859,7 +878,7 @@ mod tests {
                 // The first message of a structure makes its frame…
                 assert_eq!(
                     t.mjml_email(&name, &scope(&context)).unwrap(),
-                    whole,
+                    (whole, None),
                     "{name}"
                 );
                 let (structure, _) = frames::collecting(|| t.html.render(&name, &context));
@@ -871,10 +890,17 @@ mod tests {
                 let other = hostile(&context);
                 let (_, values) = frames::collecting(|| t.html.render(&name, &other));
                 assert!(values.iter().all(|v| frames::fits(v)), "{name}: {values:?}");
-                let from_frame = t.mjml_email(&name, &scope(&other)).unwrap();
+                let (from_frame, json) = t.mjml_email(&name, &scope(&other)).unwrap();
                 assert_eq!(
                     from_frame,
                     t.mjml_email_whole(&name, &scope(&other)).unwrap(),
+                    "{name} with {other}"
+                );
+                // …with its JSON form, as serde_json writes the HTML.
+                let as_json = serde_json::to_string(&from_frame).unwrap();
+                assert_eq!(
+                    json.as_deref(),
+                    Some(&as_json[1..as_json.len() - 1]),
                     "{name} with {other}"
                 );
                 // A value mrml would change in an attribute (a no-break space in the shop's
@@ -883,7 +909,7 @@ mod tests {
                 odd["shop_name"] = Value::String("Shop\u{a0}One\\Two\nThree".into());
                 assert_eq!(
                     t.mjml_email(&name, &scope(&odd)).unwrap(),
-                    t.mjml_email_whole(&name, &scope(&odd)).unwrap()
+                    (t.mjml_email_whole(&name, &scope(&odd)).unwrap(), None)
                 );
                 emails += 1;
             }

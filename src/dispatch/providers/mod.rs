@@ -99,6 +99,41 @@ impl Outgoing {
             trigger: self.trigger.as_str(),
         }
     }
+
+    /// `to_json` as compact JSON bytes, as `serde_json::to_vec` writes it. An email's HTML is
+    /// copied from its JSON form when its frame made one (`RenderedEmail::html_json`) rather
+    /// than escaped here: escaping 10 kB of HTML was about a tenth of the CPU of dispatch over
+    /// HTTP.
+    pub fn json_body(&self) -> Vec<u8> {
+        let json = self.to_json();
+        let escaped = match &self.content {
+            Content::Email { rendered, .. } => rendered.html_json.as_deref(),
+            Content::Sms { .. } => None,
+        };
+        let Some(escaped) = escaped else {
+            return serde_json::to_vec(&json).expect("JSON of strings");
+        };
+        let mut out = Vec::with_capacity(escaped.len() + json.body.len() + 512);
+        let field = |out: &mut Vec<u8>, name: &str, value: &str| {
+            out.extend_from_slice(name.as_bytes());
+            serde_json::to_writer(&mut *out, value).expect("JSON of a string");
+        };
+        // The fields of `MessageJson`, in its order.
+        field(&mut out, "{\"body\":", json.body);
+        field(&mut out, ",\"channel\":", json.channel);
+        out.extend_from_slice(b",\"html\":\"");
+        out.extend_from_slice(escaped.as_bytes());
+        out.push(b'"');
+        field(&mut out, ",\"locale\":", json.locale);
+        field(&mut out, ",\"message_id\":", &json.message_id);
+        if let Some(subject) = json.subject {
+            field(&mut out, ",\"subject\":", subject);
+        }
+        field(&mut out, ",\"to\":", json.to);
+        field(&mut out, ",\"trigger\":", json.trigger);
+        out.push(b'}');
+        out
+    }
 }
 
 /// A message as JSON (`Outgoing::to_json`). The fields are in alphabetical order, as they were
@@ -336,4 +371,54 @@ pub fn sms_providers(settings: &Settings) -> anyhow::Result<Vec<Provider>> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An email with hostile text everywhere; `framed`: with the HTML's JSON form.
+    fn email(framed: bool) -> Outgoing {
+        let hostile = "\"a\" \\ </script> \u{1}\n지우 \u{2028}";
+        let html = format!("<p title=\"{hostile}\">{hostile}</p>");
+        Outgoing {
+            message_id: 42,
+            trigger: Trigger::AbandonedCart,
+            channel: Channel::Email,
+            locale: "ko".into(),
+            to: "ada+\"x\"@example.com".into(),
+            content: Content::Email {
+                rendered: RenderedEmail {
+                    subject: format!("Hi {hostile}"),
+                    text: format!("Text {hostile}"),
+                    html_json: framed.then(|| {
+                        let quoted = serde_json::to_string(&html).unwrap();
+                        quoted[1..quoted.len() - 1].to_owned()
+                    }),
+                    html,
+                },
+                from: "Shop <shop@example.com>".parse().unwrap(),
+                first_name: None,
+                list_unsubscribe: String::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn the_json_body_is_serde_jsons_with_or_without_the_html_escaped_before() {
+        for message in [email(false), email(true)] {
+            assert_eq!(
+                String::from_utf8(message.json_body()).unwrap(),
+                serde_json::to_string(&message.to_json()).unwrap()
+            );
+        }
+        let sms = Outgoing {
+            channel: Channel::Sms,
+            content: Content::Sms {
+                body: "STOP \"x\"".into(),
+            },
+            ..email(false)
+        };
+        assert_eq!(sms.json_body(), serde_json::to_vec(&sms.to_json()).unwrap());
+    }
 }

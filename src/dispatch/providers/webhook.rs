@@ -38,7 +38,7 @@ impl WebhookProvider {
 
     /// Posts the message.
     pub async fn send(&self, message: &Outgoing) -> Result<Accepted, Failure> {
-        let body = serde_json::to_vec(&message.to_json()).expect("JSON of strings");
+        let body = message.json_body();
         let signature = http::hex(hmac::sign(&self.key, &body).as_ref());
         let request = self
             .client

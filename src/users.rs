@@ -75,7 +75,7 @@ pub fn random_secret(bytes: usize) -> String {
 /// SHA-256 of `secret`, hex.
 pub fn sha256_hex(secret: &str) -> String {
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, secret.as_bytes());
-    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(digest)
 }
 
 /// An argon2id hash of `password` (PHC string).

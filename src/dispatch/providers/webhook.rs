@@ -39,7 +39,7 @@ impl WebhookProvider {
     /// Posts the message.
     pub async fn send(&self, message: &Outgoing) -> Result<Accepted, Failure> {
         let body = message.json_body();
-        let signature = http::hex(hmac::sign(&self.key, &body).as_ref());
+        let signature = hex::encode(hmac::sign(&self.key, &body));
         let request = self
             .client
             .post(self.url.clone())

@@ -238,7 +238,7 @@ impl Piece {
 
 /// `text` escaped as serde_json escapes the contents of a string: quote, backslash, and the
 /// control characters (`\n`, `\r`, `\t`, `\b`, `\f`, else `\u00xx`).
-pub(crate) fn push_json_escaped(out: &mut String, text: &str) {
+fn push_json_escaped(out: &mut String, text: &str) {
     let mut rest = text;
     while let Some(at) = rest.find(|c: char| c == '"' || c == '\\' || c < ' ') {
         out.push_str(&rest[..at]);

@@ -38,8 +38,10 @@ pub struct App {
     pub health: Arc<Health>,
     /// The templates: shipped, and the marketers' versions.
     pub templates: Arc<TemplateStore>,
-    /// Failed console logins, by user and by address.
+    /// Console logins, throttled per (user, address), per address and globally.
     pub logins: Arc<crate::users::LoginThrottle>,
+    /// Wrong bearer tokens, per client address.
+    pub bearers: Arc<crate::users::BearerThrottle>,
 }
 
 /// Each role's own report of being alive, read by `/readyz`.
@@ -55,9 +57,37 @@ pub struct Health {
     pub scheduler: AtomicBool,
     /// Each provider's circuit as this process's dispatcher last saw it: open or not.
     pub circuits: std::sync::Mutex<std::collections::BTreeMap<String, bool>>,
+    /// Since when the dispatcher's results writer has been failing past its limit, if it is
+    /// (`dispatch::STUCK_AFTER`).
+    pub writer_stuck_since: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Health {
+    /// Marks the results writer stuck (it has failed for longer than it may) or not.
+    pub fn writer_stuck(&self, stuck: bool) {
+        let mut since = self
+            .writer_stuck_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match (stuck, since.is_some()) {
+            (true, false) => {
+                *since = Some(std::time::Instant::now());
+                tracing::error!("The results writer is stuck: results cannot be recorded.");
+            }
+            (false, true) => *since = None,
+            _ => return,
+        }
+        metrics::gauge!("lifecycle_results_writer_stuck").set(if stuck { 1.0 } else { 0.0 });
+    }
+
+    /// How long the results writer has been stuck, if it is.
+    pub fn writer_stuck_for(&self) -> Option<std::time::Duration> {
+        self.writer_stuck_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|since| since.elapsed())
+    }
+
     /// Counts one ingest consumer as consuming until the guard is dropped.
     pub fn consuming(self: &Arc<Health>) -> ConsumingGuard {
         self.ingest_consumers.fetch_add(1, Ordering::Relaxed);
@@ -90,6 +120,7 @@ impl App {
         Ok(App {
             templates: Arc::new(templates),
             logins: Arc::default(),
+            bearers: Arc::default(),
             tokens: Arc::new(tokens),
             clock: Clock::from_setting(settings.now),
             settings: Arc::new(settings),

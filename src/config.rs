@@ -17,6 +17,10 @@ use crate::domain::quoted;
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 
+/// The shortest `LIFECYCLE_ADMIN_TOKEN` accepted: it opens everything, so it must not be
+/// guessable.
+pub const MIN_ADMIN_TOKEN: usize = 32;
+
 /// Prefix of every environment variable that overlays the file.
 const ENV_PREFIX: &str = "LIFECYCLE_";
 /// Names the configuration file; not itself a setting.
@@ -97,6 +101,10 @@ pub struct Settings {
     pub scheduler: SchedulerSettings,
     /// How long old rows are kept.
     pub retention: RetentionSettings,
+    /// The HTTP server's defences (`[http]`): proxies believed, the statement timeout.
+    pub http: HttpSettings,
+    /// The console's test sends (`[console]`).
+    pub console: ConsoleSettings,
     /// The loyalty programme's rules.
     pub program: crate::program::Program,
 }
@@ -134,8 +142,144 @@ impl Default for Settings {
             dispatch: DispatchSettings::default(),
             scheduler: SchedulerSettings::default(),
             retention: RetentionSettings::default(),
+            http: HttpSettings::default(),
+            console: ConsoleSettings::default(),
             program: crate::program::Program::default(),
         }
+    }
+}
+
+/// The HTTP server's defences.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    /// Addresses (or CIDR networks) of the reverse proxies in front of lifecycle: only a
+    /// request from one of them has its `X-Forwarded-For` believed, for the client address the
+    /// login and bearer throttles count by. Empty: the connection's own address, always.
+    #[serde(deserialize_with = "list_parsed")]
+    pub trusted_proxies: Vec<Network>,
+    /// The statement timeout of every query the API and the console make, in milliseconds.
+    #[serde(deserialize_with = "parsed")]
+    pub statement_timeout_ms: u64,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            trusted_proxies: Vec::new(),
+            statement_timeout_ms: 15_000,
+        }
+    }
+}
+
+/// What test sends from the console and the API may do.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleSettings {
+    /// The only addresses and numbers a test send may go to, besides the signed-in user's own
+    /// (`lifecycle users add --email/--phone`).
+    #[serde(deserialize_with = "list_parsed")]
+    pub test_recipients: Vec<TestRecipient>,
+    /// Test sends a user may queue per hour; past it the API answers 429.
+    #[serde(deserialize_with = "parsed")]
+    pub test_sends_per_hour: u32,
+}
+
+impl Default for ConsoleSettings {
+    fn default() -> Self {
+        Self {
+            test_recipients: Vec::new(),
+            test_sends_per_hour: 30,
+        }
+    }
+}
+
+/// An address or number on `[console] test_recipients`, normalised as the providers get it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TestRecipient {
+    /// An email address.
+    Email(String),
+    /// An E.164 number.
+    Phone(String),
+}
+
+impl FromStr for TestRecipient {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s.contains('@') {
+            crate::domain::Email::parse(s)
+                .map(|e| TestRecipient::Email(e.to_string()))
+                .map_err(|e| e.to_string())
+        } else {
+            crate::domain::Phone::parse(s)
+                .map(|p| TestRecipient::Phone(p.to_string()))
+                .map_err(|e| {
+                    format!(
+                        "{} is neither an email address nor an E.164 number ({e})",
+                        quoted(s)
+                    )
+                })
+        }
+    }
+}
+
+/// An IP address or a CIDR network (`10.0.0.0/8`, `::1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Network {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Network {
+    /// Whether `ip` is inside this network (an IPv4-mapped IPv6 address counts as IPv4).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (std::net::IpAddr::V4(net), std::net::IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (std::net::IpAddr::V6(net), std::net::IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for Network {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            format!(
+                "{} is not an IP address or a CIDR network such as 10.0.0.0/8",
+                quoted(s)
+            )
+        };
+        let (addr, prefix) = match s.trim().split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (s.trim(), None),
+        };
+        let addr: std::net::IpAddr = addr.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(bad)?,
+            None => max,
+        };
+        Ok(Network { addr, prefix })
     }
 }
 
@@ -811,6 +955,13 @@ impl Settings {
 
     /// Cross-field checks that no single key's parser can make.
     fn check(&self) -> anyhow::Result<()> {
+        if let Some(token) = &self.admin_token
+            && token.expose().chars().count() < MIN_ADMIN_TOKEN
+        {
+            bail!(
+                "invalid setting `admin_token` (LIFECYCLE_ADMIN_TOKEN): at least {MIN_ADMIN_TOKEN} characters (it is an ops password; `openssl rand -base64 32` makes one)"
+            );
+        }
         if let Some(mailto) = &self.unsubscribe_mailto {
             crate::domain::Email::parse(mailto).map_err(|e| {
                 anyhow::anyhow!(
@@ -927,6 +1078,44 @@ where
     T::Err: fmt::Display,
 {
     parsed::<D, T>(deserializer).map(Some)
+}
+
+/// A list of values each parsed from its text, from a TOML array or a comma-separated string
+/// (`10.0.0.1, 10.0.0.2`).
+fn list_parsed<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr,
+    T::Err: fmt::Display,
+{
+    let items: Vec<String> = match toml::Value::deserialize(deserializer)? {
+        toml::Value::String(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        toml::Value::Array(items) => items
+            .into_iter()
+            .map(|item| match item {
+                toml::Value::String(s) => Ok(s),
+                other => Err(de::Error::custom(format!(
+                    "expected a list of strings, found {}",
+                    other.type_str()
+                ))),
+            })
+            .collect::<Result<_, _>>()?,
+        other => {
+            return Err(de::Error::custom(format!(
+                "expected a list, found {}",
+                other.type_str()
+            )));
+        }
+    };
+    items
+        .iter()
+        .map(|item| item.trim().parse().map_err(de::Error::custom))
+        .collect()
 }
 
 /// A list, from a TOML array or a comma-separated string (`smtp,file`).
@@ -1065,12 +1254,57 @@ mod tests {
                 &[("LIFECYCLE_INGEST__CONSUMERS", "0")],
                 "`ingest.consumers` (LIFECYCLE_INGEST__CONSUMERS)",
             ),
+            (
+                &[("LIFECYCLE_ADMIN_TOKEN", "secret")],
+                "`admin_token` (LIFECYCLE_ADMIN_TOKEN): at least 32 characters",
+            ),
+            (
+                &[("LIFECYCLE_HTTP__TRUSTED_PROXIES", "10.0.0.0/33")],
+                "`http.trusted_proxies` (LIFECYCLE_HTTP__TRUSTED_PROXIES)",
+            ),
+            (
+                &[(
+                    "LIFECYCLE_CONSOLE__TEST_RECIPIENTS",
+                    "qa@example.com, 12345",
+                )],
+                "`console.test_recipients` (LIFECYCLE_CONSOLE__TEST_RECIPIENTS)",
+            ),
         ];
         for (env, expected) in cases {
             let message = error(None, env);
             assert!(message.contains(expected), "{env:?}: {message}");
             assert!(!message.contains('\n'), "one line: {message}");
         }
+    }
+
+    #[test]
+    fn proxies_and_test_recipients_parse() {
+        let s = load(
+            Some("[http]\ntrusted_proxies = [\"10.1.0.0/16\", \"::1\"]\n"),
+            &[(
+                "LIFECYCLE_CONSOLE__TEST_RECIPIENTS",
+                "QA@Example.com, +821012345678",
+            )],
+        )
+        .unwrap();
+        let [net, v6] = s.http.trusted_proxies[..] else {
+            panic!("two proxies: {:?}", s.http.trusted_proxies);
+        };
+        for (ip, inside) in [
+            ("10.1.200.3", true),
+            ("10.2.0.1", false),
+            ("::ffff:10.1.0.9", true),
+        ] {
+            assert_eq!(net.contains(ip.parse().unwrap()), inside, "{ip}");
+        }
+        assert!(v6.contains("::1".parse().unwrap()));
+        assert!(!v6.contains("127.0.0.1".parse().unwrap()));
+        assert_eq!(s.http.statement_timeout_ms, 15_000);
+        assert_eq!(s.console.test_sends_per_hour, 30);
+        assert_eq!(s.console.test_recipients.len(), 2);
+        assert!(
+            matches!(&s.console.test_recipients[1], TestRecipient::Phone(p) if p == "+821012345678")
+        );
     }
 
     #[test]
@@ -1087,7 +1321,10 @@ mod tests {
                     "LIFECYCLE_SMTP_URL",
                     "smtp://mailer:hunter4@relay:587?tls=required",
                 ),
-                ("LIFECYCLE_ADMIN_TOKEN", "hunter5"),
+                (
+                    "LIFECYCLE_ADMIN_TOKEN",
+                    "hunter5-is-a-long-enough-admin-token",
+                ),
             ],
         )
         .unwrap();

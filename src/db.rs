@@ -50,6 +50,21 @@ pub fn pool(url: &DatabaseUrl, max: u32) -> anyhow::Result<PgPool> {
         .connect_lazy_with(options(url)?))
 }
 
+/// A pool for the HTTP API and console: each statement is cancelled by PostgreSQL after
+/// `statement_timeout_ms` (`[http] statement_timeout_ms`), so no request, however it is
+/// built, holds a connection or a core for longer.
+pub fn pool_for_requests(
+    url: &DatabaseUrl,
+    max: u32,
+    statement_timeout_ms: u64,
+) -> anyhow::Result<PgPool> {
+    let timeout = statement_timeout_ms.to_string();
+    Ok(PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(options(url)?.options([("statement_timeout", timeout.as_str())])))
+}
+
 /// Creates the database named by `url` when it does not exist.
 pub async fn create_if_missing(url: &DatabaseUrl) -> anyhow::Result<()> {
     let name = url.database();
@@ -99,6 +114,15 @@ pub async fn drop_database(url: &DatabaseUrl) -> anyhow::Result<()> {
     .execute(&mut admin)
     .await?;
     Ok(())
+}
+
+/// `is_transient` of the first database error in an error's chain; an error that holds none
+/// (a pool or I/O failure wrapped by the caller) counts as passing.
+pub fn is_transient_error(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .find_map(|e| e.downcast_ref::<sqlx::Error>())
+        .is_none_or(is_transient)
 }
 
 /// Whether a database error may pass if the same work is tried again: lost connections,

@@ -227,11 +227,14 @@ enum DeliveriesAction {
 enum DeadLettersAction {
     /// Republish dead letters to the exchange with a fresh retry count.
     Replay {
-        /// Dead letter ids.
+        /// Dead letter ids (replayed even when they were before).
         ids: Vec<i64>,
-        /// Every unarchived dead letter.
+        /// Every unarchived dead letter not replayed before.
         #[arg(long, conflicts_with = "ids")]
         all: bool,
+        /// With --all: those replayed before too.
+        #[arg(long, requires = "all")]
+        again: bool,
     },
     /// Archive dead letters (they leave the list).
     Archive {
@@ -253,6 +256,17 @@ enum UsersAction {
         /// ops (everything) or marketer (templates, previews, test sends, reading members).
         #[arg(long)]
         role: String,
+        /// The user's own email address: their test sends may always go there.
+        #[arg(long)]
+        email: Option<String>,
+        /// The user's own number (E.164): their test SMS may always go there.
+        #[arg(long)]
+        phone: Option<String>,
+    },
+    /// Remove a user: their console sessions end and their API token stops working.
+    Remove {
+        /// The user's name.
+        name: String,
     },
 }
 
@@ -397,16 +411,43 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Users {
-            action: UsersAction::Add { name, role },
+            action:
+                UsersAction::Add {
+                    name,
+                    role,
+                    email,
+                    phone,
+                },
         } => {
             let role =
                 lifecycle::users::Role::parse(&role).map_err(|e| anyhow::anyhow!("--role: {e}"))?;
+            let contact = lifecycle::users::Contact {
+                email: email
+                    .map(|e| lifecycle::domain::Email::parse(&e))
+                    .transpose()
+                    .map_err(|e| anyhow::anyhow!("--email: {e}"))?,
+                phone: phone
+                    .map(|p| lifecycle::domain::Phone::parse(&p))
+                    .transpose()
+                    .map_err(|e| anyhow::anyhow!("--phone: {e}"))?,
+            };
             lifecycle::db::migrate(&settings.database_url).await?;
             let pool = lifecycle::db::pool(&settings.database_url, 1)?;
-            let credentials = lifecycle::users::add(&pool, &name, role).await?;
+            let credentials = lifecycle::users::add(&pool, &name, role, &contact).await?;
             println!("user: {name} ({})", role.as_str());
             println!("password: {}", credentials.password);
             println!("token: {}", credentials.token);
+            Ok(())
+        }
+        Command::Users {
+            action: UsersAction::Remove { name },
+        } => {
+            lifecycle::db::migrate(&settings.database_url).await?;
+            let pool = lifecycle::db::pool(&settings.database_url, 1)?;
+            if !lifecycle::users::remove(&pool, &name).await? {
+                anyhow::bail!("no user {name:?}");
+            }
+            println!("user {name} removed: their sessions ended and their token no longer works");
             Ok(())
         }
         Command::Coupons {
@@ -434,13 +475,13 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                 filter,
             }) = action
             {
-                let ids = match (failed, ids.is_empty()) {
-                    (true, _) => lifecycle::deliveries::failed_ids(&app, &filter.filter()).await?,
-                    (false, false) => ids,
+                let filter = filter.filter();
+                let which = match (failed, ids.is_empty()) {
+                    (true, _) => lifecycle::outbox::Requeue::Matching(&filter),
+                    (false, false) => lifecycle::outbox::Requeue::Ids(&ids),
                     (false, true) => anyhow::bail!("name the messages to retry, or --failed"),
                 };
-                let n = lifecycle::dispatch::retry_failed(&app.pool, Some(&ids), app.clock.now())
-                    .await?;
+                let n = lifecycle::outbox::retry_failed(&app.pool, which, app.clock.now()).await?;
                 println!("{n} failed messages queued again.");
                 return Ok(());
             }
@@ -466,8 +507,10 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             let every = lifecycle::dead_letters::Filter::default();
             let by = std::env::var("USER").unwrap_or_else(|_| "cli".into());
             match action {
-                Some(DeadLettersAction::Replay { ids, all }) => {
-                    let selection = if all {
+                Some(DeadLettersAction::Replay { ids, all, again }) => {
+                    let selection = if all && again {
+                        lifecycle::dead_letters::Selection::Again(&every)
+                    } else if all {
                         lifecycle::dead_letters::Selection::Matching(&every)
                     } else if !ids.is_empty() {
                         lifecycle::dead_letters::Selection::Ids(&ids)

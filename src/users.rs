@@ -98,16 +98,23 @@ pub fn verify_password(password: &str, hash: &str) -> bool {
     })
 }
 
+/// Where a user's own test sends may go (`lifecycle users add --email/--phone`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Contact {
+    /// Their email address.
+    pub email: Option<crate::domain::Email>,
+    /// Their phone number.
+    pub phone: Option<crate::domain::Phone>,
+}
+
 /// Adds a user (or replaces one of that name) and returns their new credentials, shown once.
-pub async fn add(pool: &PgPool, name: &str, role: Role) -> anyhow::Result<Credentials> {
-    if name.is_empty()
-        || name.len() > 64
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-@".contains(c))
-    {
-        bail!("user name {name:?}: 1 to 64 letters, digits, '.', '_', '-' or '@'");
-    }
+pub async fn add(
+    pool: &PgPool,
+    name: &str,
+    role: Role,
+    contact: &Contact,
+) -> anyhow::Result<Credentials> {
+    check_name(name)?;
     let credentials = Credentials {
         password: random_secret(12),
         token: format!("lc_{}", random_secret(32)),
@@ -117,14 +124,18 @@ pub async fn add(pool: &PgPool, name: &str, role: Role) -> anyhow::Result<Creden
         tokio::task::spawn_blocking(move || hash_password(&password)).await??
     };
     sqlx::query(
-        "insert into users (name, role, password_hash, token_sha256) values ($1, $2, $3, $4)
+        "insert into users (name, role, password_hash, token_sha256, email, phone)
+         values ($1, $2, $3, $4, $5, $6)
          on conflict (name) do update set role = excluded.role,
-             password_hash = excluded.password_hash, token_sha256 = excluded.token_sha256",
+             password_hash = excluded.password_hash, token_sha256 = excluded.token_sha256,
+             email = excluded.email, phone = excluded.phone",
     )
     .bind(name)
     .bind(role.as_str())
     .bind(hash)
     .bind(sha256_hex(&credentials.token))
+    .bind(contact.email.as_ref().map(|e| e.as_str()))
+    .bind(contact.phone.as_ref().map(|p| p.as_str()))
     .execute(pool)
     .await
     .context("saving the user")?;
@@ -134,6 +145,43 @@ pub async fn add(pool: &PgPool, name: &str, role: Role) -> anyhow::Result<Creden
         .execute(pool)
         .await?;
     Ok(credentials)
+}
+
+/// Removes a user: their sessions end and their API token stops working at once (the
+/// sessions go with the row). Whether there was such a user.
+pub async fn remove(pool: &PgPool, name: &str) -> anyhow::Result<bool> {
+    let done = sqlx::query("delete from users where name = $1")
+        .bind(name)
+        .execute(pool)
+        .await
+        .context("removing the user")?;
+    Ok(done.rows_affected() > 0)
+}
+
+fn check_name(name: &str) -> anyhow::Result<()> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-@".contains(c))
+    {
+        bail!("user name {name:?}: 1 to 64 letters, digits, '.', '_', '-' or '@'");
+    }
+    Ok(())
+}
+
+/// A user's own address and number, for their test sends.
+pub async fn contact(pool: &PgPool, name: &str) -> Result<Contact, sqlx::Error> {
+    let row: Option<(Option<String>, Option<String>)> =
+        sqlx::query_as("select email, phone from users where name = $1")
+            .bind(name)
+            .fetch_optional(pool)
+            .await?;
+    let (email, phone) = row.unwrap_or_default();
+    Ok(Contact {
+        email: email.and_then(|e| crate::domain::Email::parse(&e).ok()),
+        phone: phone.and_then(|p| crate::domain::Phone::parse(&p).ok()),
+    })
 }
 
 /// The user whose API token this is.
@@ -246,62 +294,216 @@ pub async fn close_session(pool: &PgPool, cookie: &str) -> Result<(), sqlx::Erro
     Ok(())
 }
 
-/// Failed logins, per user name and per client address: after `LOGIN_FAILURES` failures in
-/// `LOGIN_WINDOW`, that name (or address) is refused until the window has passed. Kept in
-/// memory, per replica.
-#[derive(Default)]
-pub struct LoginThrottle {
-    failures: Mutex<HashMap<String, (u32, Instant)>>,
+/// Failures counted per key in a fixed window, in bounded memory: when the map is full, expired
+/// entries go first, then the oldest. Losing an entry forgets failures (a throttle a little
+/// weaker under a flood of keys), never refuses anyone who has not failed.
+struct Window<K> {
+    counts: HashMap<K, (u32, Instant)>,
+    length: Duration,
+    cap: usize,
 }
 
-/// Failures allowed per window.
-pub const LOGIN_FAILURES: u32 = 5;
+impl<K: std::hash::Hash + Eq + Clone> Window<K> {
+    fn new(length: Duration, cap: usize) -> Window<K> {
+        Window {
+            counts: HashMap::new(),
+            length,
+            cap,
+        }
+    }
+
+    /// The failures of `key` in its current window, and how long that window has left.
+    fn get(&self, key: &K, now: Instant) -> (u32, Duration) {
+        match self.counts.get(key) {
+            Some((n, since)) => match self.length.checked_sub(now.duration_since(*since)) {
+                Some(left) if !left.is_zero() => (*n, left),
+                _ => (0, Duration::ZERO),
+            },
+            None => (0, Duration::ZERO),
+        }
+    }
+
+    fn add(&mut self, key: &K, now: Instant) {
+        if !self.counts.contains_key(key) && self.counts.len() >= self.cap {
+            let length = self.length;
+            self.counts
+                .retain(|_, (_, since)| now.duration_since(*since) < length);
+            if self.counts.len() >= self.cap
+                && let Some(oldest) = self
+                    .counts
+                    .iter()
+                    .min_by_key(|(_, (_, since))| *since)
+                    .map(|(k, _)| k.clone())
+            {
+                self.counts.remove(&oldest);
+            }
+        }
+        let entry = self.counts.entry(key.clone()).or_insert((0, now));
+        if now.duration_since(entry.1) >= self.length {
+            *entry = (0, now);
+        }
+        entry.0 = entry.0.saturating_add(1);
+    }
+
+    fn sub(&mut self, key: &K) {
+        if let Some(entry) = self.counts.get_mut(key) {
+            entry.0 = entry.0.saturating_sub(1);
+        }
+    }
+
+    fn forget(&mut self, key: &K) {
+        self.counts.remove(key);
+    }
+}
+
+/// Console logins, throttled so that no one can lock another user out:
+///
+/// - per (user, address): after `PAIR_FAILURES` failures in `LOGIN_WINDOW`, that pair waits for
+///   the window to pass (the user can still log in from elsewhere);
+/// - per address: after `ADDRESS_FAILURES`, whatever the names tried (one address guessing
+///   many users);
+/// - a global backoff: past `GLOBAL_FAILURES_PER_MINUTE` failures in a minute from anywhere (a
+///   spread-out guess), logins from a (user, address) pair that has not logged in before wait
+///   until the flood's minute is over, doubling while it goes on (at most 15 minutes); pairs
+///   that logged in before are let through.
+///
+/// An attempt is counted when it starts (`begin`), in the same critical section as the
+/// check, and given back when the password was right: a burst of parallel guesses cannot all
+/// pass a check made before any of them was counted. Memory is bounded; per replica.
+pub struct LoginThrottle {
+    state: Mutex<LoginState>,
+}
+
+struct LoginState {
+    pairs: Window<(String, IpAddr)>,
+    addresses: Window<IpAddr>,
+    /// (user, address) pairs that logged in, and when.
+    known: Window<(String, IpAddr)>,
+    /// Failures in the current minute, from when it started.
+    minute: (u32, Instant),
+    /// Unknown pairs wait until then, and the backoff now in force.
+    backoff: Option<(Instant, Duration)>,
+}
+
+/// Failures allowed per (user, address) and window.
+pub const PAIR_FAILURES: u32 = 5;
+/// Failures allowed per address and window, whatever the names.
+pub const ADDRESS_FAILURES: u32 = 30;
+/// Failures in a minute, from anywhere, past which unknown pairs back off.
+pub const GLOBAL_FAILURES_PER_MINUTE: u32 = 120;
 /// The window.
 pub const LOGIN_WINDOW: Duration = Duration::from_secs(15 * 60);
+/// Entries kept in each of the throttle's maps.
+const THROTTLE_ENTRIES: usize = 50_000;
+
+impl Default for LoginThrottle {
+    fn default() -> Self {
+        LoginThrottle {
+            state: Mutex::new(LoginState {
+                pairs: Window::new(LOGIN_WINDOW, THROTTLE_ENTRIES),
+                addresses: Window::new(LOGIN_WINDOW, THROTTLE_ENTRIES),
+                known: Window::new(Duration::from_secs(30 * 24 * 3600), THROTTLE_ENTRIES),
+                minute: (0, Instant::now()),
+                backoff: None,
+            }),
+        }
+    }
+}
+
+/// A login attempt under way, counted as a failure until `LoginThrottle::succeeded`.
+#[derive(Debug)]
+pub struct Attempt {
+    name: String,
+    addr: IpAddr,
+}
 
 impl LoginThrottle {
-    fn keys(name: &str, addr: Option<IpAddr>) -> Vec<String> {
-        let mut keys = vec![format!("user:{name}")];
-        if let Some(addr) = addr {
-            keys.push(format!("addr:{addr}"));
-        }
-        keys
+    /// Starts an attempt of `name` from `addr`, counting it; or how long to wait first.
+    pub fn begin(&self, name: &str, addr: IpAddr) -> Result<Attempt, Duration> {
+        self.begin_at(name, addr, Instant::now())
     }
 
-    /// How long until `name` from `addr` may try again, if it may not now.
-    pub fn blocked(&self, name: &str, addr: Option<IpAddr>) -> Option<Duration> {
-        let failures = self.failures.lock().expect("throttle lock");
-        Self::keys(name, addr)
-            .iter()
-            .filter_map(|key| {
-                let (count, since) = failures.get(key)?;
-                let left = LOGIN_WINDOW.checked_sub(since.elapsed())?;
-                (*count >= LOGIN_FAILURES).then_some(left)
-            })
-            .max()
+    fn begin_at(&self, name: &str, addr: IpAddr, now: Instant) -> Result<Attempt, Duration> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let pair = (name.to_owned(), addr);
+        let (n, left) = s.pairs.get(&pair, now);
+        if n >= PAIR_FAILURES {
+            return Err(left);
+        }
+        let (n, left) = s.addresses.get(&addr, now);
+        if n >= ADDRESS_FAILURES {
+            return Err(left);
+        }
+        if s.known.get(&pair, now).0 == 0
+            && let Some((until, _)) = s.backoff
+            && until > now
+        {
+            return Err(until - now);
+        }
+        s.pairs.add(&pair, now);
+        s.addresses.add(&addr, now);
+        let minute = Duration::from_secs(60);
+        if now.duration_since(s.minute.1) >= minute {
+            s.minute = (0, now);
+        }
+        s.minute.0 += 1;
+        if s.minute.0 > GLOBAL_FAILURES_PER_MINUTE {
+            let step = match s.backoff {
+                Some((until, step)) if until > now => (step * 2).min(LOGIN_WINDOW),
+                _ => minute,
+            };
+            let until = (s.minute.1 + minute).max(now + step);
+            s.backoff = Some((until, step));
+            s.minute = (0, now);
+        }
+        Ok(Attempt {
+            name: name.to_owned(),
+            addr,
+        })
     }
 
-    /// Counts a failed login.
-    pub fn failed(&self, name: &str, addr: Option<IpAddr>) {
-        let mut failures = self.failures.lock().expect("throttle lock");
-        if failures.len() > 100_000 {
-            failures.retain(|_, (_, since)| since.elapsed() < LOGIN_WINDOW);
-        }
-        for key in Self::keys(name, addr) {
-            let entry = failures.entry(key).or_insert((0, Instant::now()));
-            if entry.1.elapsed() >= LOGIN_WINDOW {
-                *entry = (0, Instant::now());
-            }
-            entry.0 += 1;
+    /// The attempt's password was right: its count is given back, the pair's failures are
+    /// forgotten and the pair is known from now on.
+    pub fn succeeded(&self, attempt: Attempt) {
+        let now = Instant::now();
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let pair = (attempt.name, attempt.addr);
+        s.pairs.forget(&pair);
+        s.addresses.sub(&attempt.addr);
+        s.minute.0 = s.minute.0.saturating_sub(1);
+        s.known.add(&pair, now);
+    }
+}
+
+/// Bearer tokens that failed, per client address: past `BEARER_FAILURES` in `LOGIN_WINDOW`
+/// the address is refused (429) until its window has passed. Bounded memory; per replica.
+pub struct BearerThrottle {
+    failures: Mutex<Window<IpAddr>>,
+}
+
+/// Wrong bearer tokens allowed per address and window.
+pub const BEARER_FAILURES: u32 = 20;
+
+impl Default for BearerThrottle {
+    fn default() -> Self {
+        BearerThrottle {
+            failures: Mutex::new(Window::new(LOGIN_WINDOW, THROTTLE_ENTRIES)),
         }
     }
+}
 
-    /// Forgets a user's failures after a successful login (not the address's).
-    pub fn succeeded(&self, name: &str) {
-        self.failures
-            .lock()
-            .expect("throttle lock")
-            .remove(&format!("user:{name}"));
+impl BearerThrottle {
+    /// How long `addr` must wait before its next bearer token is looked at, if it must.
+    pub fn blocked(&self, addr: IpAddr) -> Option<Duration> {
+        let failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let (n, left) = failures.get(&addr, Instant::now());
+        (n >= BEARER_FAILURES).then_some(left)
+    }
+
+    /// Counts a wrong token from `addr`.
+    pub fn failed(&self, addr: IpAddr) {
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        failures.add(&addr, Instant::now());
     }
 }
 
@@ -319,17 +521,93 @@ mod tests {
     }
 
     #[test]
-    fn the_throttle_blocks_after_five_failures_per_user_and_per_address() {
+    fn no_one_can_lock_out_a_user_from_another_address() {
         let throttle = LoginThrottle::default();
-        let addr: IpAddr = "192.0.2.1".parse().unwrap();
-        for _ in 0..LOGIN_FAILURES {
-            assert!(throttle.blocked("ada", Some(addr)).is_none());
-            throttle.failed("ada", Some(addr));
+        let attacker: IpAddr = "192.0.2.1".parse().unwrap();
+        let alice: IpAddr = "198.51.100.7".parse().unwrap();
+        let now = Instant::now();
+        for _ in 0..PAIR_FAILURES {
+            throttle.begin_at("alice", attacker, now).unwrap();
         }
-        assert!(throttle.blocked("ada", None).is_some(), "by name");
-        assert!(throttle.blocked("bob", Some(addr)).is_some(), "by address");
-        assert!(throttle.blocked("bob", "192.0.2.2".parse().ok()).is_none());
-        throttle.succeeded("ada");
-        assert!(throttle.blocked("ada", None).is_none());
+        // The attacker's pair is blocked for the window; Alice from her address is not.
+        let wait = throttle.begin_at("alice", attacker, now).unwrap_err();
+        assert!(wait > Duration::from_secs(14 * 60), "{wait:?}");
+        let mine = throttle.begin_at("alice", alice, now).unwrap();
+        throttle.succeeded(mine);
+        // The window passes.
+        let later = now + LOGIN_WINDOW + Duration::from_secs(1);
+        throttle.begin_at("alice", attacker, later).unwrap();
+    }
+
+    #[test]
+    fn one_address_guessing_many_names_is_stopped() {
+        let throttle = LoginThrottle::default();
+        let attacker: IpAddr = "192.0.2.1".parse().unwrap();
+        let now = Instant::now();
+        for n in 0..ADDRESS_FAILURES {
+            throttle
+                .begin_at(&format!("user{n}"), attacker, now)
+                .unwrap();
+        }
+        assert!(throttle.begin_at("bob", attacker, now).is_err());
+        assert!(
+            throttle
+                .begin_at("bob", "192.0.2.2".parse().unwrap(), now)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_spread_out_flood_backs_off_unknown_pairs_but_not_known_ones() {
+        let throttle = LoginThrottle::default();
+        let now = Instant::now();
+        let home: IpAddr = "198.51.100.7".parse().unwrap();
+        throttle.succeeded(throttle.begin_at("alice", home, now).unwrap());
+        for n in 0..=GLOBAL_FAILURES_PER_MINUTE {
+            let addr = IpAddr::from([10, 0, (n / 250) as u8, (n % 250) as u8]);
+            throttle.begin_at("alice", addr, now).unwrap();
+        }
+        let stranger: IpAddr = "203.0.113.9".parse().unwrap();
+        let wait = throttle.begin_at("alice", stranger, now).unwrap_err();
+        assert!(
+            wait <= Duration::from_secs(60) && wait > Duration::ZERO,
+            "{wait:?}"
+        );
+        // Alice, from where she logged in before, is let through.
+        throttle.succeeded(throttle.begin_at("alice", home, now).unwrap());
+        // After the backoff, strangers may try again.
+        assert!(
+            throttle
+                .begin_at("alice", stranger, now + Duration::from_secs(61))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn parallel_guesses_are_counted_before_they_are_checked() {
+        let throttle = std::sync::Arc::new(LoginThrottle::default());
+        let addr: IpAddr = "192.0.2.1".parse().unwrap();
+        let admitted: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..50)
+                .map(|_| {
+                    let throttle = throttle.clone();
+                    s.spawn(move || throttle.begin("alice", addr).is_ok() as usize)
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(admitted, PAIR_FAILURES as usize);
+    }
+
+    #[test]
+    fn the_throttles_memory_is_bounded() {
+        let mut window: Window<u32> = Window::new(Duration::from_secs(60), 100);
+        let now = Instant::now();
+        for key in 0..10_000 {
+            window.add(&key, now + Duration::from_millis(u64::from(key)));
+        }
+        assert_eq!(window.counts.len(), 100);
+        // The newest keys are the ones kept.
+        assert_eq!(window.get(&9_999, now + Duration::from_secs(10)).0, 1);
     }
 }

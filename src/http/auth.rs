@@ -8,7 +8,7 @@
 //! `X-CSRF-Token` (the console's forms carry it as a field instead). Missing or wrong
 //! credentials: 401; a role that may not: 403.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use axum::Json;
 use axum::extract::FromRequestParts;
@@ -18,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::app::App;
+use crate::config::Network;
 use crate::render::FileError;
 use crate::template_store::StoreError;
 use crate::users::{self, Role, User};
@@ -38,6 +39,9 @@ pub struct ApiError {
     /// For a template that does not validate: each problem by file and line.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub errors: Option<Vec<FileError>>,
+    /// Seconds to wait, sent as `Retry-After` (429).
+    #[serde(skip)]
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -47,6 +51,7 @@ impl ApiError {
             status: status.as_u16(),
             error: error.into(),
             errors: None,
+            retry_after: None,
         }
     }
 
@@ -56,6 +61,19 @@ impl ApiError {
             StatusCode::UNAUTHORIZED,
             "missing or wrong credentials: send Authorization: Bearer <token>, or log in to the console",
         )
+    }
+
+    /// 429, with how long to wait (`Retry-After`).
+    pub fn too_many(error: impl Into<String>, wait: std::time::Duration) -> ApiError {
+        ApiError {
+            retry_after: Some(wait.as_secs().max(1)),
+            ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, error)
+        }
+    }
+
+    /// 400.
+    pub fn bad_request(error: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, error)
     }
 
     /// 404.
@@ -69,6 +87,7 @@ impl ApiError {
             status: 422,
             error: "the template does not validate".into(),
             errors: Some(errors),
+            retry_after: None,
         }
     }
 
@@ -92,12 +111,28 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status(), Json(self)).into_response()
+        let retry_after = self.retry_after;
+        let mut response = (self.status(), Json(self)).into_response();
+        if let Some(seconds) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> ApiError {
+        if let sqlx::Error::Database(db) = &e
+            && db.code().as_deref() == Some("57014")
+        {
+            tracing::warn!("An API or console query ran past the statement timeout.");
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the query took longer than the statement timeout ([http] statement_timeout_ms); ask for less",
+            );
+        }
         ApiError::internal(e)
     }
 }
@@ -151,18 +186,49 @@ pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-/// The bearer token's user, or `Ok(None)` when there is no `Authorization` header.
-async fn bearer(app: &App, headers: &HeaderMap) -> Result<Option<User>, ApiError> {
+/// The bearer token's user, or `Ok(None)` when there is no `Authorization` header. A client
+/// address that sent too many wrong tokens is refused (429) before its token is looked at;
+/// every wrong token is counted and logged (its length, never the token).
+async fn bearer(
+    app: &App,
+    headers: &HeaderMap,
+    client: Option<IpAddr>,
+) -> Result<Option<User>, ApiError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Ok(None);
     };
+    if let Some(wait) = client.and_then(|addr| app.bearers.blocked(addr)) {
+        return Err(ApiError::too_many(
+            "too many wrong tokens from this address; try again later",
+            wait,
+        ));
+    }
     let token = value
         .to_str()
         .ok()
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .ok_or_else(ApiError::unauthorized)?;
+        .filter(|t| !t.is_empty());
+    let user = match token {
+        Some(token) => known_token(app, token).await?,
+        None => None,
+    };
+    if user.is_none() {
+        if let Some(addr) = client {
+            app.bearers.failed(addr);
+        }
+        tracing::warn!(
+            client = client.map(|a| a.to_string()),
+            token_chars = token.map_or(0, |t| t.chars().count()),
+            "A wrong bearer token was refused."
+        );
+        return Err(ApiError::unauthorized());
+    }
+    Ok(user)
+}
+
+/// The user a token belongs to: `LIFECYCLE_ADMIN_TOKEN`'s `admin`, or a user's API token.
+async fn known_token(app: &App, token: &str) -> Result<Option<User>, ApiError> {
     if let Some(admin) = &app.settings.admin_token {
         // Compared by digest: equal-length values, and no early exit on the secret's bytes.
         if users::sha256_hex(token) == users::sha256_hex(admin.expose()) {
@@ -172,17 +238,15 @@ async fn bearer(app: &App, headers: &HeaderMap) -> Result<Option<User>, ApiError
             }));
         }
     }
-    match users::by_token(&app.pool, token).await? {
-        Some(user) => Ok(Some(user)),
-        None => Err(ApiError::unauthorized()),
-    }
+    Ok(users::by_token(&app.pool, token).await?)
 }
 
 impl FromRequestParts<App> for Authed {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Authed, ApiError> {
-        if let Some(user) = bearer(app, &parts.headers).await? {
+        let client = client_addr(app, parts);
+        if let Some(user) = bearer(app, &parts.headers, client).await? {
             return Ok(Authed { user, csrf: None });
         }
         let Some(cookie) = cookie(&parts.headers, SESSION_COOKIE) else {
@@ -206,9 +270,41 @@ impl FromRequestParts<App> for Authed {
     }
 }
 
-/// The client's address, put on each request by the accept loop.
+/// The connection's peer address, put on each request by the accept loop.
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub SocketAddr);
+
+/// The client's address: the connection's peer, or, when the peer is one of
+/// `[http] trusted_proxies`, the rightmost address of `X-Forwarded-For` that is not a trusted
+/// proxy itself (the leftmost ones are whatever the client wrote). `None` only for a request
+/// that did not come through the accept loop.
+pub fn client_addr(app: &App, parts: &Parts) -> Option<IpAddr> {
+    let peer = parts.extensions.get::<Peer>()?.0.ip();
+    Some(forwarded_client(
+        &app.settings.http.trusted_proxies,
+        peer,
+        &parts.headers,
+    ))
+}
+
+/// `client_addr`'s rule, apart from the request.
+pub fn forwarded_client(trusted: &[Network], peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(peer) {
+        return peer;
+    }
+    let hops: Vec<IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map_while(|hop| hop.trim().parse::<IpAddr>().ok())
+        .collect();
+    hops.into_iter()
+        .rev()
+        .find(|hop| !is_trusted(*hop))
+        .unwrap_or(peer)
+}
 
 /// The `Set-Cookie` value of a session cookie (`value` empty: one that clears it).
 pub fn session_cookie(app: &App, value: &str) -> String {

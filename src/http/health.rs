@@ -29,11 +29,18 @@ pub(super) async fn ready(State(app): State<App>) -> Response {
         serde_json::json!({"consumers": consumers, "alive": consumers > 0}),
     );
     let loops = h.dispatch_loops.load(Ordering::Relaxed);
+    // A dispatcher whose results cannot be written holds its claims and sends nothing new.
+    let stuck = h.writer_stuck_for().map(|d| d.as_secs());
+    let alive = loops > 0 && stuck.is_none();
+    let mut dispatch = serde_json::json!({"loops": loops, "alive": alive});
+    if let Some(secs) = stuck {
+        dispatch["writer_stuck_secs"] = secs.into();
+    }
     check(
         "dispatch",
         roles.is_some_and(|r| r.dispatch),
-        loops > 0,
-        serde_json::json!({"loops": loops, "alive": loops > 0}),
+        alive,
+        dispatch,
     );
     let scheduler = h.scheduler.load(Ordering::Relaxed);
     check(
@@ -42,18 +49,20 @@ pub(super) async fn ready(State(app): State<App>) -> Response {
         scheduler,
         serde_json::json!({"alive": scheduler}),
     );
+    // The database's error text names hosts, users and databases: it goes to the log, and
+    // /readyz, which anyone may read, says only that the database is down.
     let database = sqlx::query("select 1").execute(&app.pool).await;
+    if let Err(error) = &database {
+        tracing::warn!(
+            error = crate::mask::text(&error.to_string()),
+            "Readiness: the database did not answer."
+        );
+    }
     check(
         "database",
         true,
         database.is_ok(),
-        match &database {
-            Ok(_) => serde_json::json!({"alive": true}),
-            Err(e) => serde_json::json!({
-                "alive": false,
-                "error": e.to_string().lines().next().unwrap_or_default(),
-            }),
-        },
+        serde_json::json!({"alive": database.is_ok()}),
     );
     report.insert("ready".into(), ready.into());
     let status = if ready {

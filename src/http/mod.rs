@@ -44,6 +44,8 @@ pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MAX_BODY: usize = 1024 * 1024;
 /// Requests handled at once; more wait (and time out).
 pub(crate) const MAX_IN_FLIGHT: usize = 256;
+/// Database connections the requests share.
+const MAX_DATABASE_CONNECTIONS: u32 = 8;
 /// Connections open at once; more are closed as they come.
 const MAX_CONNECTIONS: usize = 1024;
 
@@ -64,7 +66,13 @@ pub async fn serve_on(
 ) -> anyhow::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
     info!(addr = %listener.local_addr()?, "HTTP server listening.");
-    let router = router(app);
+    // Every query a request makes runs under the statement timeout.
+    let pool = crate::db::pool_for_requests(
+        &app.settings.database_url,
+        MAX_DATABASE_CONNECTIONS,
+        app.settings.http.statement_timeout_ms,
+    )?;
+    let router = router(App { pool, ..app });
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {

@@ -31,6 +31,9 @@ pub struct Period {
     pub to: DateTime<Utc>,
 }
 
+/// The longest period a report covers: five years.
+pub const MAX_DAYS: i64 = 5 * 366;
+
 impl Period {
     /// The period from `from` to `to`; either may be left out (the default is the last 30
     /// days up to `now`; `from` alone runs up to `now`, `to` alone starts 30 days before it).
@@ -49,6 +52,14 @@ impl Period {
         };
         if from >= to {
             bail!("`from` ({from}) must be before `to` ({to})");
+        }
+        // The report compares the period with the one before it and reads every event of
+        // both: a period of centuries is a query no one wants, and a cheap way to load the
+        // database.
+        if to - from > Duration::days(MAX_DAYS) {
+            bail!(
+                "the period from {from} to {to} is longer than {MAX_DAYS} days (5 years); ask for a shorter one"
+            );
         }
         let period = Period { from, to };
         // The previous period and the conversion window must be representable.
@@ -627,8 +638,16 @@ mod tests {
             [at("2026-09-11"), at("2026-09-21"), at("2026-10-01")]
         );
         // At the calendar's ends: an error, never a panic.
-        let early = Period::new(Some(DateTime::<Utc>::MIN_UTC), None, at("2026-12-01"));
+        let early = Period::new(
+            Some(DateTime::<Utc>::MIN_UTC),
+            Some(DateTime::<Utc>::MIN_UTC + Duration::days(30)),
+            at("2026-12-01"),
+        );
         assert!(early.unwrap_err().to_string().contains("calendar"));
+        // No period longer than five years.
+        let long = Period::new(Some(at("0001-01-01")), None, at("2026-12-01"));
+        assert!(long.unwrap_err().to_string().contains("5 years"));
+        assert!(Period::new(Some(at("2021-12-02")), None, at("2026-12-01")).is_ok());
         let late = Period::new(None, Some(DateTime::<Utc>::MAX_UTC), at("2026-12-01"));
         assert!(late.unwrap_err().to_string().contains("too late"));
     }

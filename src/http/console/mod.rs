@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use askama::Template;
 use axum::Router;
-use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 use crate::app::App;
 use crate::http::api::templates::{self as api, TestSendRequest};
-use crate::http::auth::{self, ApiError, Peer};
+use crate::http::auth::{self, ApiError};
 use crate::render::{FILE_NAMES, FileError};
 use crate::template_store::Files;
 use crate::triggers::Trigger;
@@ -228,13 +228,19 @@ struct LoginForm {
     csrf: String,
 }
 
-async fn login(
-    State(app): State<App>,
-    headers: HeaderMap,
-    peer: Option<axum::Extension<Peer>>,
-    axum::Form(form): axum::Form<LoginForm>,
-) -> Response {
-    let addr = peer.map(|p| p.0.0.ip());
+async fn login(State(app): State<App>, request: axum::extract::Request) -> Response {
+    let (mut parts, body) = request.into_parts();
+    let client = auth::client_addr(&app, &parts);
+    let headers = std::mem::take(&mut parts.headers);
+    let form = match axum::Form::<LoginForm>::from_request(
+        axum::extract::Request::from_parts(parts, body),
+        &app,
+    )
+    .await
+    {
+        Ok(axum::Form(form)) => form,
+        Err(rejection) => return rejection.into_response(),
+    };
     if auth::cookie(&headers, LOGIN_CSRF_COOKIE) != Some(form.csrf.as_str()) {
         return login_form(
             StatusCode::FORBIDDEN,
@@ -242,33 +248,44 @@ async fn login(
             Some("The form's security token is missing or out of date; try again.".into()),
         );
     }
-    if let Some(wait) = app.logins.blocked(&form.name, addr) {
-        let mut response = login_form(
-            StatusCode::TOO_MANY_REQUESTS,
-            form.name,
-            Some(format!(
-                "Too many failed logins. Try again in {} minutes.",
-                wait.as_secs().div_ceil(60)
-            )),
-        );
-        if let Ok(v) = HeaderValue::from_str(&wait.as_secs().to_string()) {
-            response.headers_mut().insert(header::RETRY_AFTER, v);
+    // Counted before the password is checked, given back when it is right.
+    let attempt = match client.map(|addr| app.logins.begin(&form.name, addr)) {
+        Some(Ok(attempt)) => Some(attempt),
+        Some(Err(wait)) => {
+            let mut response = login_form(
+                StatusCode::TOO_MANY_REQUESTS,
+                form.name,
+                Some(format!(
+                    "Too many failed logins. Try again in {} minutes.",
+                    wait.as_secs().div_ceil(60).max(1)
+                )),
+            );
+            if let Ok(v) = HeaderValue::from_str(&wait.as_secs().max(1).to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            return response;
         }
-        return response;
-    }
+        None => None,
+    };
     let user = match users::by_password(&app.pool, &form.name, &form.password).await {
         Ok(user) => user,
         Err(e) => return ApiError::internal(e).into_response(),
     };
     let Some(user) = user else {
-        app.logins.failed(&form.name, addr);
+        tracing::warn!(
+            user = form.name,
+            client = client.map(|a| a.to_string()),
+            "A console login failed."
+        );
         return login_form(
             StatusCode::UNAUTHORIZED,
             form.name,
             Some("Wrong user name or password.".into()),
         );
     };
-    app.logins.succeeded(&user.name);
+    if let Some(attempt) = attempt {
+        app.logins.succeeded(attempt);
+    }
     let session = match users::open_session(&app.pool, &user.name).await {
         Ok(s) => s,
         Err(e) => return ApiError::internal(e).into_response(),

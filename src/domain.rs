@@ -443,11 +443,22 @@ pub struct Money {
 }
 
 impl Money {
-    /// Builds an amount; negative amounts are refused, `field` names the field in errors.
+    /// The largest amount the ledger takes, in minor units (10^15: a trillion dollars, a
+    /// quadrillion won). Sums and refunds of amounts up to this stay far inside an `i64`.
+    pub const MAX_MINOR: i64 = 1_000_000_000_000_000;
+
+    /// Builds an amount; negative amounts, and amounts over `MAX_MINOR`, are refused; `field`
+    /// names the field in errors.
     pub fn new(field: &str, minor: i64, currency: Currency) -> Result<Self, Invalid> {
         if minor < 0 {
             return Err(invalid(format!(
                 "{field} must not be negative (got {minor})"
+            )));
+        }
+        if minor > Self::MAX_MINOR {
+            return Err(invalid(format!(
+                "{field} is {minor} minor units, more than the ledger holds (at most {})",
+                Self::MAX_MINOR
             )));
         }
         Ok(Self { minor, currency })

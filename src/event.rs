@@ -377,6 +377,13 @@ fn items(raw: Vec<wire::Item>) -> Result<Vec<Item>, Rejection> {
                     at("unit_price")
                 )));
             }
+            if item.unit_price > Money::MAX_MINOR {
+                return Err(Rejection(format!(
+                    "{}: more than the ledger holds (at most {} minor units)",
+                    at("unit_price"),
+                    Money::MAX_MINOR
+                )));
+            }
             let name = display_name(&format!("items[{i}].name"), item.name)?
                 .ok_or_else(|| Rejection(format!("{}: must not be empty", at("name"))))?;
             let sku = RecordId::parse("sku", &item.sku)
@@ -931,6 +938,28 @@ mod tests {
             (
                 event("points.redeemed", r#"{"member_id":"m","points":0}"#),
                 "data.points",
+            ),
+            // Amounts past what the ledger holds: refused, never summed into an overflow.
+            (
+                event(
+                    "order.refunded",
+                    r#"{"order_id":"o","member_id":"m","amount":9223372036854775807,"currency":"USD"}"#,
+                ),
+                "data.amount: amount is 9223372036854775807 minor units, more than the ledger holds",
+            ),
+            (
+                event(
+                    "order.placed",
+                    r#"{"order_id":"o","member_id":"m","total":1000000000000001,"currency":"KRW"}"#,
+                ),
+                "more than the ledger holds (at most 1000000000000000)",
+            ),
+            (
+                event(
+                    "cart.updated",
+                    r#"{"cart_id":"c","member_id":"m","total":1,"currency":"USD","checkout_url":"https://x.example/c","items":[{"sku":"s","name":"n","quantity":1,"unit_price":9223372036854775807}]}"#,
+                ),
+                "data.items[0].unit_price: more than the ledger holds",
             ),
             (event("order.placed", "42"), "data must be a JSON object"),
         ];

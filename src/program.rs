@@ -13,6 +13,9 @@ use serde::Deserialize;
 
 use crate::domain::{Currency, Locale, Money};
 
+/// The most points one order earns.
+pub const MAX_POINTS_PER_ORDER: i64 = 1_000_000_000_000;
+
 /// How many points an amount in one currency earns: `points` per `per` major units.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -345,7 +348,9 @@ impl Program {
         Ok(())
     }
 
-    /// Points an order total earns: whole points only, rounded down.
+    /// Points an order total earns: whole points only, rounded down, and at most
+    /// `MAX_POINTS_PER_ORDER` (however the earn rate is set, a balance stays far from
+    /// overflowing).
     pub fn earned(&self, total: Money) -> i64 {
         let Some(rate) = self.earn.get(total.currency.code()) else {
             return 0;
@@ -353,7 +358,7 @@ impl Program {
         let minor_per_major = 10_i128.pow(u32::from(total.currency.minor_digits()));
         let earned = i128::from(total.minor) * i128::from(rate.points)
             / (i128::from(rate.per) * minor_per_major);
-        earned.min(i128::from(i64::MAX)) as i64
+        earned.min(i128::from(MAX_POINTS_PER_ORDER)) as i64
     }
 
     /// The tier held with `points` qualifying points (the highest whose threshold is met).

@@ -209,6 +209,18 @@ pub fn redemption_ready(
         return Vec::new();
     }
     let was = before.map_or(0, |b| b.points.balance());
+    crossed(was, after, event.id.as_str(), program, now)
+}
+
+/// Redemption-ready for a balance that went from `was` to `after`'s by `cause` (an event id,
+/// or a scan's key such as a birthday bonus's): the most expensive reward newly reached.
+pub fn crossed(
+    was: i64,
+    after: &MemberState,
+    cause: &str,
+    program: &Program,
+    now: DateTime<Utc>,
+) -> Vec<Planned> {
     let is = after.points.balance();
     let Some(reward) = program
         .rewards
@@ -226,7 +238,7 @@ pub fn redemption_ready(
         "rewards": rewards_within(program, is),
     });
     let context = with_progress(context, after, program, now);
-    let key = format!("{}:{}:{}", member.member_id, reward.points, event.id);
+    let key = format!("{}:{}:{cause}", member.member_id, reward.points);
     per_channel(Trigger::RedemptionReady, &key, member, now, context)
 }
 
@@ -281,10 +293,16 @@ pub fn local_instant(tz: Tz, date: NaiveDate, time: NaiveTime) -> DateTime<Utc> 
     }
 }
 
-/// Points-expiring: what is left of the lots lapsing on each local date ahead. For every
-/// expiry date within a notice period, one message per notice: the nearest notice that
-/// applies (30 days ahead, then 7), so a worker back from an outage sends the 7-day notice
-/// rather than a late 30-day one. Dedupe key: member, expiry date, notice.
+/// Points-expiring: what is left of the lots lapsing on each date ahead. For every expiry date
+/// within a notice period, one message per notice: the nearest notice that applies (30 days
+/// ahead, then 7), so a worker back from an outage sends the 7-day notice rather than a late
+/// 30-day one. Dedupe key: member, expiry date, notice.
+///
+/// The expiry date of the key (and of the grouping) is the UTC date of the lots' expiry, not
+/// the member's local date: a member who changes time zone inside the notice window would
+/// otherwise see their lots move to another local date, under a new key, and be told again.
+/// The message shows the local date (in the member's zone now) of the group's first lot to
+/// lapse.
 ///
 /// Context: `first_name`, `points` (expiring on that date), `expiry_date` (`YYYY-MM-DD` in the
 /// member's zone), `days_left`, `notice_days`, `balance`.
@@ -294,20 +312,26 @@ pub fn points_expiring(state: &MemberState, program: &Program, now: DateTime<Utc
     };
     let tz = state.member.timezone.tz();
     let today = now.with_timezone(&tz).date_naive();
-    let mut by_date: BTreeMap<NaiveDate, i64> = BTreeMap::new();
+    // (points, first expiry) by UTC date
+    let mut by_date: BTreeMap<NaiveDate, (i64, DateTime<Utc>)> = BTreeMap::new();
     for lot in state.points.lots.iter().filter(|l| l.expires_at > now) {
-        let date = lot.expires_at.with_timezone(&tz).date_naive();
-        if (date - today).num_days() <= i64::from(farthest) {
-            *by_date.entry(date).or_default() += lot.remaining;
+        let local = lot.expires_at.with_timezone(&tz).date_naive();
+        if (local - today).num_days() <= i64::from(farthest) {
+            let group = by_date
+                .entry(lot.expires_at.date_naive())
+                .or_insert((0, lot.expires_at));
+            group.0 += lot.remaining;
+            group.1 = group.1.min(lot.expires_at);
         }
     }
     let member = &state.member;
     let balance = state.points.balance();
     by_date
         .into_iter()
-        .filter(|(_, points)| *points > 0)
-        .filter_map(|(date, points)| {
-            let days_left = (date - today).num_days();
+        .filter(|(_, (points, _))| *points > 0)
+        .filter_map(|(date, (points, first))| {
+            let local = first.with_timezone(&tz).date_naive();
+            let days_left = (local - today).num_days();
             let notice = program
                 .expiring_notice_days
                 .iter()
@@ -316,7 +340,7 @@ pub fn points_expiring(state: &MemberState, program: &Program, now: DateTime<Utc
             let context = json!({
                 "first_name": member.first_name,
                 "points": points,
-                "expiry_date": date.to_string(),
+                "expiry_date": local.to_string(),
                 "days_left": days_left,
                 "notice_days": notice,
                 "balance": balance,
@@ -935,25 +959,48 @@ mod tests {
     }
 
     #[test]
-    fn points_expiring_groups_lots_by_the_members_local_date() {
+    fn points_expiring_keys_do_not_move_with_the_members_time_zone() {
         let now = at(2026, 11, 22, 10, 0);
-        // 23:30 UTC on 12 December is 13 December in Seoul: two lots, one local date there.
+        // 23:30 UTC on 12 December is 08:30 on the 13th in Seoul.
         let lots = [
             (at(2026, 12, 12, 23, 30), 30),
             (at(2026, 12, 13, 5, 0), 12),
             (at(2027, 3, 1, 0, 0), 99), // too far ahead
         ];
-        let seoul = points_expiring(&with_lots("Asia/Seoul", &lots), &Program::default(), now);
-        assert_eq!(seoul.len(), 1);
-        assert_eq!(seoul[0].context["expiry_date"], "2026-12-13");
-        assert_eq!(seoul[0].context["points"], 42);
-        // In UTC they are two dates, so two messages.
-        let utc = points_expiring(&with_lots("UTC", &lots), &Program::default(), now);
-        let dates: Vec<&str> = utc
-            .iter()
-            .map(|p| p.context["expiry_date"].as_str().unwrap())
-            .collect();
-        assert_eq!(dates, ["2026-12-12", "2026-12-13"]);
+        let program = Program::default();
+        let seoul = points_expiring(&with_lots("Asia/Seoul", &lots), &program, now);
+        let utc = points_expiring(&with_lots("UTC", &lots), &program, now);
+        let istanbul = points_expiring(&with_lots("Europe/Istanbul", &lots), &program, now);
+        // The same keys in every zone: a member who moves is not told again.
+        assert_eq!(keys(seoul.clone()), keys(utc.clone()));
+        assert_eq!(keys(istanbul), keys(utc.clone()));
+        assert_eq!(
+            keys(utc.clone()),
+            [
+                "points-expiring:m1:2026-12-12:30:email",
+                "points-expiring:m1:2026-12-13:30:email"
+            ]
+        );
+        // Each message shows the date in the member's zone.
+        let shown = |planned: &[Planned]| -> Vec<(String, i64)> {
+            planned
+                .iter()
+                .map(|p| {
+                    (
+                        p.context["expiry_date"].as_str().unwrap().to_owned(),
+                        p.context["points"].as_i64().unwrap(),
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(
+            shown(&seoul),
+            [("2026-12-13".to_owned(), 30), ("2026-12-13".to_owned(), 12)]
+        );
+        assert_eq!(
+            shown(&utc),
+            [("2026-12-12".to_owned(), 30), ("2026-12-13".to_owned(), 12)]
+        );
     }
 
     #[test]

@@ -277,6 +277,46 @@ async fn a_birthday_missed_in_an_outage_is_sent_once_by_two_replicas_with_its_bo
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_birthday_bonus_that_reaches_a_reward_plans_redemption_ready_once() {
+    // 60 points from the signup bonus; the birthday's 50 reach the 100-point reward.
+    let morning = t("2026-11-22T05:00:00Z"); // 08:00 in Istanbul
+    let env = scheduled_env(
+        morning,
+        &[
+            ("LIFECYCLE_PROGRAM__SIGNUP_BONUS", "60".into()),
+            ("LIFECYCLE_PROGRAM__BIRTHDAY_BONUS", "50".into()),
+        ],
+    );
+    let worker = env.start(INGEST_AND_SCHEDULE).await;
+    let app = worker.app.clone();
+    let events = [enrol(
+        format!("{}-1", env.tag),
+        "m-today",
+        "Europe/Istanbul",
+        Some("11-22"),
+        morning,
+    )];
+    publish_in_order(&env, &app, &events, async |_| {}).await;
+    move_clock(&[&worker], morning).await;
+    assert!(keys(&app, "redemption-ready").await.is_empty());
+    // 09:00 in Istanbul: the bonus, its message, and the reward it reached.
+    move_clock(&[&worker], t("2026-11-22T06:00:00Z")).await;
+    assert_eq!(balance(&app, "m-today").await, 110);
+    assert_eq!(
+        keys(&app, "redemption-ready").await,
+        [
+            "redemption-ready:m-today:100:birthday:m-today:2026:email",
+            "redemption-ready:m-today:100:birthday:m-today:2026:sms"
+        ]
+    );
+    // Scanned again that day: nothing more.
+    move_clock(&[&worker], t("2026-11-22T08:00:00Z")).await;
+    assert_eq!(keys(&app, "redemption-ready").await.len(), 2);
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn abandoned_carts_fire_an_hour_after_the_last_update_unless_checked_out() {
     let t0 = t("2026-11-22T10:00:00Z");
     let env = scheduled_env(t0, &[]);

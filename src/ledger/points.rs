@@ -116,7 +116,9 @@ impl Points {
     /// Points available to spend: what is left of the lots. Lots that lapsed count until
     /// `expire` removes them, so callers expire first (the ledger does, before every event).
     pub fn balance(&self) -> i64 {
-        self.lots.iter().map(|l| l.remaining).sum()
+        self.lots
+            .iter()
+            .fold(0_i64, |sum, l| sum.saturating_add(l.remaining))
     }
 
     /// Qualifying points earned in the window ending at `now`.
@@ -173,7 +175,7 @@ impl Points {
         };
         let at_index = self.lots.partition_point(|l| l.earned_at <= at);
         self.lots.insert(at_index, lot);
-        self.lifetime += points;
+        self.lifetime = self.lifetime.saturating_add(points);
         let qualifying = if kind == EntryKind::Order { points } else { 0 };
         if qualifying != 0 {
             self.qualifying.push((at, qualifying));
@@ -217,7 +219,11 @@ impl Points {
         refunded_minor: i64,
         at: DateTime<Utc>,
     ) -> (Option<Entry>, OrderPoints) {
-        let refunded_total = (order.refunded_minor + refunded_minor).min(order.total_minor);
+        // Saturating: amounts are bounded when decoded, but a stored order is not re-checked.
+        let refunded_total = order
+            .refunded_minor
+            .saturating_add(refunded_minor)
+            .min(order.total_minor);
         let due = if order.total_minor == 0 {
             order.earned
         } else {
@@ -272,6 +278,26 @@ mod tests {
 
     fn remaining(p: &Points) -> Vec<i64> {
         p.lots.iter().map(|l| l.remaining).collect()
+    }
+
+    #[test]
+    fn refunds_and_sums_saturate_instead_of_overflowing() {
+        let mut p = Points::default();
+        p.earn(EntryKind::Order, i64::MAX - 5, day(0), 12);
+        p.earn(EntryKind::Order, 100, day(1), 12);
+        assert_eq!(p.balance(), i64::MAX);
+        assert_eq!(p.lifetime, i64::MAX);
+        // An order already refunded almost whole, refunded again by the most an amount holds.
+        let order = OrderPoints {
+            total_minor: i64::MAX,
+            earned: 1_000,
+            refunded_minor: i64::MAX - 1,
+            reversed: 999,
+        };
+        let (entry, updated) = p.reverse(order, i64::MAX, day(2));
+        assert_eq!(updated.refunded_minor, i64::MAX);
+        assert_eq!(updated.reversed, 1_000);
+        assert_eq!(entry.unwrap().qualifying, -1);
     }
 
     #[test]

@@ -309,16 +309,18 @@ pub async fn list(
 
 /// Which dead letters to act on: these ids, or every one matching a filter.
 pub enum Selection<'a> {
-    /// By id.
+    /// By id (replayed even when replayed before).
     Ids(&'a [i64]),
-    /// Every unarchived one matching.
+    /// Every unarchived one matching; a replay takes only those never replayed.
     Matching(&'a Filter),
+    /// Every unarchived one matching, those replayed before too (`--again`).
+    Again(&'a Filter),
 }
 
 async fn select_ids(app: &App, selection: &Selection<'_>) -> anyhow::Result<Vec<i64>> {
     Ok(match selection {
         Selection::Ids(ids) => ids.to_vec(),
-        Selection::Matching(filter) => list(app, filter, i64::MAX, None)
+        Selection::Matching(filter) | Selection::Again(filter) => list(app, filter, i64::MAX, None)
             .await?
             .into_iter()
             .map(|d| d.id)
@@ -326,57 +328,113 @@ async fn select_ids(app: &App, selection: &Selection<'_>) -> anyhow::Result<Vec<
     })
 }
 
+/// Dead letters replayed per page: a replay of a million letters holds a page in memory and
+/// marks each page replayed as soon as the broker confirmed it.
+const REPLAY_PAGE: i64 = 500;
+
 /// Republishes dead letters to the exchange as the platform publishes events (routing key:
 /// the event's type; the stored routing key for a body without one), their bodies as they
 /// came and without their headers (so with a fresh retry count and no dead-lettering
-/// history), and records who replayed them. Returns how many.
+/// history), a page at a time, and records who replayed them. A selection by filter (`--all`)
+/// skips letters replayed before: a second replay needs their ids, or `Again`. Either way an
+/// event the inbox has seen is not applied again (retention keeps the inbox rows of
+/// dead-lettered events). Returns how many were republished.
 pub async fn replay(app: &App, selection: Selection<'_>, by: &str) -> anyhow::Result<u64> {
-    let ids = select_ids(app, &selection).await?;
-    if ids.is_empty() {
+    let (ids, filter, again) = match selection {
+        Selection::Ids(ids) => (Some(ids), Filter::default(), true),
+        Selection::Matching(filter) => (None, filter.clone(), false),
+        Selection::Again(filter) => (None, filter.clone(), true),
+    };
+    if ids.is_some_and(<[i64]>::is_empty) {
         return Ok(0);
     }
-    let rows = sqlx::query(
-        "select id, coalesce(event_type, routing_key) as routing_key, body from dead_letters
-         where id = any($1) order by id",
-    )
-    .bind(&ids)
-    .fetch_all(&app.pool)
-    .await?;
-    let connection = crate::ingest::connect(&app.settings.amqp_url, "lifecycle-replay").await?;
-    let publisher = Publisher::open(&connection).await?;
-    let mut replayed = Vec::new();
-    for row in rows {
-        let id: i64 = row.get("id");
-        let routing_key: String = row.get("routing_key");
-        let body: Vec<u8> = row.get("body");
-        let properties = lapin::BasicProperties::default()
-            .with_content_type("application/cloudevents+json".into());
-        let confirm = publisher
-            .publish_raw(
-                &app.settings.exchange,
-                &routing_key,
-                &body,
-                &properties,
-                FieldTable::default(),
-            )
-            .await;
-        Publisher::confirmed(confirm)
-            .await
-            .with_context(|| format!("replaying dead letter {id}"))?;
-        replayed.push(id);
+    let mut connection = None;
+    let mut publisher = None;
+    let mut after = 0_i64;
+    let mut replayed_total = 0_u64;
+    loop {
+        let rows = sqlx::query(
+            "select id, coalesce(event_type, routing_key) as routing_key, body from dead_letters
+             where ($1::bigint[] is null or id = any($1))
+               and ($2::text is null or reason ilike '%' || $2 || '%')
+               and ($3::text is null or event_type = $3)
+               and ($4::timestamptz is null or dead_lettered_at >= $4)
+               and ($5::timestamptz is null or dead_lettered_at < $5)
+               and ($1::bigint[] is not null or $6 or archived_at is null)
+               and ($7 or replays = 0)
+               and id > $8
+             order by id limit $9",
+        )
+        .bind(ids)
+        .bind(&filter.reason)
+        .bind(&filter.event_type)
+        .bind(filter.since)
+        .bind(filter.until)
+        .bind(filter.archived)
+        .bind(again)
+        .bind(after)
+        .bind(REPLAY_PAGE)
+        .fetch_all(&app.pool)
+        .await
+        .context("reading dead letters to replay")?;
+        if rows.is_empty() {
+            break;
+        }
+        if publisher.is_none() {
+            let opened = crate::ingest::connect(&app.settings.amqp_url, "lifecycle-replay").await?;
+            publisher = Some(Publisher::open(&opened).await?);
+            connection = Some(opened);
+        }
+        let channel = publisher.as_ref().expect("opened above");
+        // The page is published, then its confirms awaited: one round trip a page.
+        let mut confirms = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let routing_key: String = row.get("routing_key");
+            let body: &[u8] = row.get("body");
+            let properties = lapin::BasicProperties::default()
+                .with_content_type("application/cloudevents+json".into());
+            let confirm = channel
+                .publish_raw(
+                    &app.settings.exchange,
+                    &routing_key,
+                    body,
+                    &properties,
+                    FieldTable::default(),
+                )
+                .await;
+            confirms.push((row.get::<i64, _>("id"), confirm));
+        }
+        let mut replayed = Vec::with_capacity(rows.len());
+        for (id, confirm) in confirms {
+            Publisher::confirmed(confirm)
+                .await
+                .with_context(|| format!("replaying dead letter {id}"))?;
+            replayed.push(id);
+        }
+        sqlx::query(
+            "update dead_letters set replays = replays + 1, replayed_at = now(), replayed_by = $2
+             where id = any($1)",
+        )
+        .bind(&replayed)
+        .bind(by)
+        .execute(&app.pool)
+        .await?;
+        replayed_total += replayed.len() as u64;
+        after = *replayed.last().expect("a page of rows");
+        if (rows.len() as i64) < REPLAY_PAGE {
+            break;
+        }
     }
-    publisher.close().await;
-    crate::ingest::bounded(connection.close(200, "bye".into())).await;
-    sqlx::query(
-        "update dead_letters set replays = replays + 1, replayed_at = now(), replayed_by = $2
-         where id = any($1)",
-    )
-    .bind(&replayed)
-    .bind(by)
-    .execute(&app.pool)
-    .await?;
-    info!(n = replayed.len(), by, "Dead letters replayed.");
-    Ok(replayed.len() as u64)
+    if let Some(publisher) = publisher {
+        publisher.close().await;
+    }
+    if let Some(connection) = connection {
+        crate::ingest::bounded(connection.close(200, "bye".into())).await;
+    }
+    if replayed_total > 0 {
+        info!(n = replayed_total, by, "Dead letters replayed.");
+    }
+    Ok(replayed_total)
 }
 
 /// Archives dead letters (they leave the default list). Returns how many.

@@ -5,34 +5,14 @@
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::Value;
 use sqlx::Row;
 
 use crate::app::App;
 use crate::domain::{Email, Phone};
 
-/// Which messages.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, utoipa::IntoParams, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Filter {
-    /// One member's.
-    pub member_id: Option<String>,
-    /// One trigger's (`welcome` …).
-    pub trigger: Option<String>,
-    /// `email` or `sms`.
-    pub channel: Option<String>,
-    /// `pending`, `sending`, `sent`, `suppressed`, `cancelled`, `failed`.
-    pub status: Option<String>,
-    /// The provider that took it, or was tried last.
-    pub provider: Option<String>,
-    /// Planned at or after.
-    pub since: Option<DateTime<Utc>>,
-    /// Planned before.
-    pub until: Option<DateTime<Utc>>,
-    /// Test sends only (`true`) or none of them (`false`).
-    pub test: Option<bool>,
-}
+pub use crate::outbox::Filter;
 
 /// A message in a list.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -140,46 +120,20 @@ pub async fn search(
     before: Option<i64>,
     reveal: bool,
 ) -> anyhow::Result<Vec<Message>> {
-    let rows = sqlx::query(&format!(
+    let sql = format!(
         "select {COLUMNS} from messages
-         where ($1::text is null or member_id = $1)
-           and ($2::text is null or trigger = $2)
-           and ($3::text is null or channel = $3)
-           and ($4::text is null or status = $4)
-           and ($5::text is null or provider = $5)
-           and ($6::timestamptz is null or created_at >= $6)
-           and ($7::timestamptz is null or created_at < $7)
-           and ($8::bool is null or test = $8)
-           and ($9::bigint is null or id < $9)
-         order by id desc limit $10"
-    ))
-    .bind(&filter.member_id)
-    .bind(&filter.trigger)
-    .bind(&filter.channel)
-    .bind(&filter.status)
-    .bind(&filter.provider)
-    .bind(filter.since)
-    .bind(filter.until)
-    .bind(filter.test)
-    .bind(before)
-    .bind(limit)
-    .fetch_all(&app.pool)
-    .await
-    .context("searching messages")?;
+         where {} and ($9::bigint is null or id < $9)
+         order by id desc limit $10",
+        crate::outbox::FILTERED
+    );
+    let rows = filter
+        .bind(sqlx::query(&sql))
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&app.pool)
+        .await
+        .context("searching messages")?;
     Ok(rows.iter().map(|r| message(r, reveal)).collect())
-}
-
-/// The ids of the failed messages matching `filter`.
-pub async fn failed_ids(app: &App, filter: &Filter) -> anyhow::Result<Vec<i64>> {
-    let filter = Filter {
-        status: Some("failed".into()),
-        ..filter.clone()
-    };
-    Ok(search(app, &filter, i64::MAX, None, true)
-        .await?
-        .into_iter()
-        .map(|m| m.id)
-        .collect())
 }
 
 /// One message, its attempts and its content; `None` when there is no such message.

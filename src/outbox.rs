@@ -9,6 +9,7 @@
 //! result was never recorded): the new claim records that earlier attempt as `unsure`, so
 //! every possible duplicate is on record.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -52,6 +53,9 @@ pub struct Claimed {
     /// The template version it renders with, once fixed (a test send's from the start; any
     /// other's at its first render).
     pub template_version: Option<i32>,
+    /// The locale of that version's pair (none for a test send, whose locale is
+    /// `test_locale`, and for messages pinned before it was recorded).
+    pub template_locale: Option<String>,
     /// A test send's locale (it may be sent to no member).
     pub test_locale: Option<String>,
     /// A test send's explicit recipient (an address or number), instead of the member's.
@@ -85,8 +89,8 @@ pub struct Settled {
     pub sent_at: Option<DateTime<Utc>>,
     /// Every provider call of this claim.
     pub attempts: Vec<Attempt>,
-    /// The template version it was rendered with.
-    pub template_version: Option<i32>,
+    /// The template version it was rendered with, and the locale of that version's pair.
+    pub template: Option<(i32, String)>,
 }
 
 impl Settled {
@@ -103,7 +107,7 @@ impl Settled {
             uncounted: false,
             sent_at: None,
             attempts: Vec::new(),
-            template_version: None,
+            template: None,
         }
     }
 }
@@ -163,7 +167,8 @@ pub const CLAIM: &str = "with due as (
                   and s.address = coalesce(m.test_to,
                       case m.channel when 'email' then mem.email else mem.phone end)
                ) as suppressed,
-               m.test, m.template_version, m.test_locale, m.test_to, m.created_at";
+               m.test, m.template_version, m.template_locale, m.test_locale, m.test_to,
+               m.created_at";
 
 /// Claims up to `limit` messages due by `now` for `owner`, for `lease`. Messages whose
 /// earlier claim lapsed are claimed too, and that lost claim is recorded as an unsure attempt.
@@ -203,6 +208,7 @@ pub async fn claim(
             suppressed: r.get("suppressed"),
             test: r.get("test"),
             template_version: r.get("template_version"),
+            template_locale: r.get("template_locale"),
             test_locale: r.get("test_locale"),
             test_to: r.get("test_to"),
             created_at: r.get("created_at"),
@@ -238,12 +244,23 @@ pub async fn record(pool: &PgPool, owner: &str, settled: &[Settled]) -> anyhow::
     let statuses: Vec<&str> = settled.iter().map(|s| s.status).collect();
     let recipients: Vec<Option<&str>> = settled.iter().map(|s| s.recipient.as_deref()).collect();
     let providers: Vec<Option<&str>> = settled.iter().map(|s| s.provider.as_deref()).collect();
-    let refs: Vec<Option<&str>> = settled.iter().map(|s| s.provider_ref.as_deref()).collect();
-    let errors: Vec<Option<&str>> = settled.iter().map(|s| s.error.as_deref()).collect();
+    // PostgreSQL's text refuses NUL: whatever slipped past the cleaning of partners' replies
+    // must not make the whole write fail.
+    let refs: Vec<Option<Cow<str>>> = settled.iter().map(|s| storable(&s.provider_ref)).collect();
+    let refs: Vec<Option<&str>> = refs.iter().map(Option::as_deref).collect();
+    let errors: Vec<Option<Cow<str>>> = settled.iter().map(|s| storable(&s.error)).collect();
+    let errors: Vec<Option<&str>> = errors.iter().map(Option::as_deref).collect();
+    let locales: Vec<Option<&str>> = settled
+        .iter()
+        .map(|s| s.template.as_ref().map(|(_, locale)| locale.as_str()))
+        .collect();
     let retry_at: Vec<Option<DateTime<Utc>>> = settled.iter().map(|s| s.retry_at).collect();
     let uncounted: Vec<bool> = settled.iter().map(|s| s.uncounted).collect();
     let sent_at: Vec<Option<DateTime<Utc>>> = settled.iter().map(|s| s.sent_at).collect();
-    let versions: Vec<Option<i32>> = settled.iter().map(|s| s.template_version).collect();
+    let versions: Vec<Option<i32>> = settled
+        .iter()
+        .map(|s| s.template.as_ref().map(|(version, _)| *version))
+        .collect();
     let updated: Vec<i64> = sqlx::query_scalar(
         "update messages m
          set status = r.status, claimed_until = null, claimed_by = null,
@@ -252,12 +269,13 @@ pub async fn record(pool: &PgPool, owner: &str, settled: &[Settled]) -> anyhow::
              due_at = coalesce(r.retry_at, m.due_at),
              attempts = m.attempts - case when r.uncounted then 1 else 0 end,
              sent_at = coalesce(r.sent_at, m.sent_at),
-             template_version = coalesce(m.template_version, r.version),
+             template_version = coalesce(r.version, m.template_version),
+             template_locale = coalesce(r.locale, m.template_locale),
              finished_at = case when r.status = 'pending' then null else now() end
          from unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                     $7::timestamptz[], $8::bool[], $9::timestamptz[], $11::int[])
+                     $7::timestamptz[], $8::bool[], $9::timestamptz[], $11::int[], $12::text[])
               as r(id, status, recipient, provider, ref, error, retry_at, uncounted, sent_at,
-                   version)
+                   version, locale)
          where m.id = r.id and m.status = 'sending' and m.claimed_by = $10
          returning m.id",
     )
@@ -272,6 +290,7 @@ pub async fn record(pool: &PgPool, owner: &str, settled: &[Settled]) -> anyhow::
     .bind(&sent_at)
     .bind(owner)
     .bind(&versions)
+    .bind(&locales)
     .fetch_all(&mut *tx)
     .await
     .context("recording message states")?;
@@ -285,7 +304,9 @@ pub async fn record(pool: &PgPool, owner: &str, settled: &[Settled]) -> anyhow::
         let message_ids: Vec<i64> = attempts.iter().map(|(id, _)| *id).collect();
         let names: Vec<&str> = attempts.iter().map(|(_, a)| a.provider).collect();
         let outcomes: Vec<&str> = attempts.iter().map(|(_, a)| a.outcome).collect();
-        let errors: Vec<Option<&str>> = attempts.iter().map(|(_, a)| a.error.as_deref()).collect();
+        let errors: Vec<Option<Cow<str>>> =
+            attempts.iter().map(|(_, a)| storable(&a.error)).collect();
+        let errors: Vec<Option<&str>> = errors.iter().map(Option::as_deref).collect();
         let latencies: Vec<i32> = attempts
             .iter()
             .map(|(_, a)| a.latency.as_millis().min(i32::MAX as u128) as i32)
@@ -310,6 +331,17 @@ pub async fn record(pool: &PgPool, owner: &str, settled: &[Settled]) -> anyhow::
     tx.commit().await?;
     let updated: std::collections::HashSet<i64> = updated.into_iter().collect();
     Ok(ids.into_iter().filter(|id| !updated.contains(id)).collect())
+}
+
+/// `text` as PostgreSQL's `text` takes it: without NUL characters.
+fn storable(text: &Option<String>) -> Option<Cow<'_, str>> {
+    text.as_deref().map(|t| {
+        if t.contains('\0') {
+            Cow::Owned(t.replace('\0', ""))
+        } else {
+            Cow::Borrowed(t)
+        }
+    })
 }
 
 /// Takes the marketing cap of (member, channel) for message `id` until `until`, if it is free
@@ -367,23 +399,126 @@ pub async fn release_cap(pool: &PgPool, id: i64, now: DateTime<Utc>) -> anyhow::
     Ok(())
 }
 
-/// Puts failed messages back in the queue (ops, after fixing what made them fail): those of
-/// `ids`, or every failed one when `ids` is `None`. They are due at `now` with their attempts
-/// counted afresh; the earlier attempts stay recorded. Returns how many.
+/// Which messages a search or a bulk retry is about; every field left out matches all.
+#[derive(
+    Debug,
+    Clone,
+    Default,
+    serde::Deserialize,
+    serde::Serialize,
+    utoipa::IntoParams,
+    utoipa::ToSchema,
+)]
+#[serde(deny_unknown_fields)]
+pub struct Filter {
+    /// One member's.
+    pub member_id: Option<String>,
+    /// One trigger's (`welcome` …).
+    pub trigger: Option<String>,
+    /// `email` or `sms`.
+    pub channel: Option<String>,
+    /// `pending`, `sending`, `sent`, `suppressed`, `cancelled`, `failed`.
+    pub status: Option<String>,
+    /// The provider that took it, or was tried last.
+    pub provider: Option<String>,
+    /// Planned at or after.
+    pub since: Option<DateTime<Utc>>,
+    /// Planned before.
+    pub until: Option<DateTime<Utc>>,
+    /// Test sends only (`true`) or none of them (`false`).
+    pub test: Option<bool>,
+}
+
+/// The `where` clause of `Filter` over `messages`, its values bound as `$1` to `$8` in the
+/// order of `Filter::bind`.
+pub const FILTERED: &str = "($1::text is null or member_id = $1)
+           and ($2::text is null or trigger = $2)
+           and ($3::text is null or channel = $3)
+           and ($4::text is null or status = $4)
+           and ($5::text is null or provider = $5)
+           and ($6::timestamptz is null or created_at >= $6)
+           and ($7::timestamptz is null or created_at < $7)
+           and ($8::bool is null or test = $8)";
+
+impl Filter {
+    /// Binds the filter's values to a statement using `FILTERED` (as `$1` to `$8`).
+    pub fn bind<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.member_id)
+            .bind(&self.trigger)
+            .bind(&self.channel)
+            .bind(&self.status)
+            .bind(&self.provider)
+            .bind(self.since)
+            .bind(self.until)
+            .bind(self.test)
+    }
+}
+
+/// Which failed messages to put back in the queue.
+pub enum Requeue<'a> {
+    /// These (those of them that are failed).
+    Ids(&'a [i64]),
+    /// Every failed one matching.
+    Matching(&'a Filter),
+}
+
+/// Failed messages requeued per statement: a million failures go back in a thousand short
+/// transactions, never in one long one, and no list of them is held in memory.
+pub const RETRY_PAGE: i64 = 1_000;
+
+/// Puts failed messages back in the queue (ops, after fixing what made them fail), a page at a
+/// time. They are due at `now` with their attempts counted afresh; the earlier attempts stay
+/// recorded. A retried message renders with the version published for its pair when it goes
+/// (its pin is dropped: the failure may have been the template's); a test send keeps the
+/// version it was asked for. Returns how many.
 pub async fn retry_failed(
     pool: &PgPool,
-    ids: Option<&[i64]>,
+    which: Requeue<'_>,
     now: DateTime<Utc>,
 ) -> anyhow::Result<u64> {
-    let done = sqlx::query(
-        "update messages set status = 'pending', due_at = $2, attempts = 0, finished_at = null,
-                claimed_until = null, claimed_by = null
-         where status = 'failed' and ($1::bigint[] is null or id = any($1))",
-    )
-    .bind(ids)
-    .bind(now)
-    .execute(pool)
-    .await
-    .context("requeueing failed messages")?;
-    Ok(done.rows_affected())
+    let (ids, filter) = match which {
+        Requeue::Ids(ids) => (Some(ids), Filter::default()),
+        Requeue::Matching(filter) => (None, filter.clone()),
+    };
+    let sql = format!(
+        "with page as (
+             select id from messages
+             where status = 'failed' and {FILTERED}
+               and ($9::bigint[] is null or id = any($9)) and id > $10
+             order by id limit $11
+             for update skip locked
+         )
+         update messages m
+         set status = 'pending', due_at = $12, attempts = 0, finished_at = null,
+             claimed_until = null, claimed_by = null,
+             template_version = case when m.test then m.template_version end,
+             template_locale = case when m.test then m.template_locale end
+         from page where m.id = page.id
+         returning m.id"
+    );
+    let mut after = 0_i64;
+    let mut requeued = 0_u64;
+    loop {
+        let page: Vec<i64> = filter
+            .bind(sqlx::query(&sql))
+            .bind(ids)
+            .bind(after)
+            .bind(RETRY_PAGE)
+            .bind(now)
+            .fetch_all(pool)
+            .await
+            .context("requeueing failed messages")?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        requeued += page.len() as u64;
+        match page.iter().max() {
+            Some(last) if page.len() as i64 == RETRY_PAGE => after = *last,
+            _ => return Ok(requeued),
+        }
+    }
 }

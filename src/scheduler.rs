@@ -368,9 +368,13 @@ async fn prune(app: &App) -> anyhow::Result<()> {
         (
             "inbox",
             r.inbox_days,
+            // An event that was also dead-lettered keeps its row: a replay of its letter,
+            // however late, must find it applied.
             "delete from inbox where event_id in (
-                 select event_id from inbox
-                 where applied_at < now() - make_interval(days => $1) limit $2)",
+                 select i.event_id from inbox i
+                 where i.applied_at < now() - make_interval(days => $1)
+                   and not exists (select 1 from dead_letters d where d.event_id = i.event_id)
+                 limit $2)",
         ),
         (
             "attempts",
@@ -439,6 +443,7 @@ fn change(
         }),
         Job::Birthday => {
             let year = triggers::birthday_due(&member.member, program, now)?;
+            let was = member.points.balance();
             let entries = member
                 .points
                 .earn(
@@ -450,8 +455,11 @@ fn change(
                 .into_iter()
                 .collect();
             let key = format!("birthday:{}:{year}", member.member.member_id);
+            // The bonus may reach a reward: that is redemption-ready as any event's would be.
+            let mut planned = triggers::birthday(member, year, program, now);
+            planned.extend(triggers::crossed(was, member, &key, program, now));
             Some(ScanChange {
-                planned: triggers::birthday(member, year, program, now),
+                planned,
                 cause: key.clone(),
                 once: Some(key),
                 entries,

@@ -33,9 +33,14 @@ pub struct Catalog {
     pub templates: Arc<Templates>,
     /// The published version of each (trigger, locale) that has one above 0.
     versions: HashMap<(Trigger, String), i32>,
-    /// The publish sequence this catalog was built at.
-    seq: i64,
+    /// The heads this catalog was built from: (trigger, locale, version, seq) of every row of
+    /// `template_heads`, sorted. A reload compares them all, not just the highest `seq`: two
+    /// publishes that commit out of sequence order leave the highest unchanged.
+    heads: Vec<Head>,
 }
+
+/// A row of `template_heads`: (trigger, locale, version, seq).
+type Head = (String, String, i32, i64);
 
 impl Catalog {
     /// The version in force for a (trigger, resolved locale).
@@ -79,7 +84,7 @@ pub struct Pair {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The version does not validate.
-    #[error("the template does not validate")]
+    #[error("the template does not validate: {}", describe(.0))]
     Invalid(Vec<FileError>),
     /// No such version.
     #[error("{0}")]
@@ -87,6 +92,19 @@ pub enum StoreError {
     /// The database failed.
     #[error(transparent)]
     Database(#[from] anyhow::Error),
+}
+
+/// File errors on one line: `sms.hbs line 2: …; email.mjml.hbs: …`.
+fn describe(errors: &[FileError]) -> String {
+    errors
+        .iter()
+        .map(|e| match (e.file.as_str(), e.line) {
+            ("", _) => e.message.clone(),
+            (file, Some(line)) => format!("{file} line {line}: {}", e.message),
+            (file, None) => format!("{file}: {}", e.message),
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -104,6 +122,26 @@ pub struct TemplateStore {
     compiled: Mutex<HashMap<(Trigger, String, i32), Arc<Templates>>>,
 }
 
+/// The channel a publish is announced on (`NOTIFY`), so that every replica reloads at once.
+const PUBLISHED_CHANNEL: &str = "lifecycle_templates";
+
+/// A connection listening for publishes, or None (logged) when it cannot be had now.
+async fn listen(pool: &PgPool) -> Option<sqlx::postgres::PgListener> {
+    let attempt = async {
+        let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+        listener.listen(PUBLISHED_CHANNEL).await?;
+        Ok::<_, sqlx::Error>(listener)
+    };
+    match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+        Ok(Ok(listener)) => Some(listener),
+        Ok(Err(error)) => {
+            warn!(%error, "Listening for template publishes failed; polling meanwhile.");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
 /// Compiled versions kept besides the catalog; more are dropped (and compiled again if asked).
 const COMPILED_KEPT: usize = 64;
 
@@ -115,7 +153,7 @@ impl TemplateStore {
             current: RwLock::new(Arc::new(Catalog {
                 templates: base.clone(),
                 versions: HashMap::new(),
-                seq: -1,
+                heads: vec![("(none loaded)".into(), String::new(), -1, -1)],
             })),
             compiled: Mutex::new(HashMap::new()),
             base,
@@ -137,11 +175,13 @@ impl TemplateStore {
 
     /// Rebuilds the catalog when a publish happened since it was built.
     pub async fn reload(&self) -> anyhow::Result<bool> {
-        let seq: i64 = sqlx::query_scalar("select coalesce(max(seq), 0) from template_heads")
-            .fetch_one(&self.pool)
-            .await
-            .context("reading the template publish sequence")?;
-        if seq == self.current().seq {
+        let heads: Vec<Head> = sqlx::query_as(
+            "select trigger, locale, version, seq from template_heads order by trigger, locale",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .context("reading the published template versions")?;
+        if heads == self.current().heads {
             return Ok(false);
         }
         let rows = sqlx::query(
@@ -179,19 +219,39 @@ impl TemplateStore {
                 ),
             }
         }
-        info!(seq, published = versions.len(), "Templates loaded.");
+        info!(published = versions.len(), "Templates loaded.");
         *self.current.write().expect("catalog lock") = Arc::new(Catalog {
             templates: Arc::new(templates),
             versions,
-            seq,
+            heads,
         });
         Ok(true)
     }
 
-    /// Reloads every second until shutdown; a failure is logged and tried again.
+    /// Reloads when a publish is announced (`NOTIFY lifecycle_templates`), and every second in
+    /// any case (a notification is lost while the listening connection is down), until
+    /// shutdown; a failure is logged and tried again.
     pub async fn watch(self: Arc<Self>, shutdown: Shutdown) -> anyhow::Result<()> {
+        let mut listener: Option<sqlx::postgres::PgListener> = None;
         loop {
-            shutdown.sleep(Duration::from_secs(1)).await;
+            if listener.is_none() {
+                listener = listen(&self.pool).await;
+            }
+            let announced = async {
+                match listener.as_mut() {
+                    Some(l) => l.try_recv().await.map(|n| n.is_some()).unwrap_or(false),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                heard = announced => {
+                    // A lost connection ends the wait too: listen again next time round.
+                    if !heard {
+                        listener = None;
+                    }
+                }
+                _ = shutdown.sleep(Duration::from_secs(1)) => {}
+            }
             if shutdown.is_triggered() {
                 return Ok(());
             }
@@ -268,8 +328,13 @@ impl TemplateStore {
                 trigger.as_str()
             ))
         })?;
-        serde_json::from_value(files)
-            .map_err(|e| StoreError::Database(anyhow::anyhow!("stored template files: {e}")))
+        serde_json::from_value(files).map_err(|e| {
+            StoreError::Invalid(vec![FileError {
+                file: String::new(),
+                line: None,
+                message: format!("the stored files are not a map of file names to text: {e}"),
+            }])
+        })
     }
 
     /// The published version of (trigger, locale) as stored (not as this replica last
@@ -509,6 +574,11 @@ impl TemplateStore {
         .bind(by)
         .execute(&mut *tx)
         .await?;
+        sqlx::query("select pg_notify($1, $2)")
+            .bind(PUBLISHED_CHANNEL)
+            .bind(format!("{}/{locale}", trigger.as_str()))
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         info!(
             trigger = trigger.as_str(),

@@ -527,9 +527,13 @@ async fn ops_can_retry_a_failed_message() {
     assert_eq!(message(&app, "m-ops").await.0, "failed");
     // The sender is fixed at SendGrid; ops put the message back.
     fake.set_fallback(Reply::new(202, "").header("X-Message-Id", "sg-ok"));
-    let n = lifecycle::dispatch::retry_failed(&app.pool, None, app.clock.now())
-        .await
-        .unwrap();
+    let n = lifecycle::outbox::retry_failed(
+        &app.pool,
+        lifecycle::outbox::Requeue::Matching(&Default::default()),
+        app.clock.now(),
+    )
+    .await
+    .unwrap();
     assert_eq!(n, 1);
     app.outbox_ready.notify_one();
     wait_for("the retried message sent", || async {

@@ -7,6 +7,7 @@ use utoipa::ToSchema;
 
 use crate::app::App;
 use crate::http::auth::{ApiError, Authed};
+use crate::outbox::{Requeue, retry_failed};
 use crate::users::Role;
 
 /// Which failed messages to requeue: by id, or every failed one matching a filter.
@@ -40,12 +41,9 @@ pub async fn retry(
 ) -> Result<Json<Requeued>, ApiError> {
     who.require(Role::Ops)?;
     let now = app.clock.now();
-    let requeued = match (body.ids, body.filter) {
-        (Some(ids), None) => crate::outbox::retry_failed(&app.pool, Some(&ids), now).await,
-        (None, Some(filter)) => match crate::deliveries::failed_ids(&app, &filter).await {
-            Ok(ids) => crate::outbox::retry_failed(&app.pool, Some(&ids), now).await,
-            Err(e) => Err(e),
-        },
+    let requeued = match (&body.ids, &body.filter) {
+        (Some(ids), None) => retry_failed(&app.pool, Requeue::Ids(ids), now).await,
+        (None, Some(filter)) => retry_failed(&app.pool, Requeue::Matching(filter), now).await,
         _ => {
             return Err(ApiError::new(
                 axum::http::StatusCode::UNPROCESSABLE_ENTITY,

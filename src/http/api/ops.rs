@@ -193,7 +193,8 @@ pub async fn list_dead_letters(
     Ok(Json(DeadLetters { dead_letters, next }))
 }
 
-/// Which dead letters: `ids`, `all` (every unarchived one), or a `filter`.
+/// Which dead letters: `ids`, `all` (every unarchived one), or a `filter`. A replay of `all`
+/// or a `filter` skips letters replayed before, unless `again`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeadLetterSelection {
@@ -204,16 +205,26 @@ pub struct DeadLetterSelection {
     pub all: bool,
     /// Every unarchived one matching.
     pub filter: Option<dead_letters::Filter>,
+    /// With `all` or `filter`: replay those replayed before too.
+    #[serde(default)]
+    pub again: bool,
 }
 
 impl DeadLetterSelection {
     fn selection(&self) -> Result<Selection<'_>, ApiError> {
         static EVERY: std::sync::LazyLock<dead_letters::Filter> =
             std::sync::LazyLock::new(dead_letters::Filter::default);
+        let matching = |filter| {
+            if self.again {
+                Selection::Again(filter)
+            } else {
+                Selection::Matching(filter)
+            }
+        };
         match (&self.ids, self.all, &self.filter) {
             (Some(ids), false, None) => Ok(Selection::Ids(ids)),
-            (None, true, None) => Ok(Selection::Matching(&EVERY)),
-            (None, false, Some(filter)) => Ok(Selection::Matching(filter)),
+            (None, true, None) => Ok(matching(&EVERY)),
+            (None, false, Some(filter)) => Ok(matching(filter)),
             _ => Err(ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "send one of ids, all: true, or filter",

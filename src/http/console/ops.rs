@@ -18,6 +18,7 @@ use crate::dead_letters::{self, DeadLetter, Selection};
 use crate::deliveries::{self, Detail, Message, ProviderHealth};
 use crate::http::api::ops::{Member, member_view};
 use crate::http::auth::ApiError;
+use crate::outbox::Requeue;
 use crate::queues::Depth;
 use crate::triggers::Trigger;
 use crate::users::Role;
@@ -223,7 +224,7 @@ async fn retry(
     }
     let now = app.clock.now();
     if let Some(id) = form.id {
-        return match crate::outbox::retry_failed(&app.pool, Some(&[id]), now).await {
+        return match crate::outbox::retry_failed(&app.pool, Requeue::Ids(&[id]), now).await {
             Ok(n) => {
                 app.outbox_ready.notify_waiters();
                 redirect(
@@ -250,10 +251,7 @@ async fn retry(
         Ok(f) => f,
         Err(e) => return error_page(ApiError::new(StatusCode::BAD_REQUEST, e)),
     };
-    let result = match deliveries::failed_ids(&app, &filter).await {
-        Ok(ids) => crate::outbox::retry_failed(&app.pool, Some(&ids), now).await,
-        Err(e) => Err(e),
-    };
+    let result = crate::outbox::retry_failed(&app.pool, Requeue::Matching(&filter), now).await;
     match result {
         Ok(n) => {
             app.outbox_ready.notify_waiters();

@@ -13,6 +13,56 @@ pub fn text(text: &str) -> String {
     numbers(&masked)
 }
 
+/// The most characters kept of anything a provider, relay or webhook sent that is stored or
+/// logged (an error reply, a status, a message id).
+pub const PARTNER_TEXT: usize = 500;
+
+/// Text from a partner (a provider's reply, a relay's refusal), made fit to store and log:
+/// control characters (NUL, which PostgreSQL's `text` refuses, among them) become spaces,
+/// runs of whitespace one space, at most `PARTNER_TEXT` characters are kept, and addresses
+/// and numbers are masked.
+pub fn partner(text: &str) -> String {
+    self::text(&clean(text, PARTNER_TEXT))
+}
+
+/// Bytes from a partner, which need not be UTF-8, as `partner` text (invalid sequences are
+/// dropped).
+pub fn partner_bytes(bytes: &[u8]) -> String {
+    partner(&String::from_utf8_lossy(bytes).replace('\u{FFFD}', ""))
+}
+
+/// `text` on one line, without control characters, at most `max` characters (an ellipsis
+/// marks a cut): for identifiers and replies from outside that are stored but must stay as
+/// they are otherwise (a provider's message id is not masked, or it would no longer match
+/// its status callbacks).
+pub fn clean(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max * 4));
+    let mut kept = 0;
+    let mut space = false;
+    for c in text.chars() {
+        if c.is_whitespace() || c.is_control() {
+            space = !out.is_empty();
+            continue;
+        }
+        if kept == max {
+            out.push('…');
+            return out;
+        }
+        if space {
+            out.push(' ');
+            kept += 1;
+            space = false;
+            if kept == max {
+                out.push('…');
+                return out;
+            }
+        }
+        out.push(c);
+        kept += 1;
+    }
+    out
+}
+
 /// Characters that can stand in the local part or the domain of an address: RFC 5322's atext
 /// and dots, and (RFC 6532, which lettre and so `Email::parse` follow) any other non-ASCII
 /// character that is not a space or a control.
@@ -121,6 +171,21 @@ fn looks_like_a_date_or_time(run: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partner_text_loses_nul_and_control_characters_and_is_capped() {
+        assert_eq!(clean("a\u{0}b\r\n\tc  d ", 100), "a b c d");
+        assert_eq!(clean("\u{0}\u{0}", 100), "");
+        let long = "x".repeat(10_000);
+        let kept = clean(&long, 20);
+        assert_eq!(kept.chars().count(), 21);
+        assert!(kept.ends_with('…'));
+        assert_eq!(
+            partner_bytes(b"550 \xff\xfe no \x00 ada@example.com"),
+            "550 no a***@example.com"
+        );
+        assert!(partner(&"@".repeat(100_000)).chars().count() <= PARTNER_TEXT + 1);
+    }
 
     #[test]
     fn addresses_and_numbers_are_masked_wherever_they_stand() {

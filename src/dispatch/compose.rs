@@ -16,7 +16,7 @@ use crate::domain::{Channel, Email, Locale, MemberId, Phone};
 use crate::outbox::Claimed;
 use crate::render::Templates;
 use crate::suppress::Tokens;
-use crate::template_store::{Catalog, TemplateStore};
+use crate::template_store::{Catalog, StoreError, TemplateStore};
 use crate::triggers::Trigger;
 
 /// Context variables a message planned by an older version lacks.
@@ -36,13 +36,18 @@ pub(super) struct Composer {
     pub tokens: Arc<Tokens>,
 }
 
-/// A composed message, one that must not be sent, or one that cannot be (a broken template,
-/// an unknown trigger: the message fails).
+/// A composed message, one that must not be sent, one that cannot be (a broken template,
+/// an unknown trigger: the message fails), or one that cannot be now (its templates could not
+/// be loaded from the database: it is tried again later).
 pub(super) enum Composed {
     Ready(Box<Outgoing>),
     Suppressed(Cow<'static, str>),
     Broken(anyhow::Error),
+    Unavailable(anyhow::Error),
 }
+
+/// The templates a message renders with, the locale they serve it in, and their version.
+type Chosen = (Arc<Templates>, String, i32);
 
 impl Composer {
     /// Composes `claimed` on the blocking pool with the templates of `catalog` (the catalog in
@@ -54,11 +59,15 @@ impl Composer {
         &self,
         claimed: Claimed,
         catalog: &Catalog,
-    ) -> (Claimed, Composed, Option<i32>) {
+    ) -> (Claimed, Composed, Option<(i32, String)>) {
         let (templates, locale, version) = match self.templates_for(&claimed, catalog).await {
             Ok(found) => found,
-            Err(error) => return (claimed, Composed::Broken(error), None),
+            Err(StoreError::Database(error)) => {
+                return (claimed, Composed::Unavailable(error), None);
+            }
+            Err(error) => return (claimed, Composed::Broken(error.into()), None),
         };
+        let used = (version, locale.clone());
         let this = self.clone();
         let joined = tokio::task::spawn_blocking(move || {
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -73,7 +82,7 @@ impl Composer {
                     crate::app::panic_message(&*panic)
                 )),
             };
-            (claimed, composed, Some(version))
+            (claimed, composed, Some(used))
         })
         .await;
         // The closure cannot panic past catch_unwind; a join error means the runtime is
@@ -82,34 +91,41 @@ impl Composer {
     }
 
     /// The templates a message renders with, the locale they serve it in, and their version.
-    async fn templates_for(
-        &self,
-        c: &Claimed,
-        catalog: &Catalog,
-    ) -> anyhow::Result<(Arc<Templates>, String, i32)> {
+    ///
+    /// A test send renders exactly the locale and version it asked for. Any other message
+    /// renders with the version its pair was pinned to at its first render, as long as its
+    /// pair still resolves to the same locale and that version still compiles; otherwise (the
+    /// member's locale changed, a more specific locale was published meanwhile, or the version
+    /// no longer validates) with the version in force for the pair it resolves to now, which
+    /// is then recorded. A database failure while loading a version is `StoreError::Database`:
+    /// the message is tried again later, not failed.
+    async fn templates_for(&self, c: &Claimed, catalog: &Catalog) -> Result<Chosen, StoreError> {
         let trigger = Trigger::parse(&c.trigger)
-            .with_context(|| format!("unknown trigger {:?}", c.trigger))?;
-        let locale = match &c.test_locale {
-            // A test send renders the locale it was asked for, exactly.
-            Some(locale) => locale.clone(),
-            None => {
-                let asked = Locale::parse(&c.locale)?;
-                catalog.templates.resolve_locale(trigger, &asked).to_owned()
-            }
+            .ok_or_else(|| StoreError::NotFound(format!("unknown trigger {:?}", c.trigger)))?;
+        if let Some(locale) = &c.test_locale {
+            let version = c
+                .template_version
+                .unwrap_or_else(|| catalog.version(trigger, locale));
+            let templates = self.store.templates_of(trigger, locale, version).await?;
+            return Ok((templates, locale.clone(), version));
+        }
+        let asked = Locale::parse(&c.locale)
+            .map_err(|e| StoreError::NotFound(format!("the member's locale: {e}")))?;
+        let locale = catalog.templates.resolve_locale(trigger, &asked).to_owned();
+        let in_force = || {
+            let version = catalog.version(trigger, &locale);
+            Ok((catalog.templates.clone(), locale.clone(), version))
         };
-        match c.template_version {
-            Some(version) => {
-                let templates = self
-                    .store
-                    .templates_of(trigger, &locale, version)
-                    .await
-                    .with_context(|| format!("template version {version}"))?;
-                Ok((templates, locale, version))
-            }
-            None => {
-                let version = catalog.version(trigger, &locale);
-                Ok((catalog.templates.clone(), locale, version))
-            }
+        let Some(pinned) = c.template_version else {
+            return in_force();
+        };
+        if c.template_locale.as_ref().is_some_and(|pin| *pin != locale) {
+            return in_force();
+        }
+        match self.store.templates_of(trigger, &locale, pinned).await {
+            Ok(templates) => Ok((templates, locale, pinned)),
+            Err(StoreError::NotFound(_) | StoreError::Invalid(_)) => in_force(),
+            Err(error) => Err(error),
         }
     }
 

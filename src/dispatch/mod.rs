@@ -34,7 +34,6 @@ use crate::app::App;
 use crate::domain::Channel;
 use crate::ingest::Backoff;
 use crate::metrics::Metrics;
-pub use crate::outbox::retry_failed;
 use crate::outbox::{self, Attempt, Claimed, Settled};
 use crate::shutdown::Shutdown;
 use crate::template_store::Catalog;
@@ -195,9 +194,7 @@ impl Dispatcher {
         let sending = futures_util::stream::iter(claimed)
             .map(|c| async move {
                 let settled = self.settle(c, catalog).await;
-                self.recorder
-                    .record(&self.app.pool, &self.owner, settled)
-                    .await;
+                self.recorder.record(&self.app, &self.owner, settled).await;
             })
             .buffer_unordered(d.concurrency)
             .collect::<Vec<()>>();
@@ -276,10 +273,24 @@ impl Dispatcher {
     async fn decide(&self, claimed: Claimed, catalog: &Catalog) -> Settled {
         let mut settled = Settled::new(claimed.id);
         let (c, composed, version) = self.composer.compose(claimed, catalog).await;
-        settled.template_version = version;
+        settled.template = version;
         let outgoing = match composed {
             Composed::Ready(outgoing) => outgoing,
             Composed::Suppressed(reason) => return self.suppressed(settled, reason.into_owned()),
+            Composed::Unavailable(error) => {
+                // The database could not give the message's templates: a passing failure, not
+                // the message's. It waits, without counting as an attempt.
+                let error = crate::mask::text(&format!("{error:#}"));
+                warn!(
+                    message_id = c.id,
+                    error, "Templates could not be loaded; the message waits."
+                );
+                settled.status = "pending";
+                settled.uncounted = true;
+                settled.retry_at = Some(later(self.app.clock.now(), Duration::from_secs(30)));
+                settled.error = Some(format!("deferred: templates could not be loaded: {error}"));
+                return settled;
+            }
             Composed::Broken(error) => {
                 let error = crate::mask::text(&format!("{error:#}"));
                 warn!(message_id = c.id, error, "Message cannot be rendered.");
@@ -594,6 +605,15 @@ enum Outcome {
 /// Records results as they come, in group commits: a result that arrives while a write is
 /// under way goes in the next write, with every other that arrived meanwhile. Under load the
 /// writes batch themselves; when idle each result is written at once.
+///
+/// A write the database refuses for good (a constraint, a value it cannot hold) is not
+/// retried as it is: the batch is written one result at a time, and a result refused alone is
+/// written once more without its texts (its error and the provider's reference), then, should
+/// even that be refused, given up with an error logged (its claim lapses and it is sent again,
+/// with the lost claim recorded as unsure). So no one result can hold the writer. A write that
+/// fails for a passing reason (the database restarting) is retried with backoff, never
+/// dropped; past `STUCK_AFTER` the writer counts as stuck, which `/readyz` and the
+/// `lifecycle_results_writer_stuck` gauge show.
 #[derive(Default)]
 struct Recorder {
     /// Results waiting for the next write, each with its waiter.
@@ -602,10 +622,13 @@ struct Recorder {
     writing: tokio::sync::Mutex<()>,
 }
 
+/// How long the writer may go on failing before it counts as stuck.
+pub const STUCK_AFTER: Duration = Duration::from_secs(30);
+
 impl Recorder {
-    /// Records `settled` (with whatever else is waiting) and returns once it is committed.
-    /// A failed write is retried with backoff until it succeeds: a result is never dropped.
-    async fn record(&self, pool: &sqlx::PgPool, owner: &str, settled: Settled) {
+    /// Records `settled` (with whatever else is waiting) and returns once it is written (or,
+    /// refused for good, given up).
+    async fn record(&self, app: &App, owner: &str, settled: Settled) {
         let (done, mut committed) = tokio::sync::oneshot::channel();
         self.lock_waiting().push((settled, done));
         let _writer = tokio::select! {
@@ -615,28 +638,7 @@ impl Recorder {
         let batch = std::mem::take(&mut *self.lock_waiting());
         if !batch.is_empty() {
             let (results, waiters): (Vec<Settled>, Vec<_>) = batch.into_iter().unzip();
-            let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
-            loop {
-                match outbox::record(pool, owner, &results).await {
-                    Ok(lost) => {
-                        for id in lost {
-                            warn!(
-                                message_id = id,
-                                "Result recorded too late: the claim had lapsed and another dispatcher took the message."
-                            );
-                        }
-                        break;
-                    }
-                    Err(error) => {
-                        warn!(
-                            error = format!("{error:#}"),
-                            results = results.len(),
-                            "Recording results failed; retrying."
-                        );
-                        tokio::time::sleep(backoff.next()).await;
-                    }
-                }
-            }
+            Self::write(app, owner, &results).await;
             for waiter in waiters {
                 waiter.send(()).ok();
             }
@@ -645,9 +647,91 @@ impl Recorder {
         committed.await.ok();
     }
 
+    /// Writes `results` in one transaction, retrying passing failures; a refusal for good
+    /// writes them one by one.
+    async fn write(app: &App, owner: &str, results: &[Settled]) {
+        let started = Instant::now();
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+        loop {
+            match outbox::record(&app.pool, owner, results).await {
+                Ok(lost) => {
+                    warn_lost(&lost);
+                    break;
+                }
+                Err(error) if !crate::db::is_transient_error(&error) && results.len() > 1 => {
+                    warn!(
+                        error = crate::mask::text(&format!("{error:#}")),
+                        results = results.len(),
+                        "The database refused a batch of results; writing them one by one."
+                    );
+                    for result in results {
+                        Box::pin(Self::write(app, owner, std::slice::from_ref(result))).await;
+                    }
+                    break;
+                }
+                Err(error) if !crate::db::is_transient_error(&error) => {
+                    Self::write_bare(app, owner, &results[0], &error).await;
+                    break;
+                }
+                Err(error) => {
+                    let failing = started.elapsed();
+                    if failing >= STUCK_AFTER {
+                        app.health.writer_stuck(true);
+                    }
+                    warn!(
+                        error = crate::mask::text(&format!("{error:#}")),
+                        results = results.len(),
+                        failing_secs = failing.as_secs(),
+                        "Recording results failed; retrying."
+                    );
+                    tokio::time::sleep(backoff.next()).await;
+                }
+            }
+        }
+        app.health.writer_stuck(false);
+    }
+
+    /// One result the database refused for good: written once more without its texts, or
+    /// given up.
+    async fn write_bare(app: &App, owner: &str, result: &Settled, refused: &anyhow::Error) {
+        let reason = crate::mask::text(&format!("{refused:#}"));
+        warn!(
+            message_id = result.id,
+            error = reason,
+            "The database refused a result; writing it without its texts."
+        );
+        let mut bare = result.clone();
+        bare.error = Some("(the result's text could not be stored; the log has it)".into());
+        bare.provider_ref = None;
+        for attempt in &mut bare.attempts {
+            attempt.error = attempt.error.as_ref().map(|_| "(not stored)".into());
+        }
+        match outbox::record(&app.pool, owner, std::slice::from_ref(&bare)).await {
+            Ok(lost) => warn_lost(&lost),
+            Err(error) => {
+                metrics::counter!("lifecycle_results_dropped_total").increment(1);
+                tracing::error!(
+                    message_id = result.id,
+                    error = crate::mask::text(&format!("{error:#}")),
+                    "A result could not be recorded at all; its claim will lapse and the message go again."
+                );
+            }
+        }
+    }
+
     fn lock_waiting(
         &self,
     ) -> std::sync::MutexGuard<'_, Vec<(Settled, tokio::sync::oneshot::Sender<()>)>> {
         self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Logs results recorded after their claim was taken over.
+fn warn_lost(lost: &[i64]) {
+    for id in lost {
+        warn!(
+            message_id = id,
+            "Result recorded too late: the claim had lapsed and another dispatcher took the message."
+        );
     }
 }

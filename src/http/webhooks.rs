@@ -228,8 +228,7 @@ pub(super) async fn sendgrid_events(
             continue;
         };
         let reason = match kind {
-            // "blocked" is a temporary refusal; "bounce" a permanent one.
-            "bounce" if event["type"].as_str() != Some("blocked") => "bounced",
+            "bounce" if hard_bounce(event) => "bounced",
             "spamreport" => "complained (spam report)",
             "unsubscribe" | "group_unsubscribe" => "unsubscribed",
             _ => continue,
@@ -257,8 +256,54 @@ pub(super) async fn sendgrid_events(
     StatusCode::NO_CONTENT.into_response()
 }
 
+/// Whether a SendGrid `bounce` event is a hard bounce, the only kind that suppresses: not
+/// `"type": "blocked"` (a temporary refusal, often the receiver's policy), and, when SendGrid
+/// gives the receiver's enhanced status, a mailbox-level one (5.1.x, 5.2.1); without a status,
+/// a `bounce_classification` that names the address ("Invalid Address", "Mailbox
+/// Unavailable"), or, with neither, SendGrid's own word that it bounced.
+fn hard_bounce(event: &serde_json::Value) -> bool {
+    if event["type"].as_str() == Some("blocked") {
+        return false;
+    }
+    if let Some(status) = event["status"].as_str() {
+        return crate::dispatch::providers::enhanced_status(status)
+            .is_some_and(crate::dispatch::providers::mailbox_gone);
+    }
+    match event["bounce_classification"].as_str() {
+        Some(class) => matches!(class, "Invalid Address" | "Mailbox Unavailable"),
+        None => true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_hard_bounces_suppress() {
+        use serde_json::json;
+        let table = [
+            (json!({"type": "bounce", "status": "5.1.1"}), true),
+            (json!({"type": "bounce", "status": "5.2.1"}), true),
+            (
+                json!({"type": "bounce", "status": "5.7.1", "reason": "relay denied"}),
+                false,
+            ),
+            (json!({"type": "bounce", "status": "4.2.2"}), false),
+            (json!({"type": "blocked", "status": "5.1.1"}), false),
+            (
+                json!({"type": "bounce", "bounce_classification": "Invalid Address"}),
+                true,
+            ),
+            (
+                json!({"type": "bounce", "bounce_classification": "Reputation"}),
+                false,
+            ),
+            (json!({"type": "bounce"}), true),
+        ];
+        for (event, hard) in table {
+            assert_eq!(super::hard_bounce(&event), hard, "{event}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -1,11 +1,17 @@
 //! What the HTTP providers share: a client with timeouts, the classification of failures, and
 //! `Retry-After`.
 //!
-//! 2xx is accepted. 429, 5xx and timeouts are transient; other statuses are permanent. A
-//! connection that could not be made failed before the provider saw the message, so the next
-//! provider may take it; a timeout after the request went out is *unsure* (the provider may
-//! have taken it), so the message waits for a retry of the same provider rather than risk a
-//! second copy through another.
+//! 2xx is accepted. 429, 500 and a 503 that says when to come back (`Retry-After`) are
+//! transient: the provider answered that it did not take the message. 502 and 504 come from a
+//! proxy or gateway in front of the provider, which may have forwarded the request and lost
+//! the answer; a 503 without `Retry-After` may be such a gateway too; and a timeout or a
+//! connection lost after the request went out tells nothing. Those are *unsure*: the provider
+//! may have the message, so it waits for a retry of the same provider rather than risk a
+//! second copy through another. A connection that could not be made failed before the
+//! provider saw anything, so the next provider may take it. Other statuses are permanent.
+//!
+//! A provider's answer is read up to `MAX_BODY` bytes: what it says is kept (cleaned) in the
+//! message's error or reference, never more.
 
 use std::time::{Duration, SystemTime};
 
@@ -15,8 +21,9 @@ use reqwest::{RequestBuilder, StatusCode};
 use super::Failure;
 use crate::config::Settings;
 
-/// Longest provider error text kept in a message's `last_error`.
-const ERROR_TEXT: usize = 300;
+/// The most of an answer's body read: ids and error texts are short, and no provider answer
+/// may fill the memory.
+const MAX_BODY: usize = 64 * 1024;
 
 /// The client every HTTP provider uses: the send timeout on every call, a connect timeout, and
 /// an idle connection kept for every send that may be in flight (each loop's `concurrency`), so
@@ -37,19 +44,29 @@ pub fn client(settings: &Settings) -> anyhow::Result<reqwest::Client> {
 pub struct Response {
     /// Headers (a message id may be there).
     pub headers: HeaderMap,
-    /// The body as text.
+    /// The body as text: at most `MAX_BODY` bytes of it, invalid UTF-8 replaced.
     pub body: String,
 }
 
 /// Sends the request; a 2xx answer is `Ok`, anything else a classified failure.
 pub async fn send(provider: &str, request: RequestBuilder) -> Result<Response, Failure> {
-    let response = request
+    let mut response = request
         .send()
         .await
         .map_err(|e| request_failure(provider, &e))?;
     let status = response.status();
     let headers = response.headers().clone();
-    let body = response.text().await.unwrap_or_default();
+    let mut body = Vec::new();
+    // The answer is in; a body cut short changes nothing of the verdict.
+    while body.len() < MAX_BODY {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                body.extend_from_slice(&chunk[..chunk.len().min(MAX_BODY - body.len())])
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let body = String::from_utf8_lossy(&body).into_owned();
     if status.is_success() {
         return Ok(Response { headers, body });
     }
@@ -70,23 +87,30 @@ pub fn classify(
     body: &str,
     now: SystemTime,
 ) -> Failure {
-    let text = one_line(body);
+    let text = crate::mask::clean(body, crate::mask::PARTNER_TEXT);
     let message = if text.is_empty() {
         format!("{provider}: HTTP {status}")
     } else {
         format!("{provider}: HTTP {status}: {text}")
     };
-    if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
-        Failure::transient(retry_after(headers, now), message)
-    } else {
-        Failure::permanent(message)
+    let asked = retry_after(headers, now);
+    match status {
+        StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT => Failure::unsure(format!(
+            "{message} (a gateway's answer: the provider may have the message)"
+        )),
+        StatusCode::SERVICE_UNAVAILABLE if asked.is_none() => Failure::unsure(format!(
+            "{message} (no Retry-After: the provider may have the message)"
+        )),
+        StatusCode::TOO_MANY_REQUESTS => Failure::transient(asked, message),
+        _ if status.is_server_error() => Failure::transient(asked, message),
+        _ => Failure::permanent(message),
     }
 }
 
 /// A failure of the exchange itself (no answer).
 fn request_failure(provider: &str, error: &reqwest::Error) -> Failure {
     // reqwest's message names the URL, never headers, so no key reaches the error.
-    let message = format!("{provider}: {}", one_line(&error_chain(error)));
+    let message = format!("{provider}: {}", error_chain(error));
     if error.is_connect() || error.is_builder() {
         Failure::transient(None, message)
     } else {
@@ -123,19 +147,6 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// Provider text fit for a log line and `last_error`: one line, bounded.
-fn one_line(text: &str) -> String {
-    let flat: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    let flat = flat.split_whitespace().collect::<Vec<_>>().join(" ");
-    match flat.char_indices().nth(ERROR_TEXT) {
-        Some((cut, _)) => format!("{}…", &flat[..cut]),
-        None => flat,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,21 +181,42 @@ mod tests {
     fn statuses_are_classified() {
         let now = SystemTime::now();
         let none = HeaderMap::new();
+        // (status, Retry-After, the outcome recorded)
         let table = [
-            (429, false),
-            (500, false),
-            (503, false),
-            (400, true),
-            (401, true),
-            (403, true),
-            (404, true),
-            (422, true),
+            (429, None, "transient"),
+            (500, None, "transient"),
+            (503, Some("5"), "transient"),
+            // A gateway's answer, or an unavailable that does not say when to come back:
+            // the request may have reached the provider.
+            (502, None, "unsure"),
+            (504, None, "unsure"),
+            (503, None, "unsure"),
+            (502, Some("5"), "unsure"),
+            (400, None, "permanent"),
+            (401, None, "permanent"),
+            (403, None, "permanent"),
+            (404, None, "permanent"),
+            (422, None, "permanent"),
         ];
-        for (code, permanent) in table {
-            let f = classify("p", StatusCode::from_u16(code).unwrap(), &none, "", now);
-            assert_eq!(f.is_permanent(), permanent, "{code}");
-            assert!(!f.is_unsure());
+        for (code, retry, outcome) in table {
+            let h = retry.map_or_else(HeaderMap::new, headers);
+            let f = classify("p", StatusCode::from_u16(code).unwrap(), &h, "", now);
+            assert_eq!(f.outcome(), outcome, "{code} {retry:?}");
         }
+        // Whatever the body holds, the stored text is one clean, bounded line.
+        let f = classify(
+            "p",
+            StatusCode::BAD_REQUEST,
+            &none,
+            &format!("bad\u{0}id {}", "y".repeat(10_000)),
+            now,
+        );
+        assert!(!f.to_string().contains('\u{0}'));
+        assert!(
+            f.to_string().chars().count() < 700,
+            "{}",
+            f.to_string().len()
+        );
         let f = classify(
             "p",
             StatusCode::TOO_MANY_REQUESTS,

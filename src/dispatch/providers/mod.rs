@@ -22,6 +22,24 @@ pub use smtp::SmtpProvider;
 pub use twilio::TwilioProvider;
 pub use webhook::WebhookProvider;
 
+/// The enhanced status code (RFC 3463: `class.subject.detail`) a reply's text starts with.
+pub fn enhanced_status(text: &str) -> Option<(u8, u16, u16)> {
+    let code = text.split_whitespace().next()?;
+    let mut parts = code.split('.');
+    let class: u8 = parts.next()?.parse().ok()?;
+    let subject: u16 = parts.next()?.parse().ok()?;
+    let detail: u16 = parts.next()?.parse().ok()?;
+    (parts.next().is_none() && matches!(class, 2 | 4 | 5) && subject < 1000 && detail < 1000)
+        .then_some((class, subject, detail))
+}
+
+/// Whether an enhanced status says the mailbox itself is gone for good: 5.1.x (bad mailbox or
+/// address) or 5.2.1 (mailbox disabled). Only that suppresses an address; a relay's policy
+/// (5.7.x) says nothing of it.
+pub fn mailbox_gone(status: (u8, u16, u16)) -> bool {
+    matches!(status, (5, 1, _) | (5, 2, 1))
+}
+
 /// A message ready for a provider.
 #[derive(Debug, Clone)]
 pub struct Outgoing {
@@ -176,8 +194,22 @@ pub enum Content {
 /// A provider took the message.
 #[derive(Debug, Clone)]
 pub struct Accepted {
-    /// The provider's reference: its message id, the SMTP reply, or the file written.
+    /// The provider's reference: its message id, the SMTP reply, or the file written; cleaned
+    /// (`Accepted::new`), as everything a provider sends back is before it is stored.
     pub reference: String,
+}
+
+/// The longest provider reference kept.
+const MAX_REFERENCE: usize = 200;
+
+impl Accepted {
+    /// A provider's reference as it may be stored: no control characters (a NUL in a
+    /// provider's id once stopped every result from being recorded), one line, bounded.
+    pub fn new(reference: &str) -> Accepted {
+        Accepted {
+            reference: crate::mask::clean(reference, MAX_REFERENCE),
+        }
+    }
 }
 
 /// The longest a provider may make us wait (`Retry-After`): a day. Anything longer is taken
@@ -185,8 +217,8 @@ pub struct Accepted {
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// A provider did not take the message; what happens next depends on the kind. Every message
-/// is masked (`mask::text`) when the failure is made, because provider replies quote
-/// addresses and numbers, and failures go to logs and to `last_error`.
+/// is cleaned and masked (`mask::partner`) when the failure is made, because provider replies
+/// quote addresses and numbers, may hold any bytes, and go to logs and to `last_error`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failure {
     /// Will fail the same way again (SMTP 5xx, HTTP 4xx): the message fails at once.
@@ -220,21 +252,21 @@ impl Failure {
     pub fn transient(retry_after: Option<Duration>, message: impl AsRef<str>) -> Failure {
         Failure::Transient {
             retry_after: retry_after.map(|d| d.min(MAX_RETRY_AFTER)),
-            message: crate::mask::text(message.as_ref()),
+            message: crate::mask::partner(message.as_ref()),
         }
     }
 
     /// An unsure failure.
     pub fn unsure(message: impl AsRef<str>) -> Failure {
         Failure::Unsure {
-            message: crate::mask::text(message.as_ref()),
+            message: crate::mask::partner(message.as_ref()),
         }
     }
 
     /// A permanent failure.
     pub fn permanent(message: impl AsRef<str>) -> Failure {
         Failure::Permanent {
-            message: crate::mask::text(message.as_ref()),
+            message: crate::mask::partner(message.as_ref()),
             rejects_recipient: false,
         }
     }
@@ -242,7 +274,7 @@ impl Failure {
     /// A permanent refusal of the recipient's address: the address is suppressed.
     pub fn recipient_rejected(message: impl AsRef<str>) -> Failure {
         Failure::Permanent {
-            message: crate::mask::text(message.as_ref()),
+            message: crate::mask::partner(message.as_ref()),
             rejects_recipient: true,
         }
     }

@@ -81,6 +81,6 @@ impl SendgridProvider {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
             .unwrap_or_else(|| format!("lifecycle-{}", message.message_id));
-        Ok(Accepted { reference })
+        Ok(Accepted::new(&reference))
     }
 }

@@ -21,7 +21,7 @@ use lettre::transport::smtp::response::Response;
 use tokio::net::TcpStream;
 use tokio::sync::{Mutex, Semaphore};
 
-use super::{Accepted, Content, Failure, Outgoing};
+use super::{Accepted, Content, Failure, Outgoing, enhanced_status, mailbox_gone};
 use crate::config::{Settings, SmtpTls, SmtpUrl};
 
 /// An SMTP relay with pooled connections.
@@ -88,9 +88,9 @@ impl SmtpProvider {
         match result {
             Ok(response) => {
                 self.idle.lock().await.push(connection);
-                Ok(Accepted {
-                    reference: response.message().collect::<Vec<_>>().join(" "),
-                })
+                Ok(Accepted::new(
+                    &response.message().collect::<Vec<_>>().join(" "),
+                ))
             }
             Err((stage, error)) => {
                 if connection.session.has_broken() {
@@ -103,11 +103,6 @@ impl SmtpProvider {
                         Err(_) => connection.session.abort().await,
                     }
                 }
-                if stage == Stage::Rcpt && error.is_permanent() {
-                    return Err(Failure::recipient_rejected(format!(
-                        "smtp: recipient refused: {error}"
-                    )));
-                }
                 if stage == Stage::Message && error.status().is_none() {
                     // The data went out and no verdict came back (the connection dropped, timed
                     // out, or left a reply incomplete): the server may have queued the mail.
@@ -115,7 +110,7 @@ impl SmtpProvider {
                         "smtp: no answer after the mail data: {error}"
                     )));
                 }
-                Err(classify(&error))
+                Err(refusal(stage, &error))
             }
         }
     }
@@ -156,7 +151,7 @@ impl SmtpProvider {
                 .map_err(|e| unavailable(&e))?;
             AsyncSmtpConnection::connect_with_transport(Box::new(stream), &self.hello)
                 .await
-                .map_err(|e| classify(&e))?
+                .map_err(|e| refusal(Stage::Session, &e))?
         };
         let wants_tls = matches!(self.url.tls, SmtpTls::Required | SmtpTls::Opportunistic);
         if wants_tls && connection.can_starttls() {
@@ -164,7 +159,7 @@ impl SmtpProvider {
             connection
                 .starttls(tls, &self.hello)
                 .await
-                .map_err(|e| classify(&e))?;
+                .map_err(|e| refusal(Stage::Session, &e))?;
         } else if self.url.tls == SmtpTls::Required {
             return Err(Failure::transient(
                 None,
@@ -174,14 +169,14 @@ impl SmtpProvider {
         let extensions = connection
             .command(Ehlo::new(self.hello.clone()))
             .await
-            .map_err(|e| classify(&e))?;
+            .map_err(|e| refusal(Stage::Session, &e))?;
         let pipelining = offers_pipelining(&extensions);
         if let Some((user, password)) = &self.url.credentials {
             let credentials = Credentials::new(user.clone(), password.expose().to_owned());
             connection
                 .auth(&[Mechanism::Plain, Mechanism::Login], &credentials)
                 .await
-                .map_err(|e| classify(&e))?;
+                .map_err(|e| refusal(Stage::Session, &e))?;
         }
         Ok(Connection {
             session: connection,
@@ -193,6 +188,8 @@ impl SmtpProvider {
 /// Where in a mail transaction a command failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
+    /// Before any transaction: the greeting, EHLO, STARTTLS, AUTH.
+    Session,
     Mail,
     Rcpt,
     /// The `DATA` command, before any of the mail went out.
@@ -316,19 +313,135 @@ async fn transact(
     sent.map_err(|e| (Stage::Message, e))
 }
 
-/// SMTP 5xx is permanent; 4xx, timeouts and connection trouble are transient.
-fn classify(error: &lettre::transport::smtp::Error) -> Failure {
+/// What an SMTP error means for the message, the address and the relay.
+///
+/// Only a mailbox-level permanent answer to `RCPT` says the address is bad: enhanced status
+/// 5.1.x (bad mailbox, bad address, RFC 3463) or 5.2.1 (mailbox disabled). That address is
+/// suppressed. A permanent refusal of the message itself after `DATA` (5.3.x, too big; 5.6.x,
+/// its content) fails the message. Any other 5xx is the relay's refusal, not the member's:
+/// policy and relaying (5.7.x, `554 5.7.1 Relay access denied`), authentication, syntax
+/// (5.5.x), a sender refused, or a 5xx with no enhanced status at all. That is the provider
+/// failing: it counts toward its circuit breaker, the next provider is tried, the message is
+/// retried later, and nothing is suppressed (a relay misconfigured for a minute must not
+/// silence every member it was tried on). 4xx, timeouts and connection trouble are transient.
+fn refusal(stage: Stage, error: &lettre::transport::smtp::Error) -> Failure {
+    let reply = std::error::Error::source(error).map(|text| text.to_string());
+    verdict(
+        stage,
+        error.is_permanent(),
+        reply.as_deref(),
+        &error.to_string(),
+    )
+}
+
+/// `refusal` from the error's parts: whether it is a 5xx, the reply's text (which starts
+/// with the enhanced status, when the server gives one), and the error as lettre words it.
+fn verdict(stage: Stage, permanent: bool, reply: Option<&str>, error: &str) -> Failure {
     let message = format!("smtp: {error}");
-    if error.is_permanent() {
-        Failure::permanent(message)
-    } else {
-        Failure::transient(None, message)
+    if !permanent {
+        return Failure::transient(None, message);
+    }
+    let status = reply.and_then(enhanced_status);
+    match (stage, status) {
+        (Stage::Rcpt, Some(status)) if mailbox_gone(status) => {
+            Failure::recipient_rejected(format!("smtp: recipient refused: {error}"))
+        }
+        (Stage::Data | Stage::Message, Some((5, 3 | 6, _))) => Failure::permanent(message),
+        _ => Failure::transient(
+            None,
+            format!("{message} (the relay refused; not the address)"),
+        ),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_mailbox_answer_to_rcpt_rejects_the_recipient() {
+        // (stage, reply, outcome, suppresses the address)
+        let table = [
+            (
+                Stage::Rcpt,
+                "550 5.1.1 <m@example.com>: Recipient address rejected",
+                "permanent",
+                true,
+            ),
+            (
+                Stage::Rcpt,
+                "553 5.1.3 bad address syntax",
+                "permanent",
+                true,
+            ),
+            (Stage::Rcpt, "550 5.2.1 mailbox disabled", "permanent", true),
+            (
+                Stage::Rcpt,
+                "554 5.7.1 <m@example.com>: Relay access denied",
+                "transient",
+                false,
+            ),
+            (
+                Stage::Rcpt,
+                "550 5.7.1 Client host rejected: access denied",
+                "transient",
+                false,
+            ),
+            (
+                Stage::Rcpt,
+                "550 Requested action not taken",
+                "transient",
+                false,
+            ),
+            (Stage::Rcpt, "501 5.5.4 syntax", "transient", false),
+            (Stage::Rcpt, "452 4.2.2 over quota", "transient", false),
+            (
+                Stage::Mail,
+                "550 5.1.8 sender domain unknown",
+                "transient",
+                false,
+            ),
+            (
+                Stage::Session,
+                "535 5.7.8 authentication failed",
+                "transient",
+                false,
+            ),
+            (
+                Stage::Message,
+                "552 5.3.4 message too big",
+                "permanent",
+                false,
+            ),
+            (
+                Stage::Message,
+                "554 5.6.0 content rejected",
+                "permanent",
+                false,
+            ),
+            (
+                Stage::Message,
+                "554 5.7.1 spam score too high",
+                "transient",
+                false,
+            ),
+        ];
+        for (stage, reply, outcome, suppresses) in table {
+            let (code, text) = reply.split_once(' ').unwrap();
+            let failure = verdict(
+                stage,
+                code.starts_with('5'),
+                Some(text),
+                &format!("permanent error ({code}): {text}"),
+            );
+            assert_eq!(failure.outcome(), outcome, "{stage:?} {reply}");
+            assert_eq!(failure.rejects_recipient(), suppresses, "{stage:?} {reply}");
+            assert!(!failure.to_string().contains("m@example.com"), "masked");
+        }
+        assert_eq!(enhanced_status("5.1.1 x"), Some((5, 1, 1)));
+        assert_eq!(enhanced_status("5.1 x"), None);
+        assert_eq!(enhanced_status("x 5.1.1"), None);
+    }
 
     #[test]
     fn mail_data_doubles_a_period_that_starts_a_line_and_ends_with_the_dot() {

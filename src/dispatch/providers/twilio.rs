@@ -80,6 +80,6 @@ impl TwilioProvider {
             .ok()
             .and_then(|v| v["sid"].as_str().map(str::to_owned))
             .unwrap_or_else(|| "(no sid)".to_owned());
-        Ok(Accepted { reference: sid })
+        Ok(Accepted::new(&sid))
     }
 }

@@ -55,6 +55,6 @@ impl WebhookProvider {
             .ok()
             .and_then(|v| v["id"].as_str().map(str::to_owned))
             .unwrap_or_else(|| format!("lifecycle-{}", message.message_id));
-        Ok(Accepted { reference })
+        Ok(Accepted::new(&reference))
     }
 }

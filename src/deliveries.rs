@@ -139,7 +139,8 @@ pub async fn search(
 /// One message, its attempts and its content; `None` when there is no such message.
 pub async fn detail(app: &App, id: i64, reveal: bool) -> anyhow::Result<Option<Detail>> {
     let Some(row) = sqlx::query(&format!(
-        "select {COLUMNS}, context, test_locale from messages where id = $1"
+        "select {COLUMNS}, context, coalesce(test_locale, template_locale) as pinned_locale
+         from messages where id = $1"
     ))
     .bind(id)
     .fetch_optional(&app.pool)
@@ -166,8 +167,8 @@ pub async fn detail(app: &App, id: i64, reveal: bool) -> anyhow::Result<Option<D
     })
     .collect();
     let context: Value = row.get("context");
-    let test_locale: Option<String> = row.get("test_locale");
-    let content = match render(app, &message, context, test_locale).await {
+    let pinned_locale: Option<String> = row.get("pinned_locale");
+    let content = match render(app, &message, context, pinned_locale).await {
         Ok(content) => content,
         Err(e) => serde_json::json!({"error": format!("{e:#}")}),
     };
@@ -178,16 +179,17 @@ pub async fn detail(app: &App, id: i64, reveal: bool) -> anyhow::Result<Option<D
     }))
 }
 
-/// Renders a stored message as it was (or will be) sent: its version, its context.
+/// Renders a stored message as it was (or will be) sent: its version (of the locale it was
+/// rendered in), its context.
 async fn render(
     app: &App,
     m: &Message,
     mut context: Value,
-    test_locale: Option<String>,
+    pinned_locale: Option<String>,
 ) -> anyhow::Result<Value> {
     let trigger = crate::triggers::Trigger::parse(&m.trigger).context("unknown trigger")?;
     let catalog = app.templates.current();
-    let locale = match test_locale {
+    let locale = match pinned_locale.filter(|_| m.template_version.is_some() || m.test) {
         Some(l) => l,
         None => {
             let member_locale: Option<String> =
@@ -232,13 +234,19 @@ async fn render(
             .into(),
         );
     }
-    if m.channel == "email" {
-        let email = templates.render_email(trigger, &locale, &context)?;
-        Ok(serde_json::json!({"subject": email.subject, "html": email.html, "text": email.text}))
-    } else {
-        let body = templates.render_sms(trigger, &locale, &context)?;
-        Ok(serde_json::json!({"body": body}))
-    }
+    // Rendered off the async workers, within the render budget, as every render is.
+    let email = m.channel == "email";
+    app.templates
+        .for_request(move |_| {
+            if email {
+                let email = templates.render_email(trigger, &locale, &context)?;
+                Ok(serde_json::json!({"subject": email.subject, "html": email.html, "text": email.text}))
+            } else {
+                let body = templates.render_sms(trigger, &locale, &context)?;
+                Ok(serde_json::json!({"body": body}))
+            }
+        })
+        .await?
 }
 
 /// A provider's recent record.

@@ -107,6 +107,17 @@ fn describe(errors: &[FileError]) -> String {
         .join("; ")
 }
 
+impl StoreError {
+    /// A compile or render that panicked (or could not run): the version is refused, with why.
+    fn panicked(error: anyhow::Error) -> StoreError {
+        StoreError::Invalid(vec![FileError {
+            file: String::new(),
+            line: None,
+            message: format!("{error:#}"),
+        }])
+    }
+}
+
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> StoreError {
         StoreError::Database(e.into())
@@ -120,6 +131,28 @@ pub struct TemplateStore {
     base: Arc<Templates>,
     current: RwLock<Arc<Catalog>>,
     compiled: Mutex<HashMap<(Trigger, String, i32), Arc<Templates>>>,
+    /// Compiles and renders a marketer's requests make (save, publish, preview, test send,
+    /// message detail) run a few at a time, so that dispatch's renders always find threads of
+    /// the blocking pool, however many such requests come at once.
+    requests: tokio::sync::Semaphore,
+}
+
+/// A marketer's compiles and renders at once (see `TemplateStore::requests`).
+const REQUEST_RENDERS: usize = 2;
+
+/// Runs `work` (compiling, rendering: CPU work that a template makes as long as its budget
+/// allows) on the blocking pool, off the async workers that answer `/healthz`, renew claims
+/// and record results; a panic in it is an error.
+pub async fn off_workers<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(move || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).map_err(|panic| {
+            anyhow::anyhow!("rendering panicked: {}", crate::app::panic_message(&*panic))
+        })
+    })
+    .await
+    .context("the blocking pool refused the work")?
 }
 
 /// The channel a publish is announced on (`NOTIFY`), so that every replica reloads at once.
@@ -158,6 +191,7 @@ impl TemplateStore {
             compiled: Mutex::new(HashMap::new()),
             base,
             pool,
+            requests: tokio::sync::Semaphore::new(REQUEST_RENDERS),
         };
         store.reload().await?;
         Ok(store)
@@ -193,32 +227,46 @@ impl TemplateStore {
         .fetch_all(&self.pool)
         .await
         .context("loading the published templates")?;
-        let mut templates = (*self.base).clone();
-        let mut versions = HashMap::new();
-        for row in rows {
-            let name: String = row.get("trigger");
-            let locale: String = row.get("locale");
-            let version: i32 = row.get("version");
-            let Some(trigger) = Trigger::parse(&name) else {
-                continue;
-            };
-            let files: Files = serde_json::from_value(row.get("files")).unwrap_or_default();
-            match templates.overlay(trigger, &locale, &files) {
-                Ok(next) => {
-                    templates = next;
-                    versions.insert((trigger, locale), version);
+        let published: Vec<(String, String, i32, serde_json::Value)> = rows
+            .into_iter()
+            .map(|row| {
+                (
+                    row.get("trigger"),
+                    row.get("locale"),
+                    row.get("version"),
+                    row.get("files"),
+                )
+            })
+            .collect();
+        let base = self.base.clone();
+        let (templates, versions) = off_workers(move || {
+            let mut templates = (*base).clone();
+            let mut versions = HashMap::new();
+            for (name, locale, version, files) in published {
+                let Some(trigger) = Trigger::parse(&name) else {
+                    continue;
+                };
+                let files: Files = serde_json::from_value(files).unwrap_or_default();
+                match templates.overlay(trigger, &locale, &files) {
+                    Ok(next) => {
+                        templates = next;
+                        versions.insert((trigger, locale), version);
+                    }
+                    // Validated when saved; the shipped templates (or the limits) may have
+                    // changed since. The pair stays on version 0.
+                    Err(errors) => warn!(
+                        trigger = name,
+                        locale,
+                        version,
+                        ?errors,
+                        "A published template version no longer validates; using the shipped one."
+                    ),
                 }
-                // Validated when saved; the shipped templates may have changed since (a new
-                // sample variable, a partial removed). The pair stays on version 0.
-                Err(errors) => warn!(
-                    trigger = name,
-                    locale,
-                    version,
-                    ?errors,
-                    "A published template version no longer validates; using the shipped one."
-                ),
             }
-        }
+            // The published emails keep their frames in the shipped templates' cache.
+            (templates.sharing_frames(&base), versions)
+        })
+        .await?;
         info!(published = versions.len(), "Templates loaded.");
         *self.current.write().expect("catalog lock") = Arc::new(Catalog {
             templates: Arc::new(templates),
@@ -283,11 +331,16 @@ impl TemplateStore {
             return Ok(t.clone());
         }
         let files = self.files(trigger, locale, version).await?;
-        let compiled = Arc::new(
-            self.base
-                .overlay(trigger, locale, &files)
-                .map_err(StoreError::Invalid)?,
-        );
+        let base = self.base.clone();
+        let locale_owned = locale.to_owned();
+        let compiled = off_workers(move || {
+            base.overlay(trigger, &locale_owned, &files)
+                .map(|t| t.sharing_frames(&base))
+        })
+        .await
+        .map_err(StoreError::panicked)?
+        .map_err(StoreError::Invalid)?;
+        let compiled = Arc::new(compiled);
         let mut kept = self.compiled.lock().expect("compiled lock");
         if kept.len() >= COMPILED_KEPT {
             kept.clear();
@@ -475,6 +528,37 @@ impl TemplateStore {
         Ok(files)
     }
 
+    /// Runs a marketer's request's compile or render (`work`, given the shipped templates) off
+    /// the async workers, a few at a time (`REQUEST_RENDERS`).
+    pub async fn for_request<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Templates) -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let _turn = self
+            .requests
+            .acquire()
+            .await
+            .context("the template store is closed")?;
+        let base = self.base.clone();
+        off_workers(move || work(&base)).await
+    }
+
+    /// `files` over the shipped templates as (trigger, locale)'s version, validated as a
+    /// save is (`Templates::overlay`: each file compiles within its limits, the sample context
+    /// renders within the render budget), off the async workers.
+    pub async fn validate(
+        &self,
+        trigger: Trigger,
+        locale: &str,
+        files: Files,
+    ) -> Result<Templates, StoreError> {
+        let locale = locale.to_owned();
+        self.for_request(move |base| base.overlay(trigger, &locale, &files))
+            .await
+            .map_err(StoreError::panicked)?
+            .map_err(StoreError::Invalid)
+    }
+
     /// A transaction holding (trigger, locale)'s lock: saves and publishes of one pair go one
     /// at a time.
     async fn locked(
@@ -502,9 +586,7 @@ impl TemplateStore {
         files: &Files,
         author: &str,
     ) -> Result<i32, StoreError> {
-        self.base
-            .overlay(trigger, locale, files)
-            .map_err(StoreError::Invalid)?;
+        self.validate(trigger, locale, files.clone()).await?;
         let files_json = serde_json::to_value(files).expect("files serialize");
         // One saver at a time per pair: the draft's number is decided under this lock.
         let mut tx = self.locked(trigger, locale).await?;
@@ -547,9 +629,7 @@ impl TemplateStore {
     ) -> Result<(), StoreError> {
         // It must exist and still validate.
         let files = self.files(trigger, locale, version).await?;
-        self.base
-            .overlay(trigger, locale, &files)
-            .map_err(StoreError::Invalid)?;
+        self.validate(trigger, locale, files).await?;
         let mut tx = self.locked(trigger, locale).await?;
         sqlx::query(
             "update template_versions

@@ -158,7 +158,8 @@ async fn a_marketer_changes_the_korean_welcome_in_the_browser() {
     let sink = SmtpSink::start(&[]);
     let (env, base) = admin::env(&sink, &[]);
     let worker = env.start(SERVING).await;
-    let (password, _) = admin::add_user(&env, "mia", "marketer");
+    let (password, _) =
+        admin::add_user_with(&env, "mia", "marketer", &["--email", "mia@example.com"]);
     env.publish(&[korean(&env, 1)]).await;
     let old_subject = wait_for("the first welcome", || async {
         subject_to(&sink, "ko1@example.com")
@@ -424,7 +425,7 @@ async fn a_marketer_changes_the_korean_welcome_in_the_browser() {
 #[tokio::test(flavor = "multi_thread")]
 async fn ops_find_the_failed_messages_retry_them_and_open_a_member() {
     use common::fake_api::{FakeApi, Reply};
-    let fake = FakeApi::start(Reply::new(503, "maintenance")).await;
+    let fake = FakeApi::start(Reply::new(503, "maintenance").header("Retry-After", "1")).await;
     let sink = SmtpSink::start(&[]);
     let (env, base) = admin::sendgrid_env(
         &sink,

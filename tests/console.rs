@@ -280,7 +280,7 @@ async fn a_draft_is_validated_previewed_test_sent_published_and_rolled_back() {
     let worker = env.start(SERVING).await;
     let app = worker.app.clone();
     let api = Client::new(&base);
-    let (_, token) = admin::add_user(&env, "mia", "marketer");
+    let (_, token) = admin::add_user_with(&env, "mia", "marketer", &["--email", "mia@example.com"]);
     let auth = Auth::Bearer(&token);
     let ko = "/api/templates/welcome/ko";
 

@@ -181,10 +181,11 @@ async fn a_failed_record_is_retried_until_it_succeeds() {
     let env = TestEnv::with_smtp(&sink);
     let worker = planned(&env, 1).await;
     let app = worker.app.clone();
-    // Recording will fail: the database refuses every attempt row for now.
+    // Recording will fail: the database refuses every attempt row for now, with an error
+    // that may pass (a serialization failure).
     for sql in [
         "create function refuse() returns trigger language plpgsql
-         as $$ begin raise exception 'refused for the test'; end $$",
+         as $$ begin raise exception 'refused for the test' using errcode = '40001'; end $$",
         "create trigger refuse before insert on delivery_attempts
          for each row execute function refuse()",
     ] {

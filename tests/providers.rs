@@ -264,6 +264,10 @@ async fn failures_are_classified_and_retry_after_is_honoured() {
     // An HTTP date is in the provider's (real) time: five minutes from now.
     let date = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(300));
     fake.rule("m-date@", Reply::new(429, "").header("Retry-After", &date));
+    fake.rule("m-500@", Reply::new(500, "down"));
+    // A gateway's answer, or an unavailable with no word of when to come back: the request
+    // may have reached the provider.
+    fake.rule("m-502@", Reply::new(502, "bad gateway"));
     fake.rule("m-503@", Reply::new(503, "down"));
     fake.rule("m-slow@", Reply::new(202, "").after(Duration::from_secs(3)));
     // An absurd Retry-After (10^13 s, past the end of chrono's calendar) once panicked the
@@ -279,12 +283,16 @@ async fn failures_are_classified_and_retry_after_is_honoured() {
             ("LIFECYCLE_DISPATCH__RETRY_BASE_MS", "60000".into()),
             // One loop: had the absurd answer killed it, nothing after it would be sent.
             ("LIFECYCLE_DISPATCH__PIPELINES", "1".into()),
+            // Every member's answer is seen: the circuit never opens here.
+            ("LIFECYCLE_DISPATCH__BREAKER_FAILURES", "100".into()),
             ("LIFECYCLE_DISPATCH__BATCH_SIZE", "1".into()),
         ],
     );
     let worker = env.start(ALL_ROLES).await;
     let app = worker.app.clone();
-    let members = ["m-absurd", "m-400", "m-429", "m-date", "m-503", "m-slow"];
+    let members = [
+        "m-absurd", "m-400", "m-429", "m-date", "m-500", "m-502", "m-503", "m-slow",
+    ];
     let events: Vec<String> = members
         .iter()
         .enumerate()
@@ -325,15 +333,25 @@ async fn failures_are_classified_and_retry_after_is_honoured() {
         wait > chrono::Duration::seconds(290) && wait <= chrono::Duration::seconds(300),
         "{wait}"
     );
-    // 503: transient, retried after a jittered backoff (half to all of the base).
-    let (status, _, _, error, _) = message(&app, "m-503").await;
+    // 500: transient, retried after a jittered backoff (half to all of the base).
+    let (status, _, _, error, _) = message(&app, "m-500").await;
     assert_eq!(status, "pending");
-    assert!(error.unwrap().contains("HTTP 503"));
-    let wait = due("m-503").await;
+    assert!(error.unwrap().contains("HTTP 500"));
+    let wait = due("m-500").await;
     assert!(
         wait >= chrono::Duration::seconds(30) && wait <= chrono::Duration::seconds(60),
         "{wait}"
     );
+    // 502, and 503 without Retry-After: unsure, retried after the backoff too.
+    for (member, said) in [("m-502", "HTTP 502"), ("m-503", "HTTP 503")] {
+        let (status, _, _, error, _) = message(&app, member).await;
+        assert_eq!(status, "pending");
+        let error = error.unwrap();
+        assert!(
+            error.contains(said) && error.contains("may have the message"),
+            "{error}"
+        );
+    }
     // The absurd Retry-After: a day, and the loop went on to send the rest.
     let (status, ..) = message(&app, "m-absurd").await;
     assert_eq!(status, "pending");
@@ -351,12 +369,15 @@ async fn failures_are_classified_and_retry_after_is_honoured() {
     .fetch_all(&app.pool)
     .await
     .unwrap();
+    // By member: 400, 429, 500, 502, 503, absurd, date, slow.
     assert_eq!(
         outcomes,
         [
             "permanent",
             "transient",
             "transient",
+            "unsure",
+            "unsure",
             "transient",
             "transient",
             "unsure"
@@ -368,7 +389,8 @@ async fn failures_are_classified_and_retry_after_is_honoured() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_provider_fails_over_to_the_next_but_a_timeout_does_not() {
-    let fake = FakeApi::start(Reply::new(503, "maintenance")).await;
+    // Down for maintenance, and saying when to come back: it did not take the message.
+    let fake = FakeApi::start(Reply::new(503, "maintenance").header("Retry-After", "1")).await;
     fake.rule("m-slow@", Reply::new(202, "").after(Duration::from_secs(3)));
     let env = sendgrid_env(
         &fake,
@@ -416,7 +438,7 @@ async fn a_failing_provider_fails_over_to_the_next_but_a_timeout_does_not() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_breaker_skips_a_failing_provider_and_tries_it_again_later() {
-    let fake = FakeApi::start(Reply::new(503, "down")).await;
+    let fake = FakeApi::start(Reply::new(500, "down")).await;
     let env = sendgrid_env(
         &fake,
         "sendgrid,file",

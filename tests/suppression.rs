@@ -4,6 +4,9 @@
 
 mod common;
 
+use std::sync::Arc;
+
+use common::smtp_relay::{Fault, SmtpRelay};
 use common::{SmtpSink, TestEnv, count, free_port, publish_in_order, wait_for};
 use lifecycle::app::{App, Roles, Worker};
 use lifecycle::dispatch::{Dispatcher, Step};
@@ -66,9 +69,14 @@ async fn enrolled_at_smtp(
     member: &str,
     extra: &[(&str, String)],
 ) -> (TestEnv, Worker) {
+    enrolled_at(&sink.url(), member, extra).await
+}
+
+/// An enrolled member whose welcome is planned (not sent), email going to the relay at `url`.
+async fn enrolled_at(url: &str, member: &str, extra: &[(&str, String)]) -> (TestEnv, Worker) {
     let mut vars = vec![
         ("LIFECYCLE_EMAIL_PROVIDERS", "smtp".to_owned()),
-        ("LIFECYCLE_SMTP_URL", sink.url()),
+        ("LIFECYCLE_SMTP_URL", url.to_owned()),
         ("LIFECYCLE_INGEST__CONSUMERS", "1".to_owned()),
     ];
     vars.extend(extra.iter().cloned());
@@ -500,14 +508,25 @@ async fn a_sendgrid_bounce_suppresses_the_address_but_a_block_does_not() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_smtp_server_refusing_the_recipient_suppresses_the_address() {
-    // smtp-sink refuses every RCPT with a hard (5xx) error.
-    let sink = SmtpSink::start(&["-f", "RCPT"]);
-    let (env, worker) = enrolled_at_smtp(&sink, "m-550", &[]).await;
+    // The relay refuses every RCPT with a mailbox-level permanent answer (5.1.1).
+    let upstream = SmtpSink::start(&[]);
+    let sink = SmtpRelay::start_with(
+        upstream.port,
+        |_| Fault::None,
+        Arc::new(|line: &str| {
+            Some(format!(
+                "550 5.1.1 <{}>: Recipient address rejected: User unknown",
+                line.split(['<', '>']).nth(1).unwrap_or_default()
+            ))
+        }),
+    )
+    .await;
+    let (env, worker) = enrolled_at(&sink.url(), "m-550", &[]).await;
     let app = worker.app.clone();
     let tag = env.tag.clone();
     dispatch_all(&app).await;
     let first = outcomes(&app, "m-550", "email").await;
-    assert_eq!(first[0].1, "failed");
+    assert_eq!(first[0].1, "failed", "{first:?}");
     assert!(
         first[0].2.as_deref().unwrap().contains("recipient refused"),
         "{first:?}"
@@ -523,8 +542,88 @@ async fn an_smtp_server_refusing_the_recipient_suppresses_the_address() {
     dispatch_all(&app).await;
     let after = outcomes(&app, "m-550", "email").await;
     assert_eq!(after[1].1, "suppressed");
-    wait_for("nothing reached the sink", || async {
-        sink.messages().is_empty().then_some(())
+    assert!(upstream.messages().is_empty(), "nothing reached the sink");
+    assert_eq!(sink.refused_rcpts(), 1, "the second message was not tried");
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+/// A relay's policy refusal at RCPT (`554 5.7.1 Relay access denied`, `550 5.7.1 Client host
+/// rejected`, a 5xx with no mailbox code) says nothing of the address: nothing is suppressed,
+/// the next provider takes the message, and once the relay is fixed it sends again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relays_policy_refusal_suppresses_no_one_and_fails_over() {
+    let upstream = SmtpSink::start(&[]);
+    let refusing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let answer = refusing.clone();
+    let relay = SmtpRelay::start_with(
+        upstream.port,
+        |_| Fault::None,
+        Arc::new(move |line: &str| {
+            let to = line.split(['<', '>']).nth(1).unwrap_or_default().to_owned();
+            answer
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .then(|| match to.chars().nth(2) {
+                    Some('a') => format!("554 5.7.1 <{to}>: Relay access denied"),
+                    Some('b') => "550 5.7.1 Client host rejected: access denied".to_owned(),
+                    _ => "550 Requested action not taken".to_owned(),
+                })
+        }),
+    )
+    .await;
+    let vars = [
+        ("LIFECYCLE_EMAIL_PROVIDERS", "smtp,file".to_owned()),
+        ("LIFECYCLE_SMTP_URL", relay.url()),
+        ("LIFECYCLE_DISPATCH__BREAKER_FAILURES", "1000".to_owned()),
+    ];
+    let env = TestEnv::new(&vars);
+    let worker = env.start(common::INGEST_ONLY).await;
+    let app = worker.app.clone();
+    let members = ["m-a", "m-b", "m-c"];
+    let events: Vec<String> = members
+        .iter()
+        .enumerate()
+        .map(|(i, m)| enrol(format!("{}-{i}", env.tag), m, "en", true, false))
+        .collect();
+    publish_in_order(&env, &app, &events, async |_| {}).await;
+    dispatch_all(&app).await;
+    assert_eq!(relay.refused_rcpts(), 3);
+    for member in members {
+        let (_, status, error) = outcomes(&app, member, "email").await.remove(0);
+        assert_eq!(
+            status, "sent",
+            "{member}: taken by the next provider ({error:?})"
+        );
+        let tried: Vec<(String, String)> = sqlx::query_as(
+            "select a.provider, a.outcome from delivery_attempts a
+             join messages m on m.id = a.message_id where m.member_id = $1 order by a.id",
+        )
+        .bind(member)
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            tried,
+            [
+                ("smtp".to_owned(), "transient".to_owned()),
+                ("file".to_owned(), "sent".to_owned())
+            ],
+            "{member}"
+        );
+    }
+    assert_eq!(count(&app, "select count(*) from suppressions").await, 0);
+    // The relay is fixed: the next welcome goes through it.
+    refusing.store(false, std::sync::atomic::Ordering::Relaxed);
+    publish_in_order(
+        &env,
+        &app,
+        &another_message(&env.tag, 1, "m-a"),
+        async |_| {},
+    )
+    .await;
+    dispatch_all(&app).await;
+    wait_for("the mail at the sink", || async {
+        (upstream.messages().len() == 1).then_some(())
     })
     .await;
     worker.stop().await.unwrap();

@@ -103,6 +103,29 @@ impl ApiError {
         )
     }
 
+    /// An error of the layers below: a query over the statement timeout is 503 with what
+    /// happened, anything else 500, logged.
+    pub fn from_anyhow(error: anyhow::Error) -> ApiError {
+        if error
+            .chain()
+            .filter_map(|e| e.downcast_ref::<sqlx::Error>())
+            .any(timed_out)
+        {
+            ApiError::statement_timeout()
+        } else {
+            ApiError::internal(format!("{error:#}"))
+        }
+    }
+
+    /// 503: a query ran past `[http] statement_timeout_ms`.
+    fn statement_timeout() -> ApiError {
+        tracing::warn!("An API or console query ran past the statement timeout.");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the query took longer than the statement timeout ([http] statement_timeout_ms); ask for less",
+        )
+    }
+
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
         StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
@@ -124,14 +147,8 @@ impl IntoResponse for ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> ApiError {
-        if let sqlx::Error::Database(db) = &e
-            && db.code().as_deref() == Some("57014")
-        {
-            tracing::warn!("An API or console query ran past the statement timeout.");
-            return ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the query took longer than the statement timeout ([http] statement_timeout_ms); ask for less",
-            );
+        if timed_out(&e) {
+            return ApiError::statement_timeout();
         }
         ApiError::internal(e)
     }
@@ -142,9 +159,14 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::Invalid(errors) => ApiError::invalid(errors),
             StoreError::NotFound(what) => ApiError::not_found(what),
-            StoreError::Database(e) => ApiError::internal(format!("{e:#}")),
+            StoreError::Database(e) => ApiError::from_anyhow(e),
         }
     }
+}
+
+/// Whether PostgreSQL cancelled the statement for running past its timeout (57014).
+fn timed_out(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some("57014"))
 }
 
 /// An authenticated request's user; `csrf` is set when it came with the session cookie.

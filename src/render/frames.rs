@@ -30,9 +30,10 @@ use std::sync::{Arc, Mutex};
 const OPEN: &str = "Zq7vQ";
 const CLOSE: &str = "Qv7qZ";
 
-/// Frames kept at most (each is one structure of one template: an email with and without
-/// its coupon, a cart of one item or of three…). Past this, new structures go the whole way.
-const MAX_FRAMES: usize = 256;
+/// The memory the published templates' frames may take (each is one structure of one
+/// template: an email with and without its coupon, a cart of one item or of three…, about
+/// 40 KiB with its key). Past it, the frames used longest ago make room.
+pub(super) const PUBLISHED_BUDGET: usize = 32 * 1024 * 1024;
 
 thread_local! {
     /// The values printed by the render under way on this thread, while it makes a frame.
@@ -42,6 +43,7 @@ thread_local! {
 /// The HTML registry's escape function: HTML escaping, or, while [`collecting`], a numbered
 /// token standing for the value.
 pub(super) fn escape(text: &str) -> String {
+    super::budget::printed(text);
     COLLECTED.with(|collected| match collected.borrow_mut().as_mut() {
         Some(values) => {
             let token = format!("{OPEN}{}{CLOSE}", values.len());
@@ -291,28 +293,98 @@ fn push_escaped(out: &mut String, value: &str, attribute: bool) {
 
 /// The frames made so far, by the tokenized MJML of their structure. The key holds the whole
 /// structure, so templates and versions may share one cache: the same MJML makes the same
-/// HTML. A structure whose frame could not be kept is remembered as None.
-#[derive(Default)]
+/// HTML. A structure whose frame could not be kept is remembered as None. The cache holds at
+/// most `budget` bytes (keys and frames); past it, the entries used longest ago are dropped.
+/// A budget of 0 keeps nothing (renders made to validate or preview).
 pub(super) struct Frames {
-    made: Mutex<HashMap<String, Option<Arc<Frame>>>>,
+    budget: usize,
+    made: Mutex<Made>,
+}
+
+#[derive(Default)]
+struct Made {
+    /// Each structure's frame, its size in bytes, and the tick it was last used at.
+    entries: HashMap<String, (Option<Arc<Frame>>, usize, u64)>,
+    bytes: usize,
+    tick: u64,
 }
 
 impl Frames {
-    /// The frame of this structure: Some(Some) ready, Some(None) refused, None not made yet.
-    pub(super) fn get(&self, structure: &str) -> Option<Option<Arc<Frame>>> {
-        self.lock().get(structure).cloned()
-    }
-
-    /// Keeps what was made of a structure (while there is room).
-    pub(super) fn keep(&self, structure: String, frame: Option<Frame>) {
-        let mut made = self.lock();
-        if made.len() < MAX_FRAMES {
-            made.insert(structure, frame.map(Arc::new));
+    /// A cache of at most `budget` bytes.
+    pub(super) fn new(budget: usize) -> Frames {
+        Frames {
+            budget,
+            made: Mutex::new(Made::default()),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<Arc<Frame>>>> {
+    /// Whether this cache keeps frames at all.
+    pub(super) fn keeps(&self) -> bool {
+        self.budget > 0
+    }
+
+    /// The frame of this structure: Some(Some) ready, Some(None) refused, None not made yet.
+    pub(super) fn get(&self, structure: &str) -> Option<Option<Arc<Frame>>> {
+        let mut made = self.lock();
+        made.tick += 1;
+        let tick = made.tick;
+        let (frame, _, used) = made.entries.get_mut(structure)?;
+        *used = tick;
+        Some(frame.clone())
+    }
+
+    /// Keeps what was made of a structure, making room for it within the budget.
+    pub(super) fn keep(&self, structure: String, frame: Option<Frame>) {
+        let size = structure.len() + frame.as_ref().map_or(0, Frame::bytes);
+        if size > self.budget {
+            return;
+        }
+        let mut made = self.lock();
+        while made.bytes + size > self.budget {
+            let Some(oldest) = made
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, _, used))| *used)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            if let Some((_, freed, _)) = made.entries.remove(&oldest) {
+                made.bytes -= freed;
+            }
+        }
+        made.tick += 1;
+        let tick = made.tick;
+        if let Some((_, replaced, _)) = made
+            .entries
+            .insert(structure, (frame.map(Arc::new), size, tick))
+        {
+            made.bytes -= replaced;
+        }
+        made.bytes += size;
+    }
+
+    /// The bytes the cache holds.
+    #[cfg(test)]
+    pub(super) fn bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Made> {
         self.made.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Frame {
+    /// The bytes the frame's pieces take.
+    fn bytes(&self) -> usize {
+        self.pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Literal { html, json } => html.len() + json.len(),
+                Piece::Value { .. } => std::mem::size_of::<Piece>(),
+            })
+            .sum()
     }
 }
 
@@ -322,6 +394,28 @@ mod tests {
 
     fn token(i: usize) -> String {
         format!("{OPEN}{i}{CLOSE}")
+    }
+
+    #[test]
+    fn the_cache_stays_within_its_budget_and_keeps_what_is_used() {
+        let frames = Frames::new(10_000);
+        let frame = |n: usize| Frame::parse(&"x".repeat(n)).unwrap();
+        frames.keep("a".repeat(1_000), Some(frame(1_000)));
+        frames.keep("b".repeat(1_000), Some(frame(1_000)));
+        assert!(frames.get(&"a".repeat(1_000)).is_some());
+        // c does not fit beside a and b: b, used longest ago, makes room.
+        frames.keep("c".repeat(4_000), Some(frame(1_000)));
+        assert!(frames.bytes() <= 10_000, "{}", frames.bytes());
+        assert!(frames.get(&"a".repeat(1_000)).is_some());
+        assert!(frames.get(&"b".repeat(1_000)).is_none());
+        assert!(frames.get(&"c".repeat(4_000)).is_some());
+        // Nothing bigger than the whole budget is kept, and a budget of 0 keeps nothing.
+        frames.keep("d".repeat(20_000), None);
+        assert!(frames.get(&"d".repeat(20_000)).is_none());
+        let none = Frames::new(0);
+        assert!(!none.keeps());
+        none.keep("e".into(), None);
+        assert!(none.get("e").is_none());
     }
 
     #[test]

@@ -10,9 +10,10 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use handlebars::Handlebars;
+use handlebars::{Handlebars, Template};
 use serde_json::Value;
 
+pub mod budget;
 mod frames;
 pub mod helpers;
 
@@ -21,8 +22,6 @@ use crate::triggers::Trigger;
 
 /// The locale every trigger must have.
 pub const DEFAULT_LOCALE: &str = "en";
-/// Largest template file accepted.
-const MAX_TEMPLATE_BYTES: u64 = 256 * 1024;
 
 /// A rendered email.
 #[derive(Debug, Clone)]
@@ -55,9 +54,18 @@ pub struct Templates {
     available: HashSet<String>,
     /// Every source by its path under the templates' root (`welcome/ko/sms.hbs`).
     sources: std::collections::BTreeMap<String, String>,
-    /// MJML emails made into HTML once per structure (shared by clones and overlays).
+    /// What each compiled file includes: the partial graph's edges (`Graph`).
+    graph: Graph,
+    /// MJML emails made into HTML once per structure. The shipped templates and the catalog
+    /// in force share one cache (`sharing_frames`); an overlay made to validate or preview
+    /// has none, so a marketer's previews never take the room of the published emails.
     frames: std::sync::Arc<frames::Frames>,
 }
+
+/// The partial graph: what each compiled file (by name, `partials/footer`,
+/// `welcome/ko/email.mjml`) includes by a literal name, and each inline partial it defines
+/// with what that includes.
+type Graph = std::collections::BTreeMap<String, (Vec<String>, Vec<(String, Vec<String>)>)>;
 
 /// The files a (trigger, locale) may have, by name.
 pub const FILE_NAMES: [&str; 5] = [
@@ -128,31 +136,55 @@ impl Templates {
     fn compile(sources: Sources) -> anyhow::Result<Templates> {
         let mut html = Handlebars::new();
         let mut text = Handlebars::new();
-        text.register_escape_fn(handlebars::no_escape);
+        text.register_escape_fn(budget::no_escape);
         html.register_escape_fn(frames::escape);
         for registry in [&mut html, &mut text] {
             registry.set_strict_mode(true);
             registry.set_dev_mode(false);
             helpers::register(registry);
+            budget::register(registry);
         }
-        let mut available = HashSet::new();
-
-        let shared_sources: Vec<(String, String)> = sources
-            .iter()
-            .filter(|(path, _)| path.starts_with("partials/") || path.starts_with("layouts/"))
-            .filter(|(path, _)| path.matches('/').count() == 1)
-            .map(|(path, source)| (path.trim_end_matches(".hbs").to_owned(), source.clone()))
-            .collect();
-        // A partial that includes itself, directly or not, would recurse until the stack
-        // overflows and aborts the process: refuse it before anything is registered.
-        check_partials(&shared_sources)?;
-        for (name, source) in &shared_sources {
-            for registry in [&mut html, &mut text] {
-                registry
-                    .register_partial(name, source)
-                    .with_context(|| format!("compiling template {name}.hbs"))?;
+        let mut templates = Templates {
+            html,
+            text,
+            available: HashSet::new(),
+            sources: Default::default(),
+            graph: Graph::new(),
+            frames: std::sync::Arc::new(frames::Frames::new(frames::PUBLISHED_BUDGET)),
+        };
+        for (path, source) in &sources {
+            let (line, message) = match budget::check_source(source) {
+                Ok(()) => continue,
+                Err(refused) => refused,
+            };
+            let at = line.map_or(String::new(), |l| format!(" line {l}"));
+            bail!("templates/{path}{at}: {message}");
+        }
+        for (path, source) in &sources {
+            let shared = (path.starts_with("partials/") || path.starts_with("layouts/"))
+                && path.matches('/').count() == 1;
+            if !shared {
+                continue;
             }
+            let Some(name) = path.strip_suffix(".hbs") else {
+                continue;
+            };
+            let (parsed, compiled) =
+                compile_file(name, source, true).map_err(|(line, message)| {
+                    let at = line.map_or(String::new(), |l| format!(" line {l}"));
+                    anyhow::anyhow!("compiling template {name}.hbs{at}: {message}")
+                })?;
+            templates.html.register_template(name, compiled.clone());
+            templates.text.register_template(name, compiled);
+            templates
+                .graph
+                .insert(name.to_owned(), budget::includes(&parsed));
+            templates.sources.insert(path.clone(), source.clone());
         }
+        // A partial that includes itself, directly or not, would recurse until the stack
+        // overflows (the render's depth limit stops it, but a literal cycle is refused here
+        // with its name): refuse it before anything renders.
+        check_graph(&templates.graph)?;
         for (path, source) in &sources {
             let parts: Vec<&str> = path.split('/').collect();
             let [trigger, locale_name, file] = parts[..] else {
@@ -161,31 +193,47 @@ impl Templates {
             if Trigger::parse(trigger).is_none() {
                 continue;
             }
-            let Some(file) = file.strip_suffix(".hbs") else {
+            let Some(stem) = file.strip_suffix(".hbs") else {
                 continue;
             };
             Locale::parse(locale_name)
                 .with_context(|| format!("template directory {trigger}/{locale_name}"))?;
-            let name = format!("{trigger}/{locale_name}/{file}");
-            let registry = if file.ends_with(".html") || file.ends_with(".mjml") {
-                &mut html
-            } else {
-                &mut text
-            };
-            registry
-                .register_template_string(&name, source)
-                .with_context(|| format!("compiling template {name}.hbs"))?;
-            available.insert(format!("{trigger}/{locale_name}"));
+            let name = format!("{trigger}/{locale_name}/{stem}");
+            let (parsed, compiled) =
+                compile_file(&name, source, false).map_err(|(line, message)| {
+                    let at = line.map_or(String::new(), |l| format!(" line {l}"));
+                    anyhow::anyhow!("compiling template {name}.hbs{at}: {message}")
+                })?;
+            templates
+                .graph
+                .insert(name.clone(), budget::includes(&parsed));
+            templates
+                .registry_of(stem)
+                .register_template(&name, compiled);
+            templates.sources.insert(path.clone(), source.clone());
+            templates
+                .available
+                .insert(format!("{trigger}/{locale_name}"));
         }
-        let templates = Templates {
-            html,
-            text,
-            available,
-            sources: sources.into_iter().collect(),
-            frames: Default::default(),
-        };
+        check_graph(&templates.graph)?;
         templates.check_complete()?;
         Ok(templates)
+    }
+
+    /// The registry of a file: the escaping one for HTML and MJML, the other for the rest.
+    fn registry_of(&mut self, stem: &str) -> &mut Handlebars<'static> {
+        if stem.ends_with(".html") || stem.ends_with(".mjml") {
+            &mut self.html
+        } else {
+            &mut self.text
+        }
+    }
+
+    /// These templates with their MJML frames kept in `frames` (the catalog in force shares
+    /// the shipped templates' cache).
+    pub fn sharing_frames(mut self, other: &Templates) -> Templates {
+        self.frames = other.frames.clone();
+        self
     }
 
     /// Every trigger has templates in the default locale, and every locale has the required
@@ -277,12 +325,15 @@ impl Templates {
             ))]);
         }
         let mut next = self.clone();
+        // Renders made to validate or preview keep no frames.
+        next.frames = std::sync::Arc::new(frames::Frames::new(0));
         let base = format!("{}/{locale}", trigger.as_str());
         for file in FILE_NAMES {
             let name = format!("{base}/{}", file.trim_end_matches(".hbs"));
             next.html.unregister_template(&name);
             next.text.unregister_template(&name);
             next.sources.remove(&format!("{base}/{file}"));
+            next.graph.remove(&name);
         }
         for (file, source) in files {
             let at = |line: Option<usize>, message: String| FileError {
@@ -300,33 +351,46 @@ impl Templates {
                 ));
                 continue;
             }
-            if source.len() as u64 > MAX_TEMPLATE_BYTES {
-                errors.push(at(None, format!("larger than {MAX_TEMPLATE_BYTES} bytes")));
+            let stem = file.trim_end_matches(".hbs");
+            let name = format!("{base}/{stem}");
+            let (parsed, compiled) = match compile_file(&name, source, false) {
+                Ok(compiled) => compiled,
+                Err((line, message)) => {
+                    errors.push(at(line, message));
+                    continue;
+                }
+            };
+            if let Err((line, message)) = budget::check_pair_file(&parsed) {
+                errors.push(at(line, message));
                 continue;
             }
-            if let Some(bad) = included_partials(source)
-                .into_iter()
-                .find(|p| !self.is_shared(p))
-            {
-                let line = source.find(&bad).map(|at| line_of(source, at));
+            // A version may include the shared partials and layouts, and partials it defines
+            // inline; never another trigger's or locale's files.
+            let (calls, inlines) = budget::includes(&parsed);
+            let own: HashSet<&str> = inlines.iter().map(|(n, _)| n.as_str()).collect();
+            let called = calls
+                .iter()
+                .chain(inlines.iter().flat_map(|(_, c)| c))
+                .find(|c| !self.is_shared(c) && !own.contains(c.as_str()));
+            if let Some(bad) = called {
+                let line = source
+                    .find(bad.as_str())
+                    .map(|at| budget::line_of(source, at));
                 errors.push(at(
                     line,
                     format!(
-                        "includes {bad}, which is not a partial or layout (partials/…, layouts/…)"
+                        "includes {bad}, which is not a partial or layout (partials/…, layouts/…) nor one defined inline here"
                     ),
                 ));
                 continue;
             }
-            let stem = file.trim_end_matches(".hbs");
-            let registry = if stem.ends_with(".html") || stem.ends_with(".mjml") {
-                &mut next.html
-            } else {
-                &mut next.text
-            };
-            if let Err(e) = registry.register_template_string(&format!("{base}/{stem}"), source) {
-                errors.push(at(e.pos().map(|(line, _)| line), e.reason().to_string()));
+            next.graph.insert(name.clone(), (calls, inlines));
+            if let Err(cycle) = check_graph(&next.graph) {
+                next.graph.remove(&name);
+                errors.push(at(None, format!("{cycle:#}")));
                 continue;
             }
+            next.registry_of(stem).register_template(&name, compiled);
             next.sources
                 .insert(format!("{base}/{file}"), source.clone());
         }
@@ -391,43 +455,45 @@ impl Templates {
             .unwrap_or(DEFAULT_LOCALE)
     }
 
-    /// Renders the email of a trigger in `locale` (already resolved).
+    /// Renders the email of a trigger in `locale` (already resolved), within the render
+    /// budget (`budget`): its subject, HTML and text share one.
     pub fn render_email(
         &self,
         trigger: Trigger,
         locale: &str,
         context: &Value,
     ) -> anyhow::Result<RenderedEmail> {
-        let base = format!("{}/{locale}", trigger.as_str());
-        // One copy of the context for the email's three or four renders: `Registry::render`
-        // copies it for each (through serde), about a tenth of an email's render time.
-        let context = &handlebars::Context::from(context.clone());
-        let render_text = |file: &str| {
-            self.text
-                .render_with_context(&format!("{base}/{file}"), context)
-                .with_context(|| format!("rendering {base}/{file}.hbs"))
-        };
-        let subject = one_line(&render_text("email.subject")?);
-        let mjml_name = format!("{base}/email.mjml");
-        let (html, html_json) = if self.html.has_template(&mjml_name) {
-            self.mjml_email(&mjml_name, context)?
-        } else {
-            let html = self
-                .html
-                .render_with_context(&format!("{base}/email.html"), context)
-                .with_context(|| format!("rendering {base}/email.html.hbs"))?;
-            (html, None)
-        };
-        let text = if self.text.has_template(&format!("{base}/email.txt")) {
-            render_text("email.txt")?
-        } else {
-            html_to_text(&html)
-        };
-        Ok(RenderedEmail {
-            subject,
-            html,
-            text,
-            html_json,
+        budget::within(|| {
+            let base = format!("{}/{locale}", trigger.as_str());
+            // One copy of the context for the email's three or four renders: `Registry::render`
+            // copies it for each (through serde), about a tenth of an email's render time.
+            let context = &handlebars::Context::from(context.clone());
+            let subject = one_line(&render(
+                &self.text,
+                &format!("{base}/email.subject"),
+                context,
+            )?);
+            let mjml_name = format!("{base}/email.mjml");
+            let (html, html_json) = if self.html.has_template(&mjml_name) {
+                self.mjml_email(&mjml_name, context)?
+            } else {
+                (
+                    render(&self.html, &format!("{base}/email.html"), context)?,
+                    None,
+                )
+            };
+            let text_name = format!("{base}/email.txt");
+            let text = if self.text.has_template(&text_name) {
+                render(&self.text, &text_name, context)?
+            } else {
+                html_to_text(&html)
+            };
+            Ok(RenderedEmail {
+                subject,
+                html,
+                text,
+                html_json,
+            })
         })
     }
 
@@ -440,29 +506,33 @@ impl Templates {
         name: &str,
         context: &handlebars::Context,
     ) -> anyhow::Result<(String, Option<String>)> {
-        let whole = || Ok((self.mjml_email_whole(name, context)?, None));
-        let (structure, values) =
-            frames::collecting(|| self.html.render_with_context(name, context));
-        let structure = structure.with_context(|| format!("rendering {name}.hbs"))?;
-        if !values.iter().all(|v| frames::fits(v)) {
-            return whole();
-        }
-        match self.frames.get(&structure) {
-            Some(Some(frame)) => match frame.fill(&values) {
-                Some(filled) => Ok((filled.html, Some(filled.json))),
-                None => whole(),
-            },
-            Some(None) => whole(),
-            None => {
-                let html = self.mjml_email_whole(name, context)?;
-                let frame = mjml_to_html(&structure)
-                    .ok()
-                    .and_then(|made| frames::Frame::parse(&made))
-                    .filter(|frame| frame.fill(&values).is_some_and(|f| f.html == html));
-                self.frames.keep(structure, frame);
-                Ok((html, None))
+        budget::within(|| {
+            let whole = || Ok((self.mjml_email_whole(name, context)?, None));
+            if !self.frames.keeps() {
+                return whole();
             }
-        }
+            let (structure, values) = frames::collecting(|| render(&self.html, name, context));
+            let structure = structure?;
+            if !values.iter().all(|v| frames::fits(v)) {
+                return whole();
+            }
+            match self.frames.get(&structure) {
+                Some(Some(frame)) => match frame.fill(&values) {
+                    Some(filled) => Ok((filled.html, Some(filled.json))),
+                    None => whole(),
+                },
+                Some(None) => whole(),
+                None => {
+                    let html = self.mjml_email_whole(name, context)?;
+                    let frame = mjml_to_html(&structure)
+                        .ok()
+                        .and_then(|made| frames::Frame::parse(&made))
+                        .filter(|frame| frame.fill(&values).is_some_and(|f| f.html == html));
+                    self.frames.keep(structure, frame);
+                    Ok((html, None))
+                }
+            }
+        })
     }
 
     /// The HTML of MJML template `name` through the whole pipeline.
@@ -471,11 +541,10 @@ impl Templates {
         name: &str,
         context: &handlebars::Context,
     ) -> anyhow::Result<String> {
-        let mjml = self
-            .html
-            .render_with_context(name, context)
-            .with_context(|| format!("rendering {name}.hbs"))?;
-        mjml_to_html(&mjml).with_context(|| format!("turning {name}.hbs into HTML"))
+        budget::within(|| {
+            let mjml = render(&self.html, name, context)?;
+            mjml_to_html(&mjml).with_context(|| format!("turning {name}.hbs into HTML"))
+        })
     }
 
     /// Renders every template of every trigger and locale with the trigger's sample context
@@ -502,25 +571,86 @@ impl Templates {
         Ok(warnings)
     }
 
-    /// Renders the SMS of a trigger in `locale` (already resolved).
+    /// Renders the SMS of a trigger in `locale` (already resolved), within the render budget.
     pub fn render_sms(
         &self,
         trigger: Trigger,
         locale: &str,
         context: &Value,
     ) -> anyhow::Result<String> {
-        let name = format!("{}/{locale}/sms", trigger.as_str());
-        let body = self
-            .text
-            .render(&name, context)
-            .with_context(|| format!("rendering {name}.hbs"))?;
-        Ok(body.trim().to_owned())
+        budget::within(|| {
+            let name = format!("{}/{locale}/sms", trigger.as_str());
+            let body = render(
+                &self.text,
+                &name,
+                &handlebars::Context::from(context.clone()),
+            )?;
+            Ok(body.trim().to_owned())
+        })
     }
+}
+
+/// Renders template `name` of `registry` into a string of at most `budget::MAX_OUTPUT`
+/// bytes, within the render budget under way. An error names the file and, when a limit was
+/// crossed, carries it (`budget::Exceeded`) above Handlebars' error, which has the line.
+fn render(
+    registry: &Handlebars<'static>,
+    name: &str,
+    context: &handlebars::Context,
+) -> anyhow::Result<String> {
+    let mut out = budget::Capped::default();
+    match registry.render_with_context_to_write(name, context, &mut out) {
+        Ok(()) => Ok(String::from_utf8(out.bytes).expect("Handlebars writes text")),
+        Err(error) => {
+            let error = anyhow::Error::new(error);
+            Err(match budget::exceeded() {
+                Some(limit) => error
+                    .context(limit)
+                    .context(format!("rendering {name}.hbs: over the render budget")),
+                None => error.context(format!("rendering {name}.hbs")),
+            })
+        }
+    }
+}
+
+/// Compiles template file `name` (`welcome/ko/sms`, `partials/footer`): the template as
+/// parsed, and as registered, with the budget's marks (`budget::instrument`; `partial` for
+/// partials and layouts). The source is checked first (`budget::check_source`). An error is
+/// the line, when known, and what is wrong.
+fn compile_file(
+    name: &str,
+    source: &str,
+    partial: bool,
+) -> Result<(Template, Template), (Option<usize>, String)> {
+    budget::check_source(source)?;
+    let parsed = Template::compile_with_name(source, name.to_owned())
+        .map_err(|e| (e.pos().map(|(line, _)| line), e.reason().to_string()))?;
+    let mut compiled = parsed.clone();
+    budget::instrument(&mut compiled, partial);
+    Ok((parsed, compiled))
 }
 
 /// A rendering error of (trigger/locale) `base` as a file error: the file and line when the
 /// error is in one of its files, else the whole message (an error inside a shared layout).
 pub fn render_error(base: &str, error: &anyhow::Error) -> FileError {
+    // Over the render budget: the limit crossed is the message.
+    if let Some(limit) = error
+        .chain()
+        .find_map(|e| e.downcast_ref::<budget::Exceeded>())
+    {
+        let at = error
+            .chain()
+            .find_map(|e| e.downcast_ref::<handlebars::RenderError>());
+        let file = at
+            .and_then(|e| e.template_name.as_deref())
+            .and_then(|name| name.strip_prefix(&format!("{base}/")))
+            .map_or(String::new(), |stem| format!("{stem}.hbs"));
+        return FileError {
+            line: at.and_then(|e| e.line_no).filter(|_| !file.is_empty()),
+            file,
+            message: format!("over the render budget: {limit}"),
+        };
+    }
     let message = format!("{error:#}");
     let Some(e) = error
         .chain()
@@ -554,22 +684,22 @@ pub fn render_error(base: &str, error: &anyhow::Error) -> FileError {
     }
 }
 
-/// The 1-based line of byte offset `at` in `source`.
-fn line_of(source: &str, at: usize) -> usize {
-    source[..at].matches('\n').count() + 1
-}
-
 /// MJML to responsive HTML (mrml), then CSS inlined (css-inline) for mail clients that ignore
 /// `<style>`. No remote stylesheet or font is ever loaded, and `@media` rules are kept, since
 /// MJML's responsive layout lives in them.
 fn mjml_to_html(mjml: &str) -> anyhow::Result<String> {
+    // Both libraries recurse once per level of nesting: bounded first, and on a stack of
+    // their own.
+    budget::check_markup(mjml).map_err(|e| anyhow::anyhow!("MJML: {e}"))?;
     // mrml's HTML tokenizer panics on some malformed input (a slice inside a multi-byte
     // character, found by fuzzing: fuzz/regressions/templates/): a marketer's template or a
     // member's text must fail this message, never panic a worker.
-    std::panic::catch_unwind(|| mjml_to_html_unguarded(mjml)).unwrap_or_else(|_| {
-        Err(anyhow::anyhow!(
-            "MJML: the parser failed on this markup (malformed MJML)"
-        ))
+    budget::on_own_stack(|| {
+        std::panic::catch_unwind(|| mjml_to_html_unguarded(mjml)).unwrap_or_else(|_| {
+            Err(anyhow::anyhow!(
+                "MJML: the parser failed on this markup (malformed MJML)"
+            ))
+        })
     })
 }
 
@@ -584,6 +714,7 @@ fn mjml_to_html_unguarded(mjml: &str) -> anyhow::Result<String> {
         .element
         .render(&options)
         .map_err(|e| anyhow::anyhow!("MJML: {e}"))?;
+    budget::check_css_work(&html).map_err(|e| anyhow::anyhow!("inlining CSS: {e}"))?;
     let inliner = css_inline::InlineOptions::default()
         .load_remote_stylesheets(false)
         .keep_style_tags(true)
@@ -594,42 +725,35 @@ fn mjml_to_html_unguarded(mjml: &str) -> anyhow::Result<String> {
         .map_err(|e| anyhow::anyhow!("inlining CSS: {e}"))
 }
 
-/// The partials a template source includes (`{{> name}}`, `{{#> name}}`).
-fn included_partials(source: &str) -> Vec<String> {
-    let mut names = Vec::new();
-    let mut rest = source;
-    while let Some(at) = rest.find("{{") {
-        rest = &rest[at + 2..];
-        let tag = rest.trim_start_matches(['~', '#']).trim_start();
-        if let Some(after) = tag.strip_prefix('>') {
-            let name: String = after
-                .trim_start()
-                .chars()
-                .take_while(|c| !c.is_whitespace() && *c != '}' && *c != '~')
-                .collect();
-            if !name.is_empty() && name != "@partial-block" {
-                names.push(name);
-            }
+/// Refuses a cycle in the partial graph, naming it (`partials/a → partials/b → partials/a`),
+/// and an include of a partial that exists nowhere. An inline partial is a node of the name
+/// it defines: a call of that name may reach it, or the shared partial of that name, so both
+/// are followed (`{{#*inline "partials/footer"}}{{> partials/footer}}{{/inline}}` is a cycle).
+fn check_graph(graph: &Graph) -> anyhow::Result<()> {
+    let mut edges: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for (name, (calls, inlines)) in graph {
+        edges
+            .entry(name.as_str())
+            .or_default()
+            .extend(calls.iter().map(String::as_str));
+        for (inline, own) in inlines {
+            edges
+                .entry(inline.as_str())
+                .or_default()
+                .extend(own.iter().map(String::as_str));
         }
     }
-    names
-}
-
-/// Refuses a cycle among the shared partials and layouts, naming it
-/// (`partials/a → partials/b → partials/a`), and an include of a partial that does not exist.
-fn check_partials(sources: &[(String, String)]) -> anyhow::Result<()> {
-    let graph: std::collections::HashMap<&str, Vec<String>> = sources
-        .iter()
-        .map(|(name, source)| (name.as_str(), included_partials(source)))
-        .collect();
-    for (name, includes) in &graph {
-        if let Some(missing) = includes.iter().find(|i| !graph.contains_key(i.as_str())) {
+    for (name, (calls, _)) in graph {
+        let shared = name.starts_with("partials/") || name.starts_with("layouts/");
+        if let Some(missing) = calls.iter().find(|c| !edges.contains_key(c.as_str()))
+            && shared
+        {
             bail!("templates/{name}.hbs includes {missing}, which does not exist");
         }
     }
-    // Depth-first search from every partial, with the path so far.
+    // Depth-first search from every node, with the path so far.
     fn visit<'a>(
-        graph: &'a std::collections::HashMap<&str, Vec<String>>,
+        edges: &std::collections::BTreeMap<&'a str, Vec<&'a str>>,
         name: &'a str,
         path: &mut Vec<&'a str>,
         done: &mut HashSet<&'a str>,
@@ -646,17 +770,15 @@ fn check_partials(sources: &[(String, String)]) -> anyhow::Result<()> {
             return Ok(());
         }
         path.push(name);
-        for next in &graph[name] {
-            let (key, _) = graph.get_key_value(next.as_str()).expect("checked above");
-            visit(graph, key, path, done)?;
+        for next in edges.get(name).into_iter().flatten() {
+            visit(edges, next, path, done)?;
         }
         path.pop();
         Ok(())
     }
-    let mut names: Vec<&str> = graph.keys().copied().collect();
-    names.sort_unstable();
-    for name in names {
-        visit(&graph, name, &mut Vec::new(), &mut HashSet::new())?;
+    let mut done = HashSet::new();
+    for name in edges.keys() {
+        visit(&edges, name, &mut Vec::new(), &mut done)?;
     }
     Ok(())
 }
@@ -683,10 +805,11 @@ fn read_tree(root: &Path, dir: &Path, out: &mut Sources) -> anyhow::Result<()> {
         if !relative.ends_with(".hbs") {
             continue;
         }
-        if entry.metadata()?.len() > MAX_TEMPLATE_BYTES {
+        if entry.metadata()?.len() > budget::MAX_FILE_BYTES as u64 {
             bail!(
-                "{} is larger than {MAX_TEMPLATE_BYTES} bytes",
-                path.display()
+                "{} is larger than {} KiB",
+                path.display(),
+                budget::MAX_FILE_BYTES / 1024
             );
         }
         let source = std::fs::read_to_string(&path)
@@ -735,10 +858,15 @@ fn html_to_text(html: &str) -> String {
         let tag = rest[start + 1..start + end].to_ascii_lowercase();
         rest = &rest[start + end + 1..];
         for skipped in ["head", "style", "script"] {
-            if (tag == skipped || tag.starts_with(&format!("{skipped} ")))
-                && let Some(close) = rest.to_ascii_lowercase().find(&format!("</{skipped}>"))
-            {
-                rest = &rest[close + skipped.len() + 3..];
+            if tag == skipped || tag.starts_with(&format!("{skipped} ")) {
+                // Everything up to its end tag is skipped; without one, the rest is (so a
+                // thousand unclosed tags cost one pass, not a thousand).
+                let close = format!("</{skipped}>");
+                rest = rest
+                    .as_bytes()
+                    .windows(close.len())
+                    .position(|w| w.eq_ignore_ascii_case(close.as_bytes()))
+                    .map_or("", |at| &rest[at + close.len()..]);
             }
         }
         if [
@@ -881,14 +1009,16 @@ mod tests {
                     (whole, None),
                     "{name}"
                 );
-                let (structure, _) = frames::collecting(|| t.html.render(&name, &context));
+                let (structure, _) =
+                    frames::collecting(|| budget::within(|| t.html.render(&name, &context)));
                 assert!(
                     matches!(t.frames.get(&structure.unwrap()), Some(Some(_))),
                     "{name}: no frame kept for {context}"
                 );
                 // …and another message of that structure, with other values, is filled in.
                 let other = hostile(&context);
-                let (_, values) = frames::collecting(|| t.html.render(&name, &other));
+                let (_, values) =
+                    frames::collecting(|| budget::within(|| t.html.render(&name, &other)));
                 assert!(values.iter().all(|v| frames::fits(v)), "{name}: {values:?}");
                 let (from_frame, json) = t.mjml_email(&name, &scope(&other)).unwrap();
                 assert_eq!(

@@ -18,6 +18,11 @@ pub fn env(sink: &SmtpSink, extra: &[(&str, String)]) -> (TestEnv, String) {
         ("LIFECYCLE_HTTP_ADDR", addr.clone()),
         ("LIFECYCLE_PUBLIC_URL", format!("http://{addr}")),
         ("LIFECYCLE_ADMIN_TOKEN", ADMIN_TOKEN.to_owned()),
+        // The QA inbox and phone test sends may go to.
+        (
+            "LIFECYCLE_CONSOLE__TEST_RECIPIENTS",
+            "qa@example.com,+14155550999".to_owned(),
+        ),
     ];
     vars.extend(extra.iter().cloned());
     (TestEnv::new(&vars), format!("http://{addr}"))
@@ -202,8 +207,14 @@ pub fn attribute_after(page: &str, marker: &str) -> Option<String> {
 /// Runs `lifecycle users add NAME --role ROLE` with the environment's settings and returns
 /// the password and token it printed.
 pub fn add_user(env: &TestEnv, name: &str, role: &str) -> (String, String) {
+    add_user_with(env, name, role, &[])
+}
+
+/// `add_user` with more arguments (`--email`, `--phone`).
+pub fn add_user_with(env: &TestEnv, name: &str, role: &str, extra: &[&str]) -> (String, String) {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_lifecycle"))
         .args(["users", "add", name, "--role", role])
+        .args(extra)
         .envs(env.env_vars())
         .output()
         .unwrap();

@@ -2,7 +2,8 @@
 //! soft refusal at `DATA` (the server never sees the mail), or a connection dropped after the
 //! mail's final dot (the server has the mail, the client never hears so). The second is the
 //! case a sender cannot tell from a lost mail: lifecycle must record it as unsure and may send
-//! it again, and the sink then shows the duplicate.
+//! it again, and the sink then shows the duplicate. It can also answer `RCPT` itself, with
+//! whatever reply a test chooses (a mailbox refused, a relay's policy).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -31,11 +32,22 @@ pub struct SmtpRelay {
     pub port: u16,
     /// Faults injected so far, by kind: (soft rejects, drops after the dot, drops mid-data).
     injected: Arc<(AtomicUsize, AtomicUsize, AtomicUsize)>,
+    /// `RCPT` commands the relay answered itself.
+    refused: Arc<AtomicUsize>,
 }
+
+/// The relay's own answer to an `RCPT` (its recipient line), if it gives one: a whole reply
+/// line such as `554 5.7.1 Relay access denied`.
+pub type RcptPlan = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
 impl SmtpRelay {
     /// Relays to `127.0.0.1:upstream`; `plan(n)` decides the fault of the n-th `DATA` (from 0).
     pub async fn start(upstream: u16, plan: fn(usize) -> Fault) -> SmtpRelay {
+        SmtpRelay::start_with(upstream, plan, Arc::new(|_| None)).await
+    }
+
+    /// The same, with `rcpt` answering `RCPT` commands in the server's stead.
+    pub async fn start_with(upstream: u16, plan: fn(usize) -> Fault, rcpt: RcptPlan) -> SmtpRelay {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let mails = Arc::new(AtomicUsize::new(0));
@@ -44,18 +56,34 @@ impl SmtpRelay {
             AtomicUsize::new(0),
             AtomicUsize::new(0),
         ));
+        let refused = Arc::new(AtomicUsize::new(0));
         let counts = injected.clone();
+        let answered = refused.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let (mails, counts) = (mails.clone(), counts.clone());
+                let (rcpt, answered) = (rcpt.clone(), answered.clone());
                 tokio::spawn(async move {
                     if let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)).await {
-                        relay(client, server, &mails, &counts, plan).await.ok();
+                        let own = Own {
+                            rcpt: &*rcpt,
+                            answered: &answered,
+                        };
+                        relay(client, server, &mails, &counts, plan, own).await.ok();
                     }
                 });
             }
         });
-        SmtpRelay { port, injected }
+        SmtpRelay {
+            port,
+            injected,
+            refused,
+        }
+    }
+
+    /// `RCPT` commands the relay answered itself so far.
+    pub fn refused_rcpts(&self) -> usize {
+        self.refused.load(Ordering::Relaxed)
     }
 
     /// `smtp://127.0.0.1:<port>`
@@ -93,12 +121,19 @@ async fn reply(
     Ok(all)
 }
 
+/// The relay's own answers to `RCPT`, and their count.
+struct Own<'a> {
+    rcpt: &'a (dyn Fn(&str) -> Option<String> + Send + Sync),
+    answered: &'a AtomicUsize,
+}
+
 async fn relay(
     client: TcpStream,
     server: TcpStream,
     mails: &AtomicUsize,
     counts: &(AtomicUsize, AtomicUsize, AtomicUsize),
     plan: fn(usize) -> Fault,
+    own: Own<'_>,
 ) -> std::io::Result<()> {
     client.set_nodelay(true)?;
     server.set_nodelay(true)?;
@@ -111,6 +146,15 @@ async fn relay(
         let mut line = Vec::new();
         if from_client.read_until(b'\n', &mut line).await? == 0 {
             return Ok(());
+        }
+        if line.to_ascii_uppercase().starts_with(b"RCPT")
+            && let Some(answer) = (own.rcpt)(&String::from_utf8_lossy(&line))
+        {
+            own.answered.fetch_add(1, Ordering::Relaxed);
+            client_write
+                .write_all(format!("{answer}\r\n").as_bytes())
+                .await?;
+            continue;
         }
         if !line.to_ascii_uppercase().starts_with(b"DATA") {
             server_write.write_all(&line).await?;
@@ -126,7 +170,13 @@ async fn relay(
             return Ok(());
         }
         server_write.write_all(&line).await?;
-        reply(&mut from_server, &mut client_write).await?; // 354
+        if !reply(&mut from_server, &mut client_write)
+            .await?
+            .starts_with(b"354")
+        {
+            // DATA refused (no recipient was accepted): no mail data follows.
+            continue;
+        }
         let mut lines = 0;
         loop {
             let mut data = Vec::new();

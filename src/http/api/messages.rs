@@ -51,7 +51,7 @@ pub async fn retry(
             ));
         }
     }
-    .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    .map_err(ApiError::from_anyhow)?;
     if requeued > 0 {
         app.outbox_ready.notify_waiters();
     }

@@ -105,7 +105,7 @@ pub async fn messages(
     let reveal = who.user.role == Role::Ops;
     let messages = deliveries::search(&app, &filter, limit, page.cursor, reveal)
         .await
-        .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+        .map_err(ApiError::from_anyhow)?;
     let next = (messages.len() as i64 == limit)
         .then(|| messages.last().map(|m| m.id))
         .flatten();
@@ -125,7 +125,7 @@ pub async fn message(
     who.require(Role::Marketer)?;
     deliveries::detail(&app, id, who.user.role == Role::Ops)
         .await
-        .map_err(|e| ApiError::internal(format!("{e:#}")))?
+        .map_err(ApiError::from_anyhow)?
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("no message {id}")))
 }
@@ -186,7 +186,7 @@ pub async fn list_dead_letters(
     let limit = page.limit();
     let dead_letters = dead_letters::list(&app, &filter, limit, page.cursor)
         .await
-        .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+        .map_err(ApiError::from_anyhow)?;
     let next = (dead_letters.len() as i64 == limit)
         .then(|| dead_letters.last().map(|d| d.id))
         .flatten();
@@ -253,7 +253,7 @@ pub async fn replay(
     who.require(Role::Ops)?;
     let replayed = dead_letters::replay(&app, body.selection()?, &who.user.name)
         .await
-        .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+        .map_err(ApiError::from_anyhow)?;
     Ok(Json(Replayed { replayed }))
 }
 
@@ -277,7 +277,7 @@ pub async fn archive(
     who.require(Role::Ops)?;
     let archived = dead_letters::archive(&app, body.selection()?, &who.user.name)
         .await
-        .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+        .map_err(ApiError::from_anyhow)?;
     Ok(Json(Archived { archived }))
 }
 
@@ -290,7 +290,7 @@ pub async fn queues(State(app): State<App>, who: Authed) -> Result<Json<Queues>,
     crate::queues::snapshot(&app)
         .await
         .map(Json)
-        .map_err(|e| ApiError::internal(format!("{e:#}")))
+        .map_err(ApiError::from_anyhow)
 }
 
 /// Query of `GET /api/providers`.
@@ -313,7 +313,7 @@ pub async fn providers(
     deliveries::provider_health(&app, query.minutes.unwrap_or(15).clamp(1, 24 * 60))
         .await
         .map(Json)
-        .map_err(|e| ApiError::internal(format!("{e:#}")))
+        .map_err(ApiError::from_anyhow)
 }
 
 /// A member as ops and marketers see them.
@@ -414,7 +414,7 @@ pub async fn member_view(app: &App, id: &str, reveal: bool) -> Result<Option<Mem
     };
     let messages = deliveries::search(app, &filter, 20, None, reveal)
         .await
-        .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+        .map_err(ApiError::from_anyhow)?;
     let tier_points = state.points.tier_points(now, program.tier_window_months);
     let masked = |channel: &str, v: Option<String>| {
         v.map(|v| {

@@ -53,5 +53,5 @@ pub async fn loyalty(
     report::loyalty(&app.pool, period)
         .await
         .map(Json)
-        .map_err(|e| ApiError::internal(format!("{e:#}")))
+        .map_err(ApiError::from_anyhow)
 }

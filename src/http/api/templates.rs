@@ -10,12 +10,13 @@ use serde_json::Value;
 use utoipa::ToSchema;
 
 use crate::app::App;
+use crate::config::TestRecipient;
 use crate::domain::{Email, Phone};
 use crate::http::auth::{ApiError, Authed};
 use crate::render::{self, FileError};
 use crate::template_store::{Files, Pair, Version};
 use crate::triggers::Trigger;
-use crate::users::Role;
+use crate::users::{Role, User};
 
 /// A draft's files: each given file replaces the published one; `null` removes one (say,
 /// `email.txt.hbs`, to derive the text part from the HTML).
@@ -78,14 +79,17 @@ pub struct Preview {
     pub sms: SmsPreview,
 }
 
-/// Where a test goes: an address, a number, or a member (their addresses, consent and
-/// suppressions apply); with which version (default: the draft, else the published one).
+/// Where a test goes, and what it shows: with which version (default: the draft, else the
+/// published one), as which member (their context; default: the trigger's sample), to which
+/// address and number. A test goes only to `[console] test_recipients` or to the signed-in
+/// user's own address and number (`lifecycle users add --email/--phone`); without `email`
+/// and `phone`, to the user's own.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TestSendRequest {
     /// The version to send.
     pub version: Option<i32>,
-    /// A member whose context (and, without `email` and `phone`, addresses) it uses.
+    /// A member whose context it renders (never whose addresses it goes to).
     pub member_id: Option<String>,
     /// An email address to send the email to.
     pub email: Option<String>,
@@ -277,7 +281,7 @@ pub async fn render_preview(
     )
     .await?;
     let mut context = context_for(app, trigger, request.member_id.as_deref()).await?;
-    let settings = app.settings.clone();
+    let settings = &app.settings;
     context["shop_name"] = Value::String(settings.shop_name.clone());
     context["shop_address"] = Value::String(settings.shop_address.clone().unwrap_or_default());
     context["locale"] = Value::String(locale.to_owned());
@@ -285,12 +289,12 @@ pub async fn render_preview(
         "{}/unsubscribe/preview",
         settings.public_url.as_str().trim_end_matches('/')
     ));
-    let store = app.templates.clone();
     let locale = locale.to_owned();
-    let rendered = tokio::task::spawn_blocking(move || {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let templates = store
-                .shipped()
+    // Compiled and rendered off the async workers, within the render budget, a few at a time.
+    let rendered = app
+        .templates
+        .for_request(move |shipped| {
+            let templates = shipped
                 .overlay(trigger, &locale, &files)
                 .map_err(ApiError::invalid)?;
             let base = format!("{}/{locale}", trigger.as_str());
@@ -301,17 +305,15 @@ pub async fn render_preview(
                 .render_sms(trigger, &locale, &context)
                 .map_err(|e| ApiError::invalid(vec![render::render_error(&base, &e)]))?;
             Ok::<_, ApiError>((email, sms))
-        }))
-        .unwrap_or_else(|panic| {
-            Err(ApiError::invalid(vec![FileError {
+        })
+        .await
+        .map_err(|panic| {
+            ApiError::invalid(vec![FileError {
                 file: String::new(),
                 line: None,
-                message: format!("rendering panicked: {}", crate::app::panic_message(&*panic)),
-            }]))
-        })
-    })
-    .await
-    .map_err(ApiError::internal)??;
+                message: format!("{panic:#}"),
+            }])
+        })??;
     let (email, sms) = rendered;
     let (encoding, segments) = render::helpers::sms_segments(&sms);
     Ok(Preview {
@@ -331,9 +333,10 @@ pub async fn render_preview(
 #[utoipa::path(post, path = "/api/templates/{trigger}/{locale}/test-send", tag = "templates",
     params(("trigger" = String, Path), ("locale" = String, Path)),
     request_body = TestSendRequest,
-    responses((status = 202, description = "Queued for the real providers, recorded with test: true", body = TestSent),
+    responses((status = 202, description = "Queued for the real providers, recorded with test: true and who sent it", body = TestSent),
               (status = 401, body = ApiError), (status = 404, body = ApiError),
-              (status = 422, description = "No recipient, or a malformed one", body = ApiError)),
+              (status = 422, description = "No recipient, a malformed one, or one not on [console] test_recipients nor the user's own", body = ApiError),
+              (status = 429, description = "Over [console] test_sends_per_hour", body = ApiError)),
     security(("bearer" = []), ("session" = [])))]
 /// Sends a version (default: the draft, else the published one) through the real providers.
 pub async fn test_send(
@@ -344,13 +347,14 @@ pub async fn test_send(
 ) -> Result<(StatusCode, Json<TestSent>), ApiError> {
     who.require(Role::Marketer)?;
     let (trigger, locale) = (trigger(&name)?, locale(&raw_locale)?);
-    let message_ids = queue_test(&app, trigger, &locale, body).await?;
+    let message_ids = queue_test(&app, &who.user, trigger, &locale, body).await?;
     Ok((StatusCode::ACCEPTED, Json(TestSent { message_ids })))
 }
 
-/// Plans the test messages of a request; returns their ids.
+/// Plans the test messages of a request by `user`; returns their ids.
 pub async fn queue_test(
     app: &App,
+    user: &User,
     trigger: Trigger,
     locale: &str,
     request: TestSendRequest,
@@ -369,38 +373,82 @@ pub async fn queue_test(
         .email
         .as_deref()
         .filter(|e| !e.trim().is_empty())
-        .map(|e| Email::parse(e.trim()).map(|e| e.to_string()))
+        .map(|e| Email::parse(e.trim()))
         .transpose()
         .map_err(|e| unprocessable(format!("email: {e}")))?;
     let phone = request
         .phone
         .as_deref()
         .filter(|p| !p.trim().is_empty())
-        .map(|p| Phone::parse(p.trim()).map(|p| p.to_string()))
+        .map(|p| Phone::parse(p.trim()))
         .transpose()
         .map_err(|e| unprocessable(format!("phone: {e}")))?;
-    let member = request.member_id.as_deref().filter(|m| !m.is_empty());
-    // (channel, explicit recipient)
-    let targets: Vec<(&str, Option<String>)> = match (email, phone, member) {
-        (None, None, None) => {
-            return Err(unprocessable(
-                "say where the test goes: email, phone or member_id".into(),
-            ));
-        }
-        (None, None, Some(_)) => vec![("email", None), ("sms", None)],
-        (email, phone, _) => email
-            .map(|e| ("email", Some(e)))
-            .into_iter()
-            .chain(phone.map(|p| ("sms", Some(p))))
-            .collect(),
+    let own = crate::users::contact(&app.pool, &user.name).await?;
+    // Where it goes: what was asked for, else the user's own address and number.
+    let (email, phone) = match (email, phone) {
+        (None, None) => (own.email.clone(), own.phone.clone()),
+        asked => asked,
     };
+    let allowed = &app.settings.console.test_recipients;
+    let mut targets: Vec<(&str, String)> = Vec::new();
+    if let Some(email) = email {
+        if own.email.as_ref() != Some(&email)
+            && !allowed.contains(&TestRecipient::Email(email.to_string()))
+        {
+            return Err(unprocessable(format!(
+                "email: {} is neither on [console] test_recipients nor your own address",
+                email.masked()
+            )));
+        }
+        targets.push(("email", email.to_string()));
+    }
+    if let Some(phone) = phone {
+        if own.phone.as_ref() != Some(&phone)
+            && !allowed.contains(&TestRecipient::Phone(phone.to_string()))
+        {
+            return Err(unprocessable(format!(
+                "phone: {} is neither on [console] test_recipients nor your own number",
+                phone.masked()
+            )));
+        }
+        targets.push(("sms", phone.to_string()));
+    }
+    if targets.is_empty() {
+        return Err(unprocessable(
+            "say where the test goes (email or phone); you have no address of your own (lifecycle users add --email)".into(),
+        ));
+    }
+    let member = request.member_id.as_deref().filter(|m| !m.is_empty());
     let context = context_for(app, trigger, member).await?;
+    // The hourly limit is counted and taken in one transaction, under the user's lock, so
+    // that parallel requests cannot all pass it.
+    let limit = i64::from(app.settings.console.test_sends_per_hour);
+    let mut tx = app.pool.begin().await?;
+    sqlx::query("select pg_advisory_xact_lock(hashtextextended('test-sends:' || $1, 0))")
+        .bind(&user.name)
+        .execute(&mut *tx)
+        .await?;
+    let sent: i64 = sqlx::query_scalar(
+        "select count(*) from messages
+         where test and test_by = $1 and created_at > now() - interval '1 hour'",
+    )
+    .bind(&user.name)
+    .fetch_one(&mut *tx)
+    .await?;
+    if sent + targets.len() as i64 > limit {
+        return Err(ApiError::too_many(
+            format!(
+                "{sent} test messages in the last hour; at most {limit} ([console] test_sends_per_hour)"
+            ),
+            std::time::Duration::from_secs(600),
+        ));
+    }
     let mut ids = Vec::new();
     for (channel, to) in targets {
         let id: i64 = sqlx::query_scalar(
             "insert into messages (dedupe_key, member_id, trigger, channel, context, due_at,
-                                   test, template_version, test_locale, test_to)
-             values ($1, $2, $3, $4, $5, $6, true, $7, $8, $9)
+                                   test, template_version, test_locale, test_to, test_by)
+             values ($1, $2, $3, $4, $5, $6, true, $7, $8, $9, $10)
              returning id",
         )
         // Its own key: a test never takes the trigger's.
@@ -417,10 +465,20 @@ pub async fn queue_test(
         .bind(version)
         .bind(locale)
         .bind(to)
-        .fetch_one(&app.pool)
+        .bind(&user.name)
+        .fetch_one(&mut *tx)
         .await?;
         ids.push(id);
     }
+    tx.commit().await?;
+    tracing::info!(
+        user = user.name,
+        trigger = trigger.as_str(),
+        locale,
+        version,
+        messages = ids.len(),
+        "Test send queued."
+    );
     app.outbox_ready.notify_waiters();
     Ok(ids)
 }

@@ -229,9 +229,9 @@ struct LoginForm {
 }
 
 async fn login(State(app): State<App>, request: axum::extract::Request) -> Response {
-    let (mut parts, body) = request.into_parts();
+    let (parts, body) = request.into_parts();
     let client = auth::client_addr(&app, &parts);
-    let headers = std::mem::take(&mut parts.headers);
+    let headers = parts.headers.clone();
     let form = match axum::Form::<LoginForm>::from_request(
         axum::extract::Request::from_parts(parts, body),
         &app,
@@ -655,13 +655,67 @@ async fn test_send(
         email: nonempty(form.email),
         phone: nonempty(form.phone),
     };
-    match api::queue_test(&app, trigger, &locale, request).await {
+    match api::queue_test(&app, &session.user, trigger, &locale, request).await {
         Ok(ids) => {
             let ids: Vec<String> = ids.iter().map(i64::to_string).collect();
             back_to(trigger, &locale, version, "sent", &ids.join(","))
         }
         Err(e) => error_page(e),
     }
+}
+
+/// The most lines of a file the diff compares; a longer file is said to be too long.
+const MAX_DIFF_LINES: usize = 10_000;
+/// The most bytes (both versions together) of a file the diff compares.
+const MAX_DIFF_BYTES: usize = 1024 * 1024;
+/// How long the diff of one file may take; past it, the diff is coarser (whole runs of lines
+/// replaced) but still correct.
+const DIFF_TIME: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The changes of each file between two versions.
+fn diff_files(old: &Files, new: &Files) -> Vec<DiffFile> {
+    FILE_NAMES
+        .iter()
+        .filter(|f| old.contains_key(**f) || new.contains_key(**f))
+        .map(|f| {
+            let a = old.get(*f).map_or("", String::as_str);
+            let b = new.get(*f).map_or("", String::as_str);
+            let longest = a.lines().count().max(b.lines().count());
+            let lines = if a == b {
+                Vec::new()
+            } else if longest > MAX_DIFF_LINES || a.len() + b.len() > MAX_DIFF_BYTES {
+                vec![(
+                    "equal",
+                    format!(
+                        "  ({longest} lines, {} bytes: more than a diff shows ({MAX_DIFF_LINES} lines, {} KiB); compare the versions' files instead)",
+                        a.len() + b.len(),
+                        MAX_DIFF_BYTES / 1024
+                    ),
+                )]
+            } else {
+                similar::TextDiff::configure()
+                    .timeout(DIFF_TIME)
+                    .diff_lines(a, b)
+                    .iter_all_changes()
+                    .map(|change| {
+                        let (class, sign) = match change.tag() {
+                            similar::ChangeTag::Insert => ("insert", '+'),
+                            similar::ChangeTag::Delete => ("delete", '-'),
+                            similar::ChangeTag::Equal => ("equal", ' '),
+                        };
+                        (
+                            class,
+                            format!("{sign} {}", change.value().trim_end_matches('\n')),
+                        )
+                    })
+                    .collect()
+            };
+            DiffFile {
+                name: (*f).to_owned(),
+                lines,
+            }
+        })
+        .collect()
 }
 
 /// One file's changes.
@@ -707,36 +761,15 @@ async fn diff(
         (Ok(a), Ok(b)) => (a, b),
         (Err(e), _) | (_, Err(e)) => return error_page(e.into()),
     };
-    let files = FILE_NAMES
-        .iter()
-        .filter(|f| old.contains_key(**f) || new.contains_key(**f))
-        .map(|f| {
-            let a = old.get(*f).map_or("", String::as_str);
-            let b = new.get(*f).map_or("", String::as_str);
-            let lines = if a == b {
-                Vec::new()
-            } else {
-                similar::TextDiff::from_lines(a, b)
-                    .iter_all_changes()
-                    .map(|change| {
-                        let (class, sign) = match change.tag() {
-                            similar::ChangeTag::Insert => ("insert", '+'),
-                            similar::ChangeTag::Delete => ("delete", '-'),
-                            similar::ChangeTag::Equal => ("equal", ' '),
-                        };
-                        (
-                            class,
-                            format!("{sign} {}", change.value().trim_end_matches('\n')),
-                        )
-                    })
-                    .collect()
-            };
-            DiffFile {
-                name: (*f).to_owned(),
-                lines,
-            }
-        })
-        .collect();
+    // Off the async workers, a few at a time, bounded in lines and time.
+    let files = match app
+        .templates
+        .for_request(move |_| diff_files(&old, &new))
+        .await
+    {
+        Ok(files) => files,
+        Err(e) => return error_page(ApiError::from_anyhow(e)),
+    };
     page(
         StatusCode::OK,
         &DiffPage {

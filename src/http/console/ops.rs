@@ -160,7 +160,7 @@ async fn deliveries_page(
     let ops = session.user.role == Role::Ops;
     let rows = match deliveries::search(&app, &filter, PAGE, query.cursor, ops).await {
         Ok(rows) => rows,
-        Err(e) => return error_page(ApiError::internal(format!("{e:#}"))),
+        Err(e) => return error_page(ApiError::from_anyhow(e)),
     };
     let next = (rows.len() as i64 == PAGE).then(|| {
         let mut url = url::Url::parse("http://console/console/deliveries").expect("static URL");
@@ -232,7 +232,7 @@ async fn retry(
                     &[("done", "retried".into()), ("of", n.to_string())],
                 )
             }
-            Err(e) => error_page(ApiError::internal(format!("{e:#}"))),
+            Err(e) => error_page(ApiError::from_anyhow(e)),
         };
     }
     let field = |k: &str| form.filter.get(k).cloned().unwrap_or_default();
@@ -260,7 +260,7 @@ async fn retry(
             pairs.push(("of", n.to_string()));
             redirect("/console/deliveries", &pairs)
         }
-        Err(e) => error_page(ApiError::internal(format!("{e:#}"))),
+        Err(e) => error_page(ApiError::from_anyhow(e)),
     }
 }
 
@@ -296,7 +296,7 @@ async fn message_page(
     let d = match deliveries::detail(&app, id, ops).await {
         Ok(Some(d)) => d,
         Ok(None) => return error_page(ApiError::not_found(format!("no message {id}"))),
-        Err(e) => return error_page(ApiError::internal(format!("{e:#}"))),
+        Err(e) => return error_page(ApiError::from_anyhow(e)),
     };
     let field = |k: &str| d.content.get(k).and_then(|v| v.as_str()).map(str::to_owned);
     page(
@@ -358,7 +358,7 @@ async fn dead_letters_page(
     }
     let rows = match dead_letters::list(&app, &query.filter(), 200, None).await {
         Ok(rows) => rows,
-        Err(e) => return error_page(ApiError::internal(format!("{e:#}"))),
+        Err(e) => return error_page(ApiError::from_anyhow(e)),
     };
     page(
         StatusCode::OK,
@@ -422,7 +422,7 @@ async fn act_on_dead_letters(
                 ("of", n.to_string()),
             ],
         ),
-        Err(e) => error_page(ApiError::internal(format!("{e:#}"))),
+        Err(e) => error_page(ApiError::from_anyhow(e)),
     }
 }
 
@@ -462,7 +462,7 @@ async fn queues_page(State(app): State<App>, session: Session) -> Response {
         deliveries::provider_health(&app, 15).await,
     ) {
         (Ok(q), Ok(p)) => (q, p),
-        (Err(e), _) | (_, Err(e)) => return error_page(ApiError::internal(format!("{e:#}"))),
+        (Err(e), _) | (_, Err(e)) => return error_page(ApiError::from_anyhow(e)),
     };
     page(
         StatusCode::OK,

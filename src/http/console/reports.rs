@@ -113,7 +113,7 @@ async fn report_page(
             .await;
     let reports: Vec<Report> = match reports {
         Ok(r) => r,
-        Err(e) => return error_page(ApiError::internal(format!("{e:#}"))),
+        Err(e) => return error_page(ApiError::from_anyhow(e)),
     };
     let Some(current) = reports.last() else {
         return error_page(ApiError::internal("no period"));

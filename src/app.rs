@@ -58,7 +58,7 @@ pub struct Health {
     /// Each provider's circuit as this process's dispatcher last saw it: open or not.
     pub circuits: std::sync::Mutex<std::collections::BTreeMap<String, bool>>,
     /// Since when the dispatcher's results writer has been failing past its limit, if it is
-    /// (`dispatch::STUCK_AFTER`).
+    /// (`dispatch.writer_stuck_ms`).
     pub writer_stuck_since: std::sync::Mutex<Option<std::time::Instant>>,
 }
 

@@ -407,6 +407,11 @@ pub struct DispatchSettings {
     /// channel; 0 turns the cap off.
     #[serde(deserialize_with = "parsed")]
     pub marketing_cap_hours: u32,
+    /// How long the results writer may go on failing before it counts as stuck (`/readyz`
+    /// then says dispatch is not ready, and `lifecycle_results_writer_stuck` is 1), in
+    /// milliseconds.
+    #[serde(deserialize_with = "parsed")]
+    pub writer_stuck_ms: u64,
     /// SMS segments past which `templates check` warns (GSM-7: 160 characters alone, 153 a
     /// segment; UCS-2, as Korean always is: 70 alone, 67 a segment).
     #[serde(deserialize_with = "parsed")]
@@ -473,6 +478,7 @@ impl Default for DispatchSettings {
             rate_limit: RateLimits::default(),
             quiet_hours: parse_default("21:00-08:00"),
             marketing_cap_hours: 16,
+            writer_stuck_ms: 30_000,
             sms_max_segments: 2,
         }
     }

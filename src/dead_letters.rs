@@ -162,7 +162,8 @@ async fn save(app: &App, batch: &[Delivery]) -> anyhow::Result<()> {
         ids.push(id);
         types.push(kind);
         keys.push(d.routing_key.as_str().to_owned());
-        reasons.push(reason(&table));
+        // Masked again here: a letter refused by an older release may quote an address.
+        reasons.push(crate::mask::text(&reason(&table)));
         headers.push(table_json(&table).to_string());
         bodies.push(&d.data);
     }

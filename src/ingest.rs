@@ -552,9 +552,11 @@ impl Ingest {
         reason: &str,
     ) -> anyhow::Result<lapin::PublisherConfirm> {
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        // The reason quotes what the event held; addresses and numbers in it are masked, as
+        // in every stored error (the body keeps the event as it came).
         headers.insert(
             ERROR_HEADER.into(),
-            AMQPValue::LongString(LongString::from(truncate(reason, 1000))),
+            AMQPValue::LongString(LongString::from(truncate(&crate::mask::text(reason), 1000))),
         );
         let exchange = &self.app.settings.ingest.dead_letter_exchange;
         publisher

@@ -503,18 +503,28 @@ pub async fn retry_failed(
     let mut after = 0_i64;
     let mut requeued = 0_u64;
     loop {
+        // Along the failed index from `after`, however stale the table's statistics: without
+        // them (a million failures just now) the planner read every failed message and sorted
+        // them for each page, 0.5 s a page instead of 25 ms.
+        let mut tx = pool
+            .begin_with(
+                "begin; set local enable_seqscan = off; set local enable_bitmapscan = off;
+                 set local enable_sort = off",
+            )
+            .await?;
         let page: Vec<i64> = filter
             .bind(sqlx::query(&sql))
             .bind(ids)
             .bind(after)
             .bind(RETRY_PAGE)
             .bind(now)
-            .fetch_all(pool)
+            .fetch_all(&mut *tx)
             .await
             .context("requeueing failed messages")?
             .iter()
             .map(|row| row.get(0))
             .collect();
+        tx.commit().await?;
         requeued += page.len() as u64;
         match page.iter().max() {
             Some(last) if page.len() as i64 == RETRY_PAGE => after = *last,

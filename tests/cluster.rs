@@ -18,6 +18,22 @@ fn cluster(args: &[&str]) {
     assert!(status.success(), "scripts/rabbit-cluster {args:?}");
 }
 
+/// The node leading quorum queue `queue`, as the cluster (asked through node 1) says.
+fn leader(queue: &str) -> String {
+    let output = Command::new("rabbitmqctl")
+        .args(["-q", "-n", "lc1@localhost", "list_queues", "name", "leader"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "rabbitmqctl list_queues");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find_map(|line| {
+            let mut columns = line.split_whitespace();
+            (columns.next() == Some(queue)).then(|| columns.next().unwrap_or_default().to_owned())
+        })
+        .unwrap_or_else(|| panic!("{queue} listed"))
+}
+
 /// Stops the cluster however the test ends.
 struct Cluster;
 
@@ -62,7 +78,13 @@ async fn a_node_stopped_mid_stream_loses_and_doubles_nothing() {
     })
     .await;
     assert!(under_way.is_some(), "ingest under way");
-    // The queues' leader goes away mid-stream; the platform goes on publishing.
+    // The queues' leader goes away mid-stream; the platform goes on publishing. That node 2
+    // leads the input queue is checked, not assumed.
+    assert_eq!(
+        leader(&env.settings.ingest.queue),
+        "lc2@localhost",
+        "node 2 leads the input queue"
+    );
     cluster(&["stop-node", "2"]);
     env.publish(rest).await;
     let done = wait_up_to(Duration::from_secs(180), || async {

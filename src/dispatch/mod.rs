@@ -612,8 +612,8 @@ enum Outcome {
 /// even that be refused, given up with an error logged (its claim lapses and it is sent again,
 /// with the lost claim recorded as unsure). So no one result can hold the writer. A write that
 /// fails for a passing reason (the database restarting) is retried with backoff, never
-/// dropped; past `STUCK_AFTER` the writer counts as stuck, which `/readyz` and the
-/// `lifecycle_results_writer_stuck` gauge show.
+/// dropped; past `dispatch.writer_stuck_ms` (30 s) the writer counts as stuck, which
+/// `/readyz` and the `lifecycle_results_writer_stuck` gauge show.
 #[derive(Default)]
 struct Recorder {
     /// Results waiting for the next write, each with its waiter.
@@ -621,9 +621,6 @@ struct Recorder {
     /// Held by whoever is writing.
     writing: tokio::sync::Mutex<()>,
 }
-
-/// How long the writer may go on failing before it counts as stuck.
-pub const STUCK_AFTER: Duration = Duration::from_secs(30);
 
 impl Recorder {
     /// Records `settled` (with whatever else is waiting) and returns once it is written (or,
@@ -675,7 +672,7 @@ impl Recorder {
                 }
                 Err(error) => {
                     let failing = started.elapsed();
-                    if failing >= STUCK_AFTER {
+                    if failing.as_millis() >= u128::from(app.settings.dispatch.writer_stuck_ms) {
                         app.health.writer_stuck(true);
                     }
                     warn!(

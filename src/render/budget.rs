@@ -110,6 +110,8 @@ struct Budget {
     steps: u64,
     depth: u32,
     partial_depth: u32,
+    /// The deepest `depth` and `partial_depth` reached.
+    deepest: (u32, u32),
     /// Bytes written, by the bodies' literal text and the values printed.
     written: usize,
     deadline: Instant,
@@ -140,6 +142,7 @@ pub fn within<T>(render: impl FnOnce() -> T) -> T {
             steps: 0,
             depth: 0,
             partial_depth: 0,
+            deepest: (0, 0),
             written: 0,
             deadline: Instant::now() + TIME_LIMIT,
             exceeded: None,
@@ -149,6 +152,21 @@ pub fn within<T>(render: impl FnOnce() -> T) -> T {
     // (Not `then_some`: its argument would be made, and dropped, even when nested.)
     let _end = if started { Some(End) } else { None };
     render()
+}
+
+/// What a render used of its budget: (steps, deepest nesting, deepest partial nesting, bytes
+/// written). For the tests that show the shipped templates far inside the limits.
+#[cfg(test)]
+pub(super) fn measure<T>(render: impl FnOnce() -> T) -> (T, (u64, u32, u32, usize)) {
+    within(|| {
+        let out = render();
+        let used = BUDGET.with(|b| {
+            let b = b.borrow();
+            let b = b.as_ref().expect("within a budget");
+            (b.steps, b.deepest.0, b.deepest.1, b.written)
+        });
+        (out, used)
+    })
 }
 
 /// The limit the render under way crossed, if any.
@@ -172,6 +190,7 @@ fn charge(steps: u64, bytes: usize, depth: i32, partials: i32) -> Result<(), Exc
         b.written = b.written.saturating_add(bytes);
         b.depth = b.depth.saturating_add_signed(depth);
         b.partial_depth = b.partial_depth.saturating_add_signed(partials);
+        b.deepest = (b.deepest.0.max(b.depth), b.deepest.1.max(b.partial_depth));
         let crossed = if b.steps > MAX_STEPS {
             Some(Exceeded::Steps)
         } else if b.depth > MAX_DEPTH {

@@ -1051,6 +1051,7 @@ mod tests {
         );
     }
     use serde_json::json;
+    use std::collections::BTreeMap;
 
     fn templates() -> Templates {
         Templates::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("templates")).unwrap()
@@ -1080,6 +1081,231 @@ mod tests {
             dir.path(),
         );
         dir
+    }
+
+    /// The shipped welcome's files with `file` replaced.
+    fn welcome_with(t: &Templates, file: &str, source: &str) -> BTreeMap<String, String> {
+        let mut files = t.files(Trigger::Welcome, "en");
+        files.insert(file.into(), source.into());
+        files
+    }
+
+    /// The first error of a version of the English welcome with `file` replaced.
+    fn refusal(t: &Templates, file: &str, source: &str) -> FileError {
+        match t.overlay(Trigger::Welcome, "en", &welcome_with(t, file, source)) {
+            Ok(_) => panic!("{file} was accepted: {source:.200}"),
+            Err(errors) => errors[0].clone(),
+        }
+    }
+
+    #[test]
+    fn recursion_through_partials_is_refused_or_stopped_never_a_stack_overflow() {
+        let t = templates();
+        // Self-recursion by an inline partial named as a shared one: a cycle, refused.
+        let error = refusal(
+            &t,
+            "sms.hbs",
+            r#"{{#*inline "partials/footer"}}{{> partials/footer}}{{/inline}}{{> partials/footer}}"#,
+        );
+        assert!(error.message.contains("partial cycle"), "{error:?}");
+        // The same, guarded by the member: still a cycle, refused before anyone gets it.
+        let error = refusal(
+            &t,
+            "sms.hbs",
+            r#"{{#*inline "partials/footer"}}{{#if (eq member_id "m42")}}{{> partials/footer}}{{/if}}{{/inline}}{{> partials/footer}} STOP"#,
+        );
+        assert!(error.message.contains("partial cycle"), "{error:?}");
+        // Mutual recursion of two inline partials.
+        let error = refusal(
+            &t,
+            "email.subject.hbs",
+            r#"{{#*inline "a"}}{{> b}}{{/inline}}{{#*inline "b"}}{{> a}}{{/inline}}{{> a}}"#,
+        );
+        assert!(error.message.contains("a → b → a"), "{error:?}");
+        // Recursion through a name computed at render time: published (the sample is not
+        // the member), then stopped by the partial depth limit for the member it hits.
+        let dynamic = r#"{{#*inline "m42"}}{{#if (eq member_id "m42")}}{{> (lookup this "member_id")}}{{/if}}{{/inline}}{{> m42}}Hi STOP"#;
+        let next = t
+            .overlay(
+                Trigger::Welcome,
+                "en",
+                &welcome_with(&t, "sms.hbs", dynamic),
+            )
+            .expect("the sample context does not recurse");
+        let mut member = sample(Trigger::Welcome);
+        member["member_id"] = json!("m42");
+        let error = next
+            .render_sms(Trigger::Welcome, "en", &member)
+            .unwrap_err();
+        let file = render_error("welcome/en", &error);
+        assert_eq!(file.file, "sms.hbs", "{file:?}");
+        assert!(
+            file.message
+                .contains("partials included one another more than 12 deep"),
+            "{file:?}"
+        );
+        // Another member renders as before.
+        member["member_id"] = json!("m7");
+        assert_eq!(
+            next.render_sms(Trigger::Welcome, "en", &member).unwrap(),
+            "Hi STOP"
+        );
+    }
+
+    #[test]
+    fn loops_output_and_nesting_are_bounded() {
+        let t = templates();
+        let with_rewards = |n: usize, address: &str| {
+            let mut context = sample(Trigger::Welcome);
+            context["rewards"] = json!(
+                (0..n)
+                    .map(|i| json!({"points": i, "discount": i}))
+                    .collect::<Vec<_>>()
+            );
+            context["shop_address"] = json!(address);
+            context
+        };
+        // Forty nested loops: refused when saved (blocks nest 40 deep).
+        let forty = "{{#each @root.rewards}}".repeat(40) + "x" + &"{{/each}}".repeat(40);
+        let error = refusal(&t, "sms.hbs", &forty);
+        assert!(error.message.contains("nest 40 deep"), "{error:?}");
+        // Twenty-five, over a member's list of three: 3^25 bodies; the step limit ends it, in
+        // well under the time limit.
+        let loops = "{{#each @root.rewards}}".repeat(25) + "x" + &"{{/each}}".repeat(25) + " STOP";
+        let next = t
+            .overlay(Trigger::Welcome, "en", &welcome_with(&t, "sms.hbs", &loops))
+            .expect("one reward in the sample: one pass");
+        let started = std::time::Instant::now();
+        let error = next
+            .render_sms(Trigger::Welcome, "en", &with_rewards(3, "x"))
+            .unwrap_err();
+        let file = render_error("welcome/en", &error);
+        assert_eq!(
+            (file.file.as_str(), file.line),
+            ("sms.hbs", Some(1)),
+            "{file:?}"
+        );
+        assert!(file.message.contains("more than 100000 steps"), "{file:?}");
+        assert!(
+            started.elapsed() < budget::TIME_LIMIT,
+            "{:?}",
+            started.elapsed()
+        );
+        // A long string printed in loops: the output limit ends it, not the memory.
+        let printed = "{{#each @root.rewards}}{{#each @root.rewards}}{{@root.shop_address}}{{/each}}{{/each}} STOP";
+        let next = t
+            .overlay(
+                Trigger::Welcome,
+                "en",
+                &welcome_with(&t, "sms.hbs", printed),
+            )
+            .unwrap();
+        let error = next
+            .render_sms(
+                Trigger::Welcome,
+                "en",
+                &with_rewards(30, &"y".repeat(100_000)),
+            )
+            .unwrap_err();
+        let file = render_error("welcome/en", &error);
+        assert_eq!(file.file, "sms.hbs", "{file:?}");
+        assert!(file.message.contains("wrote more than 256 KiB"), "{file:?}");
+        // Inside a partial block (rendered into a buffer before the layout writes it): the
+        // bytes written are counted there too.
+        let layout = format!(
+            "{{{{#> layouts/email lang=\"en\"}}}}<mj-text>{printed}</mj-text>{{{{/layouts/email}}}}"
+        );
+        let next = t
+            .overlay(
+                Trigger::Welcome,
+                "en",
+                &welcome_with(&t, "email.mjml.hbs", &layout),
+            )
+            .unwrap();
+        let error = next
+            .render_email(
+                Trigger::Welcome,
+                "en",
+                &with_rewards(30, &"y".repeat(100_000)),
+            )
+            .unwrap_err();
+        assert!(
+            render_error("welcome/en", &error)
+                .message
+                .contains("wrote more than 256 KiB"),
+            "{error:#}"
+        );
+        // Blocks nested deeper than a file may hold: refused before the parser sees them.
+        let deep = "{{#if first_name}}".repeat(33) + &"{{/if}}".repeat(33) + " STOP";
+        assert!(
+            refusal(&t, "sms.hbs", &deep)
+                .message
+                .contains("nest 33 deep")
+        );
+        // MJML nested deeper than mrml and css-inline may take: a clear error.
+        let mjml = format!(
+            "<mjml><mj-body><mj-section><mj-column><mj-text>{}{{{{first_name}}}}{}</mj-text></mj-column></mj-section></mj-body></mjml>",
+            "<div>".repeat(200),
+            "</div>".repeat(200)
+        );
+        let error = refusal(&t, "email.mjml.hbs", &mjml);
+        assert!(error.message.contains("nest 205 deep"), "{error:?}");
+    }
+
+    #[test]
+    fn the_shipped_templates_use_a_fraction_of_the_budget() {
+        let t = templates();
+        let mut most = (0, 0, 0, 0);
+        for (trigger, locale) in t.pairs() {
+            let mut context = sample(trigger);
+            context["locale"] = json!(locale);
+            let (email, used) = budget::measure(|| t.render_email(trigger, &locale, &context));
+            email.unwrap();
+            most = (
+                most.0.max(used.0),
+                most.1.max(used.1),
+                most.2.max(used.2),
+                most.3.max(used.3),
+            );
+        }
+        // (steps, nesting, partial nesting, bytes): far inside the limits.
+        assert!(most.0 * 50 < budget::MAX_STEPS, "{most:?}");
+        assert!(most.1 * 4 < budget::MAX_DEPTH, "{most:?}");
+        assert!(most.2 * 4 <= budget::MAX_PARTIAL_DEPTH, "{most:?}");
+        assert!(most.3 * 10 < budget::MAX_WRITTEN, "{most:?}");
+        println!("the shipped templates' largest use (steps, nesting, partials, bytes): {most:?}");
+    }
+
+    #[test]
+    fn the_deepest_render_allowed_fits_a_small_thread_stack() {
+        // Partials 12 deep, each nesting blocks to the file limit: run on a 2 MiB thread (the
+        // blocking pool's), it ends with the depth limit, not a stack overflow.
+        let mut sources: Vec<(String, String)> = Vec::new();
+        collect_shipped(&SHIPPED, &mut sources).unwrap();
+        for level in 0..14 {
+            let next = if level == 13 {
+                "end".to_owned()
+            } else {
+                format!("{{{{> partials/p{}}}}}", level + 1)
+            };
+            let body = "{{#if first_name}}".repeat(30) + &next + &"{{/if}}".repeat(30);
+            sources.push((format!("partials/p{level}.hbs"), body));
+        }
+        sources.retain(|(path, _)| path != "welcome/en/sms.hbs");
+        sources.push(("welcome/en/sms.hbs".into(), "{{> partials/p0}}".into()));
+        let t = Templates::from_sources(sources).unwrap();
+        let context = sample(Trigger::Welcome);
+        let error = std::thread::Builder::new()
+            .stack_size(2 * 1024 * 1024)
+            .spawn(move || {
+                t.render_sms(Trigger::Welcome, "en", &context)
+                    .map_err(|e| format!("{e:#}"))
+            })
+            .unwrap()
+            .join()
+            .expect("no stack overflow")
+            .unwrap_err();
+        assert!(error.contains("nested more than 96 deep"), "{error}");
     }
 
     #[test]

@@ -22,6 +22,12 @@ pub struct Reply {
     pub body: String,
     /// Wait this long before answering.
     pub delay: Duration,
+    /// The provider took the message whatever the status says (a gateway that forwarded
+    /// the request, then answered 504).
+    pub forwarded: bool,
+    /// The provider behind honours `Idempotency-Key`: a request whose key it already took is
+    /// answered 200 and is no new copy.
+    pub idempotent: bool,
 }
 
 impl Reply {
@@ -32,7 +38,22 @@ impl Reply {
             headers: Vec::new(),
             body: body.to_owned(),
             delay: Duration::ZERO,
+            forwarded: false,
+            idempotent: false,
         }
+    }
+
+    /// The same, after the provider took the message (a gateway's 504 after forwarding).
+    pub fn forwarded(mut self) -> Reply {
+        self.forwarded = true;
+        self
+    }
+
+    /// The same, from a provider that honours `Idempotency-Key` (for this request and the
+    /// later ones with its key).
+    pub fn idempotent(mut self) -> Reply {
+        self.idempotent = true;
+        self
     }
 
     /// The same with a header.
@@ -65,6 +86,17 @@ pub struct Recorded {
     pub status: u16,
     /// The client's address: one per connection.
     pub peer: SocketAddr,
+    /// The provider has the message from this request: a 2xx, or a forwarded request.
+    pub took: bool,
+    /// A request with an idempotency key the provider had already taken: no new copy.
+    pub replayed: bool,
+}
+
+impl Recorded {
+    /// Whether this request left a copy of the message at the provider.
+    pub fn copy(&self) -> bool {
+        self.took && !self.replayed
+    }
 }
 
 #[derive(Default)]
@@ -74,6 +106,8 @@ struct Inner {
     rules: Vec<(String, Reply, Option<usize>)>,
     fallback: Option<Reply>,
     requests: Vec<Recorded>,
+    /// Idempotency keys taken under an idempotent rule.
+    taken: std::collections::HashSet<String>,
 }
 
 /// The running fake.
@@ -146,7 +180,7 @@ async fn handle(
             .rules
             .iter_mut()
             .find(|(text, _, left)| body.contains(text.as_str()) && *left != Some(0));
-        let reply = match rule {
+        let mut reply = match rule {
             Some((_, reply, left)) => {
                 if let Some(n) = left {
                     *n -= 1;
@@ -155,6 +189,21 @@ async fn handle(
             }
             None => inner.fallback.clone().unwrap(),
         };
+        let key = headers
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let replayed = key.as_ref().is_some_and(|k| inner.taken.contains(k));
+        if replayed {
+            reply = Reply::new(200, r#"{"id": "replayed"}"#);
+        }
+        let took = reply.status < 300 || reply.forwarded;
+        if took
+            && reply.idempotent
+            && let Some(key) = key
+        {
+            inner.taken.insert(key);
+        }
         inner.requests.push(Recorded {
             method: method.to_string(),
             path: uri.to_string(),
@@ -163,6 +212,8 @@ async fn handle(
             at: Instant::now(),
             status: reply.status,
             peer,
+            took,
+            replayed,
         });
         reply
     };

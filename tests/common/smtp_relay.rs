@@ -24,6 +24,8 @@ pub enum Fault {
     /// Hang up halfway through the mail: the server never gets it (and the client cannot
     /// tell this from `DropAfterDot`).
     DropMidData,
+    /// Relay the mail, and its verdict half a second late: sends stay in flight a while.
+    SlowVerdict,
 }
 
 /// The running relay.
@@ -200,6 +202,9 @@ async fn relay(
             from_server.read_until(b'\n', &mut verdict).await?;
             counts.1.fetch_add(1, Ordering::Relaxed);
             return Ok(());
+        }
+        if fault == Fault::SlowVerdict {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         }
         reply(&mut from_server, &mut client_write).await?;
     }

@@ -45,7 +45,8 @@ fn parts(data: &[u8], n: usize) -> Vec<String> {
 }
 
 /// Template compilation and rendering with a hostile welcome (MJML, subject, SMS), a hostile
-/// shared partial, and a hostile context.
+/// shared partial, and a hostile context; then the same welcome as a marketer's version over
+/// the shipped templates.
 pub fn templates(data: &[u8]) {
     let [mjml, subject, sms, partial, context] = <[String; 5]>::try_from(parts(data, 5)).unwrap();
     let mut sources = vec![("partials/p.hbs".to_owned(), partial)];
@@ -61,19 +62,36 @@ pub fn templates(data: &[u8]) {
             sources.push((format!("{dir}/sms.hbs"), "x".into()));
         }
     }
-    let Ok(templates) = Templates::from_sources(sources) else {
-        return;
-    };
     let context: serde_json::Value = serde_json::from_str(&context)
         .unwrap_or_else(|_| lifecycle::render::sample_context(Trigger::Welcome));
-    if let Ok(email) = templates.render_email(Trigger::Welcome, "en", &context) {
-        assert!(
-            !email.subject.contains('\n') && !email.subject.contains('\r'),
-            "a subject is one line"
-        );
+    if let Ok(templates) = Templates::from_sources(sources) {
+        if let Ok(email) = templates.render_email(Trigger::Welcome, "en", &context) {
+            assert!(
+                !email.subject.contains('\n') && !email.subject.contains('\r'),
+                "a subject is one line"
+            );
+        }
+        let _ = templates.render_sms(Trigger::Welcome, "en", &context);
     }
-    let _ = templates.render_sms(Trigger::Welcome, "en", &context);
+    // The same files as a marketer's version over the shipped templates (the path of a save,
+    // a preview and a publish: the pair's own checks, and the sample context's render).
+    let shipped = SHIPPED.get_or_init(|| Templates::shipped().expect("the shipped templates"));
+    let files = [
+        ("email.mjml.hbs", mjml),
+        ("email.subject.hbs", subject),
+        ("sms.hbs", sms),
+    ]
+    .into_iter()
+    .map(|(file, source)| (file.to_owned(), source))
+    .collect();
+    if let Ok(version) = shipped.overlay(Trigger::Welcome, "en", &files) {
+        let _ = version.render_email(Trigger::Welcome, "en", &context);
+        let _ = version.render_sms(Trigger::Welcome, "en", &context);
+    }
 }
+
+/// The shipped templates, compiled once per process.
+static SHIPPED: std::sync::OnceLock<Templates> = std::sync::OnceLock::new();
 
 /// The parsers of addresses, numbers, locales and ids, and masking.
 pub fn addresses(data: &[u8]) {

@@ -22,7 +22,10 @@ pub const PARTNER_TEXT: usize = 500;
 /// runs of whitespace one space, at most `PARTNER_TEXT` characters are kept, and addresses
 /// and numbers are masked.
 pub fn partner(text: &str) -> String {
-    self::text(&clean(text, PARTNER_TEXT))
+    // Masked before it is cut to length: an address cut in two at the end would no longer
+    // look like one.
+    let masked = self::text(&clean(text, PARTNER_TEXT * 4));
+    clean(&masked, PARTNER_TEXT)
 }
 
 /// Bytes from a partner, which need not be UTF-8, as `partner` text (invalid sequences are
@@ -185,6 +188,15 @@ mod tests {
             "550 no a***@example.com"
         );
         assert!(partner(&"@".repeat(100_000)).chars().count() <= PARTNER_TEXT + 1);
+        // An address or a number across the cut is masked, not cut in two and kept.
+        for pad in 480..PARTNER_TEXT {
+            let reply = format!("{} ada.lovelace@example.com +14155550123", "x".repeat(pad));
+            let kept = partner(&reply);
+            assert!(
+                !kept.contains("lovelace") && !kept.contains("0123") && !kept.contains("55550"),
+                "{kept}"
+            );
+        }
     }
 
     #[test]

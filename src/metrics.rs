@@ -155,6 +155,14 @@ fn describe() {
         "lifecycle_scans_total",
         "Scheduled scans run, by scan and result (ok, failed)."
     );
+    describe_gauge!(
+        "lifecycle_results_writer_stuck",
+        "1 while the dispatcher's results writer has failed for longer than dispatch.writer_stuck_ms, else 0."
+    );
+    describe_counter!(
+        "lifecycle_results_dropped_total",
+        "Results the database refused even without their texts: their claims lapse and the messages go again."
+    );
 }
 
 #[cfg(test)]

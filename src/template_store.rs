@@ -134,7 +134,7 @@ pub struct TemplateStore {
     /// Compiles and renders a marketer's requests make (save, publish, preview, test send,
     /// message detail) run a few at a time, so that dispatch's renders always find threads of
     /// the blocking pool, however many such requests come at once.
-    requests: tokio::sync::Semaphore,
+    requests: Arc<tokio::sync::Semaphore>,
 }
 
 /// A marketer's compiles and renders at once (see `TemplateStore::requests`).
@@ -191,7 +191,7 @@ impl TemplateStore {
             compiled: Mutex::new(HashMap::new()),
             base,
             pool,
-            requests: tokio::sync::Semaphore::new(REQUEST_RENDERS),
+            requests: Arc::new(tokio::sync::Semaphore::new(REQUEST_RENDERS)),
         };
         store.reload().await?;
         Ok(store)
@@ -534,13 +534,20 @@ impl TemplateStore {
         &self,
         work: impl FnOnce(&Templates) -> T + Send + 'static,
     ) -> anyhow::Result<T> {
-        let _turn = self
+        // The turn goes with the work: a request given up (its client gone) leaves its work
+        // running on the blocking pool, and the turn taken until it ends.
+        let turn = self
             .requests
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .context("the template store is closed")?;
         let base = self.base.clone();
-        off_workers(move || work(&base)).await
+        off_workers(move || {
+            let _turn = turn;
+            work(&base)
+        })
+        .await
     }
 
     /// `files` over the shipped templates as (trigger, locale)'s version, validated as a

@@ -158,7 +158,8 @@ pub async fn remove(pool: &PgPool, name: &str) -> anyhow::Result<bool> {
     Ok(done.rows_affected() > 0)
 }
 
-fn check_name(name: &str) -> anyhow::Result<()> {
+/// Whether `name` can be a user's name: 1 to 64 letters, digits, '.', '_', '-' or '@'.
+pub(crate) fn check_name(name: &str) -> anyhow::Result<()> {
     if name.is_empty()
         || name.len() > 64
         || !name
@@ -449,7 +450,9 @@ impl LoginThrottle {
         s.minute.0 += 1;
         if s.minute.0 > GLOBAL_FAILURES_PER_MINUTE {
             let step = match s.backoff {
-                Some((until, step)) if until > now => (step * 2).min(LOGIN_WINDOW),
+                // The flood goes on (the last backoff ended less than a minute ago): twice as
+                // long as the last one.
+                Some((until, step)) if now < until + minute => (step * 2).min(LOGIN_WINDOW),
                 _ => minute,
             };
             let until = (s.minute.1 + minute).max(now + step);
@@ -576,11 +579,29 @@ mod tests {
         // Alice, from where she logged in before, is let through.
         throttle.succeeded(throttle.begin_at("alice", home, now).unwrap());
         // After the backoff, strangers may try again.
-        assert!(
-            throttle
-                .begin_at("alice", stranger, now + Duration::from_secs(61))
-                .is_ok()
-        );
+        let later = now + Duration::from_secs(61);
+        assert!(throttle.begin_at("alice", stranger, later).is_ok());
+        // A flood that goes on right after it: twice as long, then twice again, up to the
+        // window.
+        let mut at = later;
+        let mut waits = Vec::new();
+        let flood = |round: u8, at: Instant| {
+            (0..=GLOBAL_FAILURES_PER_MINUTE + 1)
+                .find_map(|n| {
+                    let addr = IpAddr::from([10, round, (n / 250) as u8, (n % 250) as u8]);
+                    throttle.begin_at("alice", addr, at).err()
+                })
+                .expect("the flood backs off")
+        };
+        for round in 1..=6 {
+            let wait = flood(round, at);
+            waits.push(wait.as_secs());
+            at += wait + Duration::from_secs(1);
+        }
+        assert_eq!(waits, [120, 240, 480, 900, 900, 900], "{waits:?}");
+        // A calm minute after the last backoff: back to one minute.
+        at += Duration::from_secs(61);
+        assert_eq!(flood(9, at).as_secs(), 60);
     }
 
     #[test]

@@ -91,6 +91,22 @@ async fn no_one_can_lock_a_user_out_from_another_address() {
         .filter(|s| **s == StatusCode::UNAUTHORIZED)
         .count();
     assert_eq!(checked, 5, "{guesses:?}");
+    // Names no user can have (100 KB of text, a password typed in the wrong field with
+    // a space in it) are refused without being counted or kept: that address is not
+    // throttled by them, and its own user still logs in.
+    for name in ["x".repeat(100_000), "correct horse battery".to_owned()] {
+        // Twenty of each: forty counted would pass the address's limit of thirty.
+        for _ in 0..20 {
+            assert_eq!(
+                login_from(&base, "192.0.2.50", &name, "guess").await,
+                StatusCode::UNAUTHORIZED
+            );
+        }
+    }
+    assert_eq!(
+        login_from(&base, "192.0.2.50", "alice", &password).await,
+        StatusCode::SEE_OTHER
+    );
     worker.stop().await.unwrap();
     env.cleanup().await;
 }

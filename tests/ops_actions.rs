@@ -8,8 +8,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{ALL_ROLES, INGEST_ONLY, SmtpSink, TestEnv, cli, count, enrolled, wait_for};
-use lifecycle::app::{App, Roles};
+use common::{
+    ALL_ROLES, DISPATCH_ONLY, INGEST_ONLY, SmtpSink, TestEnv, cli, count, enrolled, wait_for,
+};
+use lifecycle::app::App;
 use lifecycle::triggers::Trigger;
 use serde_json::json;
 
@@ -83,13 +85,18 @@ async fn a_retry_renders_with_the_version_in_force_not_the_broken_one_it_failed_
     let env = TestEnv::with_smtp(&sink);
     let worker = env.start(ALL_ROLES).await;
     let app = worker.app.clone();
-    // A version that fails m42's render only (a recursion through a computed partial name).
+    // A version that fails m42's render only (markup nested deeper than the MJML stage
+    // takes, for m42 alone: the sample renders).
     let mut files = app.templates.shipped().files(Trigger::Welcome, "en");
-    files.insert(
-        "email.subject.hbs".into(),
-        r#"{{#*inline "m42"}}{{#if (eq member_id "m42")}}{{> (lookup this "member_id")}}{{/if}}{{/inline}}{{> m42}}Welcome"#
-            .into(),
+    let mjml = files["email.mjml.hbs"].replacen(
+        "</mj-text>",
+        &format!(
+            "{{{{#if (eq member_id \"m42\")}}}}{}{{{{/if}}}}</mj-text>",
+            "<div>".repeat(150)
+        ),
+        1,
     );
+    files.insert("email.mjml.hbs".into(), mjml);
     let version = app
         .templates
         .save_draft(Trigger::Welcome, "en", &files, "mia")
@@ -144,17 +151,9 @@ async fn a_pin_that_no_longer_resolves_falls_back_to_the_version_in_force() {
     .execute(&app.pool)
     .await
     .unwrap();
-    let dispatch = lifecycle::app::Worker::start(
-        env.app().await,
-        Roles {
-            ingest: false,
-            dispatch: true,
-            schedule: false,
-            http: false,
-        },
-    )
-    .await
-    .unwrap();
+    let dispatch = lifecycle::app::Worker::start(env.app().await, DISPATCH_ONLY)
+        .await
+        .unwrap();
     assert_eq!(settled(&app, "m-gone").await, "sent");
     assert_eq!(settled(&app, "m-moved").await, "sent");
     let (_, version, locale, _) = welcome(&app, "m-gone").await;
@@ -313,14 +312,7 @@ async fn dead_letters_are_replayed_once_and_never_applied_twice_even_after_reten
 #[tokio::test(flavor = "multi_thread")]
 async fn every_replica_picks_up_publishes_that_commit_out_of_order() {
     let env = TestEnv::new(&[]);
-    let worker = env
-        .start(Roles {
-            ingest: false,
-            dispatch: true,
-            schedule: false,
-            http: false,
-        })
-        .await;
+    let worker = env.start(DISPATCH_ONLY).await;
     let app = worker.app.clone();
     let en = files_with_sms(&app, Trigger::Welcome, "en", "Hello en {{first_name}} STOP");
     let ko = files_with_sms(&app, Trigger::Welcome, "ko", "Hello ko {{first_name}} STOP");

@@ -6,7 +6,7 @@
 mod common;
 
 use common::fake_api::{FakeApi, Reply};
-use common::{ALL_ROLES, TestEnv, count, enrolled, free_port, wait_for};
+use common::{ALL_ROLES, DISPATCH_ONLY, TestEnv, count, enrolled, free_port, wait_for};
 use lifecycle::app::Roles;
 
 /// An environment whose email goes to the webhook provider at `fake` (then to `then`, if
@@ -114,17 +114,9 @@ async fn a_result_the_database_refuses_for_good_is_written_without_its_texts() {
     ] {
         sqlx::query(sql).execute(&app.pool).await.unwrap();
     }
-    let dispatch = lifecycle::app::Worker::start(
-        env.app().await,
-        Roles {
-            ingest: false,
-            dispatch: true,
-            schedule: false,
-            http: false,
-        },
-    )
-    .await
-    .unwrap();
+    let dispatch = lifecycle::app::Worker::start(env.app().await, DISPATCH_ONLY)
+        .await
+        .unwrap();
     wait_for("every result recorded", || async {
         (count(
             &app,
@@ -187,6 +179,12 @@ async fn a_writer_stuck_on_the_database_shows_in_readyz_and_metrics_until_it_rec
             answer.json::<serde_json::Value>().await.ok()?,
         ))
     };
+    let scrape = || async {
+        let answer = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap();
+        answer.text().await.unwrap()
+    };
     wait_for("ready", || async {
         ready().await.filter(|(s, _)| *s == 200)
     })
@@ -207,12 +205,7 @@ async fn a_writer_stuck_on_the_database_shows_in_readyz_and_metrics_until_it_rec
     .await;
     assert_eq!(report["dispatch"]["alive"], false, "{report}");
     assert!(report["dispatch"]["writer_stuck_secs"].is_u64(), "{report}");
-    let metrics = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape().await;
     assert!(
         metrics.contains("lifecycle_results_writer_stuck 1"),
         "{metrics}"
@@ -228,12 +221,7 @@ async fn a_writer_stuck_on_the_database_shows_in_readyz_and_metrics_until_it_rec
     .await;
     assert_eq!(welcome(&app, "m-1").await.0, "sent");
     assert_eq!(fake.requests().len(), 1);
-    let metrics = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape().await;
     assert!(
         metrics.contains("lifecycle_results_writer_stuck 0"),
         "{metrics}"

@@ -688,13 +688,21 @@ impl Recorder {
         app.health.writer_stuck(false);
     }
 
-    /// One result the database refused for good: written once more without its texts, or
-    /// given up.
+    /// One result the database refused for good: written once more without its texts (which
+    /// are logged instead, masked), or, refused even so, given up. A passing failure of that
+    /// write is retried with backoff, as any write is.
     async fn write_bare(app: &App, owner: &str, result: &Settled, refused: &anyhow::Error) {
-        let reason = crate::mask::text(&format!("{refused:#}"));
+        let masked = |text: &Option<String>| text.as_deref().map(crate::mask::partner);
         warn!(
             message_id = result.id,
-            error = reason,
+            error = crate::mask::text(&format!("{refused:#}")),
+            result_error = masked(&result.error),
+            provider_ref = masked(&result.provider_ref),
+            attempt_errors = ?result
+                .attempts
+                .iter()
+                .filter_map(|a| masked(&a.error))
+                .collect::<Vec<_>>(),
             "The database refused a result; writing it without its texts."
         );
         let mut bare = result.clone();
@@ -703,15 +711,27 @@ impl Recorder {
         for attempt in &mut bare.attempts {
             attempt.error = attempt.error.as_ref().map(|_| "(not stored)".into());
         }
-        match outbox::record(&app.pool, owner, std::slice::from_ref(&bare)).await {
-            Ok(lost) => warn_lost(&lost),
-            Err(error) => {
-                metrics::counter!("lifecycle_results_dropped_total").increment(1);
-                tracing::error!(
-                    message_id = result.id,
-                    error = crate::mask::text(&format!("{error:#}")),
-                    "A result could not be recorded at all; its claim will lapse and the message go again."
-                );
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+        loop {
+            match outbox::record(&app.pool, owner, std::slice::from_ref(&bare)).await {
+                Ok(lost) => return warn_lost(&lost),
+                Err(error) if crate::db::is_transient_error(&error) => {
+                    warn!(
+                        message_id = result.id,
+                        error = crate::mask::text(&format!("{error:#}")),
+                        "Recording a result without its texts failed; retrying."
+                    );
+                    tokio::time::sleep(backoff.next()).await;
+                }
+                Err(error) => {
+                    metrics::counter!("lifecycle_results_dropped_total").increment(1);
+                    tracing::error!(
+                        message_id = result.id,
+                        error = crate::mask::text(&format!("{error:#}")),
+                        "A result could not be recorded at all; its claim will lapse and the message go again."
+                    );
+                    return;
+                }
             }
         }
     }

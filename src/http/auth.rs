@@ -309,23 +309,35 @@ pub fn client_addr(app: &App, parts: &Parts) -> Option<IpAddr> {
     ))
 }
 
-/// `client_addr`'s rule, apart from the request.
+/// `client_addr`'s rule, apart from the request. The hops of every `X-Forwarded-For` header
+/// are read from the right (the nearest proxy's entry last), trusted proxies skipped: the first
+/// other address is the client. A hop that is not an address (`1.2.3.4:80` and `[::1]:80` are)
+/// ends the walk at the peer: no trusted proxy wrote it.
 pub fn forwarded_client(trusted: &[Network], peer: IpAddr, headers: &HeaderMap) -> IpAddr {
     let is_trusted = |ip: IpAddr| trusted.iter().any(|net| net.contains(ip));
     if !is_trusted(peer) {
         return peer;
     }
-    let hops: Vec<IpAddr> = headers
+    let hops: Vec<&str> = headers
         .get_all("x-forwarded-for")
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map_while(|hop| hop.trim().parse::<IpAddr>().ok())
+        .map(str::trim)
         .collect();
-    hops.into_iter()
-        .rev()
-        .find(|hop| !is_trusted(*hop))
-        .unwrap_or(peer)
+    for hop in hops.into_iter().rev() {
+        let Some(ip) = hop
+            .parse::<IpAddr>()
+            .ok()
+            .or_else(|| hop.parse::<SocketAddr>().ok().map(|a| a.ip()))
+        else {
+            return peer;
+        };
+        if !is_trusted(ip) {
+            return ip;
+        }
+    }
+    peer
 }
 
 /// The `Set-Cookie` value of a session cookie (`value` empty: one that clears it).
@@ -341,4 +353,34 @@ pub fn session_cookie(app: &App, value: &str) -> String {
         format!("; Max-Age={}", users::SESSION_HOURS * 3600)
     };
     format!("{SESSION_COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict{age}{secure}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_is_the_nearest_untrusted_hop() {
+        let trusted: Vec<Network> = vec!["10.0.0.0/8".parse().unwrap()];
+        let proxy: IpAddr = "10.0.0.5".parse().unwrap();
+        let client = |xff: &[&str], peer: IpAddr| {
+            let mut headers = HeaderMap::new();
+            for value in xff {
+                headers.append("x-forwarded-for", value.parse().unwrap());
+            }
+            forwarded_client(&trusted, peer, &headers).to_string()
+        };
+        // Whatever the client wrote first, the address the first proxy saw counts.
+        assert_eq!(client(&["garbage, 1.2.3.4"], proxy), "1.2.3.4");
+        assert_eq!(client(&["9.9.9.9, 1.2.3.4, 10.0.0.7"], proxy), "1.2.3.4");
+        assert_eq!(client(&["9.9.9.9", "1.2.3.4:5678"], proxy), "1.2.3.4");
+        assert_eq!(client(&["[2001:db8::1]:443"], proxy), "2001:db8::1");
+        // Nothing but proxies, nothing at all, or junk where a proxy writes: the peer.
+        assert_eq!(client(&["10.0.0.7"], proxy), "10.0.0.5");
+        assert_eq!(client(&[], proxy), "10.0.0.5");
+        assert_eq!(client(&["1.2.3.4, junk"], proxy), "10.0.0.5");
+        // From an untrusted peer the header is ignored.
+        let stranger: IpAddr = "5.6.7.8".parse().unwrap();
+        assert_eq!(client(&["1.2.3.4"], stranger), "5.6.7.8");
+    }
 }

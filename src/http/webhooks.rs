@@ -259,15 +259,22 @@ pub(super) async fn sendgrid_events(
 /// Whether a SendGrid `bounce` event is a hard bounce, the only kind that suppresses: not
 /// `"type": "blocked"` (a temporary refusal, often the receiver's policy), and, when SendGrid
 /// gives the receiver's enhanced status, a mailbox-level one (5.1.x, 5.2.1); without a status,
-/// a `bounce_classification` that names the address ("Invalid Address", "Mailbox
-/// Unavailable"), or, with neither, SendGrid's own word that it bounced.
+/// or with the generic 5.0.0, a `bounce_classification` that names the address ("Invalid
+/// Address", "Mailbox Unavailable"), or, with neither, SendGrid's own word that it bounced.
 fn hard_bounce(event: &serde_json::Value) -> bool {
     if event["type"].as_str() == Some("blocked") {
         return false;
     }
-    if let Some(status) = event["status"].as_str() {
-        return crate::dispatch::providers::enhanced_status(status)
-            .is_some_and(crate::dispatch::providers::mailbox_gone);
+    let status = event["status"]
+        .as_str()
+        .and_then(crate::dispatch::providers::enhanced_status);
+    match status {
+        // Temporary, whatever else it says.
+        Some((class, ..)) if class != 5 => return false,
+        // 5.0.0 says nothing of what failed (SendGrid often gives it): the classification
+        // decides.
+        Some((_, 0, 0)) | None => {}
+        Some(specific) => return crate::dispatch::providers::mailbox_gone(specific),
     }
     match event["bounce_classification"].as_str() {
         Some(class) => matches!(class, "Invalid Address" | "Mailbox Unavailable"),
@@ -298,6 +305,18 @@ mod tests {
                 false,
             ),
             (json!({"type": "bounce"}), true),
+            (
+                json!({"type": "bounce", "status": "5.0.0", "bounce_classification": "Technical"}),
+                false,
+            ),
+            (
+                json!({"type": "bounce", "status": "5.0.0", "bounce_classification": "Invalid Address"}),
+                true,
+            ),
+            (
+                json!({"type": "bounce", "status": "4.0.0", "bounce_classification": "Invalid Address"}),
+                false,
+            ),
         ];
         for (event, hard) in table {
             assert_eq!(super::hard_bounce(&event), hard, "{event}");

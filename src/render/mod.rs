@@ -455,45 +455,43 @@ impl Templates {
             .unwrap_or(DEFAULT_LOCALE)
     }
 
-    /// Renders the email of a trigger in `locale` (already resolved), within the render
-    /// budget (`budget`): its subject, HTML and text share one.
+    /// Renders the email of a trigger in `locale` (already resolved), each of its templates
+    /// within the render budget (`budget`).
     pub fn render_email(
         &self,
         trigger: Trigger,
         locale: &str,
         context: &Value,
     ) -> anyhow::Result<RenderedEmail> {
-        budget::within(|| {
-            let base = format!("{}/{locale}", trigger.as_str());
-            // One copy of the context for the email's three or four renders: `Registry::render`
-            // copies it for each (through serde), about a tenth of an email's render time.
-            let context = &handlebars::Context::from(context.clone());
-            let subject = one_line(&render(
-                &self.text,
-                &format!("{base}/email.subject"),
-                context,
-            )?);
-            let mjml_name = format!("{base}/email.mjml");
-            let (html, html_json) = if self.html.has_template(&mjml_name) {
-                self.mjml_email(&mjml_name, context)?
-            } else {
-                (
-                    render(&self.html, &format!("{base}/email.html"), context)?,
-                    None,
-                )
-            };
-            let text_name = format!("{base}/email.txt");
-            let text = if self.text.has_template(&text_name) {
-                render(&self.text, &text_name, context)?
-            } else {
-                html_to_text(&html)
-            };
-            Ok(RenderedEmail {
-                subject,
-                html,
-                text,
-                html_json,
-            })
+        let base = format!("{}/{locale}", trigger.as_str());
+        // One copy of the context for the email's three or four renders: `Registry::render`
+        // copies it for each (through serde), about a tenth of an email's render time.
+        let context = &handlebars::Context::from(context.clone());
+        let subject = one_line(&render(
+            &self.text,
+            &format!("{base}/email.subject"),
+            context,
+        )?);
+        let mjml_name = format!("{base}/email.mjml");
+        let (html, html_json) = if self.html.has_template(&mjml_name) {
+            self.mjml_email(&mjml_name, context)?
+        } else {
+            (
+                render(&self.html, &format!("{base}/email.html"), context)?,
+                None,
+            )
+        };
+        let text_name = format!("{base}/email.txt");
+        let text = if self.text.has_template(&text_name) {
+            render(&self.text, &text_name, context)?
+        } else {
+            html_to_text(&html)
+        };
+        Ok(RenderedEmail {
+            subject,
+            html,
+            text,
+            html_json,
         })
     }
 
@@ -506,33 +504,31 @@ impl Templates {
         name: &str,
         context: &handlebars::Context,
     ) -> anyhow::Result<(String, Option<String>)> {
-        budget::within(|| {
-            let whole = || Ok((self.mjml_email_whole(name, context)?, None));
-            if !self.frames.keeps() {
-                return whole();
+        let whole = || Ok((self.mjml_email_whole(name, context)?, None));
+        if !self.frames.keeps() {
+            return whole();
+        }
+        let (structure, values) = frames::collecting(|| render(&self.html, name, context));
+        let structure = structure?;
+        if !values.iter().all(|v| frames::fits(v)) {
+            return whole();
+        }
+        match self.frames.get(&structure) {
+            Some(Some(frame)) => match frame.fill(&values) {
+                Some(filled) => Ok((filled.html, Some(filled.json))),
+                None => whole(),
+            },
+            Some(None) => whole(),
+            None => {
+                let html = self.mjml_email_whole(name, context)?;
+                let frame = mjml_to_html(&structure)
+                    .ok()
+                    .and_then(|made| frames::Frame::parse(&made))
+                    .filter(|frame| frame.fill(&values).is_some_and(|f| f.html == html));
+                self.frames.keep(structure, frame);
+                Ok((html, None))
             }
-            let (structure, values) = frames::collecting(|| render(&self.html, name, context));
-            let structure = structure?;
-            if !values.iter().all(|v| frames::fits(v)) {
-                return whole();
-            }
-            match self.frames.get(&structure) {
-                Some(Some(frame)) => match frame.fill(&values) {
-                    Some(filled) => Ok((filled.html, Some(filled.json))),
-                    None => whole(),
-                },
-                Some(None) => whole(),
-                None => {
-                    let html = self.mjml_email_whole(name, context)?;
-                    let frame = mjml_to_html(&structure)
-                        .ok()
-                        .and_then(|made| frames::Frame::parse(&made))
-                        .filter(|frame| frame.fill(&values).is_some_and(|f| f.html == html));
-                    self.frames.keep(structure, frame);
-                    Ok((html, None))
-                }
-            }
-        })
+        }
     }
 
     /// The HTML of MJML template `name` through the whole pipeline.
@@ -541,10 +537,8 @@ impl Templates {
         name: &str,
         context: &handlebars::Context,
     ) -> anyhow::Result<String> {
-        budget::within(|| {
-            let mjml = render(&self.html, name, context)?;
-            mjml_to_html(&mjml).with_context(|| format!("turning {name}.hbs into HTML"))
-        })
+        let mjml = render(&self.html, name, context)?;
+        mjml_to_html(&mjml).with_context(|| format!("turning {name}.hbs into HTML"))
     }
 
     /// Renders every template of every trigger and locale with the trigger's sample context
@@ -578,15 +572,13 @@ impl Templates {
         locale: &str,
         context: &Value,
     ) -> anyhow::Result<String> {
-        budget::within(|| {
-            let name = format!("{}/{locale}/sms", trigger.as_str());
-            let body = render(
-                &self.text,
-                &name,
-                &handlebars::Context::from(context.clone()),
-            )?;
-            Ok(body.trim().to_owned())
-        })
+        let name = format!("{}/{locale}/sms", trigger.as_str());
+        let body = render(
+            &self.text,
+            &name,
+            &handlebars::Context::from(context.clone()),
+        )?;
+        Ok(body.trim().to_owned())
     }
 }
 
@@ -599,11 +591,13 @@ fn render(
     context: &handlebars::Context,
 ) -> anyhow::Result<String> {
     let mut out = budget::Capped::default();
-    match registry.render_with_context_to_write(name, context, &mut out) {
+    let (rendered, _, exceeded) =
+        budget::within(|| registry.render_with_context_to_write(name, context, &mut out));
+    match rendered {
         Ok(()) => Ok(String::from_utf8(out.bytes).expect("Handlebars writes text")),
         Err(error) => {
             let error = anyhow::Error::new(error);
-            Err(match budget::exceeded() {
+            Err(match exceeded {
                 Some(limit) => error
                     .context(limit)
                     .context(format!("rendering {name}.hbs: over the render budget")),
@@ -623,8 +617,13 @@ fn compile_file(
     partial: bool,
 ) -> Result<(Template, Template), (Option<usize>, String)> {
     budget::check_source(source)?;
-    let parsed = Template::compile_with_name(source, name.to_owned())
-        .map_err(|e| (e.pos().map(|(line, _)| line), e.reason().to_string()))?;
+    let parsed = budget::on_compile_stack(|| {
+        let parsed = Template::compile_with_name(source, name.to_owned())
+            .map_err(|e| (e.pos().map(|(line, _)| line), e.reason().to_string()))?;
+        // Refused, it is dropped here, on the stack it was built on.
+        budget::check_compiled(&parsed)?;
+        Ok::<_, (Option<usize>, String)>(parsed)
+    })?;
     let mut compiled = parsed.clone();
     budget::instrument(&mut compiled, partial);
     Ok((parsed, compiled))
@@ -1010,7 +1009,7 @@ mod tests {
                     "{name}"
                 );
                 let (structure, _) =
-                    frames::collecting(|| budget::within(|| t.html.render(&name, &context)));
+                    frames::collecting(|| budget::within(|| t.html.render(&name, &context)).0);
                 assert!(
                     matches!(t.frames.get(&structure.unwrap()), Some(Some(_))),
                     "{name}: no frame kept for {context}"
@@ -1018,7 +1017,7 @@ mod tests {
                 // …and another message of that structure, with other values, is filled in.
                 let other = hostile(&context);
                 let (_, values) =
-                    frames::collecting(|| budget::within(|| t.html.render(&name, &other)));
+                    frames::collecting(|| budget::within(|| t.html.render(&name, &other)).0);
                 assert!(values.iter().all(|v| frames::fits(v)), "{name}: {values:?}");
                 let (from_frame, json) = t.mjml_email(&name, &scope(&other)).unwrap();
                 assert_eq!(
@@ -1122,34 +1121,16 @@ mod tests {
             r#"{{#*inline "a"}}{{> b}}{{/inline}}{{#*inline "b"}}{{> a}}{{/inline}}{{> a}}"#,
         );
         assert!(error.message.contains("a → b → a"), "{error:?}");
-        // Recursion through a name computed at render time: published (the sample is not
-        // the member), then stopped by the partial depth limit for the member it hits.
-        let dynamic = r#"{{#*inline "m42"}}{{#if (eq member_id "m42")}}{{> (lookup this "member_id")}}{{/if}}{{/inline}}{{> m42}}Hi STOP"#;
-        let next = t
-            .overlay(
-                Trigger::Welcome,
-                "en",
-                &welcome_with(&t, "sms.hbs", dynamic),
-            )
-            .expect("the sample context does not recurse");
-        let mut member = sample(Trigger::Welcome);
-        member["member_id"] = json!("m42");
-        let error = next
-            .render_sms(Trigger::Welcome, "en", &member)
-            .unwrap_err();
-        let file = render_error("welcome/en", &error);
-        assert_eq!(file.file, "sms.hbs", "{file:?}");
-        assert!(
-            file.message
-                .contains("partials included one another more than 12 deep"),
-            "{file:?}"
+        // Recursion through a name computed at render time (no cycle to see): refused, a
+        // partial's name must be written out. (A render deeper than the partial limit is
+        // stopped anyway: `the_deepest_render_allowed_fits_a_small_thread_stack`.)
+        let error = refusal(
+            &t,
+            "sms.hbs",
+            r#"{{#*inline "m42"}}{{#if (eq member_id "m42")}}{{> (lookup this "member_id")}}{{/if}}{{/inline}}{{> m42}}Hi STOP"#,
         );
-        // Another member renders as before.
-        member["member_id"] = json!("m7");
-        assert_eq!(
-            next.render_sms(Trigger::Welcome, "en", &member).unwrap(),
-            "Hi STOP"
-        );
+        assert!(error.message.contains("must be written out"), "{error:?}");
+        assert_eq!(error.line, Some(1), "{error:?}");
     }
 
     #[test]
@@ -1169,9 +1150,9 @@ mod tests {
         let forty = "{{#each @root.rewards}}".repeat(40) + "x" + &"{{/each}}".repeat(40);
         let error = refusal(&t, "sms.hbs", &forty);
         assert!(error.message.contains("nest 40 deep"), "{error:?}");
-        // Twenty-five, over a member's list of three: 3^25 bodies; the step limit ends it, in
-        // well under the time limit.
-        let loops = "{{#each @root.rewards}}".repeat(25) + "x" + &"{{/each}}".repeat(25) + " STOP";
+        // Sixteen, as deep as a file may nest, over a member's list of three: 3^16 bodies;
+        // the step limit ends it, in well under the time limit.
+        let loops = "{{#each @root.rewards}}".repeat(16) + "x" + &"{{/each}}".repeat(16) + " STOP";
         let next = t
             .overlay(Trigger::Welcome, "en", &welcome_with(&t, "sms.hbs", &loops))
             .expect("one reward in the sample: one pass");
@@ -1211,7 +1192,8 @@ mod tests {
         assert_eq!(file.file, "sms.hbs", "{file:?}");
         assert!(file.message.contains("wrote more than 256 KiB"), "{file:?}");
         // Inside a partial block (rendered into a buffer before the layout writes it): the
-        // bytes written are counted there too.
+        // bytes written there are counted too, and end the render when they pass the limit
+        // of all it writes.
         let layout = format!(
             "{{{{#> layouts/email lang=\"en\"}}}}<mj-text>{printed}</mj-text>{{{{/layouts/email}}}}"
         );
@@ -1232,7 +1214,7 @@ mod tests {
         assert!(
             render_error("welcome/en", &error)
                 .message
-                .contains("wrote more than 256 KiB"),
+                .contains("wrote more than 512 KiB in all"),
             "{error:#}"
         );
         // Blocks nested deeper than a file may hold: refused before the parser sees them.
@@ -1253,59 +1235,137 @@ mod tests {
     }
 
     #[test]
+    fn previews_keep_no_frames_and_the_catalog_shares_the_published_cache() {
+        let t = templates();
+        assert!(t.frames.keeps());
+        // What a save or a preview renders with: no cache of its own to fill.
+        let preview = t
+            .overlay(Trigger::Welcome, "en", &t.files(Trigger::Welcome, "en"))
+            .unwrap();
+        assert!(!preview.frames.keeps());
+        let mut context = sample(Trigger::Welcome);
+        context["locale"] = json!("en");
+        for n in 0..20 {
+            context["first_name"] = json!(format!("Preview {n}"));
+            preview
+                .render_email(Trigger::Welcome, "en", &context)
+                .unwrap();
+        }
+        assert_eq!(
+            t.frames.bytes(),
+            0,
+            "previews took no room in the published cache"
+        );
+        // The catalog in force (an overlay made to be published) shares it.
+        let catalog = preview.sharing_frames(&t);
+        catalog
+            .render_email(Trigger::Welcome, "en", &context)
+            .unwrap();
+        assert!(t.frames.bytes() > 0, "the published email made its frame");
+    }
+
+    #[test]
     fn the_shipped_templates_use_a_fraction_of_the_budget() {
         let t = templates();
-        let mut most = (0, 0, 0, 0);
+        // Each template of each email and SMS, rendered with its trigger's sample.
+        let mut most = budget::Usage::default();
+        let (mut markup, mut css) = (0, 0u64);
         for (trigger, locale) in t.pairs() {
             let mut context = sample(trigger);
             context["locale"] = json!(locale);
-            let (email, used) = budget::measure(|| t.render_email(trigger, &locale, &context));
-            email.unwrap();
-            most = (
-                most.0.max(used.0),
-                most.1.max(used.1),
-                most.2.max(used.2),
-                most.3.max(used.3),
-            );
+            let context = scope(&context);
+            for file in ["email.subject", "email.mjml", "email.txt", "sms"] {
+                let name = format!("{}/{locale}/{file}", trigger.as_str());
+                let registry = if file == "email.mjml" {
+                    &t.html
+                } else {
+                    &t.text
+                };
+                let mut out = budget::Capped::default();
+                let (done, used, _) = budget::within(|| {
+                    registry.render_with_context_to_write(&name, &context, &mut out)
+                });
+                done.unwrap();
+                most.steps = most.steps.max(used.steps);
+                most.partials = most.partials.max(used.partials);
+                most.written = most.written.max(used.written.max(out.bytes.len()));
+                if file == "email.mjml" {
+                    let mjml = String::from_utf8(out.bytes).unwrap();
+                    markup = markup.max(budget::markup_depth(&mjml));
+                    let html = mrml::parse(&mjml)
+                        .unwrap()
+                        .element
+                        .render(&Default::default())
+                        .unwrap();
+                    css = css.max(budget::css_work(&html));
+                }
+            }
         }
-        // (steps, nesting, partial nesting, bytes): far inside the limits.
-        assert!(most.0 * 50 < budget::MAX_STEPS, "{most:?}");
-        assert!(most.1 * 4 < budget::MAX_DEPTH, "{most:?}");
-        assert!(most.2 * 4 <= budget::MAX_PARTIAL_DEPTH, "{most:?}");
-        assert!(most.3 * 10 < budget::MAX_WRITTEN, "{most:?}");
-        println!("the shipped templates' largest use (steps, nesting, partials, bytes): {most:?}");
+        let (mut bytes, mut tags, mut nesting) = (0, 0, 0);
+        for source in t.sources.values() {
+            bytes = bytes.max(source.len());
+            tags = tags.max(source.matches("{{").count());
+            nesting = nesting.max(budget::source_nesting(source));
+        }
+        println!(
+            "the shipped templates' largest: {bytes} bytes, {tags} tags, nesting {nesting} a file; a render's {most:?}; MJML nesting {markup}; CSS work {css}"
+        );
+        // Far inside every limit.
+        assert!(bytes * 16 < budget::MAX_FILE_BYTES && tags * 10 < budget::MAX_TAGS);
+        assert!(nesting * 4 <= budget::MAX_SOURCE_NESTING);
+        assert!(markup * 2 < budget::MAX_MARKUP_NESTING);
+        assert!(css * 10 < budget::MAX_CSS_WORK);
+        assert!(most.steps * 100 < budget::MAX_STEPS, "{most:?}");
+        assert!(most.partials * 4 <= budget::MAX_PARTIAL_DEPTH, "{most:?}");
+        assert!(most.written * 20 < budget::MAX_OUTPUT, "{most:?}");
     }
 
     #[test]
     fn the_deepest_render_allowed_fits_a_small_thread_stack() {
-        // Partials 12 deep, each nesting blocks to the file limit: run on a 2 MiB thread (the
-        // blocking pool's), it ends with the depth limit, not a stack overflow.
-        let mut sources: Vec<(String, String)> = Vec::new();
-        collect_shipped(&SHIPPED, &mut sources).unwrap();
-        for level in 0..14 {
-            let next = if level == 13 {
-                "end".to_owned()
-            } else {
-                format!("{{{{> partials/p{}}}}}", level + 1)
-            };
-            let body = "{{#if first_name}}".repeat(30) + &next + &"{{/if}}".repeat(30);
-            sources.push((format!("partials/p{level}.hbs"), body));
-        }
-        sources.retain(|(path, _)| path != "welcome/en/sms.hbs");
-        sources.push(("welcome/en/sms.hbs".into(), "{{> partials/p0}}".into()));
-        let t = Templates::from_sources(sources).unwrap();
-        let context = sample(Trigger::Welcome);
-        let error = std::thread::Builder::new()
-            .stack_size(2 * 1024 * 1024)
-            .spawn(move || {
-                t.render_sms(Trigger::Welcome, "en", &context)
-                    .map_err(|e| format!("{e:#}"))
-            })
-            .unwrap()
-            .join()
-            .expect("no stack overflow")
-            .unwrap_err();
-        assert!(error.contains("nested more than 96 deep"), "{error}");
+        // Partials as deep as allowed, each nesting blocks (a loop, `with`, `if`, and
+        // subexpressions in a tag) as deep as a file may: run on a 2 MiB thread (the blocking
+        // pool's), it renders; one partial deeper, it ends with the partial limit, not a stack
+        // overflow.
+        let with_chain = |levels: usize| {
+            let mut sources: Vec<(String, String)> = Vec::new();
+            collect_shipped(&SHIPPED, &mut sources).unwrap();
+            let per_file = budget::MAX_SOURCE_NESTING;
+            let open = "{{#each @root.rewards}}{{#with this}}".to_owned()
+                + &"{{#unless (eq 1 (eq 1 2))}}".repeat(per_file - 4);
+            let close = "{{/unless}}".repeat(per_file - 4) + "{{/with}}{{/each}}";
+            assert_eq!(budget::source_nesting(&format!("{open}{close}")), per_file);
+            for level in 0..levels {
+                let next = if level + 1 == levels {
+                    "end".to_owned()
+                } else {
+                    format!("{{{{> partials/p{}}}}}", level + 1)
+                };
+                sources.push((
+                    format!("partials/p{level}.hbs"),
+                    format!("{open}{next}{close}"),
+                ));
+            }
+            sources.retain(|(path, _)| path != "welcome/en/sms.hbs");
+            sources.push((
+                "welcome/en/sms.hbs".into(),
+                format!("{open}{{{{> partials/p0}}}}{close}"),
+            ));
+            let t = Templates::from_sources(sources).unwrap();
+            let context = sample(Trigger::Welcome);
+            std::thread::Builder::new()
+                .stack_size(2 * 1024 * 1024)
+                .spawn(move || {
+                    t.render_sms(Trigger::Welcome, "en", &context)
+                        .map_err(|e| format!("{e:#}"))
+                })
+                .unwrap()
+                .join()
+                .expect("no stack overflow")
+        };
+        let depth = budget::MAX_PARTIAL_DEPTH as usize;
+        assert_eq!(with_chain(depth).unwrap(), "end");
+        let error = with_chain(depth + 1).unwrap_err();
+        assert!(error.contains("more than 8 deep"), "{error}");
     }
 
     #[test]

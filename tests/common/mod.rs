@@ -458,6 +458,14 @@ pub const INGEST_ONLY: Roles = Roles {
     http: false,
 };
 
+/// Sending only: a second worker beside one that consumes.
+pub const DISPATCH_ONLY: Roles = Roles {
+    ingest: false,
+    dispatch: true,
+    schedule: false,
+    http: false,
+};
+
 /// Publishes the events one at a time, each applied (inbox grown by one) before the next, so
 /// they apply in order whatever the consumers do; `after` runs after each, with its index.
 pub async fn publish_in_order(

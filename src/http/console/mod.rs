@@ -248,6 +248,19 @@ async fn login(State(app): State<App>, request: axum::extract::Request) -> Respo
             Some("The form's security token is missing or out of date; try again.".into()),
         );
     }
+    // No user has a name like that: refused before it is counted (the throttle keeps the
+    // names it counts), and not echoed back.
+    if users::check_name(&form.name).is_err() {
+        tracing::warn!(
+            client = client.map(|a| a.to_string()),
+            "A console login failed: no such user name."
+        );
+        return login_form(
+            StatusCode::UNAUTHORIZED,
+            String::new(),
+            Some("Wrong user name or password.".into()),
+        );
+    }
     // Counted before the password is checked, given back when it is right.
     let attempt = match client.map(|addr| app.logins.begin(&form.name, addr)) {
         Some(Ok(attempt)) => Some(attempt),
@@ -272,8 +285,8 @@ async fn login(State(app): State<App>, request: axum::extract::Request) -> Respo
         Err(e) => return ApiError::internal(e).into_response(),
     };
     let Some(user) = user else {
+        // Without the name typed: it may be a password typed in the wrong field.
         tracing::warn!(
-            user = form.name,
             client = client.map(|a| a.to_string()),
             "A console login failed."
         );

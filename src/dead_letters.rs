@@ -148,41 +148,93 @@ async fn session(app: &App, shutdown: &Shutdown) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Stores a batch of dead letters in one transaction.
-async fn save(app: &App, batch: &[Delivery]) -> anyhow::Result<()> {
-    let mut ids = Vec::new();
-    let mut types = Vec::new();
-    let mut keys = Vec::new();
-    let mut reasons = Vec::new();
-    let mut headers = Vec::new();
-    let mut bodies: Vec<&[u8]> = Vec::new();
-    for d in batch {
-        let table = d.properties.headers().clone().unwrap_or_default();
-        let (id, kind) = identity(&d.data);
-        ids.push(id);
-        types.push(kind);
-        keys.push(d.routing_key.as_str().to_owned());
-        // Masked again here: a letter refused by an older release may quote an address.
-        reasons.push(crate::mask::text(&reason(&table)));
-        headers.push(table_json(&table).to_string());
-        bodies.push(&d.data);
+/// One dead letter as it is stored: every text without NUL (PostgreSQL's `text` and `jsonb`
+/// refuse it, and a publisher's bytes may hold one).
+struct Letter {
+    id: Option<String>,
+    kind: Option<String>,
+    key: String,
+    reason: String,
+    headers: String,
+}
+
+impl Letter {
+    fn of(delivery: &Delivery) -> Letter {
+        let table = delivery.properties.headers().clone().unwrap_or_default();
+        let (id, kind) = identity(&delivery.data);
+        Letter {
+            id,
+            kind,
+            key: storable(delivery.routing_key.as_str()),
+            // Masked again here: a letter refused by an older release may quote an address.
+            reason: storable(&crate::mask::text(&reason(&table))),
+            headers: table_json(&table).to_string(),
+        }
     }
+
+    /// The same letter without what the database refused of it: its headers, and its id and
+    /// type (the body, kept as bytes, still holds them).
+    fn bare(self, refusal: &anyhow::Error) -> Letter {
+        Letter {
+            id: None,
+            kind: None,
+            headers: "{}".to_owned(),
+            reason: format!(
+                "{} (stored without its headers: {})",
+                self.reason,
+                crate::mask::clean(&format!("{refusal:#}"), 300)
+            ),
+            ..self
+        }
+    }
+}
+
+/// Stores a batch of dead letters in one transaction. When the database refuses the batch for
+/// its data, each letter is stored alone, and one it still refuses is stored bare: a letter
+/// the database cannot take as it came must not hold up the queue behind it.
+async fn save(app: &App, batch: &[Delivery]) -> anyhow::Result<()> {
+    let rows: Vec<Letter> = batch.iter().map(Letter::of).collect();
+    let bodies: Vec<&[u8]> = batch.iter().map(|d| d.data.as_slice()).collect();
+    let error = match insert(app, &rows, &bodies).await {
+        Err(error) if !crate::db::is_transient_error(&error) => error,
+        done => return done,
+    };
+    warn!(error = %format!("{error:#}"), n = rows.len(), "Dead letters stored one at a time.");
+    for (row, body) in rows.into_iter().zip(bodies) {
+        match insert(app, std::slice::from_ref(&row), &[body]).await {
+            Err(error) if !crate::db::is_transient_error(&error) => {
+                warn!(error = %format!("{error:#}"), "A dead letter is stored without its headers.");
+                insert(app, &[row.bare(&error)], &[body]).await?;
+            }
+            done => done?,
+        }
+    }
+    Ok(())
+}
+
+async fn insert(app: &App, rows: &[Letter], bodies: &[&[u8]]) -> anyhow::Result<()> {
+    let column = |f: fn(&Letter) -> Option<&str>| rows.iter().map(f).collect::<Vec<_>>();
     sqlx::query(
         "insert into dead_letters (event_id, event_type, routing_key, reason, headers, body)
          select i, t, k, r, h::jsonb, b
          from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[])
               as d(i, t, k, r, h, b)",
     )
-    .bind(&ids)
-    .bind(&types)
-    .bind(&keys)
-    .bind(&reasons)
-    .bind(&headers)
-    .bind(&bodies)
+    .bind(column(|r| r.id.as_deref()))
+    .bind(column(|r| r.kind.as_deref()))
+    .bind(column(|r| Some(&r.key)))
+    .bind(column(|r| Some(&r.reason)))
+    .bind(column(|r| Some(&r.headers)))
+    .bind(bodies)
     .execute(&app.pool)
     .await
     .context("storing dead letters")?;
     Ok(())
+}
+
+/// `text` without NUL characters.
+fn storable(text: &str) -> String {
+    text.replace('\0', "")
 }
 
 /// The event id and type of a body, when it is JSON that has them.
@@ -194,7 +246,7 @@ fn identity(body: &[u8]) -> (Option<String>, Option<String>) {
         value
             .get(k)
             .and_then(Value::as_str)
-            .map(|s| s.chars().take(200).collect())
+            .map(|s| s.chars().filter(|c| *c != '\0').take(200).collect())
     };
     (text("id"), text("type"))
 }
@@ -231,7 +283,7 @@ fn table_json(table: &FieldTable) -> Value {
         table
             .inner()
             .iter()
-            .map(|(k, v)| (k.as_str().to_owned(), value_json(v)))
+            .map(|(k, v)| (storable(k.as_str()), value_json(v)))
             .collect(),
     )
 }
@@ -249,9 +301,9 @@ fn value_json(value: &AMQPValue) -> Value {
         AMQPValue::Float(n) => json!(n),
         AMQPValue::Double(n) => json!(n),
         AMQPValue::Timestamp(t) => json!(t),
-        AMQPValue::ShortString(s) => json!(s.as_str()),
-        AMQPValue::LongString(s) => json!(String::from_utf8_lossy(s.as_bytes())),
-        AMQPValue::ByteArray(b) => json!(String::from_utf8_lossy(b.as_slice())),
+        AMQPValue::ShortString(s) => json!(storable(s.as_str())),
+        AMQPValue::LongString(s) => json!(storable(&String::from_utf8_lossy(s.as_bytes()))),
+        AMQPValue::ByteArray(b) => json!(storable(&String::from_utf8_lossy(b.as_slice()))),
         AMQPValue::FieldArray(items) => {
             Value::Array(items.as_slice().iter().map(value_json).collect())
         }
@@ -316,17 +368,6 @@ pub enum Selection<'a> {
     Matching(&'a Filter),
     /// Every unarchived one matching, those replayed before too (`--again`).
     Again(&'a Filter),
-}
-
-async fn select_ids(app: &App, selection: &Selection<'_>) -> anyhow::Result<Vec<i64>> {
-    Ok(match selection {
-        Selection::Ids(ids) => ids.to_vec(),
-        Selection::Matching(filter) | Selection::Again(filter) => list(app, filter, i64::MAX, None)
-            .await?
-            .into_iter()
-            .map(|d| d.id)
-            .collect(),
-    })
 }
 
 /// Dead letters replayed per page: a replay of a million letters holds a page in memory and
@@ -438,18 +479,45 @@ pub async fn replay(app: &App, selection: Selection<'_>, by: &str) -> anyhow::Re
     Ok(replayed_total)
 }
 
-/// Archives dead letters (they leave the default list). Returns how many.
+/// Dead letters archived per statement: archiving a million holds no list of them, and
+/// each statement is short.
+const ARCHIVE_PAGE: i64 = 10_000;
+
+/// Archives dead letters (they leave the default list), a page at a time. Returns how many.
 pub async fn archive(app: &App, selection: Selection<'_>, by: &str) -> anyhow::Result<u64> {
-    let ids = select_ids(app, &selection).await?;
-    let done = sqlx::query(
-        "update dead_letters set archived_at = now(), archived_by = $2
-         where id = any($1) and archived_at is null",
-    )
-    .bind(&ids)
-    .bind(by)
-    .execute(&app.pool)
-    .await?;
-    Ok(done.rows_affected())
+    let (ids, filter) = match selection {
+        Selection::Ids(ids) => (Some(ids), Filter::default()),
+        Selection::Matching(filter) | Selection::Again(filter) => (None, filter.clone()),
+    };
+    let mut archived = 0;
+    loop {
+        let done = sqlx::query(
+            "update dead_letters set archived_at = now(), archived_by = $7
+             where id in (
+               select id from dead_letters
+               where archived_at is null
+                 and ($1::bigint[] is null or id = any($1))
+                 and ($2::text is null or reason ilike '%' || $2 || '%')
+                 and ($3::text is null or event_type = $3)
+                 and ($4::timestamptz is null or dead_lettered_at >= $4)
+                 and ($5::timestamptz is null or dead_lettered_at < $5)
+               order by id limit $6)",
+        )
+        .bind(ids)
+        .bind(&filter.reason)
+        .bind(&filter.event_type)
+        .bind(filter.since)
+        .bind(filter.until)
+        .bind(ARCHIVE_PAGE)
+        .bind(by)
+        .execute(&app.pool)
+        .await
+        .context("archiving dead letters")?;
+        archived += done.rows_affected();
+        if done.rows_affected() < ARCHIVE_PAGE as u64 {
+            return Ok(archived);
+        }
+    }
 }
 
 /// Dead letters as a table for the command line.

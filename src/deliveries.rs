@@ -206,7 +206,7 @@ async fn render(
         .unwrap_or_else(|| catalog.version(trigger, &locale));
     let templates = app
         .templates
-        .templates_of(trigger, &locale, version)
+        .templates_of_for_request(trigger, &locale, version)
         .await?;
     let settings = &app.settings;
     if let Value::Object(map) = &mut context {

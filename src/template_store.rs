@@ -320,6 +320,29 @@ impl TemplateStore {
         locale: &str,
         version: i32,
     ) -> Result<Arc<Templates>, StoreError> {
+        self.version_templates(trigger, locale, version, false)
+            .await
+    }
+
+    /// `templates_of` for a marketer's or an operator's request (a message's page, a test
+    /// send): a compile it needs waits its turn among the requests' (`REQUEST_RENDERS`), so
+    /// that opening many messages pinned to many versions does not fill the blocking pool.
+    pub async fn templates_of_for_request(
+        &self,
+        trigger: Trigger,
+        locale: &str,
+        version: i32,
+    ) -> Result<Arc<Templates>, StoreError> {
+        self.version_templates(trigger, locale, version, true).await
+    }
+
+    async fn version_templates(
+        &self,
+        trigger: Trigger,
+        locale: &str,
+        version: i32,
+        for_request: bool,
+    ) -> Result<Arc<Templates>, StoreError> {
         let catalog = self.current();
         if catalog.version(trigger, locale) == version
             && catalog.templates.has_pair(trigger, locale)
@@ -331,9 +354,20 @@ impl TemplateStore {
             return Ok(t.clone());
         }
         let files = self.files(trigger, locale, version).await?;
+        let turn = match for_request {
+            true => Some(
+                self.requests
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .context("the template store is closed")?,
+            ),
+            false => None,
+        };
         let base = self.base.clone();
         let locale_owned = locale.to_owned();
         let compiled = off_workers(move || {
+            let _turn = turn;
             base.overlay(trigger, &locale_owned, &files)
                 .map(|t| t.sharing_frames(&base))
         })

@@ -213,16 +213,30 @@ pub async fn by_password(
             .fetch_optional(pool)
             .await?;
     // An unknown name is checked against a hash all the same, so timing does not tell
-    // which names exist.
+    // which names exist (that hash is made once, on the blocking pool too).
     static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    let dummy = DUMMY
-        .get_or_init(|| hash_password("not a password").expect("hashing"))
-        .clone();
-    let (role, hash) = row.unwrap_or_else(|| (String::new(), dummy));
+    // One check at a time: each takes argon2's 19 MiB and a core for tens of milliseconds,
+    // so a flood of logins queues here rather than taking the memory and the cores dispatch
+    // needs. A request that waits too long ends at the request timeout.
+    static CHECKS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+    let (role, hash) = match row {
+        Some((role, hash)) => (role, Some(hash)),
+        None => (String::new(), None),
+    };
     let password = password.to_owned();
-    let matches = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+    let matches = match CHECKS.acquire().await {
+        // The turn goes with the check: a request dropped while it runs keeps it taken.
+        Ok(turn) => tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            let hash = hash.as_deref().unwrap_or_else(|| {
+                DUMMY.get_or_init(|| hash_password("not a password").expect("hashing"))
+            });
+            verify_password(&password, hash)
+        })
         .await
-        .unwrap_or(false);
+        .unwrap_or(false),
+        Err(_) => false,
+    };
     Ok(match Role::parse(&role) {
         Ok(role) if matches => Some(User {
             name: name.to_owned(),

@@ -453,3 +453,120 @@ async fn test_sends_go_only_where_they_may_and_not_too_often() {
     worker.stop().await.unwrap();
     env.cleanup().await;
 }
+
+/// A connection from `from` that sends a login's headers and then nothing of its body: a
+/// request held open, as a slow client (or an attacker) holds one.
+async fn slow_request(from: &str, addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST /console/login HTTP/1.1\r\nHost: x\r\n\
+              Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\nna",
+        )
+        .await
+        .unwrap();
+    stream
+}
+
+/// A client whose connections come from `from` (any address of 127.0.0.0/8 is this host's).
+fn client_from(from: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .local_address(from.parse::<std::net::IpAddr>().unwrap())
+        .timeout(std::time::Duration::from_secs(2))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_requests_hold_neither_the_health_routes_nor_other_addresses() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let env = TestEnv::new(&[("LIFECYCLE_HTTP_ADDR", addr.to_string())]);
+    let worker = env
+        .start(Roles {
+            ingest: false,
+            dispatch: false,
+            schedule: false,
+            http: true,
+        })
+        .await;
+    let other = client_from("127.0.0.9");
+    wait_for("healthz", || async {
+        let answer = other
+            .get(format!("http://{addr}/healthz"))
+            .send()
+            .await
+            .ok()?;
+        (answer.status() == 200).then_some(())
+    })
+    .await;
+
+    // 64 requests held from one address: its next connection is closed unanswered, while
+    // another address is served.
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        held.push(slow_request("127.0.0.1", addr).await);
+    }
+    let mut one_more = tokio::net::TcpStream::connect(addr).await.unwrap();
+    one_more
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .ok();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        one_more.read_to_end(&mut answer),
+    )
+    .await;
+    assert!(
+        read.is_ok(),
+        "the 65th connection is closed, not left waiting"
+    );
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    let login = other
+        .get(format!("http://{addr}/console/login"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), StatusCode::OK);
+
+    // 256 held from four addresses fill the requests handled at once: another address's
+    // console request waits, but liveness and readiness still answer.
+    for from in ["127.0.0.2", "127.0.0.3", "127.0.0.4"] {
+        for _ in 0..64 {
+            held.push(slow_request(from, addr).await);
+        }
+    }
+    wait_for("the limit of requests at once reached", || async {
+        other
+            .get(format!("http://{addr}/console/login"))
+            .send()
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    for path in ["/healthz", "/readyz"] {
+        let answer = other.get(format!("http://{addr}{path}")).send().await;
+        assert_eq!(
+            answer.map(|a| a.status()).ok(),
+            Some(StatusCode::OK),
+            "{path} while the limit is full"
+        );
+    }
+    drop(held);
+    wait_for("the console again", || async {
+        let answer = other
+            .get(format!("http://{addr}/console/login"))
+            .send()
+            .await
+            .ok()?;
+        (answer.status() == 200).then_some(())
+    })
+    .await;
+    worker.stop().await.ok();
+    env.cleanup().await;
+}

@@ -457,6 +457,20 @@ async fn a_dead_letter_is_replayed_once_its_cause_is_fixed() {
         .json(Method::GET, "/api/members/m-late", ops, None)
         .await;
     assert_eq!(shown["suppressions"][0]["reason"], "bounced");
+    // A reason too long, or holding a NUL, is refused with a clear error and lifts nothing.
+    for (reason, why) in [
+        ("a@b.co ".repeat(100), "too long"),
+        ("fixed\u{0}".to_owned(), "a NUL"),
+    ] {
+        let bad = json!({"channel": "email", "reason": reason});
+        let (status, body) = api.json(Method::POST, path, ops, Some(&bad)).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{why}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("at most 500"),
+            "{body}"
+        );
+    }
+    assert_eq!(count(&app, "select count(*) from suppressions").await, 1);
     let (status, lifted) = api.json(Method::POST, path, ops, Some(&lift)).await;
     assert_eq!((status, &lifted["lifted"]), (StatusCode::OK, &json!(true)));
     assert_eq!(count(&app, "select count(*) from suppressions").await, 0);

@@ -221,6 +221,56 @@ async fn a_database_error_while_loading_templates_waits_instead_of_failing() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_holding_nul_is_stored_and_holds_up_none_behind_it() {
+    use lapin::types::{AMQPValue, FieldTable};
+    let env = TestEnv::new(&[]);
+    let worker = env.start(ALL_ROLES).await;
+    let app = worker.app.clone();
+    // An id, a header's value and a header's name holding NUL: PostgreSQL's text refuses it
+    // (22021), and so does jsonb (22P05). Once, this letter was refused, requeued at the head
+    // of the dead-letter queue and refused again, for good, with every letter behind it.
+    let nul = json!({"specversion": "1.0", "id": "a\u{0}b", "source": "test",
+        "type": "member.exploded"})
+    .to_string();
+    let mut headers = FieldTable::default();
+    headers.insert("x-note".into(), AMQPValue::LongString("c\u{0}d".into()));
+    headers.insert("x-\u{0}name".into(), AMQPValue::LongString("e".into()));
+    let properties = lapin::BasicProperties::default().with_headers(headers);
+    env.publish_raw_with("member.exploded", nul.as_bytes(), properties)
+        .await;
+    env.publish_raw("member.enrolled", b"not json, behind it")
+        .await;
+    wait_for("both dead letters stored", || async {
+        (count(&app, "select count(*) from dead_letters").await == 2).then_some(())
+    })
+    .await;
+    let rows: Vec<(String, String, String, String)> = sqlx::query_as(
+        "select coalesce(event_id, '-'), coalesce(headers->>'x-note', '-'),
+                coalesce(headers->>'x-name', '-'), reason
+         from dead_letters order by id",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(
+        (&*rows[0].0, &*rows[0].1, &*rows[0].2),
+        ("ab", "cd", "e"),
+        "{rows:?}"
+    );
+    assert!(rows[0].3.contains("printable ASCII"), "{rows:?}");
+    assert!(rows[1].3.contains("not JSON"), "{rows:?}");
+    // The body is kept as it came, NUL and all.
+    let body: Vec<u8> = sqlx::query_scalar("select body from dead_letters order by id limit 1")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(body, nul.as_bytes());
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn dead_letters_are_replayed_once_and_never_applied_twice_even_after_retention() {
     let env = TestEnv::new(&[
         ("LIFECYCLE_INGEST__MAX_RETRIES", "1".into()),

@@ -227,6 +227,15 @@ async fn sms_stop_stops_a_queued_message_and_start_restores() {
             .await
             .unwrap();
     assert_eq!(status.as_deref(), Some("delivered"));
+    // A SID holding a NUL (signed all the same) is refused as a bad request, not a 503 that
+    // Twilio would retry.
+    let nul = [("MessageSid", "SM\u{0}1"), ("MessageStatus", "failed")];
+    let answer = twilio_post(&base, "/webhooks/twilio/status", "tw-token", &nul)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 400);
+    assert!(answer.text().await.unwrap().contains("not a Twilio SID"));
     worker.stop().await.unwrap();
     env.cleanup().await;
 }

@@ -9,7 +9,9 @@
 //!
 //! The server cannot be held: a connection must send its headers within 10 s, a request is
 //! answered (or refused with 408) within 30 s, bodies over 1 MiB get 413, at most 256 requests
-//! are handled at once and at most 1,024 connections are open.
+//! are handled at once (the health routes apart, so that a flood of slow requests does not
+//! fail a liveness probe), at most 1,024 connections are open, and at most 64 from one address
+//! (a trusted proxy apart: it carries many clients).
 //!
 //! `/healthz` (the process is up), `/readyz` (each role alive, PostgreSQL answers, JSON),
 //! `/metrics` (Prometheus text), `GET /unsubscribe/{token}` (a page in the member's language
@@ -48,6 +50,47 @@ pub(crate) const MAX_IN_FLIGHT: usize = 256;
 const MAX_DATABASE_CONNECTIONS: u32 = 8;
 /// Connections open at once; more are closed as they come.
 const MAX_CONNECTIONS: usize = 1024;
+/// Connections open at once from one address that is not a trusted proxy; more are closed as
+/// they come.
+const MAX_CONNECTIONS_PER_PEER: usize = 64;
+
+/// The connections open from each address.
+#[derive(Default)]
+struct PerPeer(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One connection counted against its address until dropped.
+struct PeerTurn {
+    peers: Arc<PerPeer>,
+    ip: std::net::IpAddr,
+}
+
+impl PerPeer {
+    /// A turn for a connection from `ip`, or None when it has its fill open.
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<PeerTurn> {
+        let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(ip).or_default();
+        if *n >= MAX_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(PeerTurn {
+            peers: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerTurn {
+    fn drop(&mut self) {
+        let mut open = self.peers.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
 
 /// Binds first, so that a taken port fails the start rather than a task later.
 pub async fn bind(app: &App) -> anyhow::Result<tokio::net::TcpListener> {
@@ -72,9 +115,11 @@ pub async fn serve_on(
         MAX_DATABASE_CONNECTIONS,
         app.settings.http.statement_timeout_ms,
     )?;
+    let trusted = app.settings.http.trusted_proxies.clone();
     let router = router(App { pool, ..app });
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let peers = Arc::new(PerPeer::default());
     loop {
         let accepted = tokio::select! {
             _ = shutdown.triggered() => break,
@@ -93,6 +138,14 @@ pub async fn serve_on(
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             continue;
         };
+        let turn = if trusted.iter().any(|net| net.contains(peer.ip())) {
+            None
+        } else {
+            match peers.take(peer.ip()) {
+                Some(turn) => Some(turn),
+                None => continue,
+            }
+        };
         stream.set_nodelay(true).ok();
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
@@ -105,7 +158,7 @@ pub async fn serve_on(
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             connection.await.ok();
-            drop(permit);
+            drop((permit, turn));
         });
     }
     tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())

@@ -9,10 +9,16 @@ use super::{
 };
 use crate::app::App;
 
-/// The routes, over the shared handles, behind the time, size and concurrency limits.
+/// The routes, over the shared handles, behind the time, size and concurrency limits. The
+/// health routes are outside the limit of requests at once: slow requests filling it must not
+/// fail a liveness probe (and get the process restarted).
 pub fn router(app: App) -> Router {
-    routes(app)
-        .layer(tower::limit::ConcurrencyLimitLayer::new(MAX_IN_FLIGHT))
+    health_routes(app.clone())
+        .merge(
+            routes(app).layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+                MAX_IN_FLIGHT,
+            )),
+        )
         .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
@@ -21,11 +27,16 @@ pub fn router(app: App) -> Router {
         ))
 }
 
-fn routes(app: App) -> Router {
+fn health_routes(app: App) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(health::ready))
         .route("/metrics", get(health::metrics))
+        .with_state(app)
+}
+
+fn routes(app: App) -> Router {
+    Router::new()
         .route(
             "/unsubscribe/{token}",
             get(unsubscribe::page).post(unsubscribe::one_click),

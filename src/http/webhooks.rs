@@ -133,6 +133,11 @@ pub(super) async fn twilio_status(
         )
             .into_response();
     };
+    // A Twilio SID is 34 letters and digits (`SM…`); a control character or a space matches
+    // no message (and a NUL would make PostgreSQL refuse the query, and Twilio retry it).
+    if sid.is_empty() || sid.len() > 64 || !sid.chars().all(|c| c.is_ascii_graphic()) {
+        return (StatusCode::BAD_REQUEST, "MessageSid is not a Twilio SID\n").into_response();
+    }
     let status: String = status
         .chars()
         .filter(char::is_ascii_alphanumeric)

@@ -141,9 +141,11 @@ impl Frame {
         let mut at = At::Text;
         let mut rest = html;
         while let Some(c) = rest.chars().next() {
-            if rest.starts_with(OPEN) {
-                let end = rest.find(CLOSE)?;
-                let index: usize = rest[OPEN.len()..end].parse().ok()?;
+            if let Some(after) = rest.strip_prefix(OPEN) {
+                // The close is looked for after the open: the two may overlap
+                // (`Zq7vQv7qZ`), and a template may hold either as text.
+                let end = after.find(CLOSE)?;
+                let index: usize = after[..end].parse().ok()?;
                 let attribute = match at {
                     At::Text => false,
                     At::Tag { quoted: true, .. } => true,
@@ -151,7 +153,7 @@ impl Frame {
                 };
                 pieces.push(Piece::literal(std::mem::take(&mut literal)));
                 pieces.push(Piece::Value { index, attribute });
-                rest = &rest[end + CLOSE.len()..];
+                rest = &after[end + CLOSE.len()..];
                 continue;
             }
             at = match at {
@@ -394,6 +396,25 @@ mod tests {
 
     fn token(i: usize) -> String {
         format!("{OPEN}{i}{CLOSE}")
+    }
+
+    #[test]
+    fn a_template_may_hold_the_tokens_letters() {
+        // The close overlapping the open, a close alone, an open without a number.
+        for text in [
+            "aZq7vQv7qZb",
+            "Qv7qZ",
+            "Zq7vQ",
+            "Zq7vQxQv7qZ",
+            "Zq7vQZq7vQ1Qv7qZ",
+        ] {
+            let _ = Frame::parse(&format!("<p>{text}</p>"));
+        }
+        assert_eq!(Frame::parse("<p>Zq7vQv7qZ</p>"), None);
+        // Text that reads as a token is one; the frame is kept only if it fills to the
+        // message the whole pipeline gives, which this one cannot.
+        let frame = Frame::parse("<p>Zq7vQ0Qv7qZ</p>").unwrap();
+        assert!(frame.fill(&[]).is_none());
     }
 
     #[test]

@@ -143,6 +143,17 @@ impl TestEnv {
 
     /// Publishes raw bytes with a routing key the input queue binds.
     pub async fn publish_raw(&self, routing_key: &str, body: &[u8]) {
+        self.publish_raw_with(routing_key, body, BasicProperties::default())
+            .await;
+    }
+
+    /// Publishes one body as it is, with `properties` (headers…).
+    pub async fn publish_raw_with(
+        &self,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) {
         let connection = lifecycle::ingest::connect(&self.settings.amqp_url, "test")
             .await
             .unwrap();
@@ -157,7 +168,7 @@ impl TestEnv {
                 routing_key.into(),
                 BasicPublishOptions::default(),
                 body,
-                BasicProperties::default(),
+                properties,
             )
             .await
             .unwrap()

@@ -470,6 +470,9 @@ pub struct Lifted {
     pub lifted: bool,
 }
 
+/// The longest reason for lifting a suppression, in characters.
+const MAX_REASON: usize = 500;
+
 #[utoipa::path(post, path = "/api/members/{member_id}/suppressions/lift", tag = "members",
     params(("member_id" = String, Path)), request_body = Lift,
     responses((status = 200, body = Lifted), (status = 401, body = ApiError), (status = 403, body = ApiError),
@@ -487,8 +490,14 @@ pub async fn lift(
     let unprocessable = |e: &str| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e);
     let channel =
         Channel::parse(&body.channel).map_err(|_| unprocessable("channel is email or sms"))?;
-    if body.reason.trim().is_empty() {
+    let reason = body.reason.trim();
+    if reason.is_empty() {
         return Err(unprocessable("say why the suppression is lifted (reason)"));
+    }
+    if reason.chars().count() > MAX_REASON || reason.chars().any(|c| c.is_control() && c != '\n') {
+        return Err(unprocessable(&format!(
+            "reason: at most {MAX_REASON} characters, without control characters"
+        )));
     }
     let address: Option<Option<String>> = sqlx::query_scalar(
         "select case $2::text when 'email' then email else phone end from members where member_id = $1",
@@ -512,7 +521,7 @@ pub async fn lift(
         .bind(&id)
         .bind(channel.as_str())
         .bind(&address)
-        .bind(body.reason.trim())
+        .bind(reason)
         .bind(&who.user.name)
         .execute(&app.pool)
         .await?;
@@ -521,7 +530,7 @@ pub async fn lift(
         member = id,
         channel = channel.as_str(),
         by = who.user.name,
-        reason = crate::mask::text(&body.reason),
+        reason = crate::mask::text(reason),
         lifted,
         "Suppression lifted by ops."
     );

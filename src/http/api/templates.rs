@@ -368,7 +368,9 @@ pub async fn queue_test(
         },
     };
     // The version must exist and validate before anything is queued.
-    app.templates.templates_of(trigger, locale, version).await?;
+    app.templates
+        .templates_of_for_request(trigger, locale, version)
+        .await?;
     let email = request
         .email
         .as_deref()

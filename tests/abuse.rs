@@ -328,14 +328,7 @@ async fn report_periods_are_bounded_and_every_query_has_a_statement_timeout() {
 async fn readyz_says_which_part_is_down_but_not_the_databases_words() {
     let addr = format!("127.0.0.1:{}", free_port());
     let env = TestEnv::new(&[("LIFECYCLE_HTTP_ADDR", addr.clone())]);
-    let worker = env
-        .start(Roles {
-            ingest: false,
-            dispatch: false,
-            schedule: false,
-            http: true,
-        })
-        .await;
+    let worker = env.start(common::HTTP_ONLY).await;
     wait_for("ready", || async {
         let answer = reqwest::get(format!("http://{addr}/readyz")).await.ok()?;
         (answer.status() == 200).then_some(())
@@ -485,14 +478,7 @@ async fn slow_requests_hold_neither_the_health_routes_nor_other_addresses() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let env = TestEnv::new(&[("LIFECYCLE_HTTP_ADDR", addr.to_string())]);
-    let worker = env
-        .start(Roles {
-            ingest: false,
-            dispatch: false,
-            schedule: false,
-            http: true,
-        })
-        .await;
+    let worker = env.start(common::HTTP_ONLY).await;
     let other = client_from("127.0.0.9");
     wait_for("healthz", || async {
         let answer = other

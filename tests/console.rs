@@ -533,13 +533,7 @@ async fn a_publish_is_seen_by_a_second_worker_process_without_restart() {
     let sink = SmtpSink::start(&[]);
     let (env, base) = admin::env(&sink, &[]);
     // This process serves the API only; a `lifecycle serve` child consumes and sends.
-    let api_only = Roles {
-        ingest: false,
-        dispatch: false,
-        schedule: false,
-        http: true,
-    };
-    let worker = env.start(api_only).await;
+    let worker = env.start(common::HTTP_ONLY).await;
     let mut child = Serve::start(&env);
     let api = Client::new(&base);
     let auth = Auth::Bearer(ADMIN_TOKEN);

@@ -477,6 +477,14 @@ pub const DISPATCH_ONLY: Roles = Roles {
     http: false,
 };
 
+/// The HTTP server alone.
+pub const HTTP_ONLY: Roles = Roles {
+    ingest: false,
+    dispatch: false,
+    schedule: false,
+    http: true,
+};
+
 /// Publishes the events one at a time, each applied (inbox grown by one) before the next, so
 /// they apply in order whatever the consumers do; `after` runs after each, with its index.
 pub async fn publish_in_order(

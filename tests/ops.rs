@@ -394,6 +394,44 @@ async fn a_dead_letter_is_replayed_once_its_cause_is_fixed() {
         "2 dead letters archived."
     );
 
+    // The console's page shows 200 letters and links to the older ones, search kept.
+    sqlx::query(
+        "insert into dead_letters (event_type, routing_key, reason, headers, body)
+         select 'order.placed', 'order.placed', 'bulk ' || i, '{}', 'x'
+         from generate_series(1, 201) i",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let (password, _) = admin::add_user(&env, "oona", "ops");
+    let (_, session) = api.login("oona", &password).await;
+    let (cookie, _) = session.expect("ops logs in");
+    let (status, first) = api.page("/console/dead-letters?reason=bulk", &cookie).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        first.matches("<tr>").count() - 1,
+        200,
+        "200 rows and the header"
+    );
+    let at = first
+        .find("Older dead letters")
+        .expect("a link to the older letters");
+    let href = first[..at].rfind("href=\"").expect("the link's address") + "href=\"".len();
+    let next = first[href..at]
+        .split('"')
+        .next()
+        .unwrap()
+        .replace("&#38;", "&");
+    assert!(next.contains("reason=bulk"), "{next}");
+    let (status, older) = api.page(&next, &cookie).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(older.matches("<tr>").count() - 1, 1, "the 201st ({next})");
+    assert!(
+        older.contains("bulk 1<"),
+        "the oldest is on the second page"
+    );
+    assert!(!older.contains("Older dead letters"));
+
     // Queues: the input queue has its consumers; the outbox by status.
     let (status, queues) = api.json(Method::GET, "/api/queues", ops, None).await;
     assert_eq!(status, StatusCode::OK, "{queues}");

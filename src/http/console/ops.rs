@@ -325,6 +325,8 @@ struct DeadLettersPage {
     kind: String,
     rows: Vec<DeadLetter>,
     notice: Option<String>,
+    /// The next page (older letters), when this one is full.
+    next: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -335,6 +337,8 @@ struct DeadLettersQuery {
     kind: String,
     done: Option<String>,
     of: Option<String>,
+    /// Letters older than this id (the next page).
+    before: Option<i64>,
 }
 
 impl DeadLettersQuery {
@@ -356,10 +360,19 @@ async fn dead_letters_page(
     if let Some(refused) = session.ops_only() {
         return refused;
     }
-    let rows = match dead_letters::list(&app, &query.filter(), 200, None).await {
+    const PAGE: i64 = 200;
+    let rows = match dead_letters::list(&app, &query.filter(), PAGE, query.before).await {
         Ok(rows) => rows,
         Err(e) => return error_page(ApiError::from_anyhow(e)),
     };
+    let next = (rows.len() as i64 == PAGE).then(|| {
+        let mut url = url::Url::parse("http://console/console/dead-letters").expect("static URL");
+        url.query_pairs_mut()
+            .append_pair("reason", &query.reason)
+            .append_pair("type", &query.kind)
+            .append_pair("before", &rows.last().map_or(0, |d| d.id).to_string());
+        format!("{}?{}", url.path(), url.query().unwrap_or_default())
+    });
     page(
         StatusCode::OK,
         &DeadLettersPage {
@@ -369,6 +382,7 @@ async fn dead_letters_page(
             reason: query.reason,
             kind: query.kind,
             rows,
+            next,
         },
     )
 }

@@ -277,18 +277,31 @@ fn reason(headers: &FieldTable) -> String {
     "dead-lettered without a reason".to_owned()
 }
 
-/// AMQP headers as JSON (strings, numbers, booleans, arrays, tables; bytes as lossy text).
+/// How deep stored headers nest; deeper tables and arrays are stored as a note. A publisher
+/// may nest them thousands deep, and turning them into JSON, writing it and dropping it each
+/// recurse once a level.
+const HEADER_DEPTH: usize = 16;
+
+/// AMQP headers as JSON (strings, numbers, booleans, arrays, tables; bytes as lossy text),
+/// nested at most `HEADER_DEPTH` deep.
 fn table_json(table: &FieldTable) -> Value {
+    table_json_at(table, 0)
+}
+
+fn table_json_at(table: &FieldTable, depth: usize) -> Value {
+    if depth == HEADER_DEPTH {
+        return json!(format!("(nested deeper than {HEADER_DEPTH})"));
+    }
     Value::Object(
         table
             .inner()
             .iter()
-            .map(|(k, v)| (storable(k.as_str()), value_json(v)))
+            .map(|(k, v)| (storable(k.as_str()), value_json(v, depth + 1)))
             .collect(),
     )
 }
 
-fn value_json(value: &AMQPValue) -> Value {
+fn value_json(value: &AMQPValue, depth: usize) -> Value {
     match value {
         AMQPValue::Boolean(b) => json!(b),
         AMQPValue::ShortShortInt(n) => json!(n),
@@ -304,10 +317,17 @@ fn value_json(value: &AMQPValue) -> Value {
         AMQPValue::ShortString(s) => json!(storable(s.as_str())),
         AMQPValue::LongString(s) => json!(storable(&String::from_utf8_lossy(s.as_bytes()))),
         AMQPValue::ByteArray(b) => json!(storable(&String::from_utf8_lossy(b.as_slice()))),
-        AMQPValue::FieldArray(items) => {
-            Value::Array(items.as_slice().iter().map(value_json).collect())
+        AMQPValue::FieldArray(_) if depth == HEADER_DEPTH => {
+            json!(format!("(nested deeper than {HEADER_DEPTH})"))
         }
-        AMQPValue::FieldTable(t) => table_json(t),
+        AMQPValue::FieldArray(items) => Value::Array(
+            items
+                .as_slice()
+                .iter()
+                .map(|v| value_json(v, depth + 1))
+                .collect(),
+        ),
+        AMQPValue::FieldTable(t) => table_json_at(t, depth),
         AMQPValue::DecimalValue(_) | AMQPValue::Void => Value::Null,
     }
 }

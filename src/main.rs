@@ -287,7 +287,19 @@ enum TemplatesAction {
     Check,
 }
 
+/// The stack of every thread the process starts (reserved, and touched only as used). lapin
+/// reads a message's headers, and clones and drops them, recursing once per level of nesting,
+/// on its own thread and on tokio's; a publisher's headers nested thousands deep (as many as
+/// a 128 KiB frame holds, about 21,000) overflowed a 2 MiB stack and aborted the process.
+const THREAD_STACK: usize = 256 * 1024 * 1024;
+
 fn main() -> ExitCode {
+    // lapin starts its thread without a stack size, so with Rust's default, which this sets;
+    // nothing has started a thread yet.
+    if std::env::var_os("RUST_MIN_STACK").is_none() {
+        // SAFETY: the process has one thread yet, so nothing reads the environment meanwhile.
+        unsafe { std::env::set_var("RUST_MIN_STACK", THREAD_STACK.to_string()) };
+    }
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,lifecycle=info"));
@@ -309,6 +321,7 @@ fn main() -> ExitCode {
     let cores = std::thread::available_parallelism().map_or(2, usize::from);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .max_blocking_threads((cores * 4).max(8))
+        .thread_stack_size(THREAD_STACK)
         .enable_all()
         .build()
         .expect("tokio runtime");

@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    ALL_ROLES, DISPATCH_ONLY, INGEST_ONLY, SmtpSink, TestEnv, cli, count, enrolled, wait_for,
+    ALL_ROLES, DISPATCH_ONLY, INGEST_ONLY, Serve, SmtpSink, TestEnv, cli, count, enrolled, wait_for,
 };
 use lifecycle::app::App;
 use lifecycle::triggers::Trigger;
@@ -467,5 +467,112 @@ async fn a_million_failed_messages_are_retried_in_pages_with_bounded_memory() {
     );
     assert!(peak_kib < 64 * 1024, "peak resident {peak_kib} KiB");
     app.pool.close().await;
+    env.cleanup().await;
+}
+
+/// Headers nested as deep as one 128 KiB frame holds (each level an empty name, a type and a
+/// length: 6 bytes).
+const DEEP_HEADERS: usize = 20_000;
+
+/// Not a test of its own: run in a child process by
+/// `headers_nested_twenty_thousand_deep_stop_no_worker` with `DEEP_HEADERS_TO` set and stacks
+/// large enough for lapin to write such headers (its writer recurses per level too), it
+/// publishes one body with them.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a helper process of headers_nested_twenty_thousand_deep_stop_no_worker"]
+async fn publish_deep_headers() {
+    use lapin::types::{AMQPValue, FieldTable};
+    let Ok(to) = std::env::var("DEEP_HEADERS_TO") else {
+        return;
+    };
+    let (url, exchange) = to.split_once(' ').unwrap();
+    let mut headers = FieldTable::default();
+    for _ in 0..DEEP_HEADERS {
+        let mut outer = FieldTable::default();
+        outer.insert("".into(), AMQPValue::FieldTable(headers));
+        headers = outer;
+    }
+    let connection = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel.confirm_select(Default::default()).await.unwrap();
+    channel
+        .basic_publish(
+            exchange.into(),
+            "member.enrolled".into(),
+            Default::default(),
+            b"not json, with deep headers",
+            lapin::BasicProperties::default().with_headers(headers),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    connection.close(200, "bye".into()).await.ok();
+    println!("published {DEEP_HEADERS} deep");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn headers_nested_twenty_thousand_deep_stop_no_worker() {
+    let sink = SmtpSink::start(&[]);
+    let env = TestEnv::with_smtp(&sink);
+    let app = env.app().await;
+    let mut serve = Serve::start_with(&env, &[], std::process::Stdio::inherit());
+    let enrol = |m: &str| {
+        let address = format!("{m}@example.com");
+        enrolled(
+            &format!("{}-{m}", env.tag),
+            m,
+            Some(&address),
+            None,
+            "en",
+            "Ada",
+            (true, false),
+        )
+    };
+    // Published first, it also declares the exchange and queues.
+    env.publish(&[enrol("m-before")]).await;
+    let published = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "publish_deep_headers",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("RUST_MIN_STACK", (256 << 20).to_string())
+        .env(
+            "DEEP_HEADERS_TO",
+            format!(
+                "{} {}",
+                env.settings.amqp_url.expose(),
+                env.settings.exchange
+            ),
+        )
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&published.stdout);
+    assert!(said.contains("published 20000 deep"), "{said}");
+    // Once, reading these headers overflowed lapin's thread and aborted the process.
+    env.publish(&[enrol("m-after")]).await;
+    wait_for("both welcomes at the sink", || async {
+        (sink.messages().len() == 2).then_some(())
+    })
+    .await;
+    wait_for("the dead letter stored", || async {
+        (count(&app, "select count(*) from dead_letters").await == 1).then_some(())
+    })
+    .await;
+    let headers: String = sqlx::query_scalar("select headers::text from dead_letters")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert!(headers.contains("nested deeper than 16"), "{headers}");
+    assert!(headers.len() < 1_000, "{headers}");
+    assert_eq!(
+        serve.terminate().await.code(),
+        Some(0),
+        "serve ran on and left on SIGTERM"
+    );
     env.cleanup().await;
 }

@@ -17,8 +17,8 @@ use serde_json::{Value, json};
 use sqlx::Row;
 use tracing::{info, warn};
 
+use crate::amqp::ERROR_HEADER;
 use crate::app::App;
-use crate::ingest::ERROR_HEADER;
 use crate::publish::Publisher;
 use crate::shutdown::Shutdown;
 
@@ -76,7 +76,7 @@ pub struct Filter {
 /// Moves the dead-letter queue into PostgreSQL until shutdown, reconnecting after a failure.
 pub async fn store(app: App, shutdown: Shutdown) -> anyhow::Result<()> {
     let mut backoff =
-        crate::ingest::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     while !shutdown.is_triggered() {
         // A session waiting on the broker (connecting, declaring) must not hold up shutdown:
         // it is dropped, and the broker requeues whatever it had delivered and not been acked.
@@ -101,9 +101,8 @@ pub async fn store(app: App, shutdown: Shutdown) -> anyhow::Result<()> {
 }
 
 async fn session(app: &App, shutdown: &Shutdown) -> anyhow::Result<()> {
-    let connection =
-        crate::ingest::connect(&app.settings.amqp_url, "lifecycle-dead-letters").await?;
-    crate::ingest::declare_topology(&connection, &app.settings).await?;
+    let connection = crate::amqp::connect(&app.settings.amqp_url, "lifecycle-dead-letters").await?;
+    crate::amqp::declare_topology(&connection, &app.settings).await?;
     let channel = connection.create_channel().await?;
     channel
         .basic_qos(BATCH as u16, BasicQosOptions::default())
@@ -144,7 +143,7 @@ async fn session(app: &App, shutdown: &Shutdown) -> anyhow::Result<()> {
             .await?;
         info!(n = batch.len(), "Dead letters stored.");
     }
-    crate::ingest::bounded(connection.close(200, "bye".into())).await;
+    crate::amqp::bounded(connection.close(200, "bye".into())).await;
     Ok(())
 }
 
@@ -443,7 +442,7 @@ pub async fn replay(app: &App, selection: Selection<'_>, by: &str) -> anyhow::Re
             break;
         }
         if publisher.is_none() {
-            let opened = crate::ingest::connect(&app.settings.amqp_url, "lifecycle-replay").await?;
+            let opened = crate::amqp::connect(&app.settings.amqp_url, "lifecycle-replay").await?;
             publisher = Some(Publisher::open(&opened).await?);
             connection = Some(opened);
         }
@@ -491,7 +490,7 @@ pub async fn replay(app: &App, selection: Selection<'_>, by: &str) -> anyhow::Re
         publisher.close().await;
     }
     if let Some(connection) = connection {
-        crate::ingest::bounded(connection.close(200, "bye".into())).await;
+        crate::amqp::bounded(connection.close(200, "bye".into())).await;
     }
     if replayed_total > 0 {
         info!(n = replayed_total, by, "Dead letters replayed.");

@@ -7,17 +7,17 @@ use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
 
+use crate::amqp;
 use crate::app::{App, Roles, Worker};
 use crate::config::Settings;
 use crate::domain::{Email, Phone};
-use crate::ingest;
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
 
 /// Declares the topology and publishes event bodies to the exchange; returns how many.
 pub async fn publish(settings: &Settings, bodies: &[String]) -> anyhow::Result<usize> {
-    let connection = ingest::connect(&settings.amqp_url, "lifecycle-publish").await?;
-    ingest::declare_topology(&connection, settings).await?;
+    let connection = amqp::connect(&settings.amqp_url, "lifecycle-publish").await?;
+    amqp::declare_topology(&connection, settings).await?;
     let publisher = Publisher::open(&connection).await?;
     let n = publisher.publish_events(&settings.exchange, bodies).await?;
     publisher.close().await;
@@ -118,8 +118,8 @@ async fn tell(
     end: DateTime<Utc>,
     member_ids: &[String],
 ) -> anyhow::Result<()> {
-    let connection = ingest::connect(&app.settings.amqp_url, "lifecycle-demo").await?;
-    ingest::declare_topology(&connection, &app.settings).await?;
+    let connection = amqp::connect(&app.settings.amqp_url, "lifecycle-demo").await?;
+    amqp::declare_topology(&connection, &app.settings).await?;
     let publisher = Publisher::open(&connection).await?;
     let start = app.metrics.events_handled();
     for (i, (line, time)) in lines.iter().zip(times).enumerate() {

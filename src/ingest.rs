@@ -1,7 +1,7 @@
-//! Consuming events: AMQP topology, the batched consume loop, ack or dead-letter by outcome,
-//! reconnecting.
+//! Consuming events: the batched consume loop, ack or dead-letter by outcome, reconnecting
+//! (the topology and the connection are `amqp`'s).
 //!
-//! Architecture invariant: only this module acks, and only after the transaction holding the
+//! Architecture invariant: this module acks an event only after the transaction holding the
 //! delivery has committed (or, for a refused event, after its dead letter was confirmed by the
 //! broker). A crash anywhere before the ack means redelivery, and the inbox makes a redelivered
 //! event a no-op.
@@ -10,175 +10,20 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use futures_util::{FutureExt, StreamExt};
+use lapin::Channel;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions,
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use tracing::{debug, info, warn};
 
+use crate::amqp::{ERROR_HEADER, RETRIES_HEADER, bounded, connect, declare_topology};
 use crate::app::App;
-use crate::config::{AmqpUrl, Settings};
+use crate::backoff::Backoff;
 use crate::event::{self, Event};
 use crate::ledger::{self, Locking, Outcome};
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
 use crate::shutdown::Shutdown;
-
-/// Header that carries a dead letter's reason.
-pub const ERROR_HEADER: &str = "x-lifecycle-error";
-/// Header that counts how often an early event went through the retry queue.
-pub const RETRIES_HEADER: &str = "x-lifecycle-retries";
-/// Routing-key patterns that bind the input queue to the exchange.
-const BINDINGS: [&str; 5] = ["member.#", "order.#", "cart.#", "points.#", "feedback.#"];
-
-/// Connects to RabbitMQ.
-///
-/// Without lapin's automatic recovery, on purpose: ingest recovers by ending its session and
-/// making a new connection (`Ingest::run`). With both, a connection whose session had ended
-/// could recover by itself later, with consumers that no loop reads any more, and hold the
-/// deliveries they were given unacked for as long as the process lives (the fault suite's
-/// larger run found 621 events stuck so).
-pub async fn connect(url: &AmqpUrl, name: &str) -> anyhow::Result<Connection> {
-    let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url.expose(), properties)
-        .await
-        .with_context(|| format!("connecting to RabbitMQ at {url}"))
-}
-
-/// Declares the exchanges and queues of DESIGN.md; safe to run any number of times.
-///
-/// Nothing a user may change later (the retry delay) is a queue argument: RabbitMQ refuses to
-/// declare a queue again with other arguments. And should a queue exist with other arguments
-/// all the same (declared by an older version, or by hand), it is used as it is, with a
-/// warning, rather than fought on every reconnect.
-pub async fn declare_topology(connection: &Connection, settings: &Settings) -> anyhow::Result<()> {
-    let s = &settings.ingest;
-    let channel = connection.create_channel().await?;
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    let text = |s: &str| AMQPValue::LongString(s.into());
-    let context = |what: &str, name: &str| format!("declaring {what} {name}");
-
-    channel
-        .exchange_declare(
-            settings.exchange.as_str().into(),
-            ExchangeKind::Topic,
-            durable,
-            FieldTable::default(),
-        )
-        .await
-        .with_context(|| context("exchange", &settings.exchange))?;
-    channel
-        .exchange_declare(
-            s.dead_letter_exchange.as_str().into(),
-            ExchangeKind::Fanout,
-            durable,
-            FieldTable::default(),
-        )
-        .await
-        .with_context(|| context("exchange", &s.dead_letter_exchange))?;
-    let channel = declare_queue(connection, channel, &s.dead_letter_queue, &[]).await?;
-    channel
-        .queue_bind(
-            s.dead_letter_queue.as_str().into(),
-            s.dead_letter_exchange.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    // Dead-lettering at least once needs the target to push back rather than drop.
-    let safe_dead_lettering = [
-        ("x-dead-letter-strategy", text("at-least-once")),
-        ("x-overflow", text("reject-publish")),
-    ];
-    let mut input_args = vec![
-        (
-            "x-delivery-limit",
-            AMQPValue::LongInt(s.delivery_limit as i32),
-        ),
-        ("x-dead-letter-exchange", text(&s.dead_letter_exchange)),
-    ];
-    input_args.extend(safe_dead_lettering.iter().cloned());
-    let channel = declare_queue(connection, channel, &s.queue, &input_args).await?;
-    for pattern in BINDINGS {
-        channel
-            .queue_bind(
-                s.queue.as_str().into(),
-                settings.exchange.as_str().into(),
-                pattern.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-    }
-    // Early events wait here, each for the delay its publish sets (a per-message expiration,
-    // so the delay can change without declaring the queue anew), then expire back into the
-    // input queue (through the default exchange, so other consumers of the platform's
-    // exchange do not see them twice).
-    let mut retry_args = vec![
-        ("x-dead-letter-exchange", text("")),
-        ("x-dead-letter-routing-key", text(&s.queue)),
-    ];
-    retry_args.extend(safe_dead_lettering.iter().cloned());
-    let channel = declare_queue(connection, channel, &s.retry_queue, &retry_args).await?;
-    channel.close(200, "declared".into()).await.ok();
-    Ok(())
-}
-
-/// Declares a durable quorum queue with `args` on `channel`. When the broker refuses because
-/// the queue exists with other arguments (PRECONDITION_FAILED, which closes the channel), the
-/// queue is checked to exist on a new channel and used as it is. Returns the channel to go on
-/// with.
-async fn declare_queue(
-    connection: &Connection,
-    channel: Channel,
-    name: &str,
-    args: &[(&str, AMQPValue)],
-) -> anyhow::Result<Channel> {
-    let mut table = FieldTable::default();
-    table.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
-    for (key, value) in args {
-        table.insert((*key).into(), value.clone());
-    }
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    let refused = match channel.queue_declare(name.into(), durable, table).await {
-        Ok(_) => return Ok(channel),
-        Err(error) => error,
-    };
-    let precondition = matches!(
-        &refused.kind(),
-        lapin::ErrorKind::ProtocolError(e) if e.get_id() == 406
-    );
-    if !precondition {
-        return Err(refused).with_context(|| format!("declaring queue {name}"));
-    }
-    let channel = connection.create_channel().await?;
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    channel
-        .queue_declare(name.into(), passive, FieldTable::default())
-        .await
-        .with_context(|| format!("declaring queue {name}: {refused}"))?;
-    warn!(
-        queue = name,
-        "The queue exists with other arguments than this version declares; using it as it is."
-    );
-    Ok(channel)
-}
 
 /// The consuming side of the worker.
 #[derive(Clone)]
@@ -617,42 +462,4 @@ fn truncate(text: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}…", &text[..end])
-}
-
-/// Exponential backoff with full jitter.
-pub(crate) struct Backoff {
-    base: Duration,
-    max: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    pub(crate) fn new(base: Duration, max: Duration) -> Backoff {
-        Backoff {
-            base,
-            max,
-            attempt: 0,
-        }
-    }
-
-    pub(crate) fn next(&mut self) -> Duration {
-        let ceiling = self
-            .base
-            .saturating_mul(1 << self.attempt.min(16))
-            .min(self.max);
-        self.attempt += 1;
-        ceiling.mul_f64(0.5 + rand::random::<f64>() / 2.0)
-    }
-
-    pub(crate) fn reset(&mut self) {
-        self.attempt = 0;
-    }
-}
-
-/// Awaits a broker call made while closing, for at most 5 s: its answer does not matter, and
-/// a broker that never gives one must not keep a worker from stopping.
-pub(crate) async fn bounded<T>(call: impl std::future::Future<Output = T>) {
-    tokio::time::timeout(std::time::Duration::from_secs(5), call)
-        .await
-        .ok();
 }

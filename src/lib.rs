@@ -18,7 +18,9 @@
 //!   trigger's conversions against its holdout), read from the ledger and the outbox.
 //! - [`app`]: the shared handles and the worker's roles; [`demo`] and [`bench`] drive them.
 
+pub mod amqp;
 pub mod app;
+pub mod backoff;
 pub mod bench;
 pub mod clock;
 pub mod config;

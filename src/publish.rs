@@ -34,7 +34,7 @@ impl Publisher {
     /// connection first leaves lapin to close the channel from its drop, racing the
     /// connection's close, and that it logs as an ERROR ("invalid channel state: Closing").
     pub async fn close(self) {
-        crate::ingest::bounded(self.channel.close(200, "bye".into())).await;
+        crate::amqp::bounded(self.channel.close(200, "bye".into())).await;
     }
 
     /// Publishes a body with the given properties and headers; the returned confirm resolves

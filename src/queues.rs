@@ -56,7 +56,7 @@ const SAMPLE_EVERY: Duration = Duration::from_secs(5);
 /// Reads the queues (passively: nothing is declared) and the outbox.
 pub async fn snapshot(app: &App) -> anyhow::Result<Queues> {
     let s = &app.settings.ingest;
-    let connection = crate::ingest::connect(&app.settings.amqp_url, "lifecycle-queues").await?;
+    let connection = crate::amqp::connect(&app.settings.amqp_url, "lifecycle-queues").await?;
     let mut depths = Vec::new();
     for name in [&s.queue, &s.retry_queue, &s.dead_letter_queue] {
         // A passive declare of a missing queue closes its channel: one channel per queue.
@@ -78,10 +78,10 @@ pub async fn snapshot(app: &App) -> anyhow::Result<Queues> {
             },
             Err(_) => Depth::default(),
         };
-        crate::ingest::bounded(channel.close(200, "bye".into())).await;
+        crate::amqp::bounded(channel.close(200, "bye".into())).await;
         depths.push(depth);
     }
-    crate::ingest::bounded(connection.close(200, "bye".into())).await;
+    crate::amqp::bounded(connection.close(200, "bye".into())).await;
     let rows: Vec<(String, i64)> = sqlx::query_as(
         "select status, count(*) from messages
          where status in ('pending', 'sending', 'failed') group by status",

@@ -23,8 +23,8 @@ use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use tracing::{debug, info, warn};
 
 use crate::app::App;
+use crate::backoff::Backoff;
 use crate::config::Cron;
-use crate::ingest::Backoff;
 use crate::ledger::points::EntryKind;
 use crate::ledger::{self, ScanChange};
 use crate::metrics::Metrics;

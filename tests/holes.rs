@@ -317,7 +317,7 @@ async fn two_dispatchers_never_both_send_a_marketing_message_inside_the_cap() {
 async fn a_changed_retry_delay_and_an_older_retry_queue_do_not_stop_ingest() {
     let env = TestEnv::new(&[("LIFECYCLE_INGEST__RETRY_DELAY_MS", "500".into())]);
     // The retry queue as an older version declared it: with its delay as a queue argument.
-    let connection = lifecycle::ingest::connect(&env.settings.amqp_url, "test")
+    let connection = lifecycle::amqp::connect(&env.settings.amqp_url, "test")
         .await
         .unwrap();
     let channel = connection.create_channel().await.unwrap();

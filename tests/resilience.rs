@@ -148,7 +148,7 @@ async fn a_server_cancel_is_followed_by_a_new_consumer() {
     .await;
 
     // Deleting the queue makes the broker cancel every consumer of it.
-    let connection = lifecycle::ingest::connect(&env.settings.amqp_url, "test")
+    let connection = lifecycle::amqp::connect(&env.settings.amqp_url, "test")
         .await
         .unwrap();
     let channel = connection.create_channel().await.unwrap();

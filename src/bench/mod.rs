@@ -34,9 +34,9 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
 use serde::Serialize;
 
+use crate::amqp;
 use crate::app::{App, Roles, Worker};
 use crate::config::{EmailProviderKind, Settings, SmtpUrl};
-use crate::ingest;
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
 use fakes::{HttpProvider, SmtpSink};
@@ -216,7 +216,7 @@ pub async fn run(mut settings: Settings, options: Options) -> anyhow::Result<()>
         )
         .take(options.events)
     };
-    let connection = ingest::connect(&settings.amqp_url, "lifecycle-bench").await?;
+    let connection = amqp::connect(&settings.amqp_url, "lifecycle-bench").await?;
     let result = async {
         let (publish_per_s, ceiling_per_s) =
             ceiling(&connection, &settings, &tag, workload()).await?;
@@ -545,8 +545,8 @@ async fn publish(
     settings: &Settings,
     events: impl Iterator<Item = (&'static str, String)>,
 ) -> anyhow::Result<()> {
-    let connection = ingest::connect(&settings.amqp_url, "lifecycle-bench-publish").await?;
-    ingest::declare_topology(&connection, settings).await?;
+    let connection = amqp::connect(&settings.amqp_url, "lifecycle-bench-publish").await?;
+    amqp::declare_topology(&connection, settings).await?;
     let publisher = Publisher::open(&connection).await?;
     publisher
         .publish_events(&settings.exchange, events.map(|(_, body)| body))
@@ -665,7 +665,7 @@ async fn latency(
     cancel_waiting(&app).await?;
     let worker = Worker::start(app.clone(), INGEST_AND_DISPATCH).await?;
     let measured = async {
-        let connection = ingest::connect(&settings.amqp_url, "lifecycle-bench-steady").await?;
+        let connection = amqp::connect(&settings.amqp_url, "lifecycle-bench-steady").await?;
         let publisher = Publisher::open(&connection).await?;
         let lag = (rate as usize).max(1);
         let mut events = Workload::new(&format!("{tag}-steady"), members, lag, Time::Live);

@@ -31,8 +31,8 @@ use futures_util::StreamExt;
 use tracing::{debug, info, warn};
 
 use crate::app::App;
+use crate::backoff::Backoff;
 use crate::domain::Channel;
-use crate::ingest::Backoff;
 use crate::metrics::Metrics;
 use crate::outbox::{self, Attempt, Claimed, Settled};
 use crate::shutdown::Shutdown;

@@ -154,10 +154,10 @@ impl TestEnv {
         body: &[u8],
         properties: BasicProperties,
     ) {
-        let connection = lifecycle::ingest::connect(&self.settings.amqp_url, "test")
+        let connection = lifecycle::amqp::connect(&self.settings.amqp_url, "test")
             .await
             .unwrap();
-        lifecycle::ingest::declare_topology(&connection, &self.settings)
+        lifecycle::amqp::declare_topology(&connection, &self.settings)
             .await
             .unwrap();
         let channel = connection.create_channel().await.unwrap();
@@ -209,7 +209,7 @@ impl TestEnv {
 
     async fn remove(settings: Settings) {
         let this = &settings;
-        if let Ok(connection) = lifecycle::ingest::connect(&this.amqp_url, "test").await {
+        if let Ok(connection) = lifecycle::amqp::connect(&this.amqp_url, "test").await {
             let channel = connection.create_channel().await.unwrap();
             let s = &this.ingest;
             for q in [&s.queue, &s.dead_letter_queue, &s.retry_queue] {

@@ -554,7 +554,7 @@ pub fn table(rows: &[DeadLetter]) -> String {
             ]
         })
         .collect();
-    crate::demo::text_table(
+    crate::cli::table::text_table(
         &["id", "dead-lettered", "type", "event", "replays", "reason"],
         &cells,
         "(no dead letters)",

@@ -343,7 +343,7 @@ pub fn table(rows: &[Message]) -> String {
             ]
         })
         .collect();
-    crate::demo::text_table(
+    crate::cli::table::text_table(
         &[
             "id", "planned", "trigger", "channel", "to", "status", "tries", "provider", "error",
         ],

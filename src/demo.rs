@@ -8,11 +8,12 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
 
 use crate::amqp;
-use crate::app::{App, Roles, Worker};
+use crate::app::{App, Roles};
 use crate::config::Settings;
 use crate::domain::{Email, Phone};
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
+use crate::worker::Worker;
 
 /// Declares the topology and publishes event bodies to the exchange; returns how many.
 pub async fn publish(settings: &Settings, bodies: &[String]) -> anyhow::Result<usize> {
@@ -281,40 +282,9 @@ pub fn table(rows: &[MessageRow]) -> String {
             ]
         })
         .collect();
-    text_table(
+    crate::cli::table::text_table(
         &["id", "trigger", "channel", "to", "status", "where"],
         &cells,
         "(no messages)",
     )
-}
-
-/// A plain-text table: columns padded to their widest cell, the last one left as it is;
-/// `empty` when there are no rows.
-pub fn text_table(header: &[&str], rows: &[Vec<String>], empty: &str) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: &[String]| {
-        let mut s = String::new();
-        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
-            if i + 1 == cells.len() {
-                s.push_str(cell);
-            } else {
-                s.push_str(&format!("{cell:<w$}  "));
-            }
-        }
-        s.trim_end().to_owned() + "\n"
-    };
-    let mut out = line(&header.iter().map(|h| (*h).to_owned()).collect::<Vec<_>>());
-    for row in rows {
-        out.push_str(&line(row));
-    }
-    if rows.is_empty() {
-        out.push_str(empty);
-        out.push('\n');
-    }
-    out
 }

@@ -4,8 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use lifecycle::app::{App, Roles, Worker};
+use lifecycle::app::{App, Roles};
 use lifecycle::config::Settings;
+use lifecycle::worker::Worker;
 
 /// mimalloc instead of glibc's malloc: dispatch allocates and frees a few 10 KB buffers per
 /// email across threads (rendered on the blocking pool, sent from the async workers), where

@@ -65,3 +65,12 @@ pub async fn signal() {
     #[cfg(not(unix))]
     ctrl_c.await.ok();
 }
+
+/// The words of a caught panic (`panic!` gives a `&str` or a `String`).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or(payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}

@@ -148,7 +148,10 @@ pub async fn off_workers<T: Send + 'static>(
 ) -> anyhow::Result<T> {
     tokio::task::spawn_blocking(move || {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).map_err(|panic| {
-            anyhow::anyhow!("rendering panicked: {}", crate::app::panic_message(&*panic))
+            anyhow::anyhow!(
+                "rendering panicked: {}",
+                crate::shutdown::panic_message(&*panic)
+            )
         })
     })
     .await

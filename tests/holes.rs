@@ -15,9 +15,10 @@ use common::{
     ALL_ROLES, INGEST_ONLY, Serve, SmtpSink, TestEnv, count, enrolment, enrolments, free_port,
     wait_for, wait_up_to,
 };
-use lifecycle::app::{Roles, Worker};
+use lifecycle::app::Roles;
 use lifecycle::dispatch::{Dispatcher, Step};
 use lifecycle::outbox::{self, Settled};
+use lifecycle::worker::Worker;
 use serde_json::json;
 
 fn dispatcher(app: &lifecycle::app::App) -> Dispatcher {

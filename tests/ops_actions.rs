@@ -151,7 +151,7 @@ async fn a_pin_that_no_longer_resolves_falls_back_to_the_version_in_force() {
     .execute(&app.pool)
     .await
     .unwrap();
-    let dispatch = lifecycle::app::Worker::start(env.app().await, DISPATCH_ONLY)
+    let dispatch = lifecycle::worker::Worker::start(env.app().await, DISPATCH_ONLY)
         .await
         .unwrap();
     assert_eq!(settled(&app, "m-gone").await, "sent");

@@ -114,7 +114,7 @@ async fn a_result_the_database_refuses_for_good_is_written_without_its_texts() {
     ] {
         sqlx::query(sql).execute(&app.pool).await.unwrap();
     }
-    let dispatch = lifecycle::app::Worker::start(env.app().await, DISPATCH_ONLY)
+    let dispatch = lifecycle::worker::Worker::start(env.app().await, DISPATCH_ONLY)
         .await
         .unwrap();
     wait_for("every result recorded", || async {

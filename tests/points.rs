@@ -362,7 +362,7 @@ async fn two_workers_on_one_queue_keep_every_ledger_exact() {
         assert_consistent(&app, &member).await;
     }
     assert!(env.take_dead_letters().await.is_empty(), "nothing refused");
-    let applied = |w: &lifecycle::app::Worker| {
+    let applied = |w: &lifecycle::worker::Worker| {
         lifecycle::metrics::Metrics::get(&w.app.metrics.events_applied)
     };
     assert!(

@@ -5,9 +5,10 @@ mod common;
 
 use chrono::{DateTime, Duration, Utc};
 use common::{ALL_ROLES, TestEnv, WITH_SCHEDULER, count, publish_in_order, wait_for};
-use lifecycle::app::{App, Roles, Worker};
+use lifecycle::app::{App, Roles};
 use lifecycle::metrics::Metrics;
 use lifecycle::scheduler::Job;
+use lifecycle::worker::Worker;
 use serde_json::json;
 
 fn t(raw: &str) -> DateTime<Utc> {

@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use common::smtp_relay::{Fault, SmtpRelay};
 use common::{SmtpSink, TestEnv, count, free_port, publish_in_order, wait_for};
-use lifecycle::app::{App, Roles, Worker};
+use lifecycle::app::{App, Roles};
 use lifecycle::dispatch::{Dispatcher, Step};
+use lifecycle::worker::Worker;
 use serde_json::json;
 
 /// Consume events and serve HTTP; sending is done step by step by the test.

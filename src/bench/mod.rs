@@ -35,10 +35,11 @@ use lapin::{BasicProperties, Connection};
 use serde::Serialize;
 
 use crate::amqp;
-use crate::app::{App, Roles, Worker};
+use crate::app::{App, Roles};
 use crate::config::{EmailProviderKind, Settings, SmtpUrl};
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
+use crate::worker::Worker;
 use fakes::{HttpProvider, SmtpSink};
 use workload::{Time, Workload};
 

@@ -79,7 +79,7 @@ impl Composer {
                 Ok(Err(error)) => Composed::Broken(error),
                 Err(panic) => Composed::Broken(anyhow::anyhow!(
                     "rendering panicked: {}",
-                    crate::app::panic_message(&*panic)
+                    crate::shutdown::panic_message(&*panic)
                 )),
             };
             (claimed, composed, Some(used))

@@ -519,7 +519,7 @@ pub fn table(r: &Report) -> String {
         r.from.to_rfc3339(),
         r.to.to_rfc3339()
     );
-    out.push_str(&crate::demo::text_table(
+    out.push_str(&crate::cli::table::text_table(
         &["figure", "value", "from"],
         &rows,
         "",
@@ -540,7 +540,7 @@ pub fn table(r: &Report) -> String {
             ]
         })
         .collect();
-    out.push_str(&crate::demo::text_table(
+    out.push_str(&crate::cli::table::text_table(
         &[
             "trigger",
             "sent",

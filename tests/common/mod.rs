@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 
 use lapin::BasicProperties;
 use lapin::options::{BasicPublishOptions, ExchangeDeleteOptions, QueueDeleteOptions};
-use lifecycle::app::{App, Roles, Worker};
+use lifecycle::app::{App, Roles};
 use lifecycle::config::Settings;
+use lifecycle::worker::Worker;
 
 /// How long any wait may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(30);

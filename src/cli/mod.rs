@@ -1,0 +1,3 @@
+//! The command line's own parts.
+
+pub mod table;

@@ -7,8 +7,8 @@
 
 use std::time::{Duration, SystemTime};
 
+use lifecycle::domain::Trigger;
 use lifecycle::render::Templates;
-use lifecycle::triggers::Trigger;
 
 /// The event decoder, and masking of whatever text it refuses.
 pub fn event(data: &[u8]) {

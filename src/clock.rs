@@ -20,7 +20,7 @@ pub enum Clock {
 
 impl Clock {
     /// The clock of these settings: fixed when `now` is set.
-    pub fn from_setting(now: Option<crate::config::Instant>) -> Clock {
+    pub fn from_setting(now: Option<crate::domain::Instant>) -> Clock {
         now.map_or(Clock::System, |t| Clock::fixed(t.0))
     }
 

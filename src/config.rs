@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
 
-use crate::domain::quoted;
+use crate::domain::{parsed, quoted};
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 
@@ -84,7 +84,7 @@ pub struct Settings {
     pub unsubscribe_mailto: Option<String>,
     /// Fixes the clock at this instant (tests and demos only).
     #[serde(deserialize_with = "parsed_opt")]
-    pub now: Option<Instant>,
+    pub now: Option<crate::domain::Instant>,
     /// The shop's name as messages show it.
     pub shop_name: String,
     /// The shop's postal address, shown in the footer of every email (anti-spam laws ask for
@@ -402,7 +402,7 @@ pub struct DispatchSettings {
     pub rate_limit: RateLimits,
     /// Local hours in which SMS is deferred (`21:00-08:00`, or `off`).
     #[serde(deserialize_with = "parsed")]
-    pub quiet_hours: crate::dispatch::policy::QuietHours,
+    pub quiet_hours: crate::domain::QuietHours,
     /// Hours between two marketing messages (birthday, abandoned-cart) to a member on one
     /// channel; 0 turns the cap off.
     #[serde(deserialize_with = "parsed")]
@@ -673,22 +673,6 @@ impl Secret {
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("[redacted]")
-    }
-}
-
-/// An instant in UTC, parsed from RFC 3339.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Instant(pub DateTime<Utc>);
-
-impl FromStr for Instant {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        DateTime::parse_from_rfc3339(s)
-            .map(|t| Instant(t.with_timezone(&Utc)))
-            .map_err(|e| {
-                format!("`{s}` is not an RFC 3339 time such as 2026-11-22T10:00:00Z ({e})")
-            })
     }
 }
 
@@ -1053,30 +1037,6 @@ fn overlay(table: &mut toml::Table, key: &str, value: String) -> anyhow::Result<
     Ok(())
 }
 
-/// Parses a value from its text (environment) or its native TOML form (file).
-pub(crate) fn parsed<'de, D, T>(deserializer: D) -> Result<T, D::Error>
-where
-    D: Deserializer<'de>,
-    T: FromStr,
-    T::Err: fmt::Display,
-{
-    let value = toml::Value::deserialize(deserializer)?;
-    let text = match value {
-        toml::Value::String(s) => s,
-        toml::Value::Integer(i) => i.to_string(),
-        toml::Value::Float(f) => f.to_string(),
-        toml::Value::Boolean(b) => b.to_string(),
-        toml::Value::Datetime(d) => d.to_string(),
-        other => {
-            return Err(de::Error::custom(format!(
-                "expected a single value, found {}",
-                other.type_str()
-            )));
-        }
-    };
-    text.trim().parse().map_err(de::Error::custom)
-}
-
 fn parsed_opt<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
 where
     D: Deserializer<'de>,
@@ -1348,5 +1308,46 @@ mod tests {
             &[("LIFECYCLE_DATABASE_URL", "mysql://app:hunter6@db/x")],
         );
         assert!(!bad.contains("hunter6"), "{bad}");
+    }
+
+    #[test]
+    fn holdout_percent_is_one_share_or_one_per_trigger() {
+        let settings = |file: Option<&str>, env: &[(&str, &str)]| {
+            Settings::from_sources(
+                file,
+                env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+            )
+        };
+        let s = settings(None, &[("LIFECYCLE_PROGRAM__HOLDOUT_PERCENT", "12.5")]).unwrap();
+        assert_eq!(s.program.holdout_percent.percent("welcome"), 12.5);
+        assert_eq!(s.program.holdout_percent.percent("birthday"), 12.5);
+        let s = settings(
+            Some("[program.holdout_percent]\nwelcome = 50\ndefault = 10\n"),
+            &[("LIFECYCLE_PROGRAM__HOLDOUT_PERCENT__BIRTHDAY", "20")],
+        )
+        .unwrap();
+        let h = &s.program.holdout_percent;
+        assert_eq!(
+            (
+                h.percent("welcome"),
+                h.percent("birthday"),
+                h.percent("tier-up")
+            ),
+            (50.0, 20.0, 10.0)
+        );
+        for (value, expected) in [
+            ("101", "not between 0 and 100"),
+            ("-1", "not between 0 and 100"),
+            ("half", "not a percentage"),
+        ] {
+            let error = settings(None, &[("LIFECYCLE_PROGRAM__HOLDOUT_PERCENT", value)])
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(expected), "{value}: {error}");
+        }
+        let error = settings(Some("[program.holdout_percent]\nwelcom = 50\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("\"welcom\" is not a trigger"), "{error}");
     }
 }

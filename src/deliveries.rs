@@ -187,7 +187,7 @@ async fn render(
     mut context: Value,
     pinned_locale: Option<String>,
 ) -> anyhow::Result<Value> {
-    let trigger = crate::triggers::Trigger::parse(&m.trigger).context("unknown trigger")?;
+    let trigger = crate::domain::Trigger::parse(&m.trigger).context("unknown trigger")?;
     let catalog = app.templates.current();
     let locale = match pinned_locale.filter(|_| m.template_version.is_some() || m.test) {
         Some(l) => l,

@@ -58,7 +58,7 @@ pub async fn run(mut settings: Settings, events: &Path) -> anyhow::Result<()> {
     let last = times.iter().flatten().max().copied().unwrap_or(first);
     let end =
         last + chrono::Duration::minutes(i64::from(settings.program.abandoned_cart_minutes) + 1);
-    settings.now = Some(crate::config::Instant(first));
+    settings.now = Some(crate::domain::Instant(first));
 
     let app = App::open(settings).await?;
     let worker = Worker::start(

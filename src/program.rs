@@ -70,35 +70,35 @@ pub struct Program {
     /// Earn rate per ISO 4217 code; orders in other currencies earn nothing (and say so).
     pub earn: BTreeMap<String, EarnRate>,
     /// Points given on enrolment.
-    #[serde(deserialize_with = "crate::config::parsed")]
+    #[serde(deserialize_with = "crate::domain::parsed")]
     pub signup_bonus: i64,
     /// Rewards, by their cost in points.
     pub rewards: Vec<Reward>,
     /// Months after which an earned lot expires.
-    #[serde(deserialize_with = "crate::config::parsed")]
+    #[serde(deserialize_with = "crate::domain::parsed")]
     pub expiry_months: u32,
     /// Months of the rolling window of qualifying points.
-    #[serde(deserialize_with = "crate::config::parsed")]
+    #[serde(deserialize_with = "crate::domain::parsed")]
     pub tier_window_months: u32,
     /// Tiers, lowest first; the first must start at 0.
     pub tiers: Vec<Tier>,
     /// Points given on the birthday (0: none).
-    #[serde(deserialize_with = "crate::config::parsed")]
+    #[serde(deserialize_with = "crate::domain::parsed")]
     pub birthday_bonus: i64,
     /// Local time of the birthday message, `HH:MM`.
     pub birthday_time: String,
     /// Minutes a cart must stay open and unchanged to be abandoned.
-    #[serde(deserialize_with = "crate::config::parsed")]
+    #[serde(deserialize_with = "crate::domain::parsed")]
     pub abandoned_cart_minutes: u32,
     /// Days before a lot's expiry at which a notice goes out, farthest first.
     pub expiring_notice_days: Vec<u32>,
     /// The coupon pool each trigger's messages draw a code from (`abandoned-cart = "CART10"`).
     pub coupons: BTreeMap<String, String>,
     /// A pool with this many codes left or fewer is logged and counted as running low.
-    #[serde(deserialize_with = "crate::config::parsed")]
+    #[serde(deserialize_with = "crate::domain::parsed")]
     pub coupon_low_water: i64,
     /// Points for answering the feedback question about an order, once per order (0: none).
-    #[serde(deserialize_with = "crate::config::parsed")]
+    #[serde(deserialize_with = "crate::domain::parsed")]
     pub feedback_points: i64,
     /// The share of members held out of each trigger as its control group.
     pub holdout_percent: Holdout,
@@ -145,7 +145,7 @@ impl Holdout {
         );
         for (trigger, share) in &self.per_trigger {
             ensure!(
-                crate::triggers::Trigger::parse(trigger).is_some(),
+                crate::domain::Trigger::parse(trigger).is_some(),
                 "program.holdout_percent: {trigger:?} is not a trigger"
             );
             ensure!(
@@ -330,7 +330,7 @@ impl Program {
         }
         for (trigger, pool) in &self.coupons {
             ensure!(
-                crate::triggers::Trigger::parse(trigger).is_some(),
+                crate::domain::Trigger::parse(trigger).is_some(),
                 "program.coupons: {trigger:?} is not a trigger"
             );
             ensure!(
@@ -589,46 +589,5 @@ mod tests {
             .count();
         assert!((1_625..=1_975).contains(&both), "{both} held out of both");
         assert!(!Holdout::default().holds_out("m-1", "welcome"));
-    }
-
-    #[test]
-    fn holdout_percent_is_one_share_or_one_per_trigger() {
-        let settings = |file: Option<&str>, env: &[(&str, &str)]| {
-            crate::config::Settings::from_sources(
-                file,
-                env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
-            )
-        };
-        let s = settings(None, &[("LIFECYCLE_PROGRAM__HOLDOUT_PERCENT", "12.5")]).unwrap();
-        assert_eq!(s.program.holdout_percent.percent("welcome"), 12.5);
-        assert_eq!(s.program.holdout_percent.percent("birthday"), 12.5);
-        let s = settings(
-            Some("[program.holdout_percent]\nwelcome = 50\ndefault = 10\n"),
-            &[("LIFECYCLE_PROGRAM__HOLDOUT_PERCENT__BIRTHDAY", "20")],
-        )
-        .unwrap();
-        let h = &s.program.holdout_percent;
-        assert_eq!(
-            (
-                h.percent("welcome"),
-                h.percent("birthday"),
-                h.percent("tier-up")
-            ),
-            (50.0, 20.0, 10.0)
-        );
-        for (value, expected) in [
-            ("101", "not between 0 and 100"),
-            ("-1", "not between 0 and 100"),
-            ("half", "not a percentage"),
-        ] {
-            let error = settings(None, &[("LIFECYCLE_PROGRAM__HOLDOUT_PERCENT", value)])
-                .unwrap_err()
-                .to_string();
-            assert!(error.contains(expected), "{value}: {error}");
-        }
-        let error = settings(Some("[program.holdout_percent]\nwelcom = 50\n"), &[])
-            .unwrap_err()
-            .to_string();
-        assert!(error.contains("\"welcom\" is not a trigger"), "{error}");
     }
 }

@@ -20,9 +20,9 @@ use serde::Serialize;
 use sqlx::{PgPool, Row};
 use tracing::{info, warn};
 
+use crate::domain::Trigger;
 use crate::render::{FileError, Templates};
 use crate::shutdown::Shutdown;
-use crate::triggers::Trigger;
 
 /// Template files by name (`email.subject.hbs` …).
 pub type Files = BTreeMap<String, String>;

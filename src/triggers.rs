@@ -6,60 +6,13 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, TimeZone as _, Utc};
-use chrono_tz::Tz;
+use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, Utc};
 use serde_json::json;
 
-use crate::domain::Channel;
+use crate::domain::{Channel, Trigger, dedupe_key, local_instant};
 use crate::event::{Event, EventKind};
 use crate::ledger::{CartState, Member, MemberState};
 use crate::program::Program;
-
-/// The six lifecycle triggers of DESIGN.md.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Trigger {
-    /// A member enrolled.
-    Welcome,
-    /// The available balance crossed a reward threshold.
-    RedemptionReady,
-    /// Points expire soon.
-    PointsExpiring,
-    /// The member reached a higher tier.
-    TierUp,
-    /// Today is the member's birthday.
-    Birthday,
-    /// A cart was left open.
-    AbandonedCart,
-}
-
-impl Trigger {
-    /// Every trigger, in DESIGN.md's order.
-    pub const ALL: [Trigger; 6] = [
-        Trigger::Welcome,
-        Trigger::RedemptionReady,
-        Trigger::PointsExpiring,
-        Trigger::TierUp,
-        Trigger::Birthday,
-        Trigger::AbandonedCart,
-    ];
-
-    /// The trigger's name: template directory, `X-Lifecycle-Trigger` header, stored value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Trigger::Welcome => "welcome",
-            Trigger::RedemptionReady => "redemption-ready",
-            Trigger::PointsExpiring => "points-expiring",
-            Trigger::TierUp => "tier-up",
-            Trigger::Birthday => "birthday",
-            Trigger::AbandonedCart => "abandoned-cart",
-        }
-    }
-
-    /// Parses a stored trigger name.
-    pub fn parse(raw: &str) -> Option<Trigger> {
-        Trigger::ALL.into_iter().find(|t| t.as_str() == raw)
-    }
-}
 
 /// A message a trigger decided on, before it is stored in the outbox.
 #[derive(Debug, Clone, PartialEq)]
@@ -86,12 +39,6 @@ pub fn reachable_channels(member: &Member) -> Vec<Channel> {
         channels.push(Channel::Sms);
     }
     channels
-}
-
-/// The outbox key of one occurrence of a trigger on a channel: the trigger, the trigger-specific
-/// part of DESIGN.md's dedupe key (`member:year`, `cart:version`…), the channel.
-pub fn dedupe_key(trigger: Trigger, key: &str, channel: Channel) -> String {
-    format!("{}:{key}:{}", trigger.as_str(), channel.as_str())
 }
 
 /// `context` with what the member has ahead (`Program::progress`: `next_tier`,
@@ -274,23 +221,6 @@ pub fn tier_up(
     let context = with_progress(context, after, program, now);
     let key = format!("{}:{}:{}", member.member_id, tier.name, event.id);
     per_channel(Trigger::TierUp, &key, member, now, context)
-}
-
-/// The instant a local wall-clock reading happens in `tz`. In an autumn overlap (the reading
-/// happens twice) it is the first; in a spring gap (it never happens) it is the reading taken
-/// with the offset before the gap, so 02:30 on a night that jumps from 02:00 to 03:00 is 03:30.
-/// Either way every local date has exactly one such instant: a send neither skips nor doubles.
-pub fn local_instant(tz: Tz, date: NaiveDate, time: NaiveTime) -> DateTime<Utc> {
-    let local = date.and_time(time);
-    match tz.from_local_datetime(&local).earliest() {
-        Some(t) => t.with_timezone(&Utc),
-        None => {
-            // Gaps last at most a few hours; a day earlier is safely before this one.
-            let before = tz.offset_from_utc_datetime(&(local - chrono::Duration::days(1)));
-            let offset = chrono::Offset::fix(&before);
-            (local - offset).and_utc()
-        }
-    }
 }
 
 /// Points-expiring: what is left of the lots lapsing on each date ahead. For every expiry date
@@ -559,6 +489,8 @@ mod tests {
     use crate::event::{Adjustment, CartRef, Profile};
     use crate::ledger::points::{EntryKind, Points};
     use crate::program::Reward;
+    use chrono::TimeZone as _;
+    use chrono_tz::Tz;
 
     fn now() -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 11, 22, 10, 0, 0).unwrap()

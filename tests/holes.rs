@@ -284,7 +284,7 @@ async fn two_dispatchers_never_both_send_a_marketing_message_inside_the_cap() {
          from generate_series(1, 2) n",
     )
     .bind(lifecycle::render::sample_context(
-        lifecycle::triggers::Trigger::AbandonedCart,
+        lifecycle::domain::Trigger::AbandonedCart,
     ))
     .bind(app.clock.now())
     .execute(&app.pool)

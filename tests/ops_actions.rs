@@ -12,7 +12,7 @@ use common::{
     ALL_ROLES, DISPATCH_ONLY, INGEST_ONLY, Serve, SmtpSink, TestEnv, cli, count, enrolled, wait_for,
 };
 use lifecycle::app::App;
-use lifecycle::triggers::Trigger;
+use lifecycle::domain::Trigger;
 use serde_json::json;
 
 fn enrol(env: &TestEnv, member: &str, locale: &str) -> String {

@@ -12,12 +12,12 @@ use serde_json::Value;
 use super::email;
 use super::providers::{Content, Outgoing};
 use crate::config::Settings;
+use crate::domain::Trigger;
 use crate::domain::{Channel, Email, Locale, MemberId, Phone};
 use crate::outbox::Claimed;
 use crate::render::Templates;
 use crate::suppress::Tokens;
 use crate::template_store::{Catalog, StoreError, TemplateStore};
-use crate::triggers::Trigger;
 
 /// Context variables a message planned by an older version lacks.
 const PLANNED_LATER: [&str; 5] = [

@@ -5,8 +5,8 @@ use lettre::message::header::{ContentTransferEncoding, Header, HeaderName, Heade
 use lettre::message::{Body, Mailbox, MultiPart};
 
 use crate::domain::Email;
+use crate::domain::Trigger;
 use crate::render::RenderedEmail;
-use crate::triggers::Trigger;
 
 /// `X-Lifecycle-Trigger: welcome`
 #[derive(Debug, Clone)]

@@ -33,11 +33,11 @@ use tracing::{debug, info, warn};
 use crate::app::App;
 use crate::backoff::Backoff;
 use crate::domain::Channel;
+use crate::domain::Trigger;
 use crate::metrics::Metrics;
 use crate::outbox::{self, Attempt, Claimed, Settled};
 use crate::shutdown::Shutdown;
 use crate::template_store::Catalog;
-use crate::triggers::Trigger;
 use compose::{Composed, Composer};
 pub use providers::{Accepted, Content, Failure, Outgoing, Provider};
 

@@ -13,8 +13,8 @@ use sqlx::{PgConnection, Row};
 
 use crate::domain::Channel;
 use crate::domain::{MemberId, quoted};
+use crate::domain::{Trigger, dedupe_key};
 use crate::event::Cart;
-use crate::triggers::{self, Trigger};
 
 /// A cart as the ledger keeps it.
 #[derive(Debug, Clone, PartialEq)]
@@ -137,7 +137,7 @@ impl CartState {
         let key = self.dedupe_part(version);
         [Channel::Email, Channel::Sms]
             .into_iter()
-            .map(|channel| triggers::dedupe_key(Trigger::AbandonedCart, &key, channel))
+            .map(|channel| dedupe_key(Trigger::AbandonedCart, &key, channel))
             .collect()
     }
 }

@@ -18,7 +18,7 @@ mod frames;
 pub mod helpers;
 
 use crate::domain::Locale;
-use crate::triggers::Trigger;
+use crate::domain::Trigger;
 
 /// The locale every trigger must have.
 pub const DEFAULT_LOCALE: &str = "en";

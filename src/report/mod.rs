@@ -14,7 +14,7 @@ use chrono::{DateTime, Duration, NaiveDate, NaiveTime, SubsecRound, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
 
-use crate::triggers::Trigger;
+use crate::domain::Trigger;
 
 pub mod bench;
 

@@ -11,9 +11,9 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::config::{EmailProviderKind, Settings, SmsProviderKind};
+use crate::domain::Trigger;
 use crate::domain::{Channel, Email, Phone};
 use crate::render::RenderedEmail;
-use crate::triggers::Trigger;
 
 pub use file::FileProvider;
 pub use http::parse_retry_after;

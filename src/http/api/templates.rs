@@ -11,11 +11,11 @@ use utoipa::ToSchema;
 
 use crate::app::App;
 use crate::config::TestRecipient;
+use crate::domain::Trigger;
 use crate::domain::{Email, Phone};
 use crate::http::auth::{ApiError, Authed};
 use crate::render::{self, FileError};
 use crate::template_store::{Files, Pair, Version};
-use crate::triggers::Trigger;
 use crate::users::{Role, User};
 
 /// A draft's files: each given file replaces the published one; `null` removes one (say,

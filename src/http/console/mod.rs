@@ -18,11 +18,11 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 
 use crate::app::App;
+use crate::domain::Trigger;
 use crate::http::api::templates::{self as api, TestSendRequest};
 use crate::http::auth::{self, ApiError};
 use crate::render::{FILE_NAMES, FileError};
 use crate::template_store::Files;
-use crate::triggers::Trigger;
 use crate::users::{self, Role, User};
 
 /// The double-submit cookie of the login form.

@@ -16,11 +16,11 @@ use super::{Session, error_page, page};
 use crate::app::App;
 use crate::dead_letters::{self, DeadLetter, Selection};
 use crate::deliveries::{self, Detail, Message, ProviderHealth};
+use crate::domain::Trigger;
 use crate::http::api::ops::{Member, member_view};
 use crate::http::auth::ApiError;
 use crate::outbox::Requeue;
 use crate::queues::Depth;
-use crate::triggers::Trigger;
 use crate::users::Role;
 
 /// The ops pages' routes.

@@ -3,6 +3,14 @@
 //! Constructors return a `Result` whose error says what is wrong with the input; the inner
 //! fields are private, so a `Phone` in the core is always E.164 and an `Email` always an address.
 
+mod parse;
+mod time;
+mod trigger;
+
+pub use parse::parsed;
+pub use time::{Instant, QuietHours, local_instant};
+pub use trigger::{Trigger, dedupe_key};
+
 use std::fmt;
 
 use chrono::NaiveDate;

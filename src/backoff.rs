@@ -3,14 +3,14 @@
 use std::time::Duration;
 
 /// Exponential backoff with full jitter.
-pub struct Backoff {
+pub(crate) struct Backoff {
     base: Duration,
     max: Duration,
     attempt: u32,
 }
 
 impl Backoff {
-    pub fn new(base: Duration, max: Duration) -> Backoff {
+    pub(crate) fn new(base: Duration, max: Duration) -> Backoff {
         Backoff {
             base,
             max,
@@ -18,7 +18,7 @@ impl Backoff {
         }
     }
 
-    pub fn next(&mut self) -> Duration {
+    pub(crate) fn next(&mut self) -> Duration {
         let ceiling = self
             .base
             .saturating_mul(1 << self.attempt.min(16))
@@ -27,7 +27,7 @@ impl Backoff {
         ceiling.mul_f64(0.5 + rand::random::<f64>() / 2.0)
     }
 
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.attempt = 0;
     }
 }

@@ -20,7 +20,7 @@
 
 pub mod amqp;
 pub mod app;
-pub mod backoff;
+pub(crate) mod backoff;
 pub mod bench;
 pub mod cli;
 pub mod clock;

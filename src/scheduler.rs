@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 use crate::app::App;
 use crate::backoff::Backoff;
 use crate::config::Cron;
-use crate::ledger::points::EntryKind;
+use crate::domain::points::EntryKind;
 use crate::ledger::{self, ScanChange};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;

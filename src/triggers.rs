@@ -9,9 +9,9 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, Utc};
 use serde_json::json;
 
+use crate::domain::{CartState, Member, MemberState};
 use crate::domain::{Channel, Trigger, dedupe_key, local_instant};
 use crate::event::{Event, EventKind};
-use crate::ledger::{CartState, Member, MemberState};
 use crate::program::Program;
 
 /// A message a trigger decided on, before it is stored in the outbox.
@@ -485,9 +485,9 @@ pub fn context_now(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::points::{EntryKind, Points};
     use crate::domain::{Consent, Email, EventId, Locale, MemberId, Phone, TimeZone};
     use crate::event::{Adjustment, CartRef, Profile};
-    use crate::ledger::points::{EntryKind, Points};
     use crate::program::Reward;
     use chrono::TimeZone as _;
     use chrono_tz::Tz;
@@ -836,7 +836,7 @@ mod tests {
     fn with_lots(zone: &str, lots: &[(DateTime<Utc>, i64)]) -> MemberState {
         let mut points = Points::default();
         for (expires_at, n) in lots {
-            points.lots.push(crate::ledger::points::Lot {
+            points.lots.push(crate::domain::points::Lot {
                 id: None,
                 earned_at: *expires_at - chrono::Months::new(12),
                 expires_at: *expires_at,

@@ -3,10 +3,15 @@
 //! Constructors return a `Result` whose error says what is wrong with the input; the inner
 //! fields are private, so a `Phone` in the core is always E.164 and an `Email` always an address.
 
+mod cart;
+mod member;
 mod parse;
+pub mod points;
 mod time;
 mod trigger;
 
+pub use cart::CartState;
+pub use member::{Member, MemberState};
 pub use parse::parsed;
 pub use time::{Instant, QuietHours, local_instant};
 pub use trigger::{Trigger, dedupe_key};

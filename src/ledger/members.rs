@@ -5,31 +5,10 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Row};
 
-use crate::domain::{Birthday, Consent, Email, Locale, MemberId, Phone, TimeZone};
+use crate::domain::{
+    Birthday, Consent, Email, Locale, Member, MemberId, MemberState, Phone, TimeZone,
+};
 use crate::event::{Profile, ProfileChanges};
-
-/// A member as the ledger knows them.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Member {
-    /// Who.
-    pub member_id: MemberId,
-    /// Email address, if any.
-    pub email: Option<Email>,
-    /// Mobile number, if any.
-    pub phone: Option<Phone>,
-    /// Given name for greetings.
-    pub first_name: Option<String>,
-    /// Language of messages.
-    pub locale: Locale,
-    /// Zone of quiet hours and birthdays.
-    pub timezone: TimeZone,
-    /// Birthday, if known.
-    pub birthday: Option<Birthday>,
-    /// Consent per channel.
-    pub consent: Consent,
-    /// When they first enrolled (business time).
-    pub enrolled_at: DateTime<Utc>,
-}
 
 impl Member {
     /// The member a `member.enrolled` describes.
@@ -154,7 +133,7 @@ pub(crate) fn from_row(row: &sqlx::postgres::PgRow) -> Result<Member, crate::dom
 /// Inserts or replaces the given members, with their point totals.
 pub(super) async fn save(
     conn: &mut PgConnection,
-    states: &[&super::MemberState],
+    states: &[&MemberState],
     now: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
     let members: Vec<&Member> = states.iter().map(|s| &s.member).collect();

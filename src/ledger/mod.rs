@@ -10,7 +10,6 @@
 
 pub(crate) mod carts;
 mod members;
-pub mod points;
 mod store;
 
 use std::collections::{HashMap, HashSet};
@@ -18,15 +17,14 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
-pub use carts::CartState;
-pub use members::Member;
+pub use crate::domain::{CartState, Member, MemberState};
 pub use store::OrderRecord;
 
+use crate::domain::points::{Entry, EntryKind, OrderPoints, Points};
 use crate::domain::{MemberId, quoted};
 use crate::event::{Event, EventKind};
 use crate::program::Program;
 use crate::triggers::{self, Planned};
-use points::{Entry, EntryKind, OrderPoints, Points};
 
 /// What became of one event in a batch.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,15 +52,6 @@ pub enum Locking {
     /// Take the free ones; events of members another transaction holds come back `Busy`, so
     /// two consumers whose batches share a few members do not wait for each other's commit.
     SkipBusy,
-}
-
-/// A member with their points.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MemberState {
-    /// The profile.
-    pub member: Member,
-    /// Lots, qualifying points and lifetime.
-    pub points: Points,
 }
 
 /// Everything a batch works on, loaded once.

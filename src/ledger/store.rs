@@ -5,9 +5,9 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, Months, Utc};
 use sqlx::{PgConnection, Row};
 
-use super::points::{Entry, Lot, OrderPoints, Points};
 use super::{MemberState, members};
 use crate::domain::MemberId;
+use crate::domain::points::{Entry, Lot, OrderPoints, Points};
 use crate::program::Program;
 
 /// What the ledger keeps of an order.

@@ -3,20 +3,19 @@
 //!
 //! # Layout
 //!
-//! In the order data moves:
+//! In layers, lowest first (`docs/architecture.md`; `tests/layers.rs` checks that no module
+//! imports a layer above its own):
 //!
-//! - [`config`]: typed settings, a file overlaid by `LIFECYCLE_` variables; [`program`], the
-//!   loyalty programme's rules.
-//! - [`event`]: the wire format (CloudEvents JSON) parsed into domain events ([`domain`]).
-//! - [`ingest`]: AMQP topology, the batched consume loop, ack after commit, dead letters.
-//! - [`ledger`]: member state; a batch of events applied in one transaction.
-//! - [`triggers`]: pure functions from (before, event, after) to planned messages.
-//! - [`render`]: Handlebars registries with locale fallback.
-//! - [`dispatch`]: per message, consent, rendering, policy, providers; [`outbox`], its SQL
-//!   (claim, renew, record, retry).
-//! - [`report`]: the loyalty report (retention, repeat purchase, upsell, NPS, points, each
-//!   trigger's conversions against its holdout), read from the ledger and the outbox.
-//! - [`app`]: the shared handles and the worker's roles; [`demo`] and [`bench`] drive them.
+//! - vocabulary: [`domain`] values parsed once, [`mask`], [`shutdown`], [`metrics`];
+//! - settings, events and rules: [`config`], [`program`], [`event`], [`clock`];
+//! - connections: [`db`], [`amqp`];
+//! - pure decisions: [`triggers`], [`render`];
+//! - stores, each owning its tables: [`ledger`], [`outbox`], [`template_store`], [`users`],
+//!   [`suppress`], [`coupons`], [`publish`];
+//! - the shared handle: [`app`];
+//! - roles and what ops read: [`ingest`], [`dispatch`], [`scheduler`], [`dead_letters`],
+//!   [`queues`], [`deliveries`], [`report`];
+//! - the process: [`worker`], [`http`], [`demo`], [`bench`](mod@bench).
 
 pub mod amqp;
 pub mod app;

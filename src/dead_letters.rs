@@ -539,28 +539,6 @@ pub async fn archive(app: &App, selection: Selection<'_>, by: &str) -> anyhow::R
     }
 }
 
-/// Dead letters as a table for the command line.
-pub fn table(rows: &[DeadLetter]) -> String {
-    let cells: Vec<Vec<String>> = rows
-        .iter()
-        .map(|d| {
-            vec![
-                d.id.to_string(),
-                d.dead_lettered_at.format("%Y-%m-%d %H:%M:%S").to_string(),
-                d.event_type.clone().unwrap_or_else(|| "?".into()),
-                d.event_id.clone().unwrap_or_default(),
-                d.replays.to_string(),
-                crate::mask::text(&d.reason).chars().take(100).collect(),
-            ]
-        })
-        .collect();
-    crate::cli::table::text_table(
-        &["id", "dead-lettered", "type", "event", "replays", "reason"],
-        &cells,
-        "(no dead letters)",
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

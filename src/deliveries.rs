@@ -319,35 +319,3 @@ pub async fn provider_health(app: &App, minutes: i32) -> anyhow::Result<Vec<Prov
         })
         .collect())
 }
-
-/// Messages as a table for the command line (recipients masked).
-pub fn table(rows: &[Message]) -> String {
-    let cells: Vec<Vec<String>> = rows
-        .iter()
-        .map(|m| {
-            vec![
-                m.id.to_string(),
-                m.created_at.format("%Y-%m-%d %H:%M:%S").to_string(),
-                m.trigger.clone(),
-                m.channel.clone(),
-                m.recipient
-                    .as_deref()
-                    .map_or(String::new(), |to| mask(&m.channel, to)),
-                format!("{}{}", m.status, if m.test { " (test)" } else { "" }),
-                m.attempts.to_string(),
-                m.provider.clone().unwrap_or_default(),
-                m.last_error
-                    .as_deref()
-                    .map(|e| e.chars().take(80).collect())
-                    .unwrap_or_default(),
-            ]
-        })
-        .collect();
-    crate::cli::table::text_table(
-        &[
-            "id", "planned", "trigger", "channel", "to", "status", "tries", "provider", "error",
-        ],
-        &cells,
-        "(no messages)",
-    )
-}

@@ -15,7 +15,8 @@
 //! - the shared handle: [`app`];
 //! - roles and what ops read: [`ingest`], [`dispatch`], [`scheduler`], [`dead_letters`],
 //!   [`queues`], [`deliveries`], [`report`];
-//! - the process: [`worker`], [`http`], [`demo`], [`bench`](mod@bench).
+//! - the process: [`worker`], [`http`], [`bench`](mod@bench);
+//! - the command line: [`cli`], one file per group of verbs.
 
 pub mod amqp;
 pub mod app;
@@ -28,7 +29,6 @@ pub mod coupons;
 pub mod db;
 pub mod dead_letters;
 pub mod deliveries;
-pub mod demo;
 pub mod dispatch;
 pub mod domain;
 pub mod event;

@@ -8,12 +8,26 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
 
+use crate::amqp;
+use crate::config::Settings;
+
 /// Confirms awaited at once when publishing many events.
 const WINDOW: usize = 2_000;
 /// How long the broker may take to confirm a message. A confirm can stay pending forever when
 /// the connection is lost and recovered meanwhile; past this the caller treats the message as
 /// not stored (ingest then gives up the channel, and its deliveries come back).
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Declares the topology and publishes event bodies to the exchange; returns how many.
+pub async fn events(settings: &Settings, bodies: &[String]) -> anyhow::Result<usize> {
+    let connection = amqp::connect(&settings.amqp_url, "lifecycle-publish").await?;
+    amqp::declare_topology(&connection, settings).await?;
+    let publisher = Publisher::open(&connection).await?;
+    let n = publisher.publish_events(&settings.exchange, bodies).await?;
+    publisher.close().await;
+    connection.close(200, "bye".into()).await.ok();
+    Ok(n)
+}
 
 /// A channel in confirm mode.
 pub struct Publisher {

@@ -611,7 +611,7 @@ async fn every_promise_holds_under_faults() {
                 while !matches!(
                     tokio::time::timeout(
                         Duration::from_secs(10),
-                        lifecycle::demo::publish(&settings, part)
+                        lifecycle::publish::events(&settings, part)
                     )
                     .await,
                     Ok(Ok(_))

@@ -13,8 +13,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[(&str, &[&str])] = &[
     (
         "vocabulary: domain values and what every part uses",
-        // `cli` holds the text table alone until the commands move there.
-        &["domain", "mask", "shutdown", "backoff", "metrics", "cli"],
+        &["domain", "mask", "shutdown", "backoff", "metrics"],
     ),
     (
         "settings, events and the programme's rules",
@@ -47,7 +46,8 @@ const LAYERS: &[(&str, &[&str])] = &[
             "report",
         ],
     ),
-    ("the process", &["worker", "http", "demo", "bench"]),
+    ("the process", &["worker", "http", "bench"]),
+    ("the command line", &["cli"]),
 ];
 
 /// Every `.rs` file under `dir`.

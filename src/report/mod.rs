@@ -508,55 +508,6 @@ pub fn trigger_lines(r: &Report) -> Vec<TriggerLine> {
         .collect()
 }
 
-/// The report as a readable table: each figure with the counts it is made of.
-pub fn table(r: &Report) -> String {
-    let rows: Vec<Vec<String>> = lines(r)
-        .into_iter()
-        .map(|l| vec![l.name.to_owned(), l.value, l.from])
-        .collect();
-    let mut out = format!(
-        "Loyalty report, {} to {} (event time, UTC)\n\n",
-        r.from.to_rfc3339(),
-        r.to.to_rfc3339()
-    );
-    out.push_str(&crate::cli::table::text_table(
-        &["figure", "value", "from"],
-        &rows,
-        "",
-    ));
-    out.push('\n');
-    let triggers: Vec<Vec<String>> = trigger_lines(r)
-        .into_iter()
-        .map(|t| {
-            vec![
-                t.name,
-                t.sent.to_string(),
-                t.conversions.to_string(),
-                t.rate,
-                t.control_members.to_string(),
-                t.control_conversions.to_string(),
-                t.control_rate,
-                t.lift,
-            ]
-        })
-        .collect();
-    out.push_str(&crate::cli::table::text_table(
-        &[
-            "trigger",
-            "sent",
-            "converted",
-            "rate",
-            "held out",
-            "converted",
-            "control rate",
-            "lift",
-        ],
-        &triggers,
-        "",
-    ));
-    out
-}
-
 /// The report as CSV: a `figure,value` row per figure, named as in the JSON
 /// (`points.issued`, `triggers.welcome.lift`); an empty value is `null`.
 pub fn csv(r: &Report) -> String {

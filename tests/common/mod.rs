@@ -137,7 +137,7 @@ impl TestEnv {
 
     /// Publishes event bodies as the platform would (declaring the topology first).
     pub async fn publish(&self, bodies: &[String]) {
-        lifecycle::demo::publish(&self.settings, bodies)
+        lifecycle::publish::events(&self.settings, bodies)
             .await
             .unwrap();
     }

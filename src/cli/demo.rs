@@ -15,17 +15,6 @@ use crate::metrics::Metrics;
 use crate::publish::Publisher;
 use crate::worker::Worker;
 
-/// Declares the topology and publishes event bodies to the exchange; returns how many.
-pub async fn publish(settings: &Settings, bodies: &[String]) -> anyhow::Result<usize> {
-    let connection = amqp::connect(&settings.amqp_url, "lifecycle-publish").await?;
-    amqp::declare_topology(&connection, settings).await?;
-    let publisher = Publisher::open(&connection).await?;
-    let n = publisher.publish_events(&settings.exchange, bodies).await?;
-    publisher.close().await;
-    connection.close(200, "bye".into()).await.ok();
-    Ok(n)
-}
-
 /// How long the demo waits for any one step.
 const STEP_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -102,7 +91,7 @@ pub async fn run(mut settings: Settings, events: &Path) -> anyhow::Result<()> {
     println!(
         "\nThe loyalty report of the 30 days to the demo's end (`lifecycle report`; the whole database):\n"
     );
-    print!("{}", crate::report::table(&report));
+    print!("{}", super::report::table(&report));
     println!(
         "\nFiles written by the file providers are in {}/.",
         app.settings.outbox_dir.display()
@@ -282,7 +271,7 @@ pub fn table(rows: &[MessageRow]) -> String {
             ]
         })
         .collect();
-    crate::cli::table::text_table(
+    super::table::text_table(
         &["id", "trigger", "channel", "to", "status", "where"],
         &cells,
         "(no messages)",

@@ -1,0 +1,58 @@
+//! `serve`, `migrate` and `publish`: the worker and what it runs on.
+
+use std::path::PathBuf;
+
+use crate::app::{App, Roles};
+use crate::config::Settings;
+use crate::worker::Worker;
+
+#[derive(clap::Args)]
+pub(super) struct Serve {
+    /// Do not consume events.
+    #[arg(long)]
+    no_ingest: bool,
+    /// Do not send messages.
+    #[arg(long)]
+    no_dispatch: bool,
+    /// Do not run the scheduled scans (expiry, points-expiring, birthday, carts).
+    #[arg(long)]
+    no_schedule: bool,
+    /// Do not serve HTTP (health, metrics, unsubscribe pages, webhooks).
+    #[arg(long)]
+    no_http: bool,
+}
+
+/// Runs the roles asked for until a signal, or until one of them stops by itself.
+pub(super) async fn serve(args: Serve, settings: Settings) -> anyhow::Result<()> {
+    let app = App::open(settings).await?;
+    let roles = Roles {
+        ingest: !args.no_ingest,
+        dispatch: !args.no_dispatch,
+        schedule: !args.no_schedule,
+        http: !args.no_http,
+    };
+    let worker = Worker::start(app, roles).await?;
+    tokio::select! {
+        _ = crate::shutdown::signal() => tracing::info!("Signal received; finishing work in hand."),
+        _ = worker.stopped() => {}
+    }
+    worker.stop().await
+}
+
+/// Creates the database if missing and applies the migrations.
+pub(super) async fn migrate(settings: Settings) -> anyhow::Result<()> {
+    crate::db::migrate(&settings.database_url).await?;
+    println!(
+        "database {} is up to date",
+        settings.database_url.database()
+    );
+    Ok(())
+}
+
+/// Publishes a JSON-lines file of events with confirms.
+pub(super) async fn publish(file: PathBuf, settings: Settings) -> anyhow::Result<()> {
+    let lines = crate::publish::read_lines(&file)?;
+    let n = crate::publish::events(&settings, &lines).await?;
+    println!("published {n} events to exchange {}", settings.exchange);
+    Ok(())
+}

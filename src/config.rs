@@ -85,6 +85,9 @@ pub struct Settings {
     /// Fixes the clock at this instant (tests and demos only).
     #[serde(deserialize_with = "parsed_opt")]
     pub now: Option<crate::domain::Instant>,
+    /// How logs are written: `text`, or `json` (one object a line with the span fields).
+    #[serde(deserialize_with = "parsed")]
+    pub log_format: LogFormat,
     /// The shop's name as messages show it.
     pub shop_name: String,
     /// The shop's postal address, shown in the footer of every email (anti-spam laws ask for
@@ -135,6 +138,7 @@ impl Default for Settings {
             admin_token: None,
             unsubscribe_mailto: None,
             now: None,
+            log_format: LogFormat::Text,
             shop_name: "Loyalty Club".into(),
             shop_address: None,
             templates_dir: None,
@@ -774,6 +778,27 @@ impl fmt::Display for DatabaseUrl {
 impl fmt::Debug for DatabaseUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{self}")
+    }
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Lines for people to read.
+    Text,
+    /// One JSON object a line, with the fields of the event and of the spans it happened in.
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("{} is neither text nor json", quoted(other))),
+        }
     }
 }
 

@@ -198,6 +198,7 @@ impl Ingest {
     /// then ack every delivery at once, except those whose member another transaction held:
     /// their indices are returned (ascending), and they stay unacked for the next batch. An
     /// `Err` means the batch was left unacked.
+    #[tracing::instrument(name = "batch", skip_all, fields(size = batch.len()))]
     async fn handle_batch(
         &self,
         batch: &[Delivery],

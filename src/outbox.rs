@@ -172,6 +172,7 @@ pub const CLAIM: &str = "with due as (
 
 /// Claims up to `limit` messages due by `now` for `owner`, for `lease`. Messages whose
 /// earlier claim lapsed are claimed too, and that lost claim is recorded as an unsure attempt.
+#[tracing::instrument(name = "claim", skip_all, fields(claimed = tracing::field::Empty))]
 pub async fn claim(
     pool: &PgPool,
     owner: &str,
@@ -189,6 +190,10 @@ pub async fn claim(
         .await
         .context("claiming due messages")?;
     tx.commit().await?;
+    tracing::Span::current().record("claimed", rows.len());
+    if !rows.is_empty() {
+        tracing::debug!("Messages claimed.");
+    }
     Ok(rows
         .into_iter()
         .map(|r| Claimed {

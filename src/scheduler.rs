@@ -321,6 +321,7 @@ pub async fn caught_up(app: &App, now: DateTime<Utc>) -> anyhow::Result<bool> {
 
 /// Runs one scan at business time `now`, a transaction per page of members or carts, and
 /// returns the number of messages it planned (before outbox dedupe). Safe to run twice.
+#[tracing::instrument(name = "scan", skip_all, fields(scan = job.as_str(), planned = tracing::field::Empty))]
 pub async fn run_scan(app: &App, job: Job, now: DateTime<Utc>) -> anyhow::Result<usize> {
     let program = &app.settings.program;
     let limit = app.settings.scheduler.batch_size;
@@ -355,6 +356,7 @@ pub async fn run_scan(app: &App, job: Job, now: DateTime<Utc>) -> anyhow::Result
             _ => break,
         }
     }
+    tracing::Span::current().record("planned", planned);
     Ok(planned)
 }
 

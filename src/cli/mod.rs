@@ -15,7 +15,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::Settings;
+use crate::config::{LogFormat, Settings};
 
 /// Loyalty lifecycle messaging worker.
 #[derive(Parser)]
@@ -93,13 +93,6 @@ pub fn main() -> ExitCode {
         unsafe { std::env::set_var("RUST_MIN_STACK", THREAD_STACK.to_string()) };
     }
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,lifecycle=info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(settings) => settings,
         Err(error) => {
@@ -107,6 +100,12 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The demo tells its own story on stdout; its logs are for when something goes wrong.
+    let level = match cli.command {
+        Command::Demo { .. } => "warn",
+        _ => "warn,lifecycle=info",
+    };
+    init_logging(level, settings.log_format);
     // The blocking pool runs rendering (CPU work) and the odd file or password hash: a few
     // threads per core keep the cores busy, where tokio's default of 512 grew to over a hundred
     // threads under load, each with its own allocator arena (memory) and its share of switches.
@@ -123,6 +122,26 @@ pub fn main() -> ExitCode {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Logs to stderr at `RUST_LOG`'s levels (`default` without it), as text or as one JSON object
+/// a line holding the fields of the event and of every span it happened in (the event, the
+/// message, its trigger and channel, the provider…).
+fn init_logging(default: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs
+            .json()
+            .with_current_span(false)
+            .with_span_list(true)
+            .flatten_event(true)
+            .init(),
     }
 }
 

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::app::App;
 use crate::backoff::Backoff;
@@ -229,6 +229,11 @@ impl Dispatcher {
     }
 
     /// Decides and sends one claimed message, and counts what became of it.
+    #[tracing::instrument(
+        name = "message",
+        skip_all,
+        fields(message_id = claimed.id, trigger = %claimed.trigger, channel = %claimed.channel)
+    )]
     async fn settle(&self, claimed: Claimed, catalog: &Catalog) -> Settled {
         let trigger = claimed.trigger.clone();
         let channel = claimed.channel.clone();
@@ -445,7 +450,13 @@ impl Dispatcher {
                 limit.acquire().await;
             }
             let started = Instant::now();
+            let call = tracing::info_span!(
+                "provider",
+                provider = provider.name(),
+                outcome = tracing::field::Empty
+            );
             let result = tokio::time::timeout(d.send_timeout(), provider.send(outgoing))
+                .instrument(call.clone())
                 .await
                 .unwrap_or_else(|_| {
                     Err(Failure::unsure(format!(
@@ -455,6 +466,13 @@ impl Dispatcher {
                     )))
                 });
             let latency = started.elapsed();
+            call.record(
+                "outcome",
+                match &result {
+                    Ok(_) => "sent",
+                    Err(failure) => failure.outcome(),
+                },
+            );
             let failure = match result {
                 Ok(accepted) => {
                     slot.breaker.success();
@@ -464,12 +482,14 @@ impl Dispatcher {
                         error: None,
                         latency,
                     });
-                    debug!(
-                        message_id = c.id,
-                        provider = provider.name(),
-                        to = outgoing.masked_to(),
-                        "Message sent."
-                    );
+                    call.in_scope(|| {
+                        debug!(
+                            message_id = c.id,
+                            provider = provider.name(),
+                            to = outgoing.masked_to(),
+                            "Message sent."
+                        )
+                    });
                     delivery.outcome = Outcome::Sent {
                         provider: provider.name(),
                         reference: accepted.reference,
@@ -484,7 +504,9 @@ impl Dispatcher {
                 slot.breaker.failure();
                 any_transient = true;
             }
-            warn!(message_id = c.id, provider = provider.name(), to = outgoing.masked_to(), error = %failure, "Provider failed.");
+            call.in_scope(|| {
+                warn!(message_id = c.id, provider = provider.name(), to = outgoing.masked_to(), error = %failure, "Provider failed.")
+            });
             delivery.attempts.push(Attempt {
                 provider: provider.name(),
                 outcome: failure.outcome(),

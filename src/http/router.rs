@@ -1,8 +1,12 @@
 //! The routes, and the time, size and concurrency limits over them.
 
 use axum::Router;
+use axum::body::Body;
+use axum::extract::MatchedPath;
 use axum::http::StatusCode;
+use axum::http::{Request, Response};
 use axum::routing::{get, post};
+use tower_http::trace::TraceLayer;
 
 use super::{
     MAX_BODY, MAX_IN_FLIGHT, REQUEST_TIMEOUT, api, console, health, unsubscribe, webhooks,
@@ -25,6 +29,37 @@ pub fn router(app: App) -> Router {
             StatusCode::REQUEST_TIMEOUT,
             REQUEST_TIMEOUT,
         ))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_request(())
+                .on_response(record_status)
+                .on_body_chunk(())
+                .on_eos(())
+                .on_failure(()),
+        )
+}
+
+/// A request's span: its method, its route (the pattern, never the path: a path or a query
+/// can hold a token or an address) and, once answered, its status.
+fn request_span(request: &Request<Body>) -> tracing::Span {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("(no route)", |path| path.as_str());
+    tracing::info_span!(
+        "request",
+        method = %request.method(),
+        route,
+        status = tracing::field::Empty
+    )
+}
+
+/// Records the answer's status in its request's span, and logs it (at debug).
+fn record_status(response: &Response<Body>, took: std::time::Duration, span: &tracing::Span) {
+    let status = response.status().as_u16();
+    span.record("status", status);
+    tracing::debug!(status, ms = took.as_secs_f64() * 1e3, "Request answered.");
 }
 
 fn health_routes(app: App) -> Router {

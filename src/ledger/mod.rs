@@ -420,6 +420,9 @@ async fn apply_locked(
         // What the event records happened when the platform says (never later than now), so
         // an event applied late counts in the period it happened in.
         let happened = event.time.map_or(now, |t| t.min(now));
+        let span =
+            tracing::debug_span!("event", event_id = id, event_type = event.kind.type_name());
+        let _in_event = span.enter();
         match apply(&mut state, event, program, now) {
             Verdict::Applied {
                 before,
@@ -430,6 +433,9 @@ async fn apply_locked(
                 feedback,
             } => {
                 let messages = triggers::plan(before.as_ref(), event, &after, program, now);
+                for m in &messages {
+                    tracing::debug!(dedupe_key = %crate::mask::text(&m.dedupe_key), "Message planned.");
+                }
                 answers.extend(feedback.map(|f| (id, f)));
                 outcomes.push(Outcome::Applied {
                     planned: messages.len(),
@@ -566,6 +572,7 @@ async fn release_inbox(conn: &mut PgConnection, ids: &[&str]) -> Result<(), sqlx
 
 /// Inserts planned messages; a dedupe key already in the outbox is skipped. Messages of a
 /// trigger with a coupon pool draw their codes here, in the planning transaction.
+#[tracing::instrument(name = "plan", level = "debug", skip_all, fields(planned = planned.len()))]
 async fn insert_planned(
     conn: &mut PgConnection,
     planned: &[(MemberId, Planned, DateTime<Utc>)],
@@ -610,7 +617,8 @@ async fn insert_planned(
     .bind(&happened)
     .fetch_all(&mut *conn)
     .await?;
-    for (_, key, trigger) in &inserted {
+    for (message_id, key, trigger) in &inserted {
+        tracing::debug!(message_id, dedupe_key = %crate::mask::text(key), "Message stored.");
         let channel = if key.ends_with(":sms") {
             "sms"
         } else {

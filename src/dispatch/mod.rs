@@ -229,8 +229,12 @@ impl Dispatcher {
     }
 
     /// Decides and sends one claimed message, and counts what became of it.
+    // At debug, like the provider's span: at info (the production level) a span for every
+    // message and call took HTTP dispatch from 11,226-11,873 msg/s to 10,358-10,895 in two
+    // bench pairs, and the warnings logged within name the message and the provider anyway.
     #[tracing::instrument(
         name = "message",
+        level = "debug",
         skip_all,
         fields(message_id = claimed.id, trigger = %claimed.trigger, channel = %claimed.channel)
     )]
@@ -450,7 +454,7 @@ impl Dispatcher {
                 limit.acquire().await;
             }
             let started = Instant::now();
-            let call = tracing::info_span!(
+            let call = tracing::debug_span!(
                 "provider",
                 provider = provider.name(),
                 outcome = tracing::field::Empty

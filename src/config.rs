@@ -385,6 +385,10 @@ pub struct DispatchSettings {
     /// First retry delay, in milliseconds; doubles with every attempt.
     #[serde(deserialize_with = "parsed")]
     pub retry_base_ms: u64,
+    /// The longest retry delay of lifecycle's own, in milliseconds (a provider's
+    /// `Retry-After` may ask for longer).
+    #[serde(deserialize_with = "parsed")]
+    pub retry_max_ms: u64,
     /// Pooled SMTP connections.
     #[serde(deserialize_with = "parsed")]
     pub smtp_pool_size: usize,
@@ -474,6 +478,7 @@ impl Default for DispatchSettings {
             lease_secs: 30,
             max_attempts: 8,
             retry_base_ms: 2_000,
+            retry_max_ms: 600_000,
             smtp_pool_size: 32,
             smtp_nodelay: true,
             send_timeout_ms: 10_000,
@@ -1021,6 +1026,7 @@ impl Settings {
                 "dispatch.max_attempts",
                 self.dispatch.max_attempts.max(0) as u64,
             ),
+            ("dispatch.retry_max_ms", self.dispatch.retry_max_ms),
         ];
         for (name, limit) in self.dispatch.rate_limit.all() {
             if limit.is_some_and(|l| !(l.is_finite() && l > 0.0)) {

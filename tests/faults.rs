@@ -579,6 +579,10 @@ async fn every_promise_holds_under_faults() {
                 ("LIFECYCLE_WEBHOOK_SECRET", "faults".into()),
                 ("LIFECYCLE_DISPATCH__SEND_TIMEOUT_MS", "2000".into()),
                 ("LIFECYCLE_DISPATCH__RETRY_BASE_MS", "200".into()),
+                // A message caught by several faults in a row (the relay's policy minute, then
+                // a cut connection, then a restart) doubled its delay to over three minutes
+                // and was not sent before the drain's deadline.
+                ("LIFECYCLE_DISPATCH__RETRY_MAX_MS", "10000".into()),
                 ("LIFECYCLE_DISPATCH__BREAKER_FAILURES", "1000".into()),
                 ("LIFECYCLE_DISPATCH__MAX_ATTEMPTS", "20".into()),
                 ("LIFECYCLE_SCHEDULER__EXPIRY", "* * * * * *".into()),

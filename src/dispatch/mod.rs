@@ -591,7 +591,8 @@ impl Dispatcher {
                     Metrics::inc(&self.app.metrics.messages_retried);
                     let backoff = Duration::from_millis(
                         d.retry_base_ms
-                            .saturating_mul(1 << (c.attempt - 1).clamp(0, 16)),
+                            .saturating_mul(1 << (c.attempt - 1).clamp(0, 16))
+                            .min(d.retry_max_ms),
                     );
                     let jittered = backoff.mul_f64(0.5 + rand::random::<f64>() / 2.0);
                     let delay = failure

@@ -1028,6 +1028,13 @@ impl Settings {
             ),
             ("dispatch.retry_max_ms", self.dispatch.retry_max_ms),
         ];
+        if self.dispatch.retry_max_ms < self.dispatch.retry_base_ms {
+            bail!(
+                "invalid setting `dispatch.retry_max_ms` ({ENV_PREFIX}DISPATCH__RETRY_MAX_MS): {} is below dispatch.retry_base_ms ({})",
+                self.dispatch.retry_max_ms,
+                self.dispatch.retry_base_ms
+            );
+        }
         for (name, limit) in self.dispatch.rate_limit.all() {
             if limit.is_some_and(|l| !(l.is_finite() && l > 0.0)) {
                 bail!(
@@ -1235,6 +1242,14 @@ mod tests {
                 "unknown provider \"pigeon\"",
             ),
             (&[("LIFECYCLE_NOW", "yesterday")], "`now` (LIFECYCLE_NOW)"),
+            (
+                &[("LIFECYCLE_DISPATCH__RETRY_MAX_MS", "1000")],
+                "`dispatch.retry_max_ms` (LIFECYCLE_DISPATCH__RETRY_MAX_MS): 1000 is below",
+            ),
+            (
+                &[("LIFECYCLE_LOG_FORMAT", "yaml")],
+                "`log_format` (LIFECYCLE_LOG_FORMAT)",
+            ),
             (
                 &[("LIFECYCLE_FROM", "not a mailbox")],
                 "`from` (LIFECYCLE_FROM)",

@@ -65,8 +65,6 @@ pub(super) fn templates(action: TemplatesAction, settings: &Settings) -> anyhow:
 
 /// Adds or removes a console and API user.
 pub(super) async fn users(action: UsersAction, settings: &Settings) -> anyhow::Result<()> {
-    crate::db::migrate(&settings.database_url).await?;
-    let pool = crate::db::pool(&settings.database_url, 1)?;
     match action {
         UsersAction::Add {
             name,
@@ -74,6 +72,7 @@ pub(super) async fn users(action: UsersAction, settings: &Settings) -> anyhow::R
             email,
             phone,
         } => {
+            // The arguments are checked before the database is touched.
             let role =
                 crate::users::Role::parse(&role).map_err(|e| anyhow::anyhow!("--role: {e}"))?;
             let contact = crate::users::Contact {
@@ -86,12 +85,14 @@ pub(super) async fn users(action: UsersAction, settings: &Settings) -> anyhow::R
                     .transpose()
                     .map_err(|e| anyhow::anyhow!("--phone: {e}"))?,
             };
+            let pool = open(settings).await?;
             let credentials = crate::users::add(&pool, &name, role, &contact).await?;
             println!("user: {name} ({})", role.as_str());
             println!("password: {}", credentials.password);
             println!("token: {}", credentials.token);
         }
         UsersAction::Remove { name } => {
+            let pool = open(settings).await?;
             if !crate::users::remove(&pool, &name).await? {
                 anyhow::bail!("no user {name:?}");
             }
@@ -101,11 +102,16 @@ pub(super) async fn users(action: UsersAction, settings: &Settings) -> anyhow::R
     Ok(())
 }
 
+/// Migrates the database (creating it when missing) and opens a pool of one connection.
+async fn open(settings: &Settings) -> anyhow::Result<sqlx::PgPool> {
+    crate::db::migrate(&settings.database_url).await?;
+    crate::db::pool(&settings.database_url, 1)
+}
+
 /// Loads coupon codes into a pool.
 pub(super) async fn coupons(action: CouponsAction, settings: &Settings) -> anyhow::Result<()> {
     let CouponsAction::Import { pool, file } = action;
-    crate::db::migrate(&settings.database_url).await?;
-    let db = crate::db::pool(&settings.database_url, 1)?;
+    let db = open(settings).await?;
     let done = crate::coupons::import(&db, &pool, &file).await?;
     println!(
         "pool {pool}: {} codes added, {} already there, {} available",

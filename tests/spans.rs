@@ -30,14 +30,13 @@ fn span_field<'a>(line: &'a Value, span: &str, field: &str) -> Option<&'a Value>
         .get(field)
 }
 
-#[tokio::test]
-async fn one_message_is_followed_from_its_event_to_its_send_by_its_ids() {
-    let sink = SmtpSink::start(&[]);
-    let env = TestEnv::with_smtp(&sink);
+/// A real `serve` logging JSON at debug to a file, on a free HTTP port: the process, the log
+/// and the port's address.
+fn serve_logging_json(env: &TestEnv) -> (Serve, tempfile::NamedTempFile, String) {
     let log = tempfile::NamedTempFile::new().unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
-    let mut serve = Serve::start_with(
-        &env,
+    let serve = Serve::start_with(
+        env,
         &[
             ("LIFECYCLE_LOG_FORMAT", "json".into()),
             ("RUST_LOG", "lifecycle=debug".into()),
@@ -45,6 +44,14 @@ async fn one_message_is_followed_from_its_event_to_its_send_by_its_ids() {
         ],
         Stdio::from(log.reopen().unwrap()),
     );
+    (serve, log, addr)
+}
+
+#[tokio::test]
+async fn one_message_is_followed_from_its_event_to_its_send_by_its_ids() {
+    let sink = SmtpSink::start(&[]);
+    let env = TestEnv::with_smtp(&sink);
+    let (mut serve, log, addr) = serve_logging_json(&env);
     let event_id = format!("{}-span", env.tag);
     env.publish(&[enrolled(
         &event_id,
@@ -142,17 +149,7 @@ async fn one_message_is_followed_from_its_event_to_its_send_by_its_ids() {
 #[tokio::test]
 async fn a_request_span_has_the_route_and_status_and_a_bad_format_is_refused() {
     let env = TestEnv::new(&[]);
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut serve = Serve::start_with(
-        &env,
-        &[
-            ("LIFECYCLE_LOG_FORMAT", "json".into()),
-            ("RUST_LOG", "lifecycle=debug".into()),
-            ("LIFECYCLE_HTTP_ADDR", addr.clone()),
-        ],
-        Stdio::from(log.reopen().unwrap()),
-    );
+    let (mut serve, log, addr) = serve_logging_json(&env);
     let page = format!("http://{addr}/unsubscribe/not-a-token?email=jiwoo.kim@example.com");
     wait_for("an answer", || async { reqwest::get(&page).await.ok() }).await;
     assert_eq!(serve.terminate().await.code(), Some(0));

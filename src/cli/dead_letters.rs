@@ -87,13 +87,7 @@ pub(super) async fn run(args: DeadLetters, settings: Settings) -> anyhow::Result
                 ..Default::default()
             };
             let rows = dead_letters::list(&app, &filter, args.limit, None).await?;
-            if args.json {
-                for row in &rows {
-                    println!("{}", serde_json::to_string(row)?);
-                }
-            } else {
-                print!("{}", table(&rows));
-            }
+            super::table::print_rows(&rows, args.json, table)?;
         }
     }
     Ok(())

@@ -98,13 +98,7 @@ pub(super) async fn run(args: Deliveries, settings: Settings) -> anyhow::Result<
         return Ok(());
     }
     let rows = deliveries::search(&app, &args.filter.filter(), args.limit, None, true).await?;
-    if args.json {
-        for row in &rows {
-            println!("{}", serde_json::to_string(row)?);
-        }
-    } else {
-        print!("{}", table(&rows));
-    }
+    super::table::print_rows(&rows, args.json, table)?;
     Ok(())
 }
 

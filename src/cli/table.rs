@@ -30,3 +30,19 @@ pub fn text_table(header: &[&str], rows: &[Vec<String>], empty: &str) -> String 
     }
     out
 }
+
+/// Prints `rows` as one JSON object a line, or as the table `table` makes of them.
+pub(super) fn print_rows<T: serde::Serialize>(
+    rows: &[T],
+    json: bool,
+    table: fn(&[T]) -> String,
+) -> anyhow::Result<()> {
+    if json {
+        for row in rows {
+            println!("{}", serde_json::to_string(row)?);
+        }
+    } else {
+        print!("{}", table(rows));
+    }
+    Ok(())
+}

@@ -48,7 +48,7 @@ pub async fn draw(
     }
     for (pool, occurrences) in wanted {
         let names: Vec<&str> = occurrences.keys().copied().collect();
-        sqlx::query(
+        sqlx::query!(
             "with wanted as (
                  select o, row_number() over (order by o) as n
                  from unnest($2::text[]) as o
@@ -63,16 +63,20 @@ pub async fn draw(
              update coupons c set occurrence = w.o, drawn_at = now()
              from free f join wanted w using (n)
              where c.id = f.id",
+            pool,
+            &names as &[&str]
         )
-        .bind(pool)
-        .bind(&names)
         .execute(&mut *conn)
         .await?;
-        let codes: Vec<(String, String)> =
-            sqlx::query_as("select occurrence, code from coupons where occurrence = any($1)")
-                .bind(&names)
-                .fetch_all(&mut *conn)
-                .await?;
+        let codes: Vec<(String, String)> = sqlx::query!(
+            r#"select occurrence as "occurrence!", code from coupons where occurrence = any($1)"#,
+            &names as &[&str]
+        )
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|r| (r.occurrence, r.code))
+        .collect();
         let codes: BTreeMap<String, String> = codes.into_iter().collect();
         let mut ids = Vec::new();
         let mut values = Vec::new();
@@ -95,16 +99,7 @@ pub async fn draw(
                 }
             }
         }
-        sqlx::query(
-            "update messages m
-             set context = m.context || jsonb_build_object('coupon_code', x.code)
-             from unnest($1::bigint[], $2::text[]) as x(id, code)
-             where m.id = x.id",
-        )
-        .bind(&ids)
-        .bind(&values)
-        .execute(&mut *conn)
-        .await?;
+        crate::outbox::set_coupon_codes(&mut *conn, &ids, &values).await?;
         let left = remaining(&mut *conn, pool, program.coupon_low_water + 1).await?;
         if left <= program.coupon_low_water {
             POOL_LOW.fetch_add(1, Ordering::Relaxed);
@@ -119,12 +114,12 @@ pub async fn draw(
 /// Codes left in `pool`, counted up to `at_most` (enough to compare with the low-water mark
 /// without counting a large pool).
 async fn remaining(conn: &mut PgConnection, pool: &str, at_most: i64) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "select count(*) from (select 1 from coupons
-                               where pool = $1 and occurrence is null limit $2) as f",
+    sqlx::query_scalar!(
+        r#"select count(*) as "count!"
+           from (select 1 from coupons where pool = $1 and occurrence is null limit $2) as f"#,
+        pool,
+        at_most
     )
-    .bind(pool)
-    .bind(at_most)
     .fetch_one(conn)
     .await
 }
@@ -163,21 +158,22 @@ pub async fn import(pool_db: &PgPool, pool: &str, file: &Path) -> anyhow::Result
         }
         codes.push(code.to_owned());
     }
-    let added = sqlx::query(
+    let added = sqlx::query!(
         "insert into coupons (pool, code) select $1, c from unnest($2::text[]) as c
          on conflict (pool, code) do nothing",
+        pool,
+        &codes
     )
-    .bind(pool)
-    .bind(&codes)
     .execute(pool_db)
     .await
     .context("importing coupon codes")?
     .rows_affected();
-    let available: i64 =
-        sqlx::query_scalar("select count(*) from coupons where pool = $1 and occurrence is null")
-            .bind(pool)
-            .fetch_one(pool_db)
-            .await?;
+    let available: i64 = sqlx::query_scalar!(
+        r#"select count(*) as "count!" from coupons where pool = $1 and occurrence is null"#,
+        pool
+    )
+    .fetch_one(pool_db)
+    .await?;
     Ok(Imported {
         added,
         duplicates: codes.len() as u64 - added,

@@ -72,13 +72,15 @@ pub async fn create_if_missing(url: &DatabaseUrl) -> anyhow::Result<()> {
         .connect()
         .await
         .with_context(|| format!("connecting to PostgreSQL at {url}"))?;
-    let exists: bool =
-        sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
-            .bind(name)
-            .fetch_one(&mut admin)
-            .await?;
+    let exists: bool = sqlx::query_scalar!(
+        r#"select exists (select 1 from pg_database where datname = $1) as "exists!""#,
+        name
+    )
+    .fetch_one(&mut admin)
+    .await?;
     if !exists {
         // The name was checked to be letters, digits and `_` when the URL was parsed.
+        // Built at run time: a database name is an identifier, which cannot be a parameter.
         match sqlx::query(&format!("create database \"{name}\""))
             .execute(&mut admin)
             .await
@@ -107,6 +109,7 @@ pub async fn migrate(url: &DatabaseUrl) -> anyhow::Result<PgPool> {
 /// Drops a database (tests and the benchmark clean up with it).
 pub async fn drop_database(url: &DatabaseUrl) -> anyhow::Result<()> {
     let mut admin = options(&url.with_database("postgres"))?.connect().await?;
+    // Built at run time: a database name is an identifier, which cannot be a parameter.
     sqlx::query(&format!(
         "drop database if exists \"{}\" with (force)",
         url.database()

@@ -14,7 +14,6 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde::Serialize;
 use serde_json::{Value, json};
-use sqlx::Row;
 use tracing::{info, warn};
 
 use crate::amqp::ERROR_HEADER;
@@ -213,18 +212,23 @@ async fn save(app: &App, batch: &[Delivery]) -> anyhow::Result<()> {
 
 async fn insert(app: &App, rows: &[Letter], bodies: &[&[u8]]) -> anyhow::Result<()> {
     let column = |f: fn(&Letter) -> Option<&str>| rows.iter().map(f).collect::<Vec<_>>();
-    sqlx::query(
+    let ids = column(|r| r.id.as_deref());
+    let kinds = column(|r| r.kind.as_deref());
+    let keys = column(|r| Some(&r.key));
+    let reasons = column(|r| Some(&r.reason));
+    let headers = column(|r| Some(&r.headers));
+    sqlx::query!(
         "insert into dead_letters (event_id, event_type, routing_key, reason, headers, body)
          select i, t, k, r, h::jsonb, b
          from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[])
               as d(i, t, k, r, h, b)",
+        &ids as &[Option<&str>],
+        &kinds as &[Option<&str>],
+        &keys as &[Option<&str>],
+        &reasons as &[Option<&str>],
+        &headers as &[Option<&str>],
+        bodies as &[&[u8]],
     )
-    .bind(column(|r| r.id.as_deref()))
-    .bind(column(|r| r.kind.as_deref()))
-    .bind(column(|r| Some(&r.key)))
-    .bind(column(|r| Some(&r.reason)))
-    .bind(column(|r| Some(&r.headers)))
-    .bind(bodies)
     .execute(&app.pool)
     .await
     .context("storing dead letters")?;
@@ -338,7 +342,7 @@ pub async fn list(
     limit: i64,
     before: Option<i64>,
 ) -> anyhow::Result<Vec<DeadLetter>> {
-    let rows = sqlx::query(
+    let rows = sqlx::query!(
         "select id, event_id, event_type, routing_key, reason, dead_lettered_at, body, headers,
                 replays, replayed_at, replayed_by, archived_at
          from dead_letters
@@ -349,32 +353,32 @@ pub async fn list(
            and ($5 or archived_at is null)
            and ($6::bigint is null or id < $6)
          order by id desc limit $7",
+        filter.reason.as_deref(),
+        filter.event_type.as_deref(),
+        filter.since,
+        filter.until,
+        filter.archived,
+        before,
+        limit,
     )
-    .bind(&filter.reason)
-    .bind(&filter.event_type)
-    .bind(filter.since)
-    .bind(filter.until)
-    .bind(filter.archived)
-    .bind(before)
-    .bind(limit)
     .fetch_all(&app.pool)
     .await
     .context("listing dead letters")?;
     Ok(rows
         .into_iter()
         .map(|r| DeadLetter {
-            id: r.get("id"),
-            event_id: r.get("event_id"),
-            event_type: r.get("event_type"),
-            routing_key: r.get("routing_key"),
-            reason: r.get("reason"),
-            dead_lettered_at: r.get("dead_lettered_at"),
-            body: String::from_utf8_lossy(r.get::<&[u8], _>("body")).into_owned(),
-            headers: r.get("headers"),
-            replays: r.get("replays"),
-            replayed_at: r.get("replayed_at"),
-            replayed_by: r.get("replayed_by"),
-            archived_at: r.get("archived_at"),
+            id: r.id,
+            event_id: r.event_id,
+            event_type: r.event_type,
+            routing_key: r.routing_key,
+            reason: r.reason,
+            dead_lettered_at: r.dead_lettered_at,
+            body: String::from_utf8_lossy(&r.body).into_owned(),
+            headers: r.headers,
+            replays: r.replays,
+            replayed_at: r.replayed_at,
+            replayed_by: r.replayed_by,
+            archived_at: r.archived_at,
         })
         .collect())
 }
@@ -414,27 +418,28 @@ pub async fn replay(app: &App, selection: Selection<'_>, by: &str) -> anyhow::Re
     let mut after = 0_i64;
     let mut replayed_total = 0_u64;
     loop {
-        let rows = sqlx::query(
-            "select id, coalesce(event_type, routing_key) as routing_key, body from dead_letters
-             where ($1::bigint[] is null or id = any($1))
-               and ($2::text is null or reason ilike '%' || $2 || '%')
-               and ($3::text is null or event_type = $3)
-               and ($4::timestamptz is null or dead_lettered_at >= $4)
-               and ($5::timestamptz is null or dead_lettered_at < $5)
-               and ($1::bigint[] is not null or $6 or archived_at is null)
-               and ($7 or replays = 0)
-               and id > $8
-             order by id limit $9",
+        let rows = sqlx::query!(
+            r#"select id, coalesce(event_type, routing_key) as "routing_key!", body
+               from dead_letters
+               where ($1::bigint[] is null or id = any($1))
+                 and ($2::text is null or reason ilike '%' || $2 || '%')
+                 and ($3::text is null or event_type = $3)
+                 and ($4::timestamptz is null or dead_lettered_at >= $4)
+                 and ($5::timestamptz is null or dead_lettered_at < $5)
+                 and ($1::bigint[] is not null or $6 or archived_at is null)
+                 and ($7 or replays = 0)
+                 and id > $8
+               order by id limit $9"#,
+            ids,
+            filter.reason.as_deref(),
+            filter.event_type.as_deref(),
+            filter.since,
+            filter.until,
+            filter.archived,
+            again,
+            after,
+            REPLAY_PAGE,
         )
-        .bind(ids)
-        .bind(&filter.reason)
-        .bind(&filter.event_type)
-        .bind(filter.since)
-        .bind(filter.until)
-        .bind(filter.archived)
-        .bind(again)
-        .bind(after)
-        .bind(REPLAY_PAGE)
         .fetch_all(&app.pool)
         .await
         .context("reading dead letters to replay")?;
@@ -450,20 +455,20 @@ pub async fn replay(app: &App, selection: Selection<'_>, by: &str) -> anyhow::Re
         // The page is published, then its confirms awaited: one round trip a page.
         let mut confirms = Vec::with_capacity(rows.len());
         for row in &rows {
-            let routing_key: String = row.get("routing_key");
-            let body: &[u8] = row.get("body");
+            let routing_key: &str = &row.routing_key;
+            let body: &[u8] = &row.body;
             let properties = lapin::BasicProperties::default()
                 .with_content_type("application/cloudevents+json".into());
             let confirm = channel
                 .publish_raw(
                     &app.settings.exchange,
-                    &routing_key,
+                    routing_key,
                     body,
                     &properties,
                     FieldTable::default(),
                 )
                 .await;
-            confirms.push((row.get::<i64, _>("id"), confirm));
+            confirms.push((row.id, confirm));
         }
         let mut replayed = Vec::with_capacity(rows.len());
         for (id, confirm) in confirms {
@@ -472,12 +477,12 @@ pub async fn replay(app: &App, selection: Selection<'_>, by: &str) -> anyhow::Re
                 .with_context(|| format!("replaying dead letter {id}"))?;
             replayed.push(id);
         }
-        sqlx::query(
+        sqlx::query!(
             "update dead_letters set replays = replays + 1, replayed_at = now(), replayed_by = $2
              where id = any($1)",
+            &replayed,
+            by
         )
-        .bind(&replayed)
-        .bind(by)
         .execute(&app.pool)
         .await?;
         replayed_total += replayed.len() as u64;
@@ -510,7 +515,7 @@ pub async fn archive(app: &App, selection: Selection<'_>, by: &str) -> anyhow::R
     };
     let mut archived = 0;
     loop {
-        let done = sqlx::query(
+        let done = sqlx::query!(
             "update dead_letters set archived_at = now(), archived_by = $7
              where id in (
                select id from dead_letters
@@ -521,14 +526,14 @@ pub async fn archive(app: &App, selection: Selection<'_>, by: &str) -> anyhow::R
                  and ($4::timestamptz is null or dead_lettered_at >= $4)
                  and ($5::timestamptz is null or dead_lettered_at < $5)
                order by id limit $6)",
+            ids,
+            filter.reason.as_deref(),
+            filter.event_type.as_deref(),
+            filter.since,
+            filter.until,
+            ARCHIVE_PAGE,
+            by
         )
-        .bind(ids)
-        .bind(&filter.reason)
-        .bind(&filter.event_type)
-        .bind(filter.since)
-        .bind(filter.until)
-        .bind(ARCHIVE_PAGE)
-        .bind(by)
         .execute(&app.pool)
         .await
         .context("archiving dead letters")?;

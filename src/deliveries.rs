@@ -4,67 +4,13 @@
 //! console and `lifecycle deliveries` share it.
 
 use anyhow::Context;
-use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
-use sqlx::Row;
 
 use crate::app::App;
-use crate::domain::{Email, Phone};
+use crate::outbox;
 
-pub use crate::outbox::Filter;
-
-/// A message in a list.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct Message {
-    /// Outbox id.
-    pub id: i64,
-    /// The member (empty for a test send to a typed address).
-    pub member_id: String,
-    /// The trigger.
-    pub trigger: String,
-    /// `email` or `sms`.
-    pub channel: String,
-    /// Its state.
-    pub status: String,
-    /// Where it went (masked unless the reader is ops).
-    pub recipient: Option<String>,
-    /// The provider that took it, or was tried last.
-    pub provider: Option<String>,
-    /// The provider's reference.
-    pub provider_ref: Option<String>,
-    /// Why it is not sent (yet).
-    pub last_error: Option<String>,
-    /// Provider calls so far.
-    pub attempts: i32,
-    /// A test send.
-    pub test: bool,
-    /// The template version it was rendered with.
-    pub template_version: Option<i32>,
-    /// When it was planned.
-    pub created_at: DateTime<Utc>,
-    /// When it was due (or is).
-    pub due_at: DateTime<Utc>,
-    /// When it ended.
-    pub finished_at: Option<DateTime<Utc>>,
-}
-
-/// One provider call.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct Attempt {
-    /// The claim's number.
-    pub attempt: i32,
-    /// The provider (`policy` for a suppression, `unknown` for a lost claim).
-    pub provider: String,
-    /// `sent`, `transient`, `permanent`, `unsure`, `suppressed`.
-    pub outcome: String,
-    /// The error, masked.
-    pub error: Option<String>,
-    /// How long the call took.
-    pub latency_ms: i32,
-    /// When.
-    pub at: DateTime<Utc>,
-}
+pub use crate::outbox::search::{Attempt, Filter, Message, mask};
 
 /// A message with its attempts and content.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -79,95 +25,13 @@ pub struct Detail {
     pub content: Value,
 }
 
-/// Masks an address or number for a reader who may not see it.
-pub fn mask(channel: &str, to: &str) -> String {
-    match channel {
-        "email" => Email::parse(to).map_or_else(|_| "***".into(), |e| e.masked()),
-        _ => Phone::parse(to).map_or_else(|_| "***".into(), |p| p.masked()),
-    }
-}
-
-fn message(r: &sqlx::postgres::PgRow, reveal: bool) -> Message {
-    let channel: String = r.get("channel");
-    let recipient: Option<String> = r.get("recipient");
-    Message {
-        id: r.get("id"),
-        member_id: r.get("member_id"),
-        trigger: r.get("trigger"),
-        recipient: recipient.map(|to| if reveal { to } else { mask(&channel, &to) }),
-        channel,
-        status: r.get("status"),
-        provider: r.get("provider"),
-        provider_ref: r.get("provider_ref"),
-        last_error: r.get("last_error"),
-        attempts: r.get("attempts"),
-        test: r.get("test"),
-        template_version: r.get("template_version"),
-        created_at: r.get("created_at"),
-        due_at: r.get("due_at"),
-        finished_at: r.get("finished_at"),
-    }
-}
-
-const COLUMNS: &str = "id, member_id, trigger, channel, status, recipient, provider, provider_ref,
-    last_error, attempts, test, template_version, created_at, due_at, finished_at";
-
-/// Messages matching `filter`, newest first: `limit` of them with an id below `before`.
-pub async fn search(
-    app: &App,
-    filter: &Filter,
-    limit: i64,
-    before: Option<i64>,
-    reveal: bool,
-) -> anyhow::Result<Vec<Message>> {
-    let sql = format!(
-        "select {COLUMNS} from messages
-         where {} and ($9::bigint is null or id < $9)
-         order by id desc limit $10",
-        crate::outbox::FILTERED
-    );
-    let rows = filter
-        .bind(sqlx::query(&sql))
-        .bind(before)
-        .bind(limit)
-        .fetch_all(&app.pool)
-        .await
-        .context("searching messages")?;
-    Ok(rows.iter().map(|r| message(r, reveal)).collect())
-}
-
 /// One message, its attempts and its content; `None` when there is no such message.
 pub async fn detail(app: &App, id: i64, reveal: bool) -> anyhow::Result<Option<Detail>> {
-    let Some(row) = sqlx::query(&format!(
-        "select {COLUMNS}, context, coalesce(test_locale, template_locale) as pinned_locale
-         from messages where id = $1"
-    ))
-    .bind(id)
-    .fetch_optional(&app.pool)
-    .await?
+    let Some((message, context, pinned_locale)) = outbox::message(&app.pool, id, reveal).await?
     else {
         return Ok(None);
     };
-    let message = message(&row, reveal);
-    let attempts = sqlx::query(
-        "select attempt, provider, outcome, error, latency_ms, at from delivery_attempts
-         where message_id = $1 order by id",
-    )
-    .bind(id)
-    .fetch_all(&app.pool)
-    .await?
-    .iter()
-    .map(|r| Attempt {
-        attempt: r.get("attempt"),
-        provider: r.get("provider"),
-        outcome: r.get("outcome"),
-        error: r.get("error"),
-        latency_ms: r.get("latency_ms"),
-        at: r.get("at"),
-    })
-    .collect();
-    let context: Value = row.get("context");
-    let pinned_locale: Option<String> = row.get("pinned_locale");
+    let attempts = outbox::attempts_of(&app.pool, id).await?;
     let content = match render(app, &message, context, pinned_locale).await {
         Ok(content) => content,
         Err(e) => serde_json::json!({"error": format!("{e:#}")}),
@@ -177,6 +41,17 @@ pub async fn detail(app: &App, id: i64, reveal: bool) -> anyhow::Result<Option<D
         attempts_made: attempts,
         content,
     }))
+}
+
+/// Messages matching `filter`, newest first: `limit` of them with an id below `before`.
+pub async fn search(
+    app: &App,
+    filter: &Filter,
+    limit: i64,
+    before: Option<i64>,
+    reveal: bool,
+) -> anyhow::Result<Vec<Message>> {
+    outbox::search(&app.pool, filter, limit, before, reveal).await
 }
 
 /// Renders a stored message as it was (or will be) sent: its version (of the locale it was
@@ -271,20 +146,7 @@ pub struct ProviderHealth {
 
 /// Each configured provider's record over the last `minutes`.
 pub async fn provider_health(app: &App, minutes: i32) -> anyhow::Result<Vec<ProviderHealth>> {
-    let rows = sqlx::query(
-        "select provider,
-                count(*) filter (where outcome = 'sent') as sent,
-                count(*) filter (where outcome in ('transient', 'permanent', 'unsure')) as failed,
-                percentile_cont(0.5) within group (order by latency_ms) as p50,
-                percentile_cont(0.95) within group (order by latency_ms) as p95
-         from delivery_attempts
-         where at > now() - make_interval(mins => $1) and provider not in ('policy', 'unknown')
-         group by provider",
-    )
-    .bind(minutes)
-    .fetch_all(&app.pool)
-    .await
-    .context("reading provider health")?;
+    let rows = outbox::provider_calls(&app.pool, minutes).await?;
     // The kinds' names are the providers' (Smtp: smtp …).
     let mut names: Vec<String> = app
         .settings
@@ -304,12 +166,12 @@ pub async fn provider_health(app: &App, minutes: i32) -> anyhow::Result<Vec<Prov
     Ok(names
         .into_iter()
         .map(|name| {
-            let row = rows.iter().find(|r| r.get::<String, _>("provider") == name);
+            let row = rows.iter().find(|r| r.provider == name);
             ProviderHealth {
-                sent: row.map_or(0, |r| r.get("sent")),
-                failed: row.map_or(0, |r| r.get("failed")),
-                p50_ms: row.and_then(|r| r.get("p50")),
-                p95_ms: row.and_then(|r| r.get("p95")),
+                sent: row.map_or(0, |r| r.sent),
+                failed: row.map_or(0, |r| r.failed),
+                p50_ms: row.and_then(|r| r.p50),
+                p95_ms: row.and_then(|r| r.p95),
                 circuit: board
                     .get(&name)
                     .map(|open| if *open { "open" } else { "closed" }.to_owned()),

@@ -92,26 +92,7 @@ impl EventKind {
     }
 }
 
-/// A member as `member.enrolled` describes them.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Profile {
-    /// Who.
-    pub member_id: MemberId,
-    /// Email address, if any.
-    pub email: Option<Email>,
-    /// Mobile number, if any.
-    pub phone: Option<Phone>,
-    /// Given name for greetings.
-    pub first_name: Option<String>,
-    /// Language of messages.
-    pub locale: Locale,
-    /// Zone of quiet hours and birthdays.
-    pub timezone: TimeZone,
-    /// Birthday, if given.
-    pub birthday: Option<Birthday>,
-    /// Consent per channel.
-    pub consent: Consent,
-}
+pub use crate::domain::Profile;
 
 /// The fields `member.updated` changes: `None` leaves a field alone, `Some(None)` clears it.
 #[derive(Debug, Clone, PartialEq)]

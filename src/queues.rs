@@ -82,29 +82,18 @@ pub async fn snapshot(app: &App) -> anyhow::Result<Queues> {
         depths.push(depth);
     }
     crate::amqp::bounded(connection.close(200, "bye".into())).await;
-    let rows: Vec<(String, i64)> = sqlx::query_as(
-        "select status, count(*) from messages
-         where status in ('pending', 'sending', 'failed') group by status",
-    )
-    .fetch_all(&app.pool)
-    .await
-    .context("counting the outbox")?;
-    let mut outbox: BTreeMap<String, i64> = ["pending", "sending", "failed"]
-        .into_iter()
-        .map(|s| (s.to_owned(), 0))
-        .collect();
-    outbox.extend(rows);
-    let (applied, sent, failed): (i64, i64, i64) = sqlx::query_as(
-        "select (select count(*) from inbox where applied_at > now() - interval '5 minutes'),
-                (select count(*) from delivery_attempts
-                 where at > now() - interval '5 minutes' and outcome = 'sent'),
-                (select count(*) from delivery_attempts
-                 where at > now() - interval '5 minutes'
-                   and outcome in ('transient', 'permanent', 'unsure'))",
+    let outbox = crate::outbox::counts(&app.pool)
+        .await
+        .context("counting the outbox")?;
+    let applied: i64 = sqlx::query_scalar!(
+        r#"select count(*) as "count!" from inbox where applied_at > now() - interval '5 minutes'"#
     )
     .fetch_one(&app.pool)
     .await
     .context("reading the rates")?;
+    let (sent, failed) = crate::outbox::recent_calls(&app.pool)
+        .await
+        .context("reading the rates")?;
     let per_minute = |n: i64| n as f64 / 5.0;
     Ok(Queues {
         rates: Rates {

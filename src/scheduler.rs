@@ -28,6 +28,7 @@ use crate::config::Cron;
 use crate::domain::points::EntryKind;
 use crate::ledger::{self, ScanChange};
 use crate::metrics::Metrics;
+use crate::outbox;
 use crate::shutdown::Shutdown;
 use crate::triggers;
 
@@ -195,15 +196,15 @@ impl Scheduler {
         now: DateTime<Utc>,
     ) -> anyhow::Result<Option<usize>> {
         let lease_secs = self.app.settings.scheduler.lease_secs as f64;
-        let taken = sqlx::query(
+        let taken = sqlx::query!(
             "update scheduled_jobs set leased_by = $2, lease_until = now() + make_interval(secs => $3)
              where job = $1 and last_run is not distinct from $4
                and (lease_until is null or lease_until < now())",
+            job.as_str(),
+            &self.holder,
+            lease_secs,
+            seen
         )
-        .bind(job.as_str())
-        .bind(&self.holder)
-        .bind(lease_secs)
-        .bind(seen)
         .execute(&self.app.pool)
         .await?
         .rows_affected()
@@ -231,15 +232,15 @@ impl Scheduler {
                 .fetch_add(*planned as u64, std::sync::atomic::Ordering::Relaxed);
         }
         // Only a completed scan moves `last_run`; a failed one leaves it to run again.
-        sqlx::query(
+        sqlx::query!(
             "update scheduled_jobs
              set last_run = case when $3 then $4 else last_run end, leased_by = null, lease_until = null
              where job = $1 and leased_by = $2",
+            job.as_str(),
+            &self.holder,
+            result.is_ok(),
+            now
         )
-        .bind(job.as_str())
-        .bind(&self.holder)
-        .bind(result.is_ok())
-        .bind(now)
         .execute(&self.app.pool)
         .await?;
         let planned = result?;
@@ -256,13 +257,13 @@ impl Scheduler {
         let lease_secs = self.app.settings.scheduler.lease_secs.max(3);
         loop {
             tokio::time::sleep(Duration::from_secs(lease_secs) / 3).await;
-            let renewed = sqlx::query(
+            let renewed = sqlx::query!(
                 "update scheduled_jobs set lease_until = now() + make_interval(secs => $3)
                  where job = $1 and leased_by = $2",
+                job.as_str(),
+                &self.holder,
+                lease_secs as f64
             )
-            .bind(job.as_str())
-            .bind(&self.holder)
-            .bind(lease_secs as f64)
             .execute(&self.app.pool)
             .await;
             match renewed {
@@ -287,22 +288,24 @@ async fn last_runs(
     pool: &sqlx::PgPool,
 ) -> Result<HashMap<String, Option<DateTime<Utc>>>, sqlx::Error> {
     let read = || async {
-        sqlx::query_as::<_, (String, Option<DateTime<Utc>>)>(
-            "select job, last_run from scheduled_jobs",
-        )
-        .fetch_all(pool)
-        .await
-        .map(|rows| rows.into_iter().collect::<HashMap<_, _>>())
+        sqlx::query!("select job, last_run from scheduled_jobs")
+            .fetch_all(pool)
+            .await
+            .map(|rows| {
+                rows.into_iter()
+                    .map(|r| (r.job, r.last_run))
+                    .collect::<HashMap<_, _>>()
+            })
     };
     let runs = read().await?;
     if Job::ALL.iter().all(|job| runs.contains_key(job.as_str())) {
         return Ok(runs);
     }
     let names: Vec<&str> = Job::ALL.iter().map(|job| job.as_str()).collect();
-    sqlx::query(
+    sqlx::query!(
         "insert into scheduled_jobs (job) select unnest($1::text[]) on conflict do nothing",
+        &names as &[&str]
     )
-    .bind(&names)
     .execute(pool)
     .await?;
     read().await
@@ -366,57 +369,24 @@ pub async fn run_scan(app: &App, job: Job, now: DateTime<Utc>) -> anyhow::Result
 /// again). Ages are in database time. Returns nothing; logs what it deleted.
 async fn prune(app: &App) -> anyhow::Result<()> {
     let r = &app.settings.retention;
-    let steps: [(&str, u32, &str); 3] = [
-        (
-            "inbox",
-            r.inbox_days,
-            // An event that was also dead-lettered keeps its row: a replay of its letter,
-            // however late, must find it applied.
-            "delete from inbox where event_id in (
-                 select i.event_id from inbox i
-                 where i.applied_at < now() - make_interval(days => $1)
-                   and not exists (select 1 from dead_letters d where d.event_id = i.event_id)
-                 limit $2)",
-        ),
-        (
-            "attempts",
-            r.attempts_days,
-            "delete from delivery_attempts where id in (
-                 select id from delivery_attempts
-                 where at < now() - make_interval(days => $1) limit $2)",
-        ),
-        (
-            "messages",
-            r.messages_days,
-            "with old as (
-                 select id, dedupe_key from messages
-                 where status in ('sent', 'suppressed', 'cancelled', 'failed', 'held_out')
-                   and created_at < now() - make_interval(days => $1)
-                   and finished_at < now() - make_interval(days => $1)
-                 limit $2
-                 for update skip locked
-             ), kept as (
-                 insert into retired_keys (dedupe_key) select dedupe_key from old
-                 on conflict do nothing
-             ), attempts as (
-                 delete from delivery_attempts where message_id in (select id from old)
-             )
-             delete from messages where id in (select id from old)",
-        ),
+    let steps = [
+        ("inbox", r.inbox_days),
+        ("attempts", r.attempts_days),
+        ("messages", r.messages_days),
     ];
-    for (what, days, sql) in steps {
+    for (what, days) in steps {
         if days == 0 {
             continue;
         }
+        let days = days as i32;
         let mut deleted = 0;
         loop {
-            let done = sqlx::query(sql)
-                .bind(days as i32)
-                .bind(r.page_size)
-                .execute(&app.pool)
-                .await
-                .with_context(|| format!("pruning {what}"))?
-                .rows_affected();
+            let done = match what {
+                "inbox" => prune_inbox(&app.pool, days, r.page_size).await,
+                "attempts" => outbox::prune_attempts(&app.pool, days, r.page_size).await,
+                _ => outbox::prune_messages(&app.pool, days, r.page_size).await,
+            }
+            .with_context(|| format!("pruning {what}"))?;
             deleted += done;
             if done < r.page_size as u64 {
                 break;
@@ -427,6 +397,23 @@ async fn prune(app: &App) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Deletes one page of inbox rows older than `days`; returns how many. An event that was also
+/// dead-lettered keeps its row: a replay of its letter, however late, must find it applied.
+async fn prune_inbox(pool: &sqlx::PgPool, days: i32, page: i64) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query!(
+        "delete from inbox where event_id in (
+             select i.event_id from inbox i
+             where i.applied_at < now() - make_interval(days => $1)
+               and not exists (select 1 from dead_letters d where d.event_id = i.event_id)
+             limit $2)",
+        days,
+        page
+    )
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
 }
 
 /// What a member scan does to one member (pure).
@@ -456,7 +443,7 @@ fn change(
                 )
                 .into_iter()
                 .collect();
-            let key = format!("birthday:{}:{year}", member.member.member_id);
+            let key = format!("birthday:{}:{year}", member.member.profile.member_id);
             // The bonus may reach a reward: that is redemption-ready as any event's would be.
             let mut planned = triggers::birthday(member, year, program, now);
             planned.extend(triggers::crossed(was, member, &key, program, now));
@@ -481,13 +468,13 @@ async fn candidates(
 ) -> Result<Vec<String>, sqlx::Error> {
     match job {
         Job::Expiry => {
-            sqlx::query_scalar(
+            sqlx::query_scalar!(
                 "select distinct member_id from point_lots
                  where expires_at <= $1 and member_id > $2 order by member_id limit $3",
+                now,
+                after,
+                limit
             )
-            .bind(now)
-            .bind(after)
-            .bind(limit)
             .fetch_all(conn)
             .await
         }
@@ -495,15 +482,15 @@ async fn candidates(
             // A day more than the farthest notice: notices count days in the member's zone.
             let farthest = program.expiring_notice_days.first().copied().unwrap_or(0);
             let days = i32::try_from(farthest).unwrap_or(i32::MAX - 1) + 1;
-            sqlx::query_scalar(
+            sqlx::query_scalar!(
                 "select distinct member_id from point_lots
                  where expires_at > $1 and expires_at <= $1 + make_interval(days => $4)
                    and member_id > $2 order by member_id limit $3",
+                now,
+                after,
+                limit,
+                days
             )
-            .bind(now)
-            .bind(after)
-            .bind(limit)
-            .bind(days)
             .fetch_all(conn)
             .await
         }
@@ -512,17 +499,17 @@ async fn candidates(
                 .into_iter()
                 .map(|d| (d.month() as i16, d.day() as i16))
                 .unzip();
-            sqlx::query_scalar(
+            sqlx::query_scalar!(
                 "select member_id from members
                  where birthday_month is not null
                    and (birthday_month, birthday_day) in
                        (select * from unnest($3::smallint[], $4::smallint[]))
                    and member_id > $1 order by member_id limit $2",
+                after,
+                limit,
+                &months,
+                &days
             )
-            .bind(after)
-            .bind(limit)
-            .bind(&months)
-            .bind(&days)
             .fetch_all(conn)
             .await
         }

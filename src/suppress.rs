@@ -18,14 +18,14 @@ pub async fn suppress(
     reason: &str,
     source: &str,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "insert into suppressions (channel, address, reason, source) values ($1, $2, $3, $4)
          on conflict (channel, address) do nothing",
+        channel.as_str(),
+        address,
+        reason,
+        source
     )
-    .bind(channel.as_str())
-    .bind(address)
-    .bind(reason)
-    .bind(source)
     .execute(pool)
     .await?;
     Ok(())
@@ -33,11 +33,13 @@ pub async fn suppress(
 
 /// Lifts a suppression (SMS START); true when there was one.
 pub async fn restore(pool: &PgPool, channel: Channel, address: &str) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query("delete from suppressions where channel = $1 and address = $2")
-        .bind(channel.as_str())
-        .bind(address)
-        .execute(pool)
-        .await?;
+    let done = sqlx::query!(
+        "delete from suppressions where channel = $1 and address = $2",
+        channel.as_str(),
+        address
+    )
+    .execute(pool)
+    .await?;
     Ok(done.rows_affected() > 0)
 }
 
@@ -102,14 +104,14 @@ impl Tokens {
     /// Loads the shared key, making it on first use.
     pub async fn load(pool: &PgPool) -> Result<Tokens, sqlx::Error> {
         let fresh: [u8; 32] = rand::random();
-        sqlx::query(
+        sqlx::query!(
             "insert into secrets (name, value) values ('unsubscribe', $1) on conflict do nothing",
+            &fresh[..]
         )
-        .bind(&fresh[..])
         .execute(pool)
         .await?;
         let secret: Vec<u8> =
-            sqlx::query_scalar("select value from secrets where name = 'unsubscribe'")
+            sqlx::query_scalar!("select value from secrets where name = 'unsubscribe'")
                 .fetch_one(pool)
                 .await?;
         Ok(Tokens::new(&secret))

@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use tracing::{info, warn};
 
 use crate::domain::Trigger;
@@ -212,34 +212,30 @@ impl TemplateStore {
 
     /// Rebuilds the catalog when a publish happened since it was built.
     pub async fn reload(&self) -> anyhow::Result<bool> {
-        let heads: Vec<Head> = sqlx::query_as(
-            "select trigger, locale, version, seq from template_heads order by trigger, locale",
+        let heads: Vec<Head> = sqlx::query!(
+            "select trigger, locale, version, seq from template_heads order by trigger, locale"
         )
         .fetch_all(&self.pool)
         .await
-        .context("reading the published template versions")?;
+        .context("reading the published template versions")?
+        .into_iter()
+        .map(|r| (r.trigger, r.locale, r.version, r.seq))
+        .collect();
         if heads == self.current().heads {
             return Ok(false);
         }
-        let rows = sqlx::query(
+        let rows = sqlx::query!(
             "select h.trigger, h.locale, h.version, v.files
              from template_heads h
              join template_versions v using (trigger, locale, version)
-             where h.version > 0",
+             where h.version > 0"
         )
         .fetch_all(&self.pool)
         .await
         .context("loading the published templates")?;
         let published: Vec<(String, String, i32, serde_json::Value)> = rows
             .into_iter()
-            .map(|row| {
-                (
-                    row.get("trigger"),
-                    row.get("locale"),
-                    row.get("version"),
-                    row.get("files"),
-                )
-            })
+            .map(|row| (row.trigger, row.locale, row.version, row.files))
             .collect();
         let base = self.base.clone();
         let (templates, versions) = off_workers(move || {
@@ -403,13 +399,13 @@ impl TemplateStore {
             }
             return Ok(files);
         }
-        let files: Option<serde_json::Value> = sqlx::query_scalar(
+        let files: Option<serde_json::Value> = sqlx::query_scalar!(
             "select files from template_versions
              where trigger = $1 and locale = $2 and version = $3",
+            trigger.as_str(),
+            locale,
+            version
         )
-        .bind(trigger.as_str())
-        .bind(locale)
-        .bind(version)
         .fetch_optional(&self.pool)
         .await?;
         let files = files.ok_or_else(|| {
@@ -430,11 +426,11 @@ impl TemplateStore {
     /// The published version of (trigger, locale) as stored (not as this replica last
     /// loaded it).
     pub async fn published(&self, trigger: Trigger, locale: &str) -> Result<i32, StoreError> {
-        let version: Option<i32> = sqlx::query_scalar(
+        let version: Option<i32> = sqlx::query_scalar!(
             "select version from template_heads where trigger = $1 and locale = $2",
+            trigger.as_str(),
+            locale
         )
-        .bind(trigger.as_str())
-        .bind(locale)
         .fetch_optional(&self.pool)
         .await?;
         Ok(version.unwrap_or(0))
@@ -442,12 +438,12 @@ impl TemplateStore {
 
     /// The draft of (trigger, locale), if there is one.
     pub async fn draft(&self, trigger: Trigger, locale: &str) -> Result<Option<i32>, StoreError> {
-        Ok(sqlx::query_scalar(
+        Ok(sqlx::query_scalar!(
             "select version from template_versions
              where trigger = $1 and locale = $2 and state = 'draft'",
+            trigger.as_str(),
+            locale
         )
-        .bind(trigger.as_str())
-        .bind(locale)
         .fetch_optional(&self.pool)
         .await?)
     }
@@ -469,25 +465,25 @@ impl TemplateStore {
                 ((trigger.as_str().to_owned(), locale), pair)
             })
             .collect();
-        let rows = sqlx::query(
-            "select trigger, locale,
-                    (select h.version from template_heads h
-                     where h.trigger = v.trigger and h.locale = v.locale) as published,
-                    max(version) filter (where state = 'draft') as draft
-             from template_versions v group by trigger, locale",
+        let rows = sqlx::query!(
+            r#"select trigger, locale,
+                      (select h.version from template_heads h
+                       where h.trigger = v.trigger and h.locale = v.locale) as "published?",
+                      max(version) filter (where state = 'draft') as "draft?"
+               from template_versions v group by trigger, locale"#
         )
         .fetch_all(&self.pool)
         .await?;
         for row in rows {
-            let key: (String, String) = (row.get("trigger"), row.get("locale"));
+            let key: (String, String) = (row.trigger, row.locale);
             let pair = pairs.entry(key.clone()).or_insert_with(|| Pair {
                 trigger: key.0,
                 locale: key.1,
                 published: 0,
                 draft: None,
             });
-            pair.published = row.get::<Option<i32>, _>("published").unwrap_or(0);
-            pair.draft = row.get("draft");
+            pair.published = row.published.unwrap_or(0);
+            pair.draft = row.draft;
         }
         Ok(pairs.into_values().collect())
     }
@@ -499,22 +495,22 @@ impl TemplateStore {
         locale: &str,
     ) -> Result<Vec<Version>, StoreError> {
         let published = self.published(trigger, locale).await?;
-        let rows = sqlx::query(
+        let rows = sqlx::query!(
             "select version, state, files, author, created_at from template_versions
              where trigger = $1 and locale = $2 order by version desc",
+            trigger.as_str(),
+            locale
         )
-        .bind(trigger.as_str())
-        .bind(locale)
         .fetch_all(&self.pool)
         .await?;
         let mut versions: Vec<Version> = rows
             .into_iter()
             .map(|r| Version {
-                version: r.get("version"),
-                state: r.get("state"),
-                files: serde_json::from_value(r.get("files")).unwrap_or_default(),
-                author: r.get("author"),
-                created_at: Some(r.get("created_at")),
+                version: r.version,
+                state: r.state,
+                files: serde_json::from_value(r.files).unwrap_or_default(),
+                author: r.author,
+                created_at: Some(r.created_at),
             })
             .collect();
         let shipped = self.base.files(trigger, locale);
@@ -611,11 +607,11 @@ impl TemplateStore {
         locale: &str,
     ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
+        sqlx::query!(
             "select pg_advisory_xact_lock(hashtextextended('templates:' || $1 || '/' || $2, 0))",
+            trigger.as_str(),
+            locale
         )
-        .bind(trigger.as_str())
-        .bind(locale)
         .execute(&mut *tx)
         .await?;
         Ok(tx)
@@ -636,25 +632,25 @@ impl TemplateStore {
         let mut tx = self.locked(trigger, locale).await?;
         // Versions never change once saved (a test send or a claimed message may be rendering
         // one): a new save is a new version, and the draft it replaces is archived.
-        sqlx::query(
+        sqlx::query!(
             "update template_versions set state = 'archived'
              where trigger = $1 and locale = $2 and state = 'draft'",
+            trigger.as_str(),
+            locale
         )
-        .bind(trigger.as_str())
-        .bind(locale)
         .execute(&mut *tx)
         .await?;
-        let version: i32 = sqlx::query_scalar(
+        let version: i32 = sqlx::query_scalar!(
             "insert into template_versions (trigger, locale, version, state, files, author)
              select $1, $2, coalesce((select max(version) from template_versions
                                       where trigger = $1 and locale = $2), 0) + 1,
                     'draft', $3, $4
              returning version",
+            trigger.as_str(),
+            locale,
+            &files_json,
+            author
         )
-        .bind(trigger.as_str())
-        .bind(locale)
-        .bind(&files_json)
-        .bind(author)
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -675,34 +671,36 @@ impl TemplateStore {
         let files = self.files(trigger, locale, version).await?;
         self.validate(trigger, locale, files).await?;
         let mut tx = self.locked(trigger, locale).await?;
-        sqlx::query(
+        sqlx::query!(
             "update template_versions
              set state = case when version = $3 then 'published' else 'archived' end
              where trigger = $1 and locale = $2 and (state = 'published' or version = $3)",
+            trigger.as_str(),
+            locale,
+            version
         )
-        .bind(trigger.as_str())
-        .bind(locale)
-        .bind(version)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
+        sqlx::query!(
             "insert into template_heads (trigger, locale, version, published_by)
              values ($1, $2, $3, $4)
              on conflict (trigger, locale) do update
              set version = excluded.version, seq = nextval('template_publish_seq'),
                  published_by = excluded.published_by, published_at = now()",
+            trigger.as_str(),
+            locale,
+            version,
+            by
         )
-        .bind(trigger.as_str())
-        .bind(locale)
-        .bind(version)
-        .bind(by)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("select pg_notify($1, $2)")
-            .bind(PUBLISHED_CHANNEL)
-            .bind(format!("{}/{locale}", trigger.as_str()))
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query!(
+            "select pg_notify($1, $2)",
+            PUBLISHED_CHANNEL,
+            format!("{}/{locale}", trigger.as_str())
+        )
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         info!(
             trigger = trigger.as_str(),

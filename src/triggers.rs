@@ -32,10 +32,10 @@ pub struct Planned {
 /// Channels this member can be reached on: an address and consent for it.
 pub fn reachable_channels(member: &Member) -> Vec<Channel> {
     let mut channels = Vec::with_capacity(2);
-    if member.email.is_some() && member.consent.email {
+    if member.profile.email.is_some() && member.profile.consent.email {
         channels.push(Channel::Email);
     }
-    if member.phone.is_some() && member.consent.sms {
+    if member.profile.phone.is_some() && member.profile.consent.sms {
         channels.push(Channel::Sms);
     }
     channels
@@ -52,7 +52,11 @@ pub fn with_progress(
 ) -> serde_json::Value {
     if let serde_json::Value::Object(map) = &mut context {
         let tier_points = state.points.tier_points(now, program.tier_window_months);
-        map.extend(program.progress(state.points.balance(), tier_points, &state.member.locale));
+        map.extend(program.progress(
+            state.points.balance(),
+            tier_points,
+            &state.member.profile.locale,
+        ));
         map.insert("coupon_code".into(), serde_json::Value::Null);
     }
     context
@@ -122,8 +126,8 @@ pub fn welcome(
     let member = &after.member;
     let balance = after.points.balance();
     let context = json!({
-        "first_name": member.first_name,
-        "member_id": member.member_id,
+        "first_name": member.profile.first_name,
+        "member_id": member.profile.member_id,
         "signup_bonus": program.signup_bonus,
         "balance": balance,
         "rewards": rewards_within(program, balance),
@@ -131,7 +135,7 @@ pub fn welcome(
     let context = with_progress(context, after, program, now);
     per_channel(
         Trigger::Welcome,
-        member.member_id.as_str(),
+        member.profile.member_id.as_str(),
         member,
         now,
         context,
@@ -179,13 +183,13 @@ pub fn crossed(
     };
     let member = &after.member;
     let context = json!({
-        "first_name": member.first_name,
+        "first_name": member.profile.first_name,
         "balance": is,
         "reward": {"points": reward.points, "discount": reward.discount},
         "rewards": rewards_within(program, is),
     });
     let context = with_progress(context, after, program, now);
-    let key = format!("{}:{}:{cause}", member.member_id, reward.points);
+    let key = format!("{}:{}:{cause}", member.profile.member_id, reward.points);
     per_channel(Trigger::RedemptionReady, &key, member, now, context)
 }
 
@@ -210,16 +214,16 @@ pub fn tier_up(
     }
     let tier = &program.tiers[is];
     let member = &after.member;
-    let locale = &member.locale;
+    let locale = &member.profile.locale;
     let context = json!({
-        "first_name": member.first_name,
+        "first_name": member.profile.first_name,
         "tier": program.tier_name(is, locale),
         "previous_tier": program.tier_name(was, locale),
         "benefits": program.tier_benefits(is, locale),
         "tier_points": points,
     });
     let context = with_progress(context, after, program, now);
-    let key = format!("{}:{}:{}", member.member_id, tier.name, event.id);
+    let key = format!("{}:{}:{}", member.profile.member_id, tier.name, event.id);
     per_channel(Trigger::TierUp, &key, member, now, context)
 }
 
@@ -240,7 +244,7 @@ pub fn points_expiring(state: &MemberState, program: &Program, now: DateTime<Utc
     let Some(&farthest) = program.expiring_notice_days.first() else {
         return Vec::new();
     };
-    let tz = state.member.timezone.tz();
+    let tz = state.member.profile.timezone.tz();
     let today = now.with_timezone(&tz).date_naive();
     // (points, first expiry) by UTC date
     let mut by_date: BTreeMap<NaiveDate, (i64, DateTime<Utc>)> = BTreeMap::new();
@@ -268,7 +272,7 @@ pub fn points_expiring(state: &MemberState, program: &Program, now: DateTime<Utc
                 .rev()
                 .find(|n| days_left <= i64::from(**n))?;
             let context = json!({
-                "first_name": member.first_name,
+                "first_name": member.profile.first_name,
                 "points": points,
                 "expiry_date": local.to_string(),
                 "days_left": days_left,
@@ -276,7 +280,7 @@ pub fn points_expiring(state: &MemberState, program: &Program, now: DateTime<Utc
                 "balance": balance,
             });
             let context = with_progress(context, state, program, now);
-            let key = format!("{}:{date}:{notice}", member.member_id);
+            let key = format!("{}:{date}:{notice}", member.profile.member_id);
             Some(per_channel(
                 Trigger::PointsExpiring,
                 &key,
@@ -294,8 +298,8 @@ pub fn points_expiring(state: &MemberState, program: &Program, now: DateTime<Utc
 /// (`program.birthday_time`, local) has come. A scan that runs late the same day still finds
 /// it due; the next day it does not.
 pub fn birthday_due(member: &Member, program: &Program, now: DateTime<Utc>) -> Option<i32> {
-    let birthday = member.birthday?;
-    let tz = member.timezone.tz();
+    let birthday = member.profile.birthday?;
+    let tz = member.profile.timezone.tz();
     let today = now.with_timezone(&tz).date_naive();
     if birthday.celebrated_in(today.year())? != today {
         return None;
@@ -318,12 +322,12 @@ pub fn birthday(
 ) -> Vec<Planned> {
     let member = &after.member;
     let context = json!({
-        "first_name": member.first_name,
+        "first_name": member.profile.first_name,
         "bonus": program.birthday_bonus,
         "balance": after.points.balance(),
     });
     let context = with_progress(context, after, program, now);
-    let key = format!("{}:{year}", member.member_id);
+    let key = format!("{}:{year}", member.profile.member_id);
     per_channel(Trigger::Birthday, &key, member, now, context)
 }
 
@@ -349,7 +353,7 @@ pub fn abandoned_cart(
             .sum::<u64>()
     });
     let context = json!({
-        "first_name": member.first_name,
+        "first_name": member.profile.first_name,
         "cart_id": cart.cart_id,
         "items": cart.items,
         "item_count": item_count,
@@ -375,10 +379,10 @@ pub fn context_now(
     let member = &state.member;
     let balance = state.points.balance();
     let window = program.tier_window_months;
-    let locale = &member.locale;
+    let locale = &member.profile.locale;
     let context = match trigger {
         Trigger::Welcome => json!({
-            "member_id": member.member_id,
+            "member_id": member.profile.member_id,
             "signup_bonus": program.signup_bonus,
             "balance": balance,
             "rewards": rewards_within(program, balance),
@@ -407,7 +411,7 @@ pub fn context_now(
             })
         }
         Trigger::PointsExpiring => {
-            let tz = member.timezone.tz();
+            let tz = member.profile.timezone.tz();
             let today = now.with_timezone(&tz).date_naive();
             let next = state
                 .points
@@ -478,7 +482,7 @@ pub fn context_now(
         },
     };
     let mut context = with_progress(context, state, program, now);
-    context["first_name"] = json!(member.first_name);
+    context["first_name"] = json!(member.profile.first_name);
     context
 }
 
@@ -498,14 +502,16 @@ mod tests {
 
     fn member(email: bool, phone: bool, consent: Consent) -> Member {
         Member {
-            member_id: MemberId::parse("m1").unwrap(),
-            email: email.then(|| Email::parse("a@b.co").unwrap()),
-            phone: phone.then(|| Phone::parse("+14155550123").unwrap()),
-            first_name: Some("Ada".into()),
-            locale: Locale::parse("en").unwrap(),
-            timezone: TimeZone::parse("UTC").unwrap(),
-            birthday: None,
-            consent,
+            profile: crate::domain::Profile {
+                member_id: MemberId::parse("m1").unwrap(),
+                email: email.then(|| Email::parse("a@b.co").unwrap()),
+                phone: phone.then(|| Phone::parse("+14155550123").unwrap()),
+                first_name: Some("Ada".into()),
+                locale: Locale::parse("en").unwrap(),
+                timezone: TimeZone::parse("UTC").unwrap(),
+                birthday: None,
+                consent,
+            },
             enrolled_at: DateTime::UNIX_EPOCH,
         }
     }
@@ -542,14 +548,14 @@ mod tests {
         event(
             "e1",
             EventKind::MemberEnrolled(Profile {
-                member_id: m.member_id.clone(),
-                email: m.email.clone(),
-                phone: m.phone.clone(),
-                first_name: m.first_name.clone(),
-                locale: m.locale.clone(),
-                timezone: m.timezone,
+                member_id: m.profile.member_id.clone(),
+                email: m.profile.email.clone(),
+                phone: m.profile.phone.clone(),
+                first_name: m.profile.first_name.clone(),
+                locale: m.profile.locale.clone(),
+                timezone: m.profile.timezone,
                 birthday: None,
-                consent: m.consent,
+                consent: m.profile.consent,
             }),
         )
     }
@@ -798,7 +804,7 @@ mod tests {
             "e4",
             EventKind::CartCheckedOut(CartRef {
                 cart_id: crate::domain::RecordId::parse("cart_id", "c").unwrap(),
-                member_id: m.member.member_id.clone(),
+                member_id: m.member.profile.member_id.clone(),
             }),
         );
         assert!(plan(Some(&m), &checkout, &m, &Program::default(), now()).is_empty());
@@ -818,18 +824,17 @@ mod tests {
     }
 
     fn in_zone(zone: &str, birthday: Option<&str>) -> Member {
-        Member {
-            timezone: TimeZone::parse(zone).unwrap(),
-            birthday: birthday.map(|b| crate::domain::Birthday::parse(b).unwrap()),
-            ..member(
-                true,
-                false,
-                Consent {
-                    email: true,
-                    sms: false,
-                },
-            )
-        }
+        let mut m = member(
+            true,
+            false,
+            Consent {
+                email: true,
+                sms: false,
+            },
+        );
+        m.profile.timezone = TimeZone::parse(zone).unwrap();
+        m.profile.birthday = birthday.map(|b| crate::domain::Birthday::parse(b).unwrap());
+        m
     }
 
     /// A member in `zone` holding lots that expire at these instants with these points.

@@ -123,25 +123,24 @@ pub async fn add(
         let password = credentials.password.clone();
         tokio::task::spawn_blocking(move || hash_password(&password)).await??
     };
-    sqlx::query(
+    sqlx::query!(
         "insert into users (name, role, password_hash, token_sha256, email, phone)
          values ($1, $2, $3, $4, $5, $6)
          on conflict (name) do update set role = excluded.role,
              password_hash = excluded.password_hash, token_sha256 = excluded.token_sha256,
              email = excluded.email, phone = excluded.phone",
+        name,
+        role.as_str(),
+        hash,
+        sha256_hex(&credentials.token),
+        contact.email.as_ref().map(|e| e.as_str()),
+        contact.phone.as_ref().map(|p| p.as_str()),
     )
-    .bind(name)
-    .bind(role.as_str())
-    .bind(hash)
-    .bind(sha256_hex(&credentials.token))
-    .bind(contact.email.as_ref().map(|e| e.as_str()))
-    .bind(contact.phone.as_ref().map(|p| p.as_str()))
     .execute(pool)
     .await
     .context("saving the user")?;
     // Whoever held the old password is logged out.
-    sqlx::query("delete from sessions where user_name = $1")
-        .bind(name)
+    sqlx::query!("delete from sessions where user_name = $1", name)
         .execute(pool)
         .await?;
     Ok(credentials)
@@ -150,8 +149,7 @@ pub async fn add(
 /// Removes a user: their sessions end and their API token stops working at once (the
 /// sessions go with the row). Whether there was such a user.
 pub async fn remove(pool: &PgPool, name: &str) -> anyhow::Result<bool> {
-    let done = sqlx::query("delete from users where name = $1")
-        .bind(name)
+    let done = sqlx::query!("delete from users where name = $1", name)
         .execute(pool)
         .await
         .context("removing the user")?;
@@ -174,10 +172,10 @@ pub(crate) fn check_name(name: &str) -> anyhow::Result<()> {
 /// A user's own address and number, for their test sends.
 pub async fn contact(pool: &PgPool, name: &str) -> Result<Contact, sqlx::Error> {
     let row: Option<(Option<String>, Option<String>)> =
-        sqlx::query_as("select email, phone from users where name = $1")
-            .bind(name)
+        sqlx::query!("select email, phone from users where name = $1", name)
             .fetch_optional(pool)
-            .await?;
+            .await?
+            .map(|r| (r.email, r.phone));
     let (email, phone) = row.unwrap_or_default();
     Ok(Contact {
         email: email.and_then(|e| crate::domain::Email::parse(&e).ok()),
@@ -187,11 +185,13 @@ pub async fn contact(pool: &PgPool, name: &str) -> Result<Contact, sqlx::Error> 
 
 /// The user whose API token this is.
 pub async fn by_token(pool: &PgPool, token: &str) -> Result<Option<User>, sqlx::Error> {
-    let row: Option<(String, String)> =
-        sqlx::query_as("select name, role from users where token_sha256 = $1")
-            .bind(sha256_hex(token))
-            .fetch_optional(pool)
-            .await?;
+    let row: Option<(String, String)> = sqlx::query!(
+        "select name, role from users where token_sha256 = $1",
+        sha256_hex(token)
+    )
+    .fetch_optional(pool)
+    .await?
+    .map(|r| (r.name, r.role));
     Ok(row.and_then(|(name, role)| {
         Some(User {
             name,
@@ -207,11 +207,13 @@ pub async fn by_password(
     name: &str,
     password: &str,
 ) -> Result<Option<User>, sqlx::Error> {
-    let row: Option<(String, String)> =
-        sqlx::query_as("select role, password_hash from users where name = $1")
-            .bind(name)
-            .fetch_optional(pool)
-            .await?;
+    let row: Option<(String, String)> = sqlx::query!(
+        "select role, password_hash from users where name = $1",
+        name
+    )
+    .fetch_optional(pool)
+    .await?
+    .map(|r| (r.role, r.password_hash));
     // An unknown name is checked against a hash all the same, so timing does not tell
     // which names exist (that hash is made once, on the blocking pool too).
     static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -260,18 +262,18 @@ pub async fn open_session(pool: &PgPool, user: &str) -> Result<Session, sqlx::Er
         cookie: random_secret(32),
         csrf: random_secret(24),
     };
-    sqlx::query(
+    sqlx::query!(
         "insert into sessions (token_sha256, user_name, csrf, expires_at)
          values ($1, $2, $3, now() + make_interval(hours => $4))",
+        sha256_hex(&session.cookie),
+        user,
+        &session.csrf,
+        SESSION_HOURS as i32,
     )
-    .bind(sha256_hex(&session.cookie))
-    .bind(user)
-    .bind(&session.csrf)
-    .bind(SESSION_HOURS as i32)
     .execute(pool)
     .await?;
     // Expired sessions go as new ones come.
-    sqlx::query("delete from sessions where expires_at < now()")
+    sqlx::query!("delete from sessions where expires_at < now()")
         .execute(pool)
         .await?;
     Ok(session)
@@ -282,13 +284,14 @@ pub async fn by_session(
     pool: &PgPool,
     cookie: &str,
 ) -> Result<Option<(User, String)>, sqlx::Error> {
-    let row: Option<(String, String, String)> = sqlx::query_as(
+    let row: Option<(String, String, String)> = sqlx::query!(
         "select u.name, u.role, s.csrf from sessions s join users u on u.name = s.user_name
          where s.token_sha256 = $1 and s.expires_at > now()",
+        sha256_hex(cookie)
     )
-    .bind(sha256_hex(cookie))
     .fetch_optional(pool)
-    .await?;
+    .await?
+    .map(|r| (r.name, r.role, r.csrf));
     Ok(row.and_then(|(name, role, csrf)| {
         Some((
             User {
@@ -302,10 +305,12 @@ pub async fn by_session(
 
 /// Ends a session.
 pub async fn close_session(pool: &PgPool, cookie: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("delete from sessions where token_sha256 = $1")
-        .bind(sha256_hex(cookie))
-        .execute(pool)
-        .await?;
+    sqlx::query!(
+        "delete from sessions where token_sha256 = $1",
+        sha256_hex(cookie)
+    )
+    .execute(pool)
+    .await?;
     Ok(())
 }
 

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 
 use crate::amqp;
 use crate::app::{App, Roles};
@@ -155,14 +155,7 @@ async fn tell(
 async fn settle(app: &App, member_ids: &[String]) -> anyhow::Result<()> {
     wait("the scans and dispatch to catch up", || async {
         let now = app.clock.now();
-        let due: i64 = sqlx::query_scalar(
-            "select count(*) from messages
-             where status in ('pending', 'sending') and due_at <= $1 and member_id = any($2)",
-        )
-        .bind(now)
-        .bind(member_ids)
-        .fetch_one(&app.pool)
-        .await?;
+        let due = crate::outbox::search::unsent_of(&app.pool, now, member_ids).await?;
         Ok(due == 0 && crate::scheduler::caught_up(app, now).await?)
     })
     .await
@@ -209,45 +202,32 @@ pub async fn recent_messages(
     members: Option<&[String]>,
     limit: i64,
 ) -> anyhow::Result<Vec<MessageRow>> {
-    let rows = sqlx::query(
-        "select m.id, m.trigger, m.channel, m.status, m.provider, m.provider_ref, m.last_error,
-                mem.email, mem.phone
-         from messages m join members mem using (member_id)
-         where $1::text[] is null or m.member_id = any($1)
-         order by m.id desc limit $2",
-    )
-    .bind(members)
-    .bind(limit)
-    .fetch_all(pool)
-    .await
-    .context("reading messages")?;
+    let rows = crate::outbox::search::recent_of_members(pool, members, limit)
+        .await
+        .context("reading messages")?;
     let mut out: Vec<MessageRow> = rows
         .into_iter()
         .map(|r| {
-            let channel: String = r.get("channel");
-            let to = match channel.as_str() {
+            let to = match r.channel.as_str() {
                 "email" => r
-                    .get::<Option<String>, _>("email")
+                    .email
                     .and_then(|e| Email::parse(&e).ok())
                     .map(|e| e.masked()),
                 _ => r
-                    .get::<Option<String>, _>("phone")
+                    .phone
                     .and_then(|p| Phone::parse(&p).ok())
                     .map(|p| p.masked()),
             };
-            let detail = match (
-                r.get::<Option<String>, _>("provider"),
-                r.get::<Option<String>, _>("provider_ref"),
-            ) {
+            let detail = match (r.provider, r.provider_ref) {
                 (Some(provider), Some(reference)) => format!("{provider}: {reference}"),
-                _ => r.get::<Option<String>, _>("last_error").unwrap_or_default(),
+                _ => r.last_error.unwrap_or_default(),
             };
             MessageRow {
-                id: r.get("id"),
-                trigger: r.get("trigger"),
-                channel,
+                id: r.id,
+                trigger: r.trigger,
+                channel: r.channel,
                 to: to.unwrap_or_else(|| "-".into()),
-                status: r.get("status"),
+                status: r.status,
                 detail,
             }
         })

@@ -6,14 +6,12 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use anyhow::Context;
 use serde_json::Value;
 
 use super::email;
 use super::providers::{Content, Outgoing};
 use crate::config::Settings;
-use crate::domain::Trigger;
-use crate::domain::{Channel, Email, Locale, MemberId, Phone};
+use crate::domain::{Channel, Email, MemberId, Phone};
 use crate::outbox::Claimed;
 use crate::render::Templates;
 use crate::suppress::Tokens;
@@ -100,8 +98,7 @@ impl Composer {
     /// is then recorded. A database failure while loading a version is `StoreError::Database`:
     /// the message is tried again later, not failed.
     async fn templates_for(&self, c: &Claimed, catalog: &Catalog) -> Result<Chosen, StoreError> {
-        let trigger = Trigger::parse(&c.trigger)
-            .ok_or_else(|| StoreError::NotFound(format!("unknown trigger {:?}", c.trigger)))?;
+        let trigger = c.trigger;
         if let Some(locale) = &c.test_locale {
             let version = c
                 .template_version
@@ -109,9 +106,10 @@ impl Composer {
             let templates = self.store.templates_of(trigger, locale, version).await?;
             return Ok((templates, locale.clone(), version));
         }
-        let asked = Locale::parse(&c.locale)
-            .map_err(|e| StoreError::NotFound(format!("the member's locale: {e}")))?;
-        let locale = catalog.templates.resolve_locale(trigger, &asked).to_owned();
+        let locale = catalog
+            .templates
+            .resolve_locale(trigger, &c.locale)
+            .to_owned();
         let in_force = || {
             let version = catalog.version(trigger, &locale);
             Ok((catalog.templates.clone(), locale.clone(), version))
@@ -136,9 +134,7 @@ impl Composer {
         templates: &Templates,
         locale: String,
     ) -> anyhow::Result<Result<Outgoing, Cow<'static, str>>> {
-        let trigger = Trigger::parse(&c.trigger)
-            .with_context(|| format!("unknown trigger {:?}", c.trigger))?;
-        let channel = Channel::parse(&c.channel)?;
+        let (trigger, channel) = (c.trigger, c.channel);
         let settings = &self.settings;
         let mut context = c.context.clone();
         if let Value::Object(map) = &mut context {

@@ -33,9 +33,8 @@ use tracing::{Instrument, debug, info, warn};
 use crate::app::App;
 use crate::backoff::Backoff;
 use crate::domain::Channel;
-use crate::domain::Trigger;
 use crate::metrics::Metrics;
-use crate::outbox::{self, Attempt, Claimed, Settled};
+use crate::outbox::{self, Attempt, Claimed, Settled, Status, Unreadable};
 use crate::shutdown::Shutdown;
 use crate::template_store::Catalog;
 use compose::{Composed, Composer};
@@ -185,6 +184,15 @@ impl Dispatcher {
             return Ok(Step::Idle);
         }
         let n = claimed.len();
+        let (claimed, unreadable): (Vec<_>, Vec<_>) = claimed.into_iter().partition(Result::is_ok);
+        let claimed: Vec<Claimed> = claimed.into_iter().filter_map(Result::ok).collect();
+        for Unreadable { id, reason } in unreadable.into_iter().filter_map(Result::err) {
+            warn!(message_id = id, reason, "Message cannot be read; it fails.");
+            Metrics::inc(&self.app.metrics.messages_failed);
+            let mut settled = Settled::new(id);
+            settled.error = Some(reason);
+            self.recorder.record(&self.app, &self.owner, settled).await;
+        }
         let claimed_in = started.elapsed();
         let oldest = claimed.iter().map(|c| c.created_at).min();
         let ids: Vec<i64> = claimed.iter().map(|c| c.id).collect();
@@ -236,17 +244,21 @@ impl Dispatcher {
         name = "message",
         level = "debug",
         skip_all,
-        fields(message_id = claimed.id, trigger = %claimed.trigger, channel = %claimed.channel)
+        fields(
+            message_id = claimed.id,
+            trigger = claimed.trigger.as_str(),
+            channel = claimed.channel.as_str()
+        )
     )]
     async fn settle(&self, claimed: Claimed, catalog: &Catalog) -> Settled {
-        let trigger = claimed.trigger.clone();
-        let channel = claimed.channel.clone();
+        let trigger = claimed.trigger.as_str();
+        let channel = claimed.channel.as_str();
         let planned_at = claimed.created_at;
         let settled = self.decide(claimed, catalog).await;
         let status = match (settled.status, settled.uncounted) {
-            ("pending", true) => "deferred",
-            ("pending", false) => "retried",
-            (status, _) => status,
+            (Status::Pending, true) => "deferred",
+            (Status::Pending, false) => "retried",
+            (status, _) => status.as_str(),
         };
         let provider = settled.provider.clone().unwrap_or_else(|| "none".into());
         for attempt in &settled.attempts {
@@ -263,7 +275,7 @@ impl Dispatcher {
                 .unwrap_or_default();
             metrics::histogram!(
                 "lifecycle_event_to_send_seconds",
-                "trigger" => trigger.clone(),
+                "trigger" => trigger,
                 "channel" => channel,
             )
             .record(waited.as_secs_f64());
@@ -294,7 +306,7 @@ impl Dispatcher {
                     message_id = c.id,
                     error, "Templates could not be loaded; the message waits."
                 );
-                settled.status = "pending";
+                settled.status = Status::Pending;
                 settled.uncounted = true;
                 settled.retry_at = Some(later(self.app.clock.now(), Duration::from_secs(30)));
                 settled.error = Some(format!("deferred: templates could not be loaded: {error}"));
@@ -315,12 +327,12 @@ impl Dispatcher {
                 .settings
                 .program
                 .holdout_percent
-                .holds_out(&c.member_id, &c.trigger)
+                .holds_out(&c.member_id, c.trigger.as_str())
         {
             // The trigger's control group: everything a send checks was checked, and the
             // moment it would have gone is kept for the report.
             debug!(message_id = c.id, "Message held out (control group).");
-            settled.status = "held_out";
+            settled.status = Status::HeldOut;
             settled.sent_at = Some(self.app.clock.now());
             return settled;
         }
@@ -329,7 +341,7 @@ impl Dispatcher {
             Ok(None) => {}
             Ok(Some((until, reason))) => {
                 debug!(message_id = c.id, until = %until, reason, "Message deferred.");
-                settled.status = "pending";
+                settled.status = Status::Pending;
                 settled.uncounted = true;
                 settled.retry_at = Some(until);
                 settled.error = Some(format!("deferred: {reason}"));
@@ -341,7 +353,7 @@ impl Dispatcher {
                     error = format!("{error:#}"),
                     "Checking the cap failed."
                 );
-                settled.status = "pending";
+                settled.status = Status::Pending;
                 settled.uncounted = true;
                 settled.retry_at = Some(later(self.app.clock.now(), Duration::from_secs(30)));
                 settled.error = Some("deferred: the marketing cap could not be checked".into());
@@ -369,7 +381,7 @@ impl Dispatcher {
     fn suppressed(&self, mut settled: Settled, reason: String) -> Settled {
         debug!(message_id = settled.id, reason, "Message suppressed.");
         Metrics::inc(&self.app.metrics.messages_suppressed);
-        settled.status = "suppressed";
+        settled.status = Status::Suppressed;
         settled.attempts.push(Attempt {
             provider: "policy",
             outcome: "suppressed",
@@ -383,7 +395,7 @@ impl Dispatcher {
     fn is_marketing(&self, c: &Claimed) -> bool {
         !c.test
             && self.app.settings.dispatch.marketing_cap_hours > 0
-            && Trigger::parse(&c.trigger).is_some_and(policy::is_marketing)
+            && policy::is_marketing(c.trigger)
     }
 
     /// Until when the message must wait, and why, if it may not go now: quiet hours for SMS,
@@ -400,12 +412,14 @@ impl Dispatcher {
             return Ok(None);
         }
         if outgoing.channel == Channel::Sms {
-            let quiet = crate::domain::TimeZone::parse(&c.timezone)
-                .ok()
-                .and_then(|tz| {
-                    let until = self.app.settings.dispatch.quiet_hours.until(tz.tz(), now)?;
-                    Some((until, format!("quiet hours in {}", tz.name())))
-                });
+            let tz = c.timezone;
+            let quiet = self
+                .app
+                .settings
+                .dispatch
+                .quiet_hours
+                .until(tz.tz(), now)
+                .map(|until| (until, format!("quiet hours in {}", tz.name())));
             if quiet.is_some() {
                 return Ok(quiet);
             }
@@ -416,7 +430,7 @@ impl Dispatcher {
         let hours = self.app.settings.dispatch.marketing_cap_hours;
         let until = later(now, Duration::from_secs(u64::from(hours) * 3600));
         let taken =
-            outbox::reserve_cap(&self.app.pool, &c.member_id, &c.channel, c.id, now, until).await?;
+            outbox::reserve_cap(&self.app.pool, &c.member_id, c.channel, c.id, now, until).await?;
         Ok(taken.err().map(|held| {
             (
                 held,
@@ -565,14 +579,14 @@ impl Dispatcher {
                 reference,
             } => {
                 Metrics::inc(&self.app.metrics.messages_sent);
-                settled.status = "sent";
+                settled.status = Status::Sent;
                 settled.sent_at = Some(now);
                 settled.provider = Some(provider.to_owned());
                 settled.provider_ref = Some(reference);
             }
             Outcome::Paused => {
                 // Every provider's circuit is open: wait for a cooldown, without an attempt.
-                settled.status = "pending";
+                settled.status = Status::Pending;
                 settled.uncounted = true;
                 settled.error =
                     Some("every provider of the channel is paused (circuit open)".into());
@@ -586,7 +600,7 @@ impl Dispatcher {
                 settled.error = Some(failure.to_string());
                 if !any_transient || c.attempt >= d.max_attempts {
                     Metrics::inc(&self.app.metrics.messages_failed);
-                    settled.status = "failed";
+                    settled.status = Status::Failed;
                 } else {
                     Metrics::inc(&self.app.metrics.messages_retried);
                     let backoff = Duration::from_millis(
@@ -598,7 +612,7 @@ impl Dispatcher {
                     let delay = failure
                         .retry_after()
                         .map_or(jittered, |asked| asked.max(jittered));
-                    settled.status = "pending";
+                    settled.status = Status::Pending;
                     settled.retry_at = Some(later(now, delay));
                 }
             }

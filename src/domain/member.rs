@@ -6,9 +6,9 @@ use chrono::{DateTime, Utc};
 use super::points::Points;
 use super::{Birthday, Consent, Email, Locale, MemberId, Phone, TimeZone};
 
-/// A member as the ledger knows them.
+/// A member as `member.enrolled` describes them, and as the ledger keeps them.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Member {
+pub struct Profile {
     /// Who.
     pub member_id: MemberId,
     /// Email address, if any.
@@ -21,10 +21,18 @@ pub struct Member {
     pub locale: Locale,
     /// Zone of quiet hours and birthdays.
     pub timezone: TimeZone,
-    /// Birthday, if known.
+    /// Birthday, if given.
     pub birthday: Option<Birthday>,
     /// Consent per channel.
     pub consent: Consent,
+}
+
+/// A member as the ledger knows them: the profile the platform last sent, and since when they
+/// are a member.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Member {
+    /// What the platform said of them.
+    pub profile: Profile,
     /// When they first enrolled (business time).
     pub enrolled_at: DateTime<Utc>,
 }

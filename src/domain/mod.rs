@@ -11,7 +11,7 @@ mod time;
 mod trigger;
 
 pub use cart::CartState;
-pub use member::{Member, MemberState};
+pub use member::{Member, MemberState, Profile};
 pub use parse::parsed;
 pub use time::{Instant, QuietHours, local_instant};
 pub use trigger::{Trigger, dedupe_key};

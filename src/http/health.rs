@@ -51,7 +51,7 @@ pub(super) async fn ready(State(app): State<App>) -> Response {
     );
     // The database's error text names hosts, users and databases: it goes to the log, and
     // /readyz, which anyone may read, says only that the database is down.
-    let database = sqlx::query("select 1").execute(&app.pool).await;
+    let database = sqlx::query_scalar!("select 1").fetch_one(&app.pool).await;
     if let Err(error) = &database {
         tracing::warn!(
             error = crate::mask::text(&error.to_string()),

@@ -80,17 +80,9 @@ async fn recipient_of(app: &App, token: &str) -> Result<Option<Recipient>, sqlx:
     let Some(named) = app.tokens.verify(token) else {
         return Ok(None);
     };
-    let row: Option<(String, Option<String>, String)> = sqlx::query_as(
-        "select mem.member_id, coalesce(msg.recipient, mem.email), mem.locale
-         from members mem
-         left join messages msg
-                on msg.id = $2 and msg.member_id = mem.member_id and msg.channel = 'email'
-         where mem.member_id = $1",
-    )
-    .bind(named.member.as_str())
-    .bind(named.message_id)
-    .fetch_optional(&app.pool)
-    .await?;
+    let row =
+        crate::outbox::unsubscribed_address(&app.pool, named.member.as_str(), named.message_id)
+            .await?;
     Ok(row.map(|(member, email, locale)| Recipient {
         member,
         email,

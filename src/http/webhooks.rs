@@ -143,13 +143,7 @@ pub(super) async fn twilio_status(
         .filter(char::is_ascii_alphanumeric)
         .take(32)
         .collect();
-    let updated = sqlx::query(
-        "update messages set provider_status = $2 where provider = 'twilio' and provider_ref = $1",
-    )
-    .bind(sid)
-    .bind(&status)
-    .execute(&app.pool)
-    .await;
+    let updated = crate::outbox::set_provider_status(&app.pool, sid, &status).await;
     match updated {
         Ok(_) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => {

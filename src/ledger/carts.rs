@@ -192,25 +192,6 @@ pub(super) async fn save(conn: &mut PgConnection, carts: &[&CartState]) -> Resul
     Ok(())
 }
 
-/// Cancels messages of these outbox keys that have not been claimed yet.
-pub(super) async fn cancel_pending(
-    conn: &mut PgConnection,
-    keys: &[String],
-) -> Result<(), sqlx::Error> {
-    if keys.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        "update messages set status = 'cancelled', finished_at = now(),
-                last_error = 'the cart changed before the message went'
-         where dedupe_key = any($1) and status = 'pending'",
-    )
-    .bind(keys)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,16 +12,9 @@ use crate::event::{Profile, ProfileChanges};
 
 impl Member {
     /// The member a `member.enrolled` describes.
-    pub fn enrolled(p: &Profile, enrolled_at: DateTime<Utc>) -> Member {
+    pub fn enrolled(profile: &Profile, enrolled_at: DateTime<Utc>) -> Member {
         Member {
-            member_id: p.member_id.clone(),
-            email: p.email.clone(),
-            phone: p.phone.clone(),
-            first_name: p.first_name.clone(),
-            locale: p.locale.clone(),
-            timezone: p.timezone,
-            birthday: p.birthday,
-            consent: p.consent,
+            profile: profile.clone(),
             enrolled_at,
         }
     }
@@ -29,26 +22,27 @@ impl Member {
     /// This member with a `member.updated`'s changes.
     pub fn updated(&self, c: &ProfileChanges) -> Member {
         let mut m = self.clone();
+        let p = &mut m.profile;
         if let Some(email) = &c.email {
-            m.email = email.clone();
+            p.email = email.clone();
         }
         if let Some(phone) = &c.phone {
-            m.phone = phone.clone();
+            p.phone = phone.clone();
         }
         if let Some(first_name) = &c.first_name {
-            m.first_name = first_name.clone();
+            p.first_name = first_name.clone();
         }
         if let Some(locale) = &c.locale {
-            m.locale = locale.clone();
+            p.locale = locale.clone();
         }
         if let Some(timezone) = c.timezone {
-            m.timezone = timezone;
+            p.timezone = timezone;
         }
         if let Some(birthday) = c.birthday {
-            m.birthday = birthday;
+            p.birthday = birthday;
         }
-        m.consent.email = c.consent_email.unwrap_or(m.consent.email);
-        m.consent.sms = c.consent_sms.unwrap_or(m.consent.sms);
+        p.consent.email = c.consent_email.unwrap_or(p.consent.email);
+        p.consent.sms = c.consent_sms.unwrap_or(p.consent.sms);
         m
     }
 }
@@ -97,7 +91,10 @@ pub(super) async fn load(
     rows.iter()
         .map(|row| {
             let member = from_row(row).map_err(|e| sqlx::Error::Decode(e.into()))?;
-            Ok((member.member_id.clone(), (member, row.get("lifetime"))))
+            Ok((
+                member.profile.member_id.clone(),
+                (member, row.get("lifetime")),
+            ))
         })
         .collect()
 }
@@ -114,7 +111,7 @@ pub(crate) fn from_row(row: &sqlx::postgres::PgRow) -> Result<Member, crate::dom
         (Some(m), Some(d), Some(y)) => Some(Birthday::parse(&format!("{y:04}-{m:02}-{d:02}"))?),
         _ => None,
     };
-    Ok(Member {
+    let profile = Profile {
         member_id: MemberId::parse(&row.get::<String, _>("member_id"))?,
         email: text("email").as_deref().map(Email::parse).transpose()?,
         phone: text("phone").as_deref().map(Phone::parse).transpose()?,
@@ -126,6 +123,9 @@ pub(crate) fn from_row(row: &sqlx::postgres::PgRow) -> Result<Member, crate::dom
             email: row.get("consent_email"),
             sms: row.get("consent_sms"),
         },
+    };
+    Ok(Member {
+        profile,
         enrolled_at: row.get("enrolled_at"),
     })
 }
@@ -162,17 +162,17 @@ pub(super) async fn save(
         Vec::with_capacity(n),
     );
     for m in &members {
-        ids.push(m.member_id.as_str());
-        emails.push(m.email.as_ref().map(Email::as_str));
-        phones.push(m.phone.as_ref().map(Phone::as_str));
-        names.push(m.first_name.as_deref());
-        locales.push(m.locale.as_str());
-        zones.push(m.timezone.name());
-        months.push(m.birthday.map(|b| b.month() as i16));
-        days.push(m.birthday.map(|b| b.day() as i16));
-        years.push(m.birthday.and_then(|b| b.year()).map(|y| y as i16));
-        consent_email.push(m.consent.email);
-        consent_sms.push(m.consent.sms);
+        ids.push(m.profile.member_id.as_str());
+        emails.push(m.profile.email.as_ref().map(Email::as_str));
+        phones.push(m.profile.phone.as_ref().map(Phone::as_str));
+        names.push(m.profile.first_name.as_deref());
+        locales.push(m.profile.locale.as_str());
+        zones.push(m.profile.timezone.name());
+        months.push(m.profile.birthday.map(|b| b.month() as i16));
+        days.push(m.profile.birthday.map(|b| b.day() as i16));
+        years.push(m.profile.birthday.and_then(|b| b.year()).map(|y| y as i16));
+        consent_email.push(m.profile.consent.email);
+        consent_sms.push(m.profile.consent.sms);
         enrolled.push(m.enrolled_at);
     }
     sqlx::query(

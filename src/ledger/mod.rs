@@ -22,7 +22,10 @@ pub use store::OrderRecord;
 
 use crate::domain::points::{Entry, EntryKind, OrderPoints, Points};
 use crate::domain::{MemberId, quoted};
-use crate::event::{Event, EventKind};
+use crate::event::{
+    Adjustment, Cart, CartRef, Event, EventKind, Feedback, Order, Profile, Redemption, Refund,
+};
+use crate::outbox;
 use crate::program::Program;
 use crate::triggers::{self, Planned};
 
@@ -110,197 +113,58 @@ fn apply(state: &mut State, event: &Event, program: &Program, now: DateTime<Utc>
         entries.extend(m.points.expire(now, program.tier_window_months));
         m
     });
-    let mut order = None;
-    let mut cart = None;
-    let mut feedback = None;
-    // Carts order their events by when they happened (never later than now).
-    let happened = event.time.map_or(now, |t| t.min(now));
+    let mut a = Applying {
+        state,
+        member_id,
+        program,
+        now,
+        // Carts order their events by when they happened (never later than now).
+        happened: event.time.map_or(now, |t| t.min(now)),
+        entries,
+        order: None,
+        cart: None,
+        feedback: None,
+    };
     let after = match (&event.kind, &before) {
-        (EventKind::MemberEnrolled(profile), Some(before)) => {
-            // A second enrolment updates the profile; the bonus was given once.
-            MemberState {
-                member: Member::enrolled(profile, before.member.enrolled_at),
-                points: before.points.clone(),
-            }
-        }
-        (EventKind::MemberEnrolled(profile), None) => {
-            let mut points = Points::default();
-            entries.extend(points.earn(
-                EntryKind::Signup,
-                program.signup_bonus,
-                now,
-                program.expiry_months,
-            ));
-            MemberState {
-                member: Member::enrolled(profile, now),
-                points,
-            }
-        }
-        (_, None) => return Verdict::Deferred(format!("member {member_id} is not enrolled yet")),
-        (EventKind::MemberUpdated(changes), Some(before)) => MemberState {
+        (EventKind::MemberEnrolled(profile), before) => Ok(a.enrolled(profile, before.as_ref())),
+        (_, None) => Err(Refusal::Deferred(format!(
+            "member {member_id} is not enrolled yet"
+        ))),
+        (EventKind::MemberUpdated(changes), Some(before)) => Ok(MemberState {
             member: before.member.updated(changes),
             points: before.points.clone(),
-        },
-        (EventKind::OrderPlaced(placed), Some(before)) => {
-            let mut after = before.clone();
-            // An order id seen before (republished under a new event id) earns nothing again.
-            if !state.orders.contains_key(placed.order_id.as_str()) {
-                let earned = program.earned(placed.total);
-                entries.extend(after.points.earn(
-                    EntryKind::Order,
-                    earned,
-                    now,
-                    program.expiry_months,
-                ));
-                order = Some(OrderRecord {
-                    order_id: placed.order_id.to_string(),
-                    member_id: member_id.clone(),
-                    currency: placed.total.currency.code().to_owned(),
-                    points: OrderPoints {
-                        total_minor: placed.total.minor,
-                        earned,
-                        refunded_minor: 0,
-                        reversed: 0,
-                    },
-                    cart_id: placed.cart_id.as_ref().map(ToString::to_string),
-                    // When the platform says it was placed: reports count it in its period.
-                    placed_at: happened,
-                    skus: {
-                        let mut skus: Vec<String> =
-                            placed.items.iter().map(|i| i.sku.clone()).collect();
-                        skus.sort_unstable();
-                        skus.dedup();
-                        skus
-                    },
-                });
-            }
-            // The order checks its cart out. A cart id of another member's cart is the
-            // platform's mistake; the order still earns, the cart is left alone.
-            if let Some(cart_id) = &placed.cart_id {
-                let existing = state.carts.get(cart_id.as_str());
-                cart = CartState::closed(existing, cart_id.as_str(), member_id, happened)
-                    .ok()
-                    .flatten();
-            }
-            after
-        }
-        (EventKind::OrderRefunded(refund), Some(before)) => {
-            let Some(record) = state.orders.get(refund.order_id.as_str()) else {
-                return Verdict::Deferred(format!("order {} is not known yet", refund.order_id));
-            };
-            if &record.member_id != member_id {
-                return Verdict::Rejected(format!(
-                    "order {} belongs to another member",
-                    refund.order_id
-                ));
-            }
-            if record.currency != refund.amount.currency.code() {
-                return Verdict::Rejected(format!(
-                    "refund in {} of order {} placed in {}",
-                    refund.amount.currency.code(),
-                    refund.order_id,
-                    quoted(&record.currency)
-                ));
-            }
-            let mut after = before.clone();
-            let (entry, points) = after
-                .points
-                .reverse(record.points, refund.amount.minor, now);
-            entries.extend(entry);
-            order = Some(OrderRecord {
-                points,
-                ..record.clone()
-            });
-            after
-        }
+        }),
+        (EventKind::OrderPlaced(placed), Some(before)) => Ok(a.order_placed(placed, before)),
+        (EventKind::OrderRefunded(refund), Some(before)) => a.order_refunded(refund, before),
         (EventKind::PointsAdjusted(adjustment), Some(before)) => {
-            let mut after = before.clone();
-            if adjustment.points > 0 {
-                entries.extend(after.points.earn(
-                    EntryKind::Adjustment,
-                    adjustment.points,
-                    now,
-                    program.expiry_months,
-                ));
-            } else {
-                match after
-                    .points
-                    .spend(EntryKind::Adjustment, -adjustment.points, now)
-                {
-                    Ok(entry) => entries.push(entry),
-                    Err(overdraft) => {
-                        return Verdict::Deferred(format!("adjustment refused: {overdraft}"));
-                    }
-                }
-            }
-            after
+            a.points_adjusted(adjustment, before)
         }
         (EventKind::PointsRedeemed(redemption), Some(before)) => {
-            let mut after = before.clone();
-            match after
-                .points
-                .spend(EntryKind::Redemption, redemption.points, now)
-            {
-                Ok(entry) => entries.push(entry),
-                Err(overdraft) => {
-                    return Verdict::Deferred(format!("redemption refused: {overdraft}"));
-                }
-            }
-            after
+            a.points_redeemed(redemption, before)
         }
         (EventKind::CartUpdated(update), Some(before)) => {
-            let existing = state.carts.get(update.cart_id.as_str());
-            let delay = chrono::Duration::minutes(i64::from(program.abandoned_cart_minutes));
-            match CartState::updated(existing, update, happened, delay) {
-                Ok(changed) => cart = changed,
-                Err(reason) => return Verdict::Rejected(reason),
-            }
-            before.clone()
+            a.cart_updated(update).map(|()| before.clone())
         }
         (EventKind::FeedbackSubmitted(answer), Some(before)) => {
-            let mut after = before.clone();
-            let mut points = 0;
-            if let Some(order_id) = &answer.order_id {
-                let Some(record) = state.orders.get(order_id.as_str()) else {
-                    return Verdict::Deferred(format!("order {order_id} is not known yet"));
-                };
-                if &record.member_id != member_id {
-                    return Verdict::Rejected(format!(
-                        "order {order_id} belongs to another member"
-                    ));
-                }
-                // Once per order, however often the member answers about it.
-                if program.feedback_points > 0
-                    && state.feedback_rewarded.insert(order_id.to_string())
-                {
-                    points = program.feedback_points;
-                    entries.extend(after.points.earn(
-                        EntryKind::Feedback,
-                        points,
-                        now,
-                        program.expiry_months,
-                    ));
-                }
-            }
-            feedback = Some(FeedbackRecord {
-                member_id: member_id.clone(),
-                order_id: answer.order_id.as_ref().map(ToString::to_string),
-                score: i16::from(answer.score),
-                comment: answer.comment.clone(),
-                points,
-                at: happened,
-            });
-            after
+            a.feedback_submitted(answer, before)
         }
         (EventKind::CartCheckedOut(checkout), Some(before)) => {
-            let existing = state.carts.get(checkout.cart_id.as_str());
-            match CartState::closed(existing, checkout.cart_id.as_str(), member_id, happened) {
-                Ok(changed) => cart = changed,
-                Err(reason) => return Verdict::Rejected(reason),
-            }
-            before.clone()
+            a.cart_checked_out(checkout).map(|()| before.clone())
         }
     };
+    let after = match after {
+        Ok(after) => after,
+        Err(Refusal::Deferred(reason)) => return Verdict::Deferred(reason),
+        Err(Refusal::Rejected(reason)) => return Verdict::Rejected(reason),
+    };
+    let Applying {
+        state,
+        entries,
+        order,
+        cart,
+        feedback,
+        ..
+    } = a;
     if let Some(cart) = &cart {
         state.carts.insert(cart.cart_id.clone(), cart.clone());
     }
@@ -315,6 +179,229 @@ fn apply(state: &mut State, event: &Event, program: &Program, now: DateTime<Utc>
         order,
         cart,
         feedback,
+    }
+}
+
+/// Why an event changes nothing: it is early (deferred), or wrong (rejected).
+enum Refusal {
+    Deferred(String),
+    Rejected(String),
+}
+
+/// One event being applied: what it reads, and what it changed so far. Each kind of event has
+/// its method, which returns the member after the event, or the verdict that stops it
+/// (deferred, rejected) with nothing changed.
+struct Applying<'a> {
+    state: &'a mut State,
+    member_id: &'a MemberId,
+    program: &'a Program,
+    now: DateTime<Utc>,
+    /// When the event happened, never later than now.
+    happened: DateTime<Utc>,
+    /// Journal entries, expiries first.
+    entries: Vec<Entry>,
+    order: Option<OrderRecord>,
+    cart: Option<CartState>,
+    feedback: Option<FeedbackRecord>,
+}
+
+impl Applying<'_> {
+    /// Earns `points` of `kind` for `member`, journalled.
+    fn earn(&mut self, member: &mut MemberState, kind: EntryKind, points: i64) {
+        let (now, months) = (self.now, self.program.expiry_months);
+        self.entries
+            .extend(member.points.earn(kind, points, now, months));
+    }
+
+    /// An enrolment; a second one updates the profile (the bonus was given once).
+    fn enrolled(&mut self, profile: &Profile, before: Option<&MemberState>) -> MemberState {
+        if let Some(before) = before {
+            return MemberState {
+                member: Member::enrolled(profile, before.member.enrolled_at),
+                points: before.points.clone(),
+            };
+        }
+        let mut after = MemberState {
+            member: Member::enrolled(profile, self.now),
+            points: Points::default(),
+        };
+        self.earn(&mut after, EntryKind::Signup, self.program.signup_bonus);
+        after
+    }
+
+    /// An order earns its points once (an order id republished under a new event id earns
+    /// nothing again), and checks its cart out.
+    fn order_placed(&mut self, placed: &Order, before: &MemberState) -> MemberState {
+        let mut after = before.clone();
+        if !self.state.orders.contains_key(placed.order_id.as_str()) {
+            let earned = self.program.earned(placed.total);
+            self.earn(&mut after, EntryKind::Order, earned);
+            let mut skus: Vec<String> = placed.items.iter().map(|i| i.sku.clone()).collect();
+            skus.sort_unstable();
+            skus.dedup();
+            self.order = Some(OrderRecord {
+                order_id: placed.order_id.to_string(),
+                member_id: self.member_id.clone(),
+                currency: placed.total.currency.code().to_owned(),
+                points: OrderPoints {
+                    total_minor: placed.total.minor,
+                    earned,
+                    refunded_minor: 0,
+                    reversed: 0,
+                },
+                cart_id: placed.cart_id.as_ref().map(ToString::to_string),
+                // When the platform says it was placed: reports count it in its period.
+                placed_at: self.happened,
+                skus,
+            });
+        }
+        // A cart id of another member's cart is the platform's mistake; the order still
+        // earns, the cart is left alone.
+        if let Some(cart_id) = &placed.cart_id {
+            let existing = self.state.carts.get(cart_id.as_str());
+            self.cart =
+                CartState::closed(existing, cart_id.as_str(), self.member_id, self.happened)
+                    .ok()
+                    .flatten();
+        }
+        after
+    }
+
+    /// A refund takes back the points its amount earned, in the order's currency.
+    fn order_refunded(
+        &mut self,
+        refund: &Refund,
+        before: &MemberState,
+    ) -> Result<MemberState, Refusal> {
+        let record = self.known_order(refund.order_id.as_str())?;
+        if record.currency != refund.amount.currency.code() {
+            return Err(Refusal::Rejected(format!(
+                "refund in {} of order {} placed in {}",
+                refund.amount.currency.code(),
+                refund.order_id,
+                quoted(&record.currency)
+            )));
+        }
+        let record = record.clone();
+        let mut after = before.clone();
+        let (entry, points) = after
+            .points
+            .reverse(record.points, refund.amount.minor, self.now);
+        self.entries.extend(entry);
+        self.order = Some(OrderRecord { points, ..record });
+        Ok(after)
+    }
+
+    /// The member's order `order_id`: deferred while unknown, rejected when another member's.
+    fn known_order(&self, order_id: &str) -> Result<&OrderRecord, Refusal> {
+        let Some(record) = self.state.orders.get(order_id) else {
+            return Err(Refusal::Deferred(format!(
+                "order {order_id} is not known yet"
+            )));
+        };
+        if &record.member_id != self.member_id {
+            return Err(Refusal::Rejected(format!(
+                "order {order_id} belongs to another member"
+            )));
+        }
+        Ok(record)
+    }
+
+    /// An adjustment earns, or spends without overdraft.
+    fn points_adjusted(
+        &mut self,
+        adjustment: &Adjustment,
+        before: &MemberState,
+    ) -> Result<MemberState, Refusal> {
+        let mut after = before.clone();
+        if adjustment.points > 0 {
+            self.earn(&mut after, EntryKind::Adjustment, adjustment.points);
+            return Ok(after);
+        }
+        match after
+            .points
+            .spend(EntryKind::Adjustment, -adjustment.points, self.now)
+        {
+            Ok(entry) => self.entries.push(entry),
+            Err(overdraft) => {
+                return Err(Refusal::Deferred(format!(
+                    "adjustment refused: {overdraft}"
+                )));
+            }
+        }
+        Ok(after)
+    }
+
+    /// A redemption spends without overdraft.
+    fn points_redeemed(
+        &mut self,
+        redemption: &Redemption,
+        before: &MemberState,
+    ) -> Result<MemberState, Refusal> {
+        let mut after = before.clone();
+        match after
+            .points
+            .spend(EntryKind::Redemption, redemption.points, self.now)
+        {
+            Ok(entry) => self.entries.push(entry),
+            Err(overdraft) => {
+                return Err(Refusal::Deferred(format!(
+                    "redemption refused: {overdraft}"
+                )));
+            }
+        }
+        Ok(after)
+    }
+
+    /// A cart's new contents (its abandonment timer starts again).
+    fn cart_updated(&mut self, update: &Cart) -> Result<(), Refusal> {
+        let existing = self.state.carts.get(update.cart_id.as_str());
+        let delay = chrono::Duration::minutes(i64::from(self.program.abandoned_cart_minutes));
+        self.cart = CartState::updated(existing, update, self.happened, delay)
+            .map_err(Refusal::Rejected)?;
+        Ok(())
+    }
+
+    /// A cart checked out without an order event.
+    fn cart_checked_out(&mut self, checkout: &CartRef) -> Result<(), Refusal> {
+        let existing = self.state.carts.get(checkout.cart_id.as_str());
+        self.cart = CartState::closed(
+            existing,
+            checkout.cart_id.as_str(),
+            self.member_id,
+            self.happened,
+        )
+        .map_err(Refusal::Rejected)?;
+        Ok(())
+    }
+
+    /// A feedback answer, which earns its points once per order, however often the member
+    /// answers about it.
+    fn feedback_submitted(
+        &mut self,
+        answer: &Feedback,
+        before: &MemberState,
+    ) -> Result<MemberState, Refusal> {
+        let mut after = before.clone();
+        let mut points = 0;
+        if let Some(order_id) = &answer.order_id {
+            self.known_order(order_id.as_str())?;
+            if self.program.feedback_points > 0
+                && self.state.feedback_rewarded.insert(order_id.to_string())
+            {
+                points = self.program.feedback_points;
+                self.earn(&mut after, EntryKind::Feedback, points);
+            }
+        }
+        self.feedback = Some(FeedbackRecord {
+            member_id: self.member_id.clone(),
+            order_id: answer.order_id.as_ref().map(ToString::to_string),
+            score: i16::from(answer.score),
+            comment: answer.comment.clone(),
+            points,
+            at: self.happened,
+        });
+        Ok(after)
     }
 }
 
@@ -440,7 +527,7 @@ async fn apply_locked(
                 outcomes.push(Outcome::Applied {
                     planned: messages.len(),
                 });
-                let member_id = after.member.member_id.clone();
+                let member_id = after.member.profile.member_id.clone();
                 // `before` already has lapsed lots expired, so an expiry alone leaves it equal
                 // to `after` while the stored lots still need writing: the entries tell.
                 if before.as_ref() != Some(&after) || !entries.is_empty() {
@@ -482,7 +569,7 @@ async fn apply_locked(
     store::save_orders(conn, &orders.into_values().collect::<Vec<_>>()).await?;
     let carts: Vec<&CartState> = carts_changed.iter().map(|id| &state.carts[id]).collect();
     carts::save(conn, &carts).await?;
-    carts::cancel_pending(conn, &cancelled).await?;
+    outbox::cancel_pending(conn, &cancelled).await?;
     release_inbox(conn, &not_applied).await?;
     insert_planned(conn, &planned, program).await?;
     save_feedback(conn, &answers).await?;
@@ -581,52 +668,33 @@ async fn insert_planned(
     if planned.is_empty() {
         return Ok(());
     }
-    let mut keys = Vec::with_capacity(planned.len());
-    let mut members = Vec::with_capacity(planned.len());
-    let mut triggers = Vec::with_capacity(planned.len());
-    let mut channels = Vec::with_capacity(planned.len());
-    let mut contexts = Vec::with_capacity(planned.len());
-    let mut due = Vec::with_capacity(planned.len());
-    let mut happened = Vec::with_capacity(planned.len());
-    for (member_id, p, at) in planned {
-        happened.push(*at);
-        keys.push(p.dedupe_key.as_str());
-        members.push(member_id.as_str());
-        triggers.push(p.trigger.as_str());
-        channels.push(p.channel.as_str());
-        contexts.push(p.context.to_string());
-        due.push(p.due_at);
-    }
-    let inserted: Vec<(i64, String, String)> = sqlx::query_as(
-        "insert into messages (dedupe_key, member_id, trigger, channel, context, due_at, event_at)
-         select k, m, t, c, x::jsonb, d, e
-         from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
-                     $7::timestamptz[])
-              as p(k, m, t, c, x, d, e)
-         -- a key whose message retention pruned was sent (or settled) before
-         where not exists (select 1 from retired_keys r where r.dedupe_key = p.k)
-         on conflict (dedupe_key) do nothing
-         returning id, dedupe_key, trigger",
-    )
-    .bind(&keys)
-    .bind(&members)
-    .bind(&triggers)
-    .bind(&channels)
-    .bind(&contexts)
-    .bind(&due)
-    .bind(&happened)
-    .fetch_all(&mut *conn)
-    .await?;
-    for (message_id, key, trigger) in &inserted {
-        tracing::debug!(message_id, dedupe_key = %crate::mask::text(key), "Message stored.");
-        let channel = if key.ends_with(":sms") {
+    let rows: Vec<outbox::Planned> = planned
+        .iter()
+        .map(|(member_id, p, at)| outbox::Planned {
+            dedupe_key: &p.dedupe_key,
+            member_id: member_id.as_str(),
+            trigger: p.trigger,
+            channel: p.channel,
+            context: &p.context,
+            due_at: p.due_at,
+            event_at: *at,
+        })
+        .collect();
+    let inserted = outbox::enqueue(conn, &rows).await?;
+    for message in &inserted {
+        tracing::debug!(
+            message_id = message.id,
+            dedupe_key = %crate::mask::text(&message.dedupe_key),
+            "Message stored."
+        );
+        let channel = if message.dedupe_key.ends_with(":sms") {
             "sms"
         } else {
             "email"
         };
         metrics::counter!(
             "lifecycle_messages_planned_total",
-            "trigger" => trigger.clone(),
+            "trigger" => message.trigger.clone(),
             "channel" => channel,
         )
         .increment(1);
@@ -644,7 +712,8 @@ async fn insert_planned(
             .collect();
         let drawing: Vec<(i64, String, String)> = inserted
             .into_iter()
-            .filter(|(_, key, _)| !held_out.contains(key.as_str()))
+            .filter(|m| !held_out.contains(m.dedupe_key.as_str()))
+            .map(|m| (m.id, m.dedupe_key, m.trigger))
             .collect();
         crate::coupons::draw(conn, program, &drawing).await?;
     }

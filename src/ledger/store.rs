@@ -109,13 +109,13 @@ pub(super) async fn save_points(
                 Some(id) => {
                     kept.insert(id);
                     if loaded.get(&id).map(|(_, remaining)| *remaining) != Some(lot.remaining) {
-                        updated_members.push(m.member.member_id.as_str());
+                        updated_members.push(m.member.profile.member_id.as_str());
                         updated.push(id);
                         updated_remaining.push(lot.remaining);
                     }
                 }
                 None => {
-                    members.push(m.member.member_id.as_str());
+                    members.push(m.member.profile.member_id.as_str());
                     earned.push(lot.earned_at);
                     expires.push(lot.expires_at);
                     points.push(lot.points);
@@ -125,7 +125,10 @@ pub(super) async fn save_points(
         }
     }
     // A stored lot of a changed member that is no longer among its lots was emptied or lapsed.
-    let changed_ids: HashSet<&MemberId> = changed.iter().map(|m| &m.member.member_id).collect();
+    let changed_ids: HashSet<&MemberId> = changed
+        .iter()
+        .map(|m| &m.member.profile.member_id)
+        .collect();
     let (gone_members, gone): (Vec<&str>, Vec<i64>) = loaded
         .iter()
         .filter(|(id, (member, _))| changed_ids.contains(member) && !kept.contains(*id))

@@ -7,7 +7,6 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sqlx::Row;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::app::App;
@@ -374,37 +373,35 @@ pub async fn member_view(app: &App, id: &str, reveal: bool) -> Result<Option<Mem
         return Ok(None);
     };
     let m = &state.member;
-    let email = m.email.as_ref().map(|e| e.to_string());
-    let phone = m.phone.as_ref().map(|p| p.to_string());
-    let suppressions = sqlx::query(
+    let email = m.profile.email.as_ref().map(|e| e.to_string());
+    let phone = m.profile.phone.as_ref().map(|p| p.to_string());
+    let suppressions = sqlx::query!(
         "select channel, reason, source, at from suppressions
          where (channel = 'email' and address = $1) or (channel = 'sms' and address = $2)",
+        email.as_deref(),
+        phone.as_deref()
     )
-    .bind(&email)
-    .bind(&phone)
     .fetch_all(&app.pool)
     .await?
-    .iter()
+    .into_iter()
     .map(|r| {
         serde_json::json!({
-            "channel": r.get::<String, _>("channel"), "reason": r.get::<String, _>("reason"),
-            "source": r.get::<String, _>("source"), "at": r.get::<DateTime<Utc>, _>("at"),
+            "channel": r.channel, "reason": r.reason, "source": r.source, "at": r.at,
         })
     })
     .collect();
-    let journal = sqlx::query(
+    let journal = sqlx::query!(
         "select kind, points, qualifying, at, cause from point_entries
          where member_id = $1 order by at desc, id desc limit 50",
+        id
     )
-    .bind(id)
     .fetch_all(&app.pool)
     .await?
-    .iter()
+    .into_iter()
     .map(|r| {
         serde_json::json!({
-            "kind": r.get::<String, _>("kind"), "points": r.get::<i64, _>("points"),
-            "qualifying": r.get::<i64, _>("qualifying"),
-            "at": r.get::<DateTime<Utc>, _>("at"), "cause": r.get::<String, _>("cause"),
+            "kind": r.kind, "points": r.points, "qualifying": r.qualifying,
+            "at": r.at, "cause": r.cause,
         })
     })
     .collect();
@@ -427,16 +424,16 @@ pub async fn member_view(app: &App, id: &str, reveal: bool) -> Result<Option<Mem
     };
     Ok(Some(Member {
         member_id: id.to_owned(),
-        first_name: m.first_name.clone(),
+        first_name: m.profile.first_name.clone(),
         email: masked("email", email),
         phone: masked("sms", phone),
-        locale: m.locale.as_str().to_owned(),
-        timezone: m.timezone.name().to_owned(),
-        consent: serde_json::json!({"email": m.consent.email, "sms": m.consent.sms}),
+        locale: m.profile.locale.as_str().to_owned(),
+        timezone: m.profile.timezone.name().to_owned(),
+        consent: serde_json::json!({"email": m.profile.consent.email, "sms": m.profile.consent.sms}),
         suppressions,
         balance: state.points.balance(),
         tier: program
-            .tier_name(program.tier_for(tier_points), &m.locale)
+            .tier_name(program.tier_for(tier_points), &m.profile.locale)
             .to_owned(),
         tier_points,
         lots: state
@@ -499,11 +496,12 @@ pub async fn lift(
             "reason: at most {MAX_REASON} characters, without control characters"
         )));
     }
-    let address: Option<Option<String>> = sqlx::query_scalar(
-        "select case $2::text when 'email' then email else phone end from members where member_id = $1",
+    let address: Option<Option<String>> = sqlx::query_scalar!(
+        r#"select case $2::text when 'email' then email else phone end as "address?"
+           from members where member_id = $1"#,
+        &id,
+        channel.as_str()
     )
-    .bind(&id)
-    .bind(channel.as_str())
     .fetch_optional(&app.pool)
     .await?;
     let Some(address) = address else {
@@ -514,15 +512,15 @@ pub async fn lift(
     };
     let lifted = crate::suppress::restore(&app.pool, channel, &address).await?;
     if lifted {
-        sqlx::query(
+        sqlx::query!(
             "insert into suppression_lifts (member_id, channel, address, reason, lifted_by)
              values ($1, $2, $3, $4, $5)",
+            &id,
+            channel.as_str(),
+            &address,
+            reason,
+            &who.user.name
         )
-        .bind(&id)
-        .bind(channel.as_str())
-        .bind(&address)
-        .bind(reason)
-        .bind(&who.user.name)
         .execute(&app.pool)
         .await?;
     }

@@ -12,8 +12,9 @@ use utoipa::ToSchema;
 use crate::app::App;
 use crate::config::TestRecipient;
 use crate::domain::Trigger;
-use crate::domain::{Email, Phone};
+use crate::domain::{Channel, Email, Phone};
 use crate::http::auth::{ApiError, Authed};
+use crate::outbox;
 use crate::render::{self, FileError};
 use crate::template_store::{Files, Pair, Version};
 use crate::users::{Role, User};
@@ -392,7 +393,7 @@ pub async fn queue_test(
         asked => asked,
     };
     let allowed = &app.settings.console.test_recipients;
-    let mut targets: Vec<(&str, String)> = Vec::new();
+    let mut targets: Vec<(Channel, String)> = Vec::new();
     if let Some(email) = email {
         if own.email.as_ref() != Some(&email)
             && !allowed.contains(&TestRecipient::Email(email.to_string()))
@@ -402,7 +403,7 @@ pub async fn queue_test(
                 email.masked()
             )));
         }
-        targets.push(("email", email.to_string()));
+        targets.push((Channel::Email, email.to_string()));
     }
     if let Some(phone) = phone {
         if own.phone.as_ref() != Some(&phone)
@@ -413,7 +414,7 @@ pub async fn queue_test(
                 phone.masked()
             )));
         }
-        targets.push(("sms", phone.to_string()));
+        targets.push((Channel::Sms, phone.to_string()));
     }
     if targets.is_empty() {
         return Err(unprocessable(
@@ -430,13 +431,7 @@ pub async fn queue_test(
         .bind(&user.name)
         .execute(&mut *tx)
         .await?;
-    let sent: i64 = sqlx::query_scalar(
-        "select count(*) from messages
-         where test and test_by = $1 and created_at > now() - interval '1 hour'",
-    )
-    .bind(&user.name)
-    .fetch_one(&mut *tx)
-    .await?;
+    let sent = outbox::test_sends_last_hour(&mut tx, &user.name).await?;
     if sent + targets.len() as i64 > limit {
         return Err(ApiError::too_many(
             format!(
@@ -445,33 +440,36 @@ pub async fn queue_test(
             std::time::Duration::from_secs(600),
         ));
     }
-    let mut ids = Vec::new();
-    for (channel, to) in targets {
-        let id: i64 = sqlx::query_scalar(
-            "insert into messages (dedupe_key, member_id, trigger, channel, context, due_at,
-                                   test, template_version, test_locale, test_to, test_by)
-             values ($1, $2, $3, $4, $5, $6, true, $7, $8, $9, $10)
-             returning id",
-        )
-        // Its own key: a test never takes the trigger's.
-        .bind(format!(
-            "test:{}:{}:{channel}",
-            trigger.as_str(),
-            crate::users::random_secret(12)
-        ))
-        .bind(member.unwrap_or(""))
-        .bind(trigger.as_str())
-        .bind(channel)
-        .bind(&context)
-        .bind(app.clock.now())
-        .bind(version)
-        .bind(locale)
-        .bind(to)
-        .bind(&user.name)
-        .fetch_one(&mut *tx)
-        .await?;
-        ids.push(id);
-    }
+    let keys: Vec<String> = targets
+        .iter()
+        .map(|(channel, _)| {
+            // Its own key: a test never takes the trigger's.
+            format!(
+                "test:{}:{}:{}",
+                trigger.as_str(),
+                crate::users::random_secret(12),
+                channel.as_str()
+            )
+        })
+        .collect();
+    let now = app.clock.now();
+    let sends: Vec<outbox::TestSend> = targets
+        .iter()
+        .zip(&keys)
+        .map(|((channel, to), key)| outbox::TestSend {
+            dedupe_key: key,
+            member_id: member.unwrap_or(""),
+            trigger,
+            channel: *channel,
+            context: &context,
+            due_at: now,
+            version,
+            locale,
+            to: Some(to),
+            by: &user.name,
+        })
+        .collect();
+    let ids = outbox::enqueue_tests(&mut tx, &sends).await?;
     tx.commit().await?;
     tracing::info!(
         user = user.name,

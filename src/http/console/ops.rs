@@ -304,7 +304,7 @@ async fn message_page(
         &MessagePage {
             user: Some(session.user.name),
             csrf: Some(session.csrf),
-            can_retry: ops && d.message.status == "failed",
+            can_retry: ops && d.message.status == crate::outbox::Status::Failed,
             notice: notice(query.done.as_deref(), query.of.as_deref()),
             subject: field("subject"),
             html: field("html"),

@@ -7,18 +7,18 @@
 
 use std::time::{Duration, SystemTime};
 
-use lifecycle::domain::Trigger;
-use lifecycle::render::Templates;
+use lifecycle::testkit::domain::Trigger;
+use lifecycle::testkit::render::Templates;
 
 /// The event decoder, and masking of whatever text it refuses.
 pub fn event(data: &[u8]) {
-    match lifecycle::event::parse(data, 1 << 20) {
+    match lifecycle::testkit::event::parse(data, 1 << 20) {
         Ok(event) => {
             assert!(!event.id.as_str().is_empty());
         }
         Err(rejection) => {
             assert!(!rejection.0.is_empty(), "a refusal says why");
-            assert_no_address(&lifecycle::mask::text(&rejection.0));
+            assert_no_address(&lifecycle::testkit::mask::text(&rejection.0));
         }
     }
 }
@@ -28,7 +28,7 @@ fn assert_no_address(masked: &str) {
     let words = masked.split(|c: char| c.is_whitespace() || "\"'<>(),;:[]{}`".contains(c));
     for word in words.filter(|w| w.contains('@') && !w.contains("***@")) {
         assert!(
-            lifecycle::domain::Email::parse(word).is_err(),
+            lifecycle::testkit::domain::Email::parse(word).is_err(),
             "an address survived masking: {word:?} in {masked:?}"
         );
     }
@@ -63,7 +63,7 @@ pub fn templates(data: &[u8]) {
         }
     }
     let context: serde_json::Value = serde_json::from_str(&context)
-        .unwrap_or_else(|_| lifecycle::render::sample_context(Trigger::Welcome));
+        .unwrap_or_else(|_| lifecycle::testkit::render::sample_context(Trigger::Welcome));
     if let Ok(templates) = Templates::from_sources(sources) {
         if let Ok(email) = templates.render_email(Trigger::Welcome, "en", &context) {
             assert!(
@@ -96,15 +96,15 @@ static SHIPPED: std::sync::OnceLock<Templates> = std::sync::OnceLock::new();
 /// The parsers of addresses, numbers, locales and ids, and masking.
 pub fn addresses(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
-    if let Ok(email) = lifecycle::domain::Email::parse(&text) {
+    if let Ok(email) = lifecycle::testkit::domain::Email::parse(&text) {
         assert!(email.masked().contains("***@"));
     }
-    if let Ok(phone) = lifecycle::domain::Phone::parse(&text) {
+    if let Ok(phone) = lifecycle::testkit::domain::Phone::parse(&text) {
         assert!(phone.masked().contains('*'));
     }
-    let _ = lifecycle::domain::Locale::parse(&text);
-    let _ = lifecycle::domain::MemberId::parse(&text);
-    let masked = lifecycle::mask::text(&text);
+    let _ = lifecycle::testkit::domain::Locale::parse(&text);
+    let _ = lifecycle::testkit::domain::MemberId::parse(&text);
+    let masked = lifecycle::testkit::mask::text(&text);
     assert_no_address(&masked);
     let mut run = 0;
     for c in masked.chars() {
@@ -117,14 +117,14 @@ pub fn addresses(data: &[u8]) {
 pub fn retry_after(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
-    let Some(asked) = lifecycle::dispatch::providers::parse_retry_after(&text, now) else {
+    let Some(asked) = lifecycle::testkit::dispatch::providers::parse_retry_after(&text, now) else {
         return;
     };
-    let failure = lifecycle::dispatch::Failure::transient(Some(asked), "429");
+    let failure = lifecycle::testkit::dispatch::Failure::transient(Some(asked), "429");
     let capped = failure.retry_after().unwrap();
-    assert!(capped <= lifecycle::dispatch::providers::MAX_RETRY_AFTER);
+    assert!(capped <= lifecycle::testkit::dispatch::providers::MAX_RETRY_AFTER);
     let start: chrono::DateTime<chrono::Utc> = "2026-11-22T10:00:00Z".parse().unwrap();
-    let at = lifecycle::dispatch::later(start, asked);
+    let at = lifecycle::testkit::dispatch::later(start, asked);
     assert!(at >= start && at <= start + chrono::Duration::days(1));
-    let _ = lifecycle::dispatch::later(chrono::DateTime::<chrono::Utc>::MAX_UTC, asked);
+    let _ = lifecycle::testkit::dispatch::later(chrono::DateTime::<chrono::Utc>::MAX_UTC, asked);
 }

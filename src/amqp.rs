@@ -10,9 +10,9 @@ use tracing::warn;
 use crate::config::{AmqpUrl, Settings};
 
 /// Header that carries a dead letter's reason.
-pub const ERROR_HEADER: &str = "x-lifecycle-error";
+pub(crate) const ERROR_HEADER: &str = "x-lifecycle-error";
 /// Header that counts how often an early event went through the retry queue.
-pub const RETRIES_HEADER: &str = "x-lifecycle-retries";
+pub(crate) const RETRIES_HEADER: &str = "x-lifecycle-retries";
 /// Routing-key patterns that bind the input queue to the exchange.
 const BINDINGS: [&str; 5] = ["member.#", "order.#", "cart.#", "points.#", "feedback.#"];
 
@@ -164,7 +164,7 @@ async fn declare_queue(
 
 /// Awaits a broker call made while closing, for at most 5 s: its answer does not matter, and
 /// a broker that never gives one must not keep a worker from stopping.
-pub async fn bounded<T>(call: impl std::future::Future<Output = T>) {
+pub(crate) async fn bounded<T>(call: impl std::future::Future<Output = T>) {
     tokio::time::timeout(std::time::Duration::from_secs(5), call)
         .await
         .ok();

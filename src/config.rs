@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 /// The shortest `LIFECYCLE_ADMIN_TOKEN` accepted: it opens everything, so it must not be
 /// guessable.
-pub const MIN_ADMIN_TOKEN: usize = 32;
+pub(crate) const MIN_ADMIN_TOKEN: usize = 32;
 
 /// Prefix of every environment variable that overlays the file.
 const ENV_PREFIX: &str = "LIFECYCLE_";

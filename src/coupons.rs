@@ -18,7 +18,7 @@ use tracing::warn;
 use crate::program::Program;
 
 /// Draws that found their pool at or below the low-water mark.
-pub static POOL_LOW: AtomicU64 = AtomicU64::new(0);
+pub(crate) static POOL_LOW: AtomicU64 = AtomicU64::new(0);
 /// Messages planned without a code because their pool was empty.
 pub static POOL_EMPTY: AtomicU64 = AtomicU64::new(0);
 
@@ -27,7 +27,7 @@ const MAX_CODE: usize = 64;
 
 /// Draws a code for each occurrence among `inserted` messages (id, dedupe key, trigger) whose
 /// trigger has a pool, and writes it into their context as `coupon_code`.
-pub async fn draw(
+pub(crate) async fn draw(
     conn: &mut PgConnection,
     program: &Program,
     inserted: &[(i64, String, String)],
@@ -126,7 +126,7 @@ async fn remaining(conn: &mut PgConnection, pool: &str, at_most: i64) -> Result<
 
 /// What an import did.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Imported {
+pub(crate) struct Imported {
     /// New codes added.
     pub added: u64,
     /// Codes already in the pool (skipped).
@@ -137,7 +137,7 @@ pub struct Imported {
 
 /// Loads the codes of `file` (one per line; blank lines and `#` comments skipped; a CSV's
 /// first column) into `pool`. A code already there is skipped, so an import can be re-run.
-pub async fn import(pool_db: &PgPool, pool: &str, file: &Path) -> anyhow::Result<Imported> {
+pub(crate) async fn import(pool_db: &PgPool, pool: &str, file: &Path) -> anyhow::Result<Imported> {
     if pool.is_empty() || pool.len() > 64 {
         bail!("pool name {pool:?}: 1 to 64 characters");
     }

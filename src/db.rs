@@ -53,7 +53,7 @@ pub fn pool(url: &DatabaseUrl, max: u32) -> anyhow::Result<PgPool> {
 /// A pool for the HTTP API and console: each statement is cancelled by PostgreSQL after
 /// `statement_timeout_ms` (`[http] statement_timeout_ms`), so no request, however it is
 /// built, holds a connection or a core for longer.
-pub fn pool_for_requests(
+pub(crate) fn pool_for_requests(
     url: &DatabaseUrl,
     max: u32,
     statement_timeout_ms: u64,
@@ -66,7 +66,7 @@ pub fn pool_for_requests(
 }
 
 /// Creates the database named by `url` when it does not exist.
-pub async fn create_if_missing(url: &DatabaseUrl) -> anyhow::Result<()> {
+pub(crate) async fn create_if_missing(url: &DatabaseUrl) -> anyhow::Result<()> {
     let name = url.database();
     let mut admin = options(&url.with_database("postgres"))?
         .connect()
@@ -96,7 +96,7 @@ pub async fn create_if_missing(url: &DatabaseUrl) -> anyhow::Result<()> {
 }
 
 /// Creates the database when missing and applies pending migrations.
-pub async fn migrate(url: &DatabaseUrl) -> anyhow::Result<PgPool> {
+pub(crate) async fn migrate(url: &DatabaseUrl) -> anyhow::Result<PgPool> {
     create_if_missing(url).await?;
     let pool = pool(url, 10)?;
     MIGRATOR
@@ -121,7 +121,7 @@ pub async fn drop_database(url: &DatabaseUrl) -> anyhow::Result<()> {
 
 /// `is_transient` of the first database error in an error's chain; an error that holds none
 /// (a pool or I/O failure wrapped by the caller) counts as passing.
-pub fn is_transient_error(error: &anyhow::Error) -> bool {
+pub(crate) fn is_transient_error(error: &anyhow::Error) -> bool {
     error
         .chain()
         .find_map(|e| e.downcast_ref::<sqlx::Error>())
@@ -131,7 +131,7 @@ pub fn is_transient_error(error: &anyhow::Error) -> bool {
 /// Whether a database error may pass if the same work is tried again: lost connections,
 /// deadlocks and serialization failures, a server shutting down or short of resources, and a
 /// unique violation from a concurrent worker doing the same thing.
-pub fn is_transient(error: &sqlx::Error) -> bool {
+pub(crate) fn is_transient(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)

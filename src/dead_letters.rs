@@ -26,7 +26,7 @@ const BATCH: usize = 100;
 
 /// One dead letter.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct DeadLetter {
+pub(crate) struct DeadLetter {
     /// Its id here.
     pub id: i64,
     /// The event's id, when the body had one.
@@ -57,7 +57,7 @@ pub struct DeadLetter {
 /// Which dead letters.
 #[derive(Debug, Clone, Default, serde::Deserialize, utoipa::ToSchema, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
-pub struct Filter {
+pub(crate) struct Filter {
     /// Reason contains this (case-insensitive).
     pub reason: Option<String>,
     /// Event type.
@@ -73,7 +73,7 @@ pub struct Filter {
 }
 
 /// Moves the dead-letter queue into PostgreSQL until shutdown, reconnecting after a failure.
-pub async fn store(app: App, shutdown: Shutdown) -> anyhow::Result<()> {
+pub(crate) async fn store(app: App, shutdown: Shutdown) -> anyhow::Result<()> {
     let mut backoff =
         crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     while !shutdown.is_triggered() {
@@ -336,7 +336,7 @@ fn value_json(value: &AMQPValue, depth: usize) -> Value {
 }
 
 /// Dead letters matching `filter`, newest first, `limit` from before id `before`.
-pub async fn list(
+pub(crate) async fn list(
     app: &App,
     filter: &Filter,
     limit: i64,
@@ -384,7 +384,7 @@ pub async fn list(
 }
 
 /// Which dead letters to act on: these ids, or every one matching a filter.
-pub enum Selection<'a> {
+pub(crate) enum Selection<'a> {
     /// By id (replayed even when replayed before).
     Ids(&'a [i64]),
     /// Every unarchived one matching; a replay takes only those never replayed.
@@ -404,7 +404,7 @@ const REPLAY_PAGE: i64 = 500;
 /// skips letters replayed before: a second replay needs their ids, or `Again`. Either way an
 /// event the inbox has seen is not applied again (retention keeps the inbox rows of
 /// dead-lettered events). Returns how many were republished.
-pub async fn replay(app: &App, selection: Selection<'_>, by: &str) -> anyhow::Result<u64> {
+pub(crate) async fn replay(app: &App, selection: Selection<'_>, by: &str) -> anyhow::Result<u64> {
     let (ids, filter, again) = match selection {
         Selection::Ids(ids) => (Some(ids), Filter::default(), true),
         Selection::Matching(filter) => (None, filter.clone(), false),
@@ -508,7 +508,7 @@ pub async fn replay(app: &App, selection: Selection<'_>, by: &str) -> anyhow::Re
 const ARCHIVE_PAGE: i64 = 10_000;
 
 /// Archives dead letters (they leave the default list), a page at a time. Returns how many.
-pub async fn archive(app: &App, selection: Selection<'_>, by: &str) -> anyhow::Result<u64> {
+pub(crate) async fn archive(app: &App, selection: Selection<'_>, by: &str) -> anyhow::Result<u64> {
     let (ids, filter) = match selection {
         Selection::Ids(ids) => (Some(ids), Filter::default()),
         Selection::Matching(filter) | Selection::Again(filter) => (None, filter.clone()),

@@ -10,11 +10,12 @@ use serde_json::Value;
 use crate::app::App;
 use crate::outbox;
 
-pub use crate::outbox::search::{Attempt, Filter, Message, mask};
+pub(crate) use crate::outbox::search::Filter;
+pub(crate) use crate::outbox::search::{Attempt, Message, mask};
 
 /// A message with its attempts and content.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct Detail {
+pub(crate) struct Detail {
     /// The message.
     #[serde(flatten)]
     pub message: Message,
@@ -26,7 +27,7 @@ pub struct Detail {
 }
 
 /// One message, its attempts and its content; `None` when there is no such message.
-pub async fn detail(app: &App, id: i64, reveal: bool) -> anyhow::Result<Option<Detail>> {
+pub(crate) async fn detail(app: &App, id: i64, reveal: bool) -> anyhow::Result<Option<Detail>> {
     let Some((message, context, pinned_locale)) = outbox::message(&app.pool, id, reveal).await?
     else {
         return Ok(None);
@@ -44,7 +45,7 @@ pub async fn detail(app: &App, id: i64, reveal: bool) -> anyhow::Result<Option<D
 }
 
 /// Messages matching `filter`, newest first: `limit` of them with an id below `before`.
-pub async fn search(
+pub(crate) async fn search(
     app: &App,
     filter: &Filter,
     limit: i64,
@@ -126,7 +127,7 @@ async fn render(
 
 /// A provider's recent record.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct ProviderHealth {
+pub(crate) struct ProviderHealth {
     /// The provider.
     pub provider: String,
     /// Calls in the window that it took.
@@ -145,7 +146,10 @@ pub struct ProviderHealth {
 }
 
 /// Each configured provider's record over the last `minutes`.
-pub async fn provider_health(app: &App, minutes: i32) -> anyhow::Result<Vec<ProviderHealth>> {
+pub(crate) async fn provider_health(
+    app: &App,
+    minutes: i32,
+) -> anyhow::Result<Vec<ProviderHealth>> {
     let rows = outbox::provider_calls(&app.pool, minutes).await?;
     // The kinds' names are the providers' (Smtp: smtp …).
     let mut names: Vec<String> = app

@@ -92,7 +92,7 @@ impl EventKind {
     }
 }
 
-pub use crate::domain::Profile;
+pub(crate) use crate::domain::Profile;
 
 /// The fields `member.updated` changes: `None` leaves a field alone, `Some(None)` clears it.
 #[derive(Debug, Clone, PartialEq)]

@@ -27,18 +27,18 @@ use crate::shutdown::Shutdown;
 
 /// The consuming side of the worker.
 #[derive(Clone)]
-pub struct Ingest {
+pub(crate) struct Ingest {
     app: App,
 }
 
 impl Ingest {
     /// An ingest for this process.
-    pub fn new(app: App) -> Ingest {
+    pub(crate) fn new(app: App) -> Ingest {
         Ingest { app }
     }
 
     /// Consumes until `shutdown`, reconnecting whenever the broker goes away.
-    pub async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {
+    pub(crate) async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         while !shutdown.is_triggered() {
             match self.session(&shutdown).await {

@@ -1,4 +1,4 @@
-//! The `lifecycle` command (`lifecycle::cli` has the verbs).
+//! The `lifecycle` command (`cli` in the library has the verbs).
 
 use std::process::ExitCode;
 
@@ -11,5 +11,5 @@ use std::process::ExitCode;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    lifecycle::cli::main()
+    lifecycle::main()
 }

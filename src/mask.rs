@@ -15,30 +15,24 @@ pub fn text(text: &str) -> String {
 
 /// The most characters kept of anything a provider, relay or webhook sent that is stored or
 /// logged (an error reply, a status, a message id).
-pub const PARTNER_TEXT: usize = 500;
+pub(crate) const PARTNER_TEXT: usize = 500;
 
 /// Text from a partner (a provider's reply, a relay's refusal), made fit to store and log:
 /// control characters (NUL, which PostgreSQL's `text` refuses, among them) become spaces,
 /// runs of whitespace one space, at most `PARTNER_TEXT` characters are kept, and addresses
 /// and numbers are masked.
-pub fn partner(text: &str) -> String {
+pub(crate) fn partner(text: &str) -> String {
     // Masked before it is cut to length: an address cut in two at the end would no longer
     // look like one.
     let masked = self::text(&clean(text, PARTNER_TEXT * 4));
     clean(&masked, PARTNER_TEXT)
 }
 
-/// Bytes from a partner, which need not be UTF-8, as `partner` text (invalid sequences are
-/// dropped).
-pub fn partner_bytes(bytes: &[u8]) -> String {
-    partner(&String::from_utf8_lossy(bytes).replace('\u{FFFD}', ""))
-}
-
 /// `text` on one line, without control characters, at most `max` characters (an ellipsis
 /// marks a cut): for identifiers and replies from outside that are stored but must stay as
 /// they are otherwise (a provider's message id is not masked, or it would no longer match
 /// its status callbacks).
-pub fn clean(text: &str, max: usize) -> String {
+pub(crate) fn clean(text: &str, max: usize) -> String {
     let mut out = String::with_capacity(text.len().min(max * 4));
     let mut kept = 0;
     let mut space = false;
@@ -206,7 +200,7 @@ mod tests {
         assert_eq!(kept.chars().count(), 21);
         assert!(kept.ends_with('…'));
         assert_eq!(
-            partner_bytes(b"550 \xff\xfe no \x00 ada@example.com"),
+            partner("550 no \u{0} ada@example.com"),
             "550 no a***@example.com"
         );
         assert!(partner(&"@".repeat(100_000)).chars().count() <= PARTNER_TEXT + 1);

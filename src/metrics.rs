@@ -57,7 +57,7 @@ impl Metrics {
 /// The Prometheus exposition: the process's labelled metrics (the `metrics` crate's global
 /// recorder, rendered by `metrics-exporter-prometheus` at `/metrics`). Installed once per
 /// process; every worker and task in it reports into the same registry.
-pub fn prometheus() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+pub(crate) fn prometheus() -> &'static metrics_exporter_prometheus::PrometheusHandle {
     static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
         std::sync::OnceLock::new();
     HANDLE.get_or_init(|| {

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use crate::domain::{Currency, Locale, Money};
 
 /// The most points one order earns.
-pub const MAX_POINTS_PER_ORDER: i64 = 1_000_000_000_000;
+pub(crate) const MAX_POINTS_PER_ORDER: i64 = 1_000_000_000_000;
 
 /// How many points an amount in one currency earns: `points` per `per` major units.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -160,7 +160,7 @@ impl Holdout {
 /// A member's bucket for a trigger, 0 to 9,999: the first eight bytes of
 /// SHA-256(member id, NUL, trigger) modulo 10,000. Fixed forever: changing it would move
 /// members between a trigger's sides mid-measurement.
-pub fn holdout_bucket(member_id: &str, trigger: &str) -> u32 {
+pub(crate) fn holdout_bucket(member_id: &str, trigger: &str) -> u32 {
     let mut input = Vec::with_capacity(member_id.len() + trigger.len() + 1);
     input.extend_from_slice(member_id.as_bytes());
     input.push(0);

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
 
 use crate::amqp;
@@ -30,13 +30,13 @@ pub async fn events(settings: &Settings, bodies: &[String]) -> anyhow::Result<us
 }
 
 /// A channel in confirm mode.
-pub struct Publisher {
+pub(crate) struct Publisher {
     channel: Channel,
 }
 
 impl Publisher {
     /// Opens a confirming channel on `connection`.
-    pub async fn open(connection: &Connection) -> anyhow::Result<Publisher> {
+    pub(crate) async fn open(connection: &Connection) -> anyhow::Result<Publisher> {
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -47,13 +47,13 @@ impl Publisher {
     /// Closes the channel and waits (at most 5 s) for the broker to say so. Closing the
     /// connection first leaves lapin to close the channel from its drop, racing the
     /// connection's close, and that it logs as an ERROR ("invalid channel state: Closing").
-    pub async fn close(self) {
+    pub(crate) async fn close(self) {
         crate::amqp::bounded(self.channel.close(200, "bye".into())).await;
     }
 
     /// Publishes a body with the given properties and headers; the returned confirm resolves
     /// when the broker has the message safe.
-    pub async fn publish_raw(
+    pub(crate) async fn publish_raw(
         &self,
         exchange: &str,
         routing_key: &str,
@@ -81,7 +81,7 @@ impl Publisher {
     }
 
     /// Waits for a confirm and checks that the broker took the message and routed it.
-    pub async fn confirmed(confirm: anyhow::Result<PublisherConfirm>) -> anyhow::Result<()> {
+    pub(crate) async fn confirmed(confirm: anyhow::Result<PublisherConfirm>) -> anyhow::Result<()> {
         let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, confirm?)
             .await
             .map_err(|_| {
@@ -101,7 +101,7 @@ impl Publisher {
     }
 
     /// Publishes one event body as the platform would: routing key = its `type`.
-    pub async fn publish_event(
+    pub(crate) async fn publish_event(
         &self,
         exchange: &str,
         body: &[u8],
@@ -123,7 +123,7 @@ impl Publisher {
     }
 
     /// Publishes many event bodies, waiting for confirms in windows; returns how many.
-    pub async fn publish_events<B: AsRef<[u8]>>(
+    pub(crate) async fn publish_events<B: AsRef<[u8]>>(
         &self,
         exchange: &str,
         bodies: impl IntoIterator<Item = B>,
@@ -168,7 +168,7 @@ fn routing_of(body: &[u8]) -> (String, Option<String>) {
 }
 
 /// Reads a JSON-lines file of events: one event a line; blank lines and `#` comments skipped.
-pub fn read_lines(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+pub(crate) fn read_lines(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let lines: Vec<String> = text
@@ -181,14 +181,4 @@ pub fn read_lines(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
         bail!("{} has no events", path.display());
     }
     Ok(lines)
-}
-
-/// Reads a header's text value.
-pub fn header_text(properties: &BasicProperties, name: &str) -> Option<String> {
-    let key: ShortString = name.into();
-    match properties.headers().as_ref()?.inner().get(&key)? {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-        _ => None,
-    }
 }

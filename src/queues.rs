@@ -110,7 +110,7 @@ pub async fn snapshot(app: &App) -> anyhow::Result<Queues> {
 
 /// Refreshes the queue, outbox and coupon gauges until shutdown. A failed read is logged and
 /// the gauges keep their last values until the next.
-pub async fn sample(app: App, shutdown: Shutdown) -> anyhow::Result<()> {
+pub(crate) async fn sample(app: App, shutdown: Shutdown) -> anyhow::Result<()> {
     loop {
         let taken = tokio::select! {
             taken = snapshot(&app) => taken,

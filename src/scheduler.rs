@@ -312,7 +312,7 @@ async fn last_runs(
 }
 
 /// Whether every scan has run at its latest cron instant up to `now` (demos wait on it).
-pub async fn caught_up(app: &App, now: DateTime<Utc>) -> anyhow::Result<bool> {
+pub(crate) async fn caught_up(app: &App, now: DateTime<Utc>) -> anyhow::Result<bool> {
     let runs = last_runs(&app.pool).await?;
     Ok(Job::ALL.iter().all(|job| {
         runs.get(job.as_str())

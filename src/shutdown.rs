@@ -9,21 +9,21 @@ use tokio::sync::watch;
 
 /// Fires the shutdown.
 #[derive(Debug)]
-pub struct ShutdownTrigger(watch::Sender<bool>);
+pub(crate) struct ShutdownTrigger(watch::Sender<bool>);
 
 /// Listens for the shutdown.
 #[derive(Debug, Clone)]
 pub struct Shutdown(watch::Receiver<bool>);
 
 /// A new trigger and its listener.
-pub fn channel() -> (ShutdownTrigger, Shutdown) {
+pub(crate) fn channel() -> (ShutdownTrigger, Shutdown) {
     let (tx, rx) = watch::channel(false);
     (ShutdownTrigger(tx), Shutdown(rx))
 }
 
 impl ShutdownTrigger {
     /// Asks every listener to stop.
-    pub fn trigger(&self) {
+    pub(crate) fn trigger(&self) {
         self.0.send_replace(true);
     }
 }
@@ -51,7 +51,7 @@ impl Shutdown {
 }
 
 /// Completes on SIGINT or SIGTERM.
-pub async fn signal() {
+pub(crate) async fn signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -67,7 +67,7 @@ pub async fn signal() {
 }
 
 /// The words of a caught panic (`panic!` gives a `&str` or a `String`).
-pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
     payload
         .downcast_ref::<&str>()
         .copied()

@@ -11,7 +11,7 @@ use crate::domain::{Channel, MemberId};
 
 /// Records that `address` must not get messages on `channel`; a second suppression keeps the
 /// first reason.
-pub async fn suppress(
+pub(crate) async fn suppress(
     pool: &PgPool,
     channel: Channel,
     address: &str,
@@ -32,7 +32,11 @@ pub async fn suppress(
 }
 
 /// Lifts a suppression (SMS START); true when there was one.
-pub async fn restore(pool: &PgPool, channel: Channel, address: &str) -> Result<bool, sqlx::Error> {
+pub(crate) async fn restore(
+    pool: &PgPool,
+    channel: Channel,
+    address: &str,
+) -> Result<bool, sqlx::Error> {
     let done = sqlx::query!(
         "delete from suppressions where channel = $1 and address = $2",
         channel.as_str(),
@@ -45,7 +49,7 @@ pub async fn restore(pool: &PgPool, channel: Channel, address: &str) -> Result<b
 
 /// What an inbound SMS asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Keyword {
+pub(crate) enum Keyword {
     /// STOP, STOPALL, UNSUBSCRIBE, CANCEL, END, QUIT, REVOKE, OPTOUT.
     Stop,
     /// START, UNSTOP.
@@ -54,7 +58,7 @@ pub enum Keyword {
 
 /// Reads an inbound SMS as Twilio's opt-out keywords: the whole message, in any case, with
 /// surrounding spaces and punctuation ignored ("Stop.", " stop! "). Anything else is `None`.
-pub fn keyword(body: &str) -> Option<Keyword> {
+pub(crate) fn keyword(body: &str) -> Option<Keyword> {
     let word: String = body
         .trim_matches(|c: char| c.is_whitespace() || c.is_ascii_punctuation())
         .to_uppercase();

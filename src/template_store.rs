@@ -25,7 +25,7 @@ use crate::render::{FileError, Templates};
 use crate::shutdown::Shutdown;
 
 /// Template files by name (`email.subject.hbs` …).
-pub type Files = BTreeMap<String, String>;
+pub(crate) type Files = BTreeMap<String, String>;
 
 /// The templates in force: the shipped ones with every published version in place.
 pub struct Catalog {
@@ -143,7 +143,7 @@ const REQUEST_RENDERS: usize = 2;
 /// Runs `work` (compiling, rendering: CPU work that a template makes as long as its budget
 /// allows) on the blocking pool, off the async workers that answer `/healthz`, renew claims
 /// and record results; a panic in it is an error.
-pub async fn off_workers<T: Send + 'static>(
+pub(crate) async fn off_workers<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
 ) -> anyhow::Result<T> {
     tokio::task::spawn_blocking(move || {

@@ -16,7 +16,7 @@ use crate::program::Program;
 
 /// A message a trigger decided on, before it is stored in the outbox.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Planned {
+pub(crate) struct Planned {
     /// Why it is sent.
     pub trigger: Trigger,
     /// Where it goes.
@@ -30,7 +30,7 @@ pub struct Planned {
 }
 
 /// Channels this member can be reached on: an address and consent for it.
-pub fn reachable_channels(member: &Member) -> Vec<Channel> {
+pub(crate) fn reachable_channels(member: &Member) -> Vec<Channel> {
     let mut channels = Vec::with_capacity(2);
     if member.profile.email.is_some() && member.profile.consent.email {
         channels.push(Channel::Email);
@@ -44,7 +44,7 @@ pub fn reachable_channels(member: &Member) -> Vec<Channel> {
 /// `context` with what the member has ahead (`Program::progress`: `next_tier`,
 /// `points_to_next_tier`, `next_reward`, `points_to_next_reward`) and `coupon_code` (null
 /// here; planning fills it from the trigger's pool).
-pub fn with_progress(
+pub(crate) fn with_progress(
     mut context: serde_json::Value,
     state: &MemberState,
     program: &Program,
@@ -85,7 +85,7 @@ fn per_channel(
 /// Every message an applied event plans. `before` is the member before the event (after lapsed
 /// lots were expired; `None` when the event enrolled them), `after` the member after it; `now`
 /// is business time.
-pub fn plan(
+pub(crate) fn plan(
     before: Option<&MemberState>,
     event: &Event,
     after: &MemberState,
@@ -114,7 +114,7 @@ fn rewards_within(program: &Program, balance: i64) -> Vec<serde_json::Value> {
 ///
 /// Context: `first_name` (may be null), `member_id`, `signup_bonus`, `balance`, `rewards`
 /// (what the balance buys already: a list of {`points`, `discount`}).
-pub fn welcome(
+pub(crate) fn welcome(
     event: &Event,
     after: &MemberState,
     program: &Program,
@@ -149,7 +149,7 @@ pub fn welcome(
 ///
 /// Context: `first_name`, `balance`, `reward` {`points`, `discount`}, `rewards` (all the
 /// balance buys).
-pub fn redemption_ready(
+pub(crate) fn redemption_ready(
     before: Option<&MemberState>,
     event: &Event,
     after: &MemberState,
@@ -165,7 +165,7 @@ pub fn redemption_ready(
 
 /// Redemption-ready for a balance that went from `was` to `after`'s by `cause` (an event id,
 /// or a scan's key such as a birthday bonus's): the most expensive reward newly reached.
-pub fn crossed(
+pub(crate) fn crossed(
     was: i64,
     after: &MemberState,
     cause: &str,
@@ -198,7 +198,7 @@ pub fn crossed(
 ///
 /// Context: `first_name`, `tier`, `previous_tier`, `benefits` (of the new tier),
 /// `tier_points`.
-pub fn tier_up(
+pub(crate) fn tier_up(
     before: Option<&MemberState>,
     event: &Event,
     after: &MemberState,
@@ -240,7 +240,11 @@ pub fn tier_up(
 ///
 /// Context: `first_name`, `points` (expiring on that date), `expiry_date` (`YYYY-MM-DD` in the
 /// member's zone), `days_left`, `notice_days`, `balance`.
-pub fn points_expiring(state: &MemberState, program: &Program, now: DateTime<Utc>) -> Vec<Planned> {
+pub(crate) fn points_expiring(
+    state: &MemberState,
+    program: &Program,
+    now: DateTime<Utc>,
+) -> Vec<Planned> {
     let Some(&farthest) = program.expiring_notice_days.first() else {
         return Vec::new();
     };
@@ -297,7 +301,7 @@ pub fn points_expiring(state: &MemberState, program: &Program, now: DateTime<Utc
 /// member's zone (29 February falls on 28 February in common years) and the send time
 /// (`program.birthday_time`, local) has come. A scan that runs late the same day still finds
 /// it due; the next day it does not.
-pub fn birthday_due(member: &Member, program: &Program, now: DateTime<Utc>) -> Option<i32> {
+pub(crate) fn birthday_due(member: &Member, program: &Program, now: DateTime<Utc>) -> Option<i32> {
     let birthday = member.profile.birthday?;
     let tz = member.profile.timezone.tz();
     let today = now.with_timezone(&tz).date_naive();
@@ -314,7 +318,7 @@ pub fn birthday_due(member: &Member, program: &Program, now: DateTime<Utc>) -> O
 /// Dedupe key: member, year.
 ///
 /// Context: `first_name`, `bonus` (0 when the programme gives none), `balance`.
-pub fn birthday(
+pub(crate) fn birthday(
     after: &MemberState,
     year: i32,
     program: &Program,
@@ -336,7 +340,7 @@ pub fn birthday(
 ///
 /// Context: `first_name`, `cart_id`, `items` [{`sku`, `name`, `quantity`, `unit_price`}],
 /// `item_count`, `total_minor`, `currency`, `checkout_url`.
-pub fn abandoned_cart(
+pub(crate) fn abandoned_cart(
     cart: &CartState,
     state: &MemberState,
     program: &Program,
@@ -369,7 +373,7 @@ pub fn abandoned_cart(
 /// The context `trigger` would render with for this member now, built from the ledger: the
 /// balance, the lots expiring next, the tier and what is ahead; the member's newest open cart
 /// (or the sample cart when there is none). What previews and test sends to a member use.
-pub fn context_now(
+pub(crate) fn context_now(
     trigger: Trigger,
     state: &MemberState,
     cart: Option<&CartState>,

@@ -19,7 +19,7 @@ use sqlx::PgPool;
 /// What a user may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Role {
+pub(crate) enum Role {
     /// Everything.
     Ops,
     /// Templates, previews, test sends, reading members.
@@ -28,7 +28,7 @@ pub enum Role {
 
 impl Role {
     /// `ops` or `marketer`.
-    pub fn parse(raw: &str) -> anyhow::Result<Role> {
+    pub(crate) fn parse(raw: &str) -> anyhow::Result<Role> {
         match raw {
             "ops" => Ok(Role::Ops),
             "marketer" => Ok(Role::Marketer),
@@ -37,7 +37,7 @@ impl Role {
     }
 
     /// The role's name.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Role::Ops => "ops",
             Role::Marketer => "marketer",
@@ -47,7 +47,7 @@ impl Role {
 
 /// Who is asking.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct User {
+pub(crate) struct User {
     /// The user's name (`admin` for the bootstrap token).
     pub name: String,
     /// Their role.
@@ -55,10 +55,10 @@ pub struct User {
 }
 
 /// How long a console session lasts.
-pub const SESSION_HOURS: i64 = 12;
+pub(crate) const SESSION_HOURS: i64 = 12;
 
 /// A new user's one-time password and API token.
-pub struct Credentials {
+pub(crate) struct Credentials {
     /// For the console.
     pub password: String,
     /// For the API (`Authorization: Bearer …`).
@@ -66,20 +66,20 @@ pub struct Credentials {
 }
 
 /// A random string of `bytes` random bytes, URL-safe.
-pub fn random_secret(bytes: usize) -> String {
+pub(crate) fn random_secret(bytes: usize) -> String {
     let mut buffer = vec![0u8; bytes];
     aws_lc_rs::rand::fill(&mut buffer).expect("the system's random source");
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(buffer)
 }
 
 /// SHA-256 of `secret`, hex.
-pub fn sha256_hex(secret: &str) -> String {
+pub(crate) fn sha256_hex(secret: &str) -> String {
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, secret.as_bytes());
     hex::encode(digest)
 }
 
 /// An argon2id hash of `password` (PHC string).
-pub fn hash_password(password: &str) -> anyhow::Result<String> {
+pub(crate) fn hash_password(password: &str) -> anyhow::Result<String> {
     let mut salt = [0u8; 16];
     aws_lc_rs::rand::fill(&mut salt).expect("the system's random source");
     let salt = SaltString::encode_b64(&salt).map_err(|e| anyhow::anyhow!("salt: {e}"))?;
@@ -90,7 +90,7 @@ pub fn hash_password(password: &str) -> anyhow::Result<String> {
 }
 
 /// Whether `password` matches the PHC string `hash`.
-pub fn verify_password(password: &str, hash: &str) -> bool {
+pub(crate) fn verify_password(password: &str, hash: &str) -> bool {
     PasswordHash::new(hash).is_ok_and(|parsed| {
         argon2::Argon2::default()
             .verify_password(password.as_bytes(), &parsed)
@@ -100,7 +100,7 @@ pub fn verify_password(password: &str, hash: &str) -> bool {
 
 /// Where a user's own test sends may go (`lifecycle users add --email/--phone`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Contact {
+pub(crate) struct Contact {
     /// Their email address.
     pub email: Option<crate::domain::Email>,
     /// Their phone number.
@@ -108,7 +108,7 @@ pub struct Contact {
 }
 
 /// Adds a user (or replaces one of that name) and returns their new credentials, shown once.
-pub async fn add(
+pub(crate) async fn add(
     pool: &PgPool,
     name: &str,
     role: Role,
@@ -148,7 +148,7 @@ pub async fn add(
 
 /// Removes a user: their sessions end and their API token stops working at once (the
 /// sessions go with the row). Whether there was such a user.
-pub async fn remove(pool: &PgPool, name: &str) -> anyhow::Result<bool> {
+pub(crate) async fn remove(pool: &PgPool, name: &str) -> anyhow::Result<bool> {
     let done = sqlx::query!("delete from users where name = $1", name)
         .execute(pool)
         .await
@@ -170,7 +170,7 @@ pub(crate) fn check_name(name: &str) -> anyhow::Result<()> {
 }
 
 /// A user's own address and number, for their test sends.
-pub async fn contact(pool: &PgPool, name: &str) -> Result<Contact, sqlx::Error> {
+pub(crate) async fn contact(pool: &PgPool, name: &str) -> Result<Contact, sqlx::Error> {
     let row: Option<(Option<String>, Option<String>)> =
         sqlx::query!("select email, phone from users where name = $1", name)
             .fetch_optional(pool)
@@ -184,7 +184,7 @@ pub async fn contact(pool: &PgPool, name: &str) -> Result<Contact, sqlx::Error> 
 }
 
 /// The user whose API token this is.
-pub async fn by_token(pool: &PgPool, token: &str) -> Result<Option<User>, sqlx::Error> {
+pub(crate) async fn by_token(pool: &PgPool, token: &str) -> Result<Option<User>, sqlx::Error> {
     let row: Option<(String, String)> = sqlx::query!(
         "select name, role from users where token_sha256 = $1",
         sha256_hex(token)
@@ -202,7 +202,7 @@ pub async fn by_token(pool: &PgPool, token: &str) -> Result<Option<User>, sqlx::
 
 /// The user whose password this is. The hash is checked on the blocking pool (argon2 is
 /// deliberately slow); an unknown user costs the same as a wrong password.
-pub async fn by_password(
+pub(crate) async fn by_password(
     pool: &PgPool,
     name: &str,
     password: &str,
@@ -249,7 +249,7 @@ pub async fn by_password(
 }
 
 /// A console session: the cookie's value, and the CSRF token its forms carry.
-pub struct Session {
+pub(crate) struct Session {
     /// The cookie's value (only its hash is stored).
     pub cookie: String,
     /// The CSRF token.
@@ -257,7 +257,7 @@ pub struct Session {
 }
 
 /// Opens a session for `user`.
-pub async fn open_session(pool: &PgPool, user: &str) -> Result<Session, sqlx::Error> {
+pub(crate) async fn open_session(pool: &PgPool, user: &str) -> Result<Session, sqlx::Error> {
     let session = Session {
         cookie: random_secret(32),
         csrf: random_secret(24),
@@ -280,7 +280,7 @@ pub async fn open_session(pool: &PgPool, user: &str) -> Result<Session, sqlx::Er
 }
 
 /// The user and CSRF token of a live session.
-pub async fn by_session(
+pub(crate) async fn by_session(
     pool: &PgPool,
     cookie: &str,
 ) -> Result<Option<(User, String)>, sqlx::Error> {
@@ -304,7 +304,7 @@ pub async fn by_session(
 }
 
 /// Ends a session.
-pub async fn close_session(pool: &PgPool, cookie: &str) -> Result<(), sqlx::Error> {
+pub(crate) async fn close_session(pool: &PgPool, cookie: &str) -> Result<(), sqlx::Error> {
     sqlx::query!(
         "delete from sessions where token_sha256 = $1",
         sha256_hex(cookie)
@@ -406,13 +406,13 @@ struct LoginState {
 }
 
 /// Failures allowed per (user, address) and window.
-pub const PAIR_FAILURES: u32 = 5;
+pub(crate) const PAIR_FAILURES: u32 = 5;
 /// Failures allowed per address and window, whatever the names.
-pub const ADDRESS_FAILURES: u32 = 30;
+pub(crate) const ADDRESS_FAILURES: u32 = 30;
 /// Failures in a minute, from anywhere, past which unknown pairs back off.
-pub const GLOBAL_FAILURES_PER_MINUTE: u32 = 120;
+pub(crate) const GLOBAL_FAILURES_PER_MINUTE: u32 = 120;
 /// The window.
-pub const LOGIN_WINDOW: Duration = Duration::from_secs(15 * 60);
+pub(crate) const LOGIN_WINDOW: Duration = Duration::from_secs(15 * 60);
 /// Entries kept in each of the throttle's maps.
 const THROTTLE_ENTRIES: usize = 50_000;
 
@@ -504,7 +504,7 @@ pub struct BearerThrottle {
 }
 
 /// Wrong bearer tokens allowed per address and window.
-pub const BEARER_FAILURES: u32 = 20;
+pub(crate) const BEARER_FAILURES: u32 = 20;
 
 impl Default for BearerThrottle {
     fn default() -> Self {

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 
 use common::admin::{self, ADMIN_TOKEN, Auth, Client};
 use common::{Serve, SmtpSink, TestEnv, free_port, wait_for};
-use lifecycle::app::Roles;
+use lifecycle::testkit::app::Roles;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
@@ -335,7 +335,7 @@ async fn readyz_says_which_part_is_down_but_not_the_databases_words() {
     })
     .await;
     // The database goes away (dropped, its sessions ended).
-    lifecycle::db::drop_database(&env.settings.database_url)
+    lifecycle::testkit::db::drop_database(&env.settings.database_url)
         .await
         .unwrap();
     let body = wait_for("/readyz down", || async {

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use common::admin;
 use common::{SmtpSink, TestEnv, enrolled, free_port, parse_mail, wait_for};
 use fantoccini::{Client, ClientBuilder, Locator};
-use lifecycle::app::Roles;
+use lifecycle::testkit::app::Roles;
 use serde_json::json;
 
 const SERVING: Roles = Roles {

@@ -59,10 +59,10 @@ async fn a_node_stopped_mid_stream_loses_and_doubles_nothing() {
     ]);
     let mut via_two = env.settings.clone();
     via_two.amqp_url = node(2).parse().unwrap();
-    let connection = lifecycle::amqp::connect(&via_two.amqp_url, "cluster-test")
+    let connection = lifecycle::testkit::amqp::connect(&via_two.amqp_url, "cluster-test")
         .await
         .unwrap();
-    lifecycle::amqp::declare_topology(&connection, &via_two)
+    lifecycle::testkit::amqp::declare_topology(&connection, &via_two)
         .await
         .unwrap();
     connection.close(200, "bye".into()).await.ok();

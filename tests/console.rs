@@ -7,7 +7,7 @@ mod common;
 
 use common::admin::{self, ADMIN_TOKEN, Auth, Client};
 use common::{Serve, SmtpSink, count, enrolled, parse_mail, wait_for};
-use lifecycle::app::Roles;
+use lifecycle::testkit::app::Roles;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 

@@ -6,8 +6,8 @@ mod common;
 use std::collections::HashSet;
 
 use common::{ALL_ROLES, INGEST_ONLY, TestEnv, count, enrolment, wait_for};
-use lifecycle::domain::MemberId;
-use lifecycle::ledger::{self, CartState};
+use lifecycle::testkit::domain::MemberId;
+use lifecycle::testkit::ledger::{self, CartState};
 use serde_json::json;
 use sqlx::Row;
 
@@ -152,7 +152,9 @@ async fn two_planners_at_once_draw_distinct_codes_and_an_empty_pool_still_sends(
             .await
             .unwrap();
     assert_eq!(code, None);
-    assert!(lifecycle::coupons::POOL_EMPTY.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    assert!(
+        lifecycle::testkit::coupons::POOL_EMPTY.load(std::sync::atomic::Ordering::Relaxed) >= 1
+    );
     worker.stop().await.unwrap();
 
     let sender = env.start(ALL_ROLES).await;

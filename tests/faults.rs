@@ -615,7 +615,7 @@ async fn every_promise_holds_under_faults() {
                 while !matches!(
                     tokio::time::timeout(
                         Duration::from_secs(10),
-                        lifecycle::publish::events(&settings, part)
+                        lifecycle::testkit::publish::events(&settings, part)
                     )
                     .await,
                     Ok(Ok(_))
@@ -791,7 +791,7 @@ async fn every_promise_holds_under_faults() {
     assert!(b.terminate().await.success(), "worker B exits 0 on SIGTERM");
 
     // Queues: nothing left to consume; the refused events, and only they, dead-lettered.
-    let connection = lifecycle::amqp::connect(&env.settings.amqp_url, "faults")
+    let connection = lifecycle::testkit::amqp::connect(&env.settings.amqp_url, "faults")
         .await
         .unwrap();
     let channel = connection.create_channel().await.unwrap();

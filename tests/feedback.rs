@@ -125,7 +125,8 @@ async fn feedback_is_stored_and_earns_its_points_once_per_order() {
     )])
     .await;
     wait_for("the duplicate seen", || async {
-        (lifecycle::metrics::Metrics::get(&worker.app.metrics.events_duplicate) >= 1).then_some(())
+        (lifecycle::testkit::metrics::Metrics::get(&worker.app.metrics.events_duplicate) >= 1)
+            .then_some(())
     })
     .await;
     assert_eq!(count(&app, "select count(*) from feedback").await, 3);

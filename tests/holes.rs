@@ -15,14 +15,14 @@ use common::{
     ALL_ROLES, INGEST_ONLY, Serve, SmtpSink, TestEnv, count, enrolment, enrolments, free_port,
     wait_for, wait_up_to,
 };
-use lifecycle::app::Roles;
-use lifecycle::dispatch::{Dispatcher, Step};
-use lifecycle::domain::Trigger;
-use lifecycle::outbox::{self, Settled, Status};
-use lifecycle::worker::Worker;
+use lifecycle::testkit::app::Roles;
+use lifecycle::testkit::dispatch::{Dispatcher, Step};
+use lifecycle::testkit::domain::Trigger;
+use lifecycle::testkit::outbox::{self, Settled, Status};
+use lifecycle::testkit::worker::Worker;
 use serde_json::json;
 
-fn dispatcher(app: &lifecycle::app::App) -> Dispatcher {
+fn dispatcher(app: &lifecycle::testkit::app::App) -> Dispatcher {
     Dispatcher::new(app.clone()).unwrap()
 }
 
@@ -316,8 +316,8 @@ async fn two_dispatchers_never_both_send_a_marketing_message_inside_the_cap() {
          select 'abandoned-cart:c' || n || ':1:email', 'm-1', 'abandoned-cart', 'email', $1, $2
          from generate_series(1, 2) n",
     )
-    .bind(lifecycle::render::sample_context(
-        lifecycle::domain::Trigger::AbandonedCart,
+    .bind(lifecycle::testkit::render::sample_context(
+        lifecycle::testkit::domain::Trigger::AbandonedCart,
     ))
     .bind(app.clock.now())
     .execute(&app.pool)
@@ -351,7 +351,7 @@ async fn two_dispatchers_never_both_send_a_marketing_message_inside_the_cap() {
 async fn a_changed_retry_delay_and_an_older_retry_queue_do_not_stop_ingest() {
     let env = TestEnv::new(&[("LIFECYCLE_INGEST__RETRY_DELAY_MS", "500".into())]);
     // The retry queue as an older version declared it: with its delay as a queue argument.
-    let connection = lifecycle::amqp::connect(&env.settings.amqp_url, "test")
+    let connection = lifecycle::testkit::amqp::connect(&env.settings.amqp_url, "test")
         .await
         .unwrap();
     let channel = connection.create_channel().await.unwrap();
@@ -395,7 +395,7 @@ async fn a_changed_retry_delay_and_an_older_retry_queue_do_not_stop_ingest() {
     // The order comes before its member: it waits in the retry queue, then applies.
     env.publish(&[order]).await;
     wait_for("the order deferred", || async {
-        (lifecycle::metrics::Metrics::get(&app.metrics.events_deferred) >= 1).then_some(())
+        (lifecycle::testkit::metrics::Metrics::get(&app.metrics.events_deferred) >= 1).then_some(())
     })
     .await;
     env.publish(&[enrolment(&env, 1)]).await;
@@ -441,10 +441,13 @@ async fn an_event_id_shaped_like_a_scan_key_does_not_take_the_birthday_bonus() {
         (count(&app, "select count(*) from inbox").await == 2).then_some(())
     })
     .await;
-    let planned =
-        lifecycle::scheduler::run_scan(&app, lifecycle::scheduler::Job::Birthday, app.clock.now())
-            .await
-            .unwrap();
+    let planned = lifecycle::testkit::scheduler::run_scan(
+        &app,
+        lifecycle::testkit::scheduler::Job::Birthday,
+        app.clock.now(),
+    )
+    .await
+    .unwrap();
     assert!(planned > 0, "the birthday message planned");
     let balance: i64 = sqlx::query_scalar("select balance from members where member_id = 'm-bday'")
         .fetch_one(&app.pool)
@@ -566,9 +569,13 @@ async fn retention_prunes_old_rows_and_keeps_their_dedupe_keys() {
             .fetch_all(&app.pool)
             .await
             .unwrap();
-    lifecycle::scheduler::run_scan(&app, lifecycle::scheduler::Job::Retention, app.clock.now())
-        .await
-        .unwrap();
+    lifecycle::testkit::scheduler::run_scan(
+        &app,
+        lifecycle::testkit::scheduler::Job::Retention,
+        app.clock.now(),
+    )
+    .await
+    .unwrap();
     assert_eq!(count(&app, "select count(*) from inbox").await, 2);
     assert_eq!(count(&app, "select count(*) from messages").await, 2);
     assert_eq!(
@@ -746,7 +753,7 @@ async fn the_claim_reads_only_what_is_due_not_the_whole_outbox() {
         .await
         .unwrap();
     // Planned as `claim` runs it.
-    let mut tx = lifecycle::db::begin_keyed(&pool).await.unwrap();
+    let mut tx = lifecycle::testkit::db::begin_keyed(&pool).await.unwrap();
     let (plan,): (serde_json::Value,) =
         sqlx::query_as(&format!("explain (format json) {}", outbox::CLAIM))
             .bind(worker.app.clock.now())

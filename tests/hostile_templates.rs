@@ -163,7 +163,7 @@ impl Server {
 
     /// The (status, last error) of a member's welcome, once it is settled.
     async fn welcome(&self, member: &str) -> (String, String) {
-        let pool = lifecycle::db::pool(&self.env.settings.database_url, 1).unwrap();
+        let pool = lifecycle::testkit::db::pool(&self.env.settings.database_url, 1).unwrap();
         let settled = wait_for(&format!("{member}'s welcome settled"), || async {
             let row: Option<(String, Option<String>)> = sqlx::query_as(
                 "select status, last_error from messages
@@ -285,7 +285,7 @@ async fn hostile_templates_stop_nothing_but_themselves() {
         "{answer}"
     );
     assert!(message.contains("must be written out"), "{answer}");
-    let pool = lifecycle::db::pool(&s.env.settings.database_url, 1).unwrap();
+    let pool = lifecycle::testkit::db::pool(&s.env.settings.database_url, 1).unwrap();
     sqlx::query(
         "insert into template_versions (trigger, locale, version, state, files, author)
          values ('welcome', 'en', 80, 'published', $1, 'old release')",
@@ -436,7 +436,7 @@ async fn hostile_templates_stop_nothing_but_themselves() {
                                                  "quantity": 1, "unit_price": 6}))
                                  .collect::<Vec<_>>()}});
     s.env.publish(&[cart.to_string()]).await;
-    let pool = lifecycle::db::pool(&s.env.settings.database_url, 1).unwrap();
+    let pool = lifecycle::testkit::db::pool(&s.env.settings.database_url, 1).unwrap();
     wait_for("the cart applied", || async {
         sqlx::query_scalar::<_, i64>("select count(*) from carts where cart_id = 'c-m1'")
             .fetch_one(&pool)
@@ -485,7 +485,7 @@ async fn hostile_templates_stop_nothing_but_themselves() {
     // 6. A diff of two versions of 128,000 different lines each (stored as an older release
     //    could have saved them): the page answers at once, saying it is too long to show.
     let watch = Watch::start(&s.base);
-    let pool = lifecycle::db::pool(&s.env.settings.database_url, 1).unwrap();
+    let pool = lifecycle::testkit::db::pool(&s.env.settings.database_url, 1).unwrap();
     for (version, prefix) in [(90, "a"), (91, "b")] {
         let text: String = (0..128_000).map(|i| format!("{prefix}{i}\n")).collect();
         sqlx::query(

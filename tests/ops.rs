@@ -9,7 +9,7 @@ use std::time::Instant;
 use common::admin::{self, ADMIN_TOKEN, Auth, Client};
 use common::fake_api::{FakeApi, Reply};
 use common::{SmtpSink, cli, count, enrolled, enrolments, wait_for};
-use lifecycle::app::Roles;
+use lifecycle::testkit::app::Roles;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -330,7 +330,7 @@ async fn a_dead_letter_is_replayed_once_its_cause_is_fixed() {
     assert_eq!(printed.trim(), "1 dead letters replayed.");
     wait_for("the second replay seen as a duplicate", || async {
         let m = &worker.app.metrics;
-        (lifecycle::metrics::Metrics::get(&m.events_duplicate) >= 1).then_some(())
+        (lifecycle::testkit::metrics::Metrics::get(&m.events_duplicate) >= 1).then_some(())
     })
     .await;
     assert_eq!(count(&app, balance).await, 220);

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use common::{
     ALL_ROLES, DISPATCH_ONLY, INGEST_ONLY, Serve, SmtpSink, TestEnv, cli, count, enrolled, wait_for,
 };
-use lifecycle::app::App;
-use lifecycle::domain::Trigger;
+use lifecycle::testkit::app::App;
+use lifecycle::testkit::domain::Trigger;
 use serde_json::json;
 
 fn enrol(env: &TestEnv, member: &str, locale: &str) -> String {
@@ -151,7 +151,7 @@ async fn a_pin_that_no_longer_resolves_falls_back_to_the_version_in_force() {
     .execute(&app.pool)
     .await
     .unwrap();
-    let dispatch = lifecycle::worker::Worker::start(env.app().await, DISPATCH_ONLY)
+    let dispatch = lifecycle::testkit::worker::Worker::start(env.app().await, DISPATCH_ONLY)
         .await
         .unwrap();
     assert_eq!(settled(&app, "m-gone").await, "sent");
@@ -188,7 +188,7 @@ async fn a_database_error_while_loading_templates_waits_instead_of_failing() {
         .execute(&app.pool)
         .await
         .unwrap();
-    let dispatcher = lifecycle::dispatch::Dispatcher::new(app.clone()).unwrap();
+    let dispatcher = lifecycle::testkit::dispatch::Dispatcher::new(app.clone()).unwrap();
     dispatcher.try_execute_once().await.unwrap();
     let (status, _, _, error) = welcome(&app, "m-wait").await;
     assert_eq!(status, "pending", "{error:?}");
@@ -213,7 +213,8 @@ async fn a_database_error_while_loading_templates_waits_instead_of_failing() {
         .execute(&app.pool)
         .await
         .unwrap();
-    while dispatcher.try_execute_once().await.unwrap() != lifecycle::dispatch::Step::Idle {}
+    while dispatcher.try_execute_once().await.unwrap() != lifecycle::testkit::dispatch::Step::Idle {
+    }
     let (status, version, ..) = welcome(&app, "m-wait").await;
     assert_eq!((status.as_str(), version), ("sent", Some(3)));
     worker.stop().await.unwrap();
@@ -315,9 +316,13 @@ async fn dead_letters_are_replayed_once_and_never_applied_twice_even_after_reten
         .execute(&app.pool)
         .await
         .unwrap();
-    lifecycle::scheduler::run_scan(&app, lifecycle::scheduler::Job::Retention, app.clock.now())
-        .await
-        .unwrap();
+    lifecycle::testkit::scheduler::run_scan(
+        &app,
+        lifecycle::testkit::scheduler::Job::Retention,
+        app.clock.now(),
+    )
+    .await
+    .unwrap();
     let kept: i64 = count(
         &app,
         &format!(
@@ -344,7 +349,7 @@ async fn dead_letters_are_replayed_once_and_never_applied_twice_even_after_reten
     assert!(out.contains("1 dead letters replayed"), "{out}");
     let settled_at = Instant::now();
     wait_for("the replay consumed", || async {
-        let q = lifecycle::queues::snapshot(&app).await.ok()?;
+        let q = lifecycle::testkit::queues::snapshot(&app).await.ok()?;
         (q.events.messages == 0 && settled_at.elapsed() > Duration::from_millis(500)).then_some(())
     })
     .await;

@@ -7,7 +7,7 @@ mod common;
 
 use common::fake_api::{FakeApi, Reply};
 use common::{ALL_ROLES, DISPATCH_ONLY, TestEnv, count, enrolled, free_port, wait_for};
-use lifecycle::app::Roles;
+use lifecycle::testkit::app::Roles;
 
 /// An environment whose email goes to the webhook provider at `fake` (then to `then`, if
 /// given), serving HTTP on `addr`.
@@ -40,7 +40,7 @@ fn enrol(env: &TestEnv, member: &str) -> String {
 
 /// (status, provider reference, last error) of a member's welcome, once it is planned.
 async fn welcome(
-    app: &lifecycle::app::App,
+    app: &lifecycle::testkit::app::App,
     member: &str,
 ) -> (String, Option<String>, Option<String>) {
     wait_for(&format!("{member}'s welcome planned"), || async {
@@ -114,7 +114,7 @@ async fn a_result_the_database_refuses_for_good_is_written_without_its_texts() {
     ] {
         sqlx::query(sql).execute(&app.pool).await.unwrap();
     }
-    let dispatch = lifecycle::worker::Worker::start(env.app().await, DISPATCH_ONLY)
+    let dispatch = lifecycle::testkit::worker::Worker::start(env.app().await, DISPATCH_ONLY)
         .await
         .unwrap();
     wait_for("every result recorded", || async {

@@ -3,7 +3,7 @@
 mod common;
 
 use common::{INGEST_ONLY, TestEnv, count, enrolled, publish_in_order, wait_for};
-use lifecycle::app::App;
+use lifecycle::testkit::app::App;
 use serde_json::json;
 
 fn event(id: String, kind: &str, data: serde_json::Value) -> String {
@@ -198,7 +198,7 @@ async fn a_refund_before_its_order_waits_for_it() {
     )])
     .await;
     wait_for("the refund deferred", || async {
-        (lifecycle::metrics::Metrics::get(&app.metrics.events_deferred) >= 1).then_some(())
+        (lifecycle::testkit::metrics::Metrics::get(&app.metrics.events_deferred) >= 1).then_some(())
     })
     .await;
     env.publish(&[event(
@@ -362,8 +362,8 @@ async fn two_workers_on_one_queue_keep_every_ledger_exact() {
         assert_consistent(&app, &member).await;
     }
     assert!(env.take_dead_letters().await.is_empty(), "nothing refused");
-    let applied = |w: &lifecycle::worker::Worker| {
-        lifecycle::metrics::Metrics::get(&w.app.metrics.events_applied)
+    let applied = |w: &lifecycle::testkit::worker::Worker| {
+        lifecycle::testkit::metrics::Metrics::get(&w.app.metrics.events_applied)
     };
     assert!(
         applied(&first) > 0 && applied(&second) > 0,
@@ -437,7 +437,7 @@ async fn a_held_member_waits_while_the_rest_of_the_batch_goes_on() {
         (count(&again.app, "select count(*) from inbox").await == 4).then_some(())
     })
     .await;
-    let duplicates = lifecycle::metrics::Metrics::get(&again.app.metrics.events_duplicate);
+    let duplicates = lifecycle::testkit::metrics::Metrics::get(&again.app.metrics.events_duplicate);
     assert_eq!(duplicates, 0, "a settled delivery came back");
     again.stop().await.unwrap();
     env.cleanup().await;

@@ -5,8 +5,8 @@ mod common;
 
 use chrono::{DateTime, Duration, Utc};
 use common::{ALL_ROLES, INGEST_ONLY, TestEnv, count, wait_for};
-use lifecycle::app::App;
-use lifecycle::worker::Worker;
+use lifecycle::testkit::app::App;
+use lifecycle::testkit::worker::Worker;
 use serde_json::json;
 
 fn t(raw: &str) -> DateTime<Utc> {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::fake_api::{FakeApi, Reply};
 use common::{ALL_ROLES, TestEnv, count, wait_for};
-use lifecycle::app::App;
+use lifecycle::testkit::app::App;
 use serde_json::json;
 
 const NOW: &str = "2026-11-22T10:00:00Z";
@@ -549,9 +549,9 @@ async fn ops_can_retry_a_failed_message() {
     assert_eq!(message(&app, "m-ops").await.0, "failed");
     // The sender is fixed at SendGrid; ops put the message back.
     fake.set_fallback(Reply::new(202, "").header("X-Message-Id", "sg-ok"));
-    let n = lifecycle::outbox::retry_failed(
+    let n = lifecycle::testkit::outbox::retry_failed(
         &app.pool,
-        lifecycle::outbox::Requeue::Matching(&Default::default()),
+        lifecycle::testkit::outbox::Requeue::Matching(&Default::default()),
         app.clock.now(),
     )
     .await

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use common::admin::{self, ADMIN_TOKEN, Auth, Client};
 use common::{TestEnv, cli, count, free_port, wait_for};
-use lifecycle::app::{App, Roles};
+use lifecycle::testkit::app::{App, Roles};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 

@@ -16,7 +16,7 @@ fn events(env: &TestEnv) -> Vec<String> {
 }
 
 /// Every message planned, sent, and written exactly once per member.
-async fn assert_everything_once(env: &TestEnv, app: &lifecycle::app::App) {
+async fn assert_everything_once(env: &TestEnv, app: &lifecycle::testkit::app::App) {
     // A generous limit: the point is that everything arrives, and a loaded CI machine with a
     // crashed worker's leases to wait out can take a while.
     let done = common::wait_up_to(Duration::from_secs(120), || async {
@@ -148,7 +148,7 @@ async fn a_server_cancel_is_followed_by_a_new_consumer() {
     .await;
 
     // Deleting the queue makes the broker cancel every consumer of it.
-    let connection = lifecycle::amqp::connect(&env.settings.amqp_url, "test")
+    let connection = lifecycle::testkit::amqp::connect(&env.settings.amqp_url, "test")
         .await
         .unwrap();
     let channel = connection.create_channel().await.unwrap();

@@ -5,10 +5,10 @@ mod common;
 
 use chrono::{DateTime, Duration, Utc};
 use common::{ALL_ROLES, TestEnv, WITH_SCHEDULER, count, publish_in_order, wait_for};
-use lifecycle::app::{App, Roles};
-use lifecycle::metrics::Metrics;
-use lifecycle::scheduler::Job;
-use lifecycle::worker::Worker;
+use lifecycle::testkit::app::{App, Roles};
+use lifecycle::testkit::metrics::Metrics;
+use lifecycle::testkit::scheduler::Job;
+use lifecycle::testkit::worker::Worker;
 use serde_json::json;
 
 fn t(raw: &str) -> DateTime<Utc> {
@@ -468,7 +468,7 @@ async fn abandoned_carts_fire_an_hour_after_the_last_update_unless_checked_out()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_scan_runs_only_under_the_lease_and_only_once_per_instant() {
-    use lifecycle::scheduler::{Job, Scheduler};
+    use lifecycle::testkit::scheduler::{Job, Scheduler};
     let now = t("2026-11-22T10:00:00Z");
     let env = scheduled_env(now, &[]);
     let app = env.app().await;

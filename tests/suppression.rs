@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use common::smtp_relay::{Fault, SmtpRelay};
 use common::{SmtpSink, TestEnv, count, free_port, publish_in_order, wait_for};
-use lifecycle::app::{App, Roles};
-use lifecycle::dispatch::{Dispatcher, Step};
-use lifecycle::worker::Worker;
+use lifecycle::testkit::app::{App, Roles};
+use lifecycle::testkit::dispatch::{Dispatcher, Step};
+use lifecycle::testkit::worker::Worker;
 use serde_json::json;
 
 /// Consume events and serve HTTP; sending is done step by step by the test.
@@ -122,7 +122,7 @@ fn twilio_post(
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    let signature = lifecycle::http::twilio_signature(token, &url, &params);
+    let signature = lifecycle::testkit::http::twilio_signature(token, &url, &params);
     reqwest::Client::new()
         .post(url)
         .header("X-Twilio-Signature", signature)

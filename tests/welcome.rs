@@ -3,11 +3,15 @@
 mod common;
 
 use common::{ALL_ROLES, INGEST_ONLY, SmtpSink, TestEnv, count, enrolled, parse_mail, wait_for};
-use lifecycle::dispatch::{Dispatcher, Step};
+use lifecycle::testkit::dispatch::{Dispatcher, Step};
 
 /// Waits until `n` messages are recorded as sent and at least `n` emails reached `sink`
 /// (sending precedes recording, so both are waited for): the raw emails.
-async fn sent_and_received(app: &lifecycle::app::App, sink: &SmtpSink, n: i64) -> Vec<Vec<u8>> {
+async fn sent_and_received(
+    app: &lifecycle::testkit::app::App,
+    sink: &SmtpSink,
+    n: i64,
+) -> Vec<Vec<u8>> {
     wait_for("the messages recorded as sent", || async {
         (count(app, "select count(*) from messages where status = 'sent'").await == n).then_some(())
     })
@@ -146,7 +150,7 @@ async fn the_same_event_twice_yields_one_message_and_two_members_two() {
     assert_eq!(count(app, "select count(*) from inbox").await, 2);
     assert_eq!(count(app, "select count(*) from messages").await, 2);
     assert_eq!(
-        lifecycle::metrics::Metrics::get(&app.metrics.events_duplicate),
+        lifecycle::testkit::metrics::Metrics::get(&app.metrics.events_duplicate),
         2
     );
     worker.stop().await.unwrap();
@@ -225,7 +229,7 @@ async fn bad_events_are_dead_lettered_with_a_reason_and_the_queue_moves_on() {
     })
     .await;
     wait_for("five dead letters counted", || async {
-        (lifecycle::metrics::Metrics::get(&worker.app.metrics.events_dead_lettered) == 5)
+        (lifecycle::testkit::metrics::Metrics::get(&worker.app.metrics.events_dead_lettered) == 5)
             .then_some(())
     })
     .await;
@@ -299,7 +303,7 @@ async fn no_consent_no_message_and_consent_withdrawn_before_sending_suppresses()
     // retry queue, and be applied after the enrolment.
     wait_for("three events applied", || async {
         let applied = &worker.app.metrics.events_applied;
-        (lifecycle::metrics::Metrics::get(applied) == 3).then_some(())
+        (lifecycle::testkit::metrics::Metrics::get(applied) == 3).then_some(())
     })
     .await;
     let app = worker.app.clone();
@@ -360,7 +364,7 @@ async fn no_consent_no_message_and_consent_withdrawn_before_sending_suppresses()
     env.cleanup().await;
 }
 
-async fn planned_id(app: &lifecycle::app::App, member: &str) -> i64 {
+async fn planned_id(app: &lifecycle::testkit::app::App, member: &str) -> i64 {
     sqlx::query_scalar("select id from messages where member_id = $1")
         .bind(member)
         .fetch_one(&app.pool)
@@ -387,7 +391,8 @@ async fn an_early_event_waits_for_its_prerequisite_or_is_dead_lettered_with_the_
     ])
     .await;
     wait_for("the update deferred", || async {
-        (lifecycle::metrics::Metrics::get(&worker.app.metrics.events_deferred) >= 2).then_some(())
+        (lifecycle::testkit::metrics::Metrics::get(&worker.app.metrics.events_deferred) >= 2)
+            .then_some(())
     })
     .await;
     env.publish(&[enrolled(

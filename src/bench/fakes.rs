@@ -14,7 +14,7 @@ use crate::config::{EmailProviderKind, Settings, SmtpUrl};
 
 /// An HTTP/1.1 server answering `200 {}` to every request on kept-alive connections. While
 /// `recording`, it notes when each message (by its `idempotency-key`) arrived.
-pub struct HttpProvider {
+pub(super) struct HttpProvider {
     url: String,
     arrivals: Arc<Mutex<Option<HashMap<i64, SystemTime>>>>,
     server: tokio::task::JoinHandle<()>,
@@ -22,7 +22,7 @@ pub struct HttpProvider {
 
 impl HttpProvider {
     /// Listens on a free local port.
-    pub async fn start() -> anyhow::Result<HttpProvider> {
+    pub(super) async fn start() -> anyhow::Result<HttpProvider> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}/messages", listener.local_addr()?);
         let arrivals: Arc<Mutex<Option<HashMap<i64, SystemTime>>>> = Arc::default();
@@ -41,7 +41,7 @@ impl HttpProvider {
     }
 
     /// `settings` sending email by the `webhook` provider to this server.
-    pub fn settings(&self, settings: &Settings) -> Settings {
+    pub(super) fn settings(&self, settings: &Settings) -> Settings {
         let mut settings = settings.clone();
         settings.email_providers = vec![EmailProviderKind::Webhook];
         settings.webhook_url = Some(self.url.clone());
@@ -50,12 +50,12 @@ impl HttpProvider {
     }
 
     /// Starts noting arrivals.
-    pub fn record(&self) {
+    pub(super) fn record(&self) {
         *self.arrivals.lock().expect("arrivals") = Some(HashMap::new());
     }
 
     /// Stops noting arrivals: message id → when it arrived.
-    pub fn recorded(&self) -> HashMap<i64, SystemTime> {
+    pub(super) fn recorded(&self) -> HashMap<i64, SystemTime> {
         self.arrivals
             .lock()
             .expect("arrivals")
@@ -117,7 +117,7 @@ async fn answer(
 }
 
 /// smtp-sink on a free local port, stopped when dropped.
-pub struct SmtpSink {
+pub(super) struct SmtpSink {
     /// Where it listens.
     pub url: SmtpUrl,
     child: Child,
@@ -125,7 +125,7 @@ pub struct SmtpSink {
 
 impl SmtpSink {
     /// Starts smtp-sink (from postfix) if it is installed: `None` if it is not.
-    pub fn start() -> anyhow::Result<Option<SmtpSink>> {
+    pub(super) fn start() -> anyhow::Result<Option<SmtpSink>> {
         let Some(program) = ["/usr/sbin/smtp-sink", "/usr/bin/smtp-sink"]
             .into_iter()
             .find(|p| std::path::Path::new(p).exists())

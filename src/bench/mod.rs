@@ -45,7 +45,7 @@ use workload::{Time, Workload};
 
 /// What to run.
 #[derive(Debug, Clone)]
-pub struct Options {
+pub(crate) struct Options {
     /// Events of the ceiling and ingest phases.
     pub events: usize,
     /// Members of the shop (at most a tenth of the events).
@@ -84,7 +84,7 @@ const INGEST_AND_DISPATCH: Roles = Roles {
 
 /// The figures of one run, as `--json` prints them.
 #[derive(Debug, Serialize)]
-pub struct Report {
+pub(crate) struct Report {
     /// Where it ran.
     pub machine: Machine,
     /// Events of the ceiling and ingest phases.
@@ -117,7 +117,7 @@ pub struct Report {
 
 /// The machine a run was on.
 #[derive(Debug, Serialize)]
-pub struct Machine {
+pub(crate) struct Machine {
     /// CPU model.
     pub cpu: String,
     /// Cores available.
@@ -128,7 +128,7 @@ pub struct Machine {
 
 /// Messages sent in a phase and how fast.
 #[derive(Debug, Serialize)]
-pub struct Rate {
+pub(crate) struct Rate {
     /// Messages sent.
     pub messages: usize,
     /// Messages/s.
@@ -137,7 +137,7 @@ pub struct Rate {
 
 /// Events queued, then ingested while their messages are dispatched.
 #[derive(Debug, Serialize)]
-pub struct EndToEnd {
+pub(crate) struct EndToEnd {
     /// Events.
     pub events: usize,
     /// Messages sent.
@@ -148,7 +148,7 @@ pub struct EndToEnd {
 
 /// Event-to-provider latency.
 #[derive(Debug, Serialize)]
-pub struct Latency {
+pub(crate) struct Latency {
     /// The rate events were published at, events/s.
     pub events_per_s: f64,
     /// Events published.
@@ -172,7 +172,7 @@ pub struct Latency {
 
 /// Ingest by one worker process and by two.
 #[derive(Debug, Serialize)]
-pub struct ScaleOut {
+pub(crate) struct ScaleOut {
     /// Events of each run.
     pub events: usize,
     /// One process, events/s.
@@ -182,7 +182,7 @@ pub struct ScaleOut {
 }
 
 /// Runs the benchmark and prints its report.
-pub async fn run(mut settings: Settings, options: Options) -> anyhow::Result<()> {
+pub(crate) async fn run(mut settings: Settings, options: Options) -> anyhow::Result<()> {
     if options.events == 0 {
         bail!("--events must be at least 1");
     }

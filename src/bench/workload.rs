@@ -40,7 +40,7 @@ enum Kind {
 
 /// When the events say they happened.
 #[derive(Clone, Copy, Debug)]
-pub enum Time {
+pub(super) enum Time {
     /// Every event at this instant.
     Fixed(DateTime<Utc>),
     /// The moment each event is made (to the microsecond): the start of its latency.
@@ -48,7 +48,7 @@ pub enum Time {
 }
 
 /// An endless, deterministic stream of `(routing key, body)`.
-pub struct Workload {
+pub(super) struct Workload {
     tag: String,
     members: usize,
     lag: usize,
@@ -65,7 +65,7 @@ pub struct Workload {
 
 impl Workload {
     /// A stream for `members` members whose ids and event ids all carry `tag`.
-    pub fn new(tag: &str, members: usize, lag: usize, time: Time) -> Workload {
+    pub(super) fn new(tag: &str, members: usize, lag: usize, time: Time) -> Workload {
         Workload {
             tag: tag.to_owned(),
             members: members.max(1),

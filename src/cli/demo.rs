@@ -21,7 +21,7 @@ const STEP_DEADLINE: Duration = Duration::from_secs(60);
 /// Runs the demo: migrate, publish `events` one at a time with the clock at each event's
 /// `time`, move the clock past the abandoned-cart delay, and print the messages and balances.
 /// The scheduler runs all along, so the scans fire as the clock passes their instants.
-pub async fn run(mut settings: Settings, events: &Path) -> anyhow::Result<()> {
+pub(super) async fn run(mut settings: Settings, events: &Path) -> anyhow::Result<()> {
     // One consumer, so the story reads in the order the file tells it (with several, a
     // member's events may be applied out of order, as they may from any platform).
     settings.ingest.consumers = 1;
@@ -181,7 +181,7 @@ where
 }
 
 /// One message as the demo and `deliveries` show it.
-pub struct MessageRow {
+pub(super) struct MessageRow {
     /// Outbox id.
     pub id: i64,
     /// Trigger name.
@@ -197,7 +197,7 @@ pub struct MessageRow {
 }
 
 /// The most recent messages, of the given members when `members` is set.
-pub async fn recent_messages(
+pub(super) async fn recent_messages(
     pool: &PgPool,
     members: Option<&[String]>,
     limit: i64,
@@ -237,7 +237,7 @@ pub async fn recent_messages(
 }
 
 /// Formats messages as an aligned text table.
-pub fn table(rows: &[MessageRow]) -> String {
+pub(super) fn table(rows: &[MessageRow]) -> String {
     let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {

@@ -8,7 +8,7 @@ mod demo;
 mod queues;
 mod report;
 mod serve;
-pub mod table;
+pub(crate) mod table;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

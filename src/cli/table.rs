@@ -2,7 +2,7 @@
 
 /// A plain-text table: columns padded to their widest cell, the last one left as it is;
 /// `empty` when there are no rows.
-pub fn text_table(header: &[&str], rows: &[Vec<String>], empty: &str) -> String {
+pub(crate) fn text_table(header: &[&str], rows: &[Vec<String>], empty: &str) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {

@@ -53,7 +53,7 @@ impl Composer {
     /// test send; a message rendered before). Returns the version used. A panic inside a
     /// template helper or the renderer fails this message with the panic's words; the
     /// dispatcher goes on.
-    pub async fn compose(
+    pub(super) async fn compose(
         &self,
         claimed: Claimed,
         catalog: &Catalog,

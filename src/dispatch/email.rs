@@ -49,7 +49,7 @@ text_header!(ListUnsubscribePost, "List-Unsubscribe-Post");
 
 /// The `List-Unsubscribe` value: the https link, and a mailto where one is configured
 /// (RFC 2369). The link is ours (public URL and a URL-safe token), never member text.
-pub fn list_unsubscribe(url: &str, mailto: Option<&str>) -> String {
+pub(crate) fn list_unsubscribe(url: &str, mailto: Option<&str>) -> String {
     match mailto {
         Some(address) => format!("<{url}>, <mailto:{address}?subject=unsubscribe>"),
         None => format!("<{url}>"),

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 /// circuit opens for `cooldown`; then one call is let through (half-open): its success closes
 /// the circuit, its failure opens it again.
 #[derive(Debug)]
-pub struct Breaker {
+pub(crate) struct Breaker {
     threshold: u32,
     cooldown: Duration,
     state: Mutex<BreakerState>,
@@ -25,7 +25,7 @@ struct BreakerState {
 
 impl Breaker {
     /// A closed breaker.
-    pub fn new(threshold: u32, cooldown: Duration) -> Breaker {
+    pub(crate) fn new(threshold: u32, cooldown: Duration) -> Breaker {
         Breaker {
             threshold: threshold.max(1),
             cooldown,
@@ -38,7 +38,7 @@ impl Breaker {
     }
 
     /// Whether a call may go to the provider now.
-    pub fn allow(&self) -> bool {
+    pub(crate) fn allow(&self) -> bool {
         self.allow_at(Instant::now())
     }
 
@@ -57,17 +57,17 @@ impl Breaker {
     }
 
     /// Whether the circuit is open (calls are being skipped).
-    pub fn is_open(&self) -> bool {
+    pub(crate) fn is_open(&self) -> bool {
         self.state().open_until.is_some()
     }
 
     /// The provider took a message.
-    pub fn success(&self) {
+    pub(crate) fn success(&self) {
         *self.state() = BreakerState::default();
     }
 
     /// The provider failed transiently.
-    pub fn failure(&self) {
+    pub(crate) fn failure(&self) {
         self.failure_at(Instant::now());
     }
 
@@ -83,7 +83,7 @@ impl Breaker {
 
     /// A call let through that ended without a verdict on the provider (a permanent failure
     /// of one message): a trial call may be made again.
-    pub fn neutral(&self) {
+    pub(crate) fn neutral(&self) {
         self.state().probing = false;
     }
 }
@@ -91,7 +91,7 @@ impl Breaker {
 /// A token bucket: at most `rate` calls a second on average, bursts of up to `rate` (at
 /// least one).
 #[derive(Debug)]
-pub struct RateLimit {
+pub(crate) struct RateLimit {
     rate: f64,
     burst: f64,
     bucket: Mutex<(f64, Instant)>,
@@ -99,7 +99,7 @@ pub struct RateLimit {
 
 impl RateLimit {
     /// A full bucket.
-    pub fn new(rate: f64) -> RateLimit {
+    pub(crate) fn new(rate: f64) -> RateLimit {
         let burst = rate.max(1.0);
         RateLimit {
             rate,
@@ -123,7 +123,7 @@ impl RateLimit {
     }
 
     /// Waits for a token.
-    pub async fn acquire(&self) {
+    pub(crate) async fn acquire(&self) {
         while let Err(wait) = self.try_take(Instant::now()) {
             tokio::time::sleep(wait).await;
         }

@@ -18,9 +18,9 @@
 
 mod compose;
 pub(crate) mod email;
-pub mod guard;
-pub mod policy;
-pub mod providers;
+pub(crate) mod guard;
+pub(crate) mod policy;
+pub(crate) mod providers;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,7 +38,8 @@ use crate::outbox::{self, Attempt, Claimed, Settled, Status, Unreadable};
 use crate::shutdown::Shutdown;
 use crate::template_store::Catalog;
 use compose::{Composed, Composer};
-pub use providers::{Accepted, Content, Failure, Outgoing, Provider};
+pub use providers::Failure;
+pub(crate) use providers::{Outgoing, Provider};
 
 /// What one step of the dispatcher did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +61,7 @@ pub fn later(now: DateTime<Utc>, delay: Duration) -> DateTime<Utc> {
 }
 
 /// A provider with its circuit breaker and rate limit.
-pub struct Slot {
+pub(crate) struct Slot {
     /// The provider.
     pub provider: Provider,
     /// Skips it while it keeps failing.

@@ -30,7 +30,7 @@ pub struct Profile {
 /// A member as the ledger knows them: the profile the platform last sent, and since when they
 /// are a member.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Member {
+pub(crate) struct Member {
     /// What the platform said of them.
     pub profile: Profile,
     /// When they first enrolled (business time).
@@ -39,7 +39,7 @@ pub struct Member {
 
 /// A member with their points.
 #[derive(Debug, Clone, PartialEq)]
-pub struct MemberState {
+pub(crate) struct MemberState {
     /// The profile.
     pub member: Member,
     /// Lots, qualifying points and lifetime.

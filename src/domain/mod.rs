@@ -6,15 +6,18 @@
 mod cart;
 mod member;
 mod parse;
-pub mod points;
+pub(crate) mod points;
 mod time;
 mod trigger;
 
 pub use cart::CartState;
-pub use member::{Member, MemberState, Profile};
-pub use parse::parsed;
-pub use time::{Instant, QuietHours, local_instant};
-pub use trigger::{Trigger, dedupe_key};
+pub(crate) use member::Profile;
+pub(crate) use member::{Member, MemberState};
+pub(crate) use parse::parsed;
+pub(crate) use time::local_instant;
+pub(crate) use time::{Instant, QuietHours};
+pub use trigger::Trigger;
+pub(crate) use trigger::dedupe_key;
 
 use std::fmt;
 
@@ -31,7 +34,7 @@ fn invalid(message: impl Into<String>) -> Invalid {
 }
 
 /// Quotes untrusted text for an error message: escaped, and cut to a sane length.
-pub fn quoted(text: &str) -> String {
+pub(crate) fn quoted(text: &str) -> String {
     const MAX: usize = 64;
     let mut shown: String = text.chars().take(MAX).collect();
     if shown.len() < text.len() {

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer};
 
 /// Parses a value from its text (environment) or its native TOML form (file).
-pub fn parsed<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+pub(crate) fn parsed<'de, D, T>(deserializer: D) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,
     T: FromStr,

@@ -15,7 +15,7 @@ use chrono::{DateTime, Months, Utc};
 
 /// Why points moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum EntryKind {
+pub(crate) enum EntryKind {
     /// The signup bonus.
     Signup,
     /// Earned by an order.
@@ -36,7 +36,7 @@ pub enum EntryKind {
 
 impl EntryKind {
     /// The kind as stored.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             EntryKind::Signup => "signup",
             EntryKind::Order => "order",
@@ -52,7 +52,7 @@ impl EntryKind {
 
 /// One line of the journal.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
+pub(crate) struct Entry {
     /// Why.
     pub kind: EntryKind,
     /// Points added (positive) or taken (negative) from the balance.
@@ -65,7 +65,7 @@ pub struct Entry {
 
 /// Points earned at one time, expiring together.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lot {
+pub(crate) struct Lot {
     /// Its row in `point_lots`; `None` until it is stored.
     pub id: Option<i64>,
     /// When it was earned.
@@ -80,7 +80,7 @@ pub struct Lot {
 
 /// What an order earned and what its refunds took back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OrderPoints {
+pub(crate) struct OrderPoints {
     /// The order's total in minor units.
     pub total_minor: i64,
     /// Points it earned.
@@ -94,7 +94,7 @@ pub struct OrderPoints {
 /// A change the balance cannot cover.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("{wanted} points wanted but only {available} available")]
-pub struct Overdraft {
+pub(crate) struct Overdraft {
     /// Points asked for.
     pub wanted: i64,
     /// Points the member has.
@@ -103,7 +103,7 @@ pub struct Overdraft {
 
 /// A member's points.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Points {
+pub(crate) struct Points {
     /// Lots with points left, oldest first.
     pub lots: Vec<Lot>,
     /// Qualifying movements still inside the tier window: (when, points), oldest first.
@@ -115,14 +115,14 @@ pub struct Points {
 impl Points {
     /// Points available to spend: what is left of the lots. Lots that lapsed count until
     /// `expire` removes them, so callers expire first (the ledger does, before every event).
-    pub fn balance(&self) -> i64 {
+    pub(crate) fn balance(&self) -> i64 {
         self.lots
             .iter()
             .fold(0_i64, |sum, l| sum.saturating_add(l.remaining))
     }
 
     /// Qualifying points earned in the window ending at `now`.
-    pub fn tier_points(&self, now: DateTime<Utc>, window_months: u32) -> i64 {
+    pub(crate) fn tier_points(&self, now: DateTime<Utc>, window_months: u32) -> i64 {
         let since = now - Months::new(window_months);
         self.qualifying
             .iter()
@@ -134,7 +134,7 @@ impl Points {
 
     /// Removes what is left of lots that lapsed at or before `now`, and forgets qualifying
     /// movements older than the window. Returns one expiry entry per lapsed lot.
-    pub fn expire(&mut self, now: DateTime<Utc>, window_months: u32) -> Vec<Entry> {
+    pub(crate) fn expire(&mut self, now: DateTime<Utc>, window_months: u32) -> Vec<Entry> {
         let mut entries = Vec::new();
         self.lots.retain(|lot| {
             if lot.expires_at > now {
@@ -156,7 +156,7 @@ impl Points {
     }
 
     /// Adds a lot of `points` earned at `at`, lapsing `expiry_months` later.
-    pub fn earn(
+    pub(crate) fn earn(
         &mut self,
         kind: EntryKind,
         points: i64,
@@ -189,7 +189,7 @@ impl Points {
     }
 
     /// Takes `points` from the oldest lots first; refused when the balance is short.
-    pub fn spend(
+    pub(crate) fn spend(
         &mut self,
         kind: EntryKind,
         points: i64,
@@ -213,7 +213,7 @@ impl Points {
 
     /// Reverses part of an order after a refund of `refunded_minor` more minor units.
     /// Returns the entry (if anything changed) and the order's new record.
-    pub fn reverse(
+    pub(crate) fn reverse(
         &mut self,
         order: OrderPoints,
         refunded_minor: i64,

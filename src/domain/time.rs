@@ -26,7 +26,7 @@ impl FromStr for Instant {
 /// happens twice) it is the first; in a spring gap (it never happens) it is the reading taken
 /// with the offset before the gap, so 02:30 on a night that jumps from 02:00 to 03:00 is 03:30.
 /// Either way every local date has exactly one such instant: a send neither skips nor doubles.
-pub fn local_instant(tz: Tz, date: NaiveDate, time: NaiveTime) -> DateTime<Utc> {
+pub(crate) fn local_instant(tz: Tz, date: NaiveDate, time: NaiveTime) -> DateTime<Utc> {
     let local = date.and_time(time);
     match tz.from_local_datetime(&local).earliest() {
         Some(t) => t.with_timezone(&Utc),

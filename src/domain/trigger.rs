@@ -50,6 +50,6 @@ impl Trigger {
 
 /// The outbox key of one occurrence of a trigger on a channel: the trigger, the trigger-specific
 /// part of DESIGN.md's dedupe key (`member:year`, `cart:version`…), the channel.
-pub fn dedupe_key(trigger: Trigger, key: &str, channel: Channel) -> String {
+pub(crate) fn dedupe_key(trigger: Trigger, key: &str, channel: Channel) -> String {
     format!("{}:{key}:{}", trigger.as_str(), channel.as_str())
 }

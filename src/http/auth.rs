@@ -24,14 +24,14 @@ use crate::template_store::StoreError;
 use crate::users::{self, Role, User};
 
 /// The session cookie's name.
-pub const SESSION_COOKIE: &str = "lifecycle_session";
+pub(crate) const SESSION_COOKIE: &str = "lifecycle_session";
 /// The header carrying the CSRF token of a session-authenticated API request.
-pub const CSRF_HEADER: &str = "x-csrf-token";
+pub(crate) const CSRF_HEADER: &str = "x-csrf-token";
 
 /// An `/api` error: `{"error": "..."}`, and `errors` by file and line for a template that
 /// does not validate (422).
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct ApiError {
+pub(crate) struct ApiError {
     #[serde(skip)]
     status: u16,
     /// What went wrong.
@@ -46,7 +46,7 @@ pub struct ApiError {
 
 impl ApiError {
     /// An error with this status.
-    pub fn new(status: StatusCode, error: impl Into<String>) -> ApiError {
+    pub(crate) fn new(status: StatusCode, error: impl Into<String>) -> ApiError {
         ApiError {
             status: status.as_u16(),
             error: error.into(),
@@ -56,7 +56,7 @@ impl ApiError {
     }
 
     /// 401.
-    pub fn unauthorized() -> ApiError {
+    pub(crate) fn unauthorized() -> ApiError {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
             "missing or wrong credentials: send Authorization: Bearer <token>, or log in to the console",
@@ -64,25 +64,20 @@ impl ApiError {
     }
 
     /// 429, with how long to wait (`Retry-After`).
-    pub fn too_many(error: impl Into<String>, wait: std::time::Duration) -> ApiError {
+    pub(crate) fn too_many(error: impl Into<String>, wait: std::time::Duration) -> ApiError {
         ApiError {
             retry_after: Some(wait.as_secs().max(1)),
             ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, error)
         }
     }
 
-    /// 400.
-    pub fn bad_request(error: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, error)
-    }
-
     /// 404.
-    pub fn not_found(what: impl Into<String>) -> ApiError {
+    pub(crate) fn not_found(what: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, what)
     }
 
     /// 422 with each problem.
-    pub fn invalid(errors: Vec<FileError>) -> ApiError {
+    pub(crate) fn invalid(errors: Vec<FileError>) -> ApiError {
         ApiError {
             status: 422,
             error: "the template does not validate".into(),
@@ -92,7 +87,7 @@ impl ApiError {
     }
 
     /// 500, logged; the client learns nothing of the cause.
-    pub fn internal(error: impl std::fmt::Display) -> ApiError {
+    pub(crate) fn internal(error: impl std::fmt::Display) -> ApiError {
         tracing::error!(
             error = crate::mask::text(&error.to_string()),
             "Admin API request failed."
@@ -105,7 +100,7 @@ impl ApiError {
 
     /// An error of the layers below: a query over the statement timeout is 503 with what
     /// happened, anything else 500, logged.
-    pub fn from_anyhow(error: anyhow::Error) -> ApiError {
+    pub(crate) fn from_anyhow(error: anyhow::Error) -> ApiError {
         if error
             .chain()
             .filter_map(|e| e.downcast_ref::<sqlx::Error>())
@@ -127,7 +122,7 @@ impl ApiError {
     }
 
     /// The HTTP status.
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
 }
@@ -169,18 +164,16 @@ fn timed_out(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some("57014"))
 }
 
-/// An authenticated request's user; `csrf` is set when it came with the session cookie.
+/// An authenticated request's user (a session's CSRF token was checked on the way in).
 #[derive(Debug, Clone)]
-pub struct Authed {
+pub(crate) struct Authed {
     /// Who.
     pub user: User,
-    /// The session's CSRF token, when the session cookie authenticated it.
-    pub csrf: Option<String>,
 }
 
 impl Authed {
     /// Refuses (403) a user whose role is not `role` (`ops` may do everything).
-    pub fn require(&self, role: Role) -> Result<(), ApiError> {
+    pub(crate) fn require(&self, role: Role) -> Result<(), ApiError> {
         if self.user.role == role || self.user.role == Role::Ops {
             Ok(())
         } else {
@@ -197,7 +190,7 @@ impl Authed {
 }
 
 /// The value of cookie `name`.
-pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub(crate) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -269,7 +262,7 @@ impl FromRequestParts<App> for Authed {
     async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Authed, ApiError> {
         let client = client_addr(app, parts);
         if let Some(user) = bearer(app, &parts.headers, client).await? {
-            return Ok(Authed { user, csrf: None });
+            return Ok(Authed { user });
         }
         let Some(cookie) = cookie(&parts.headers, SESSION_COOKIE) else {
             return Err(ApiError::unauthorized());
@@ -285,22 +278,19 @@ impl FromRequestParts<App> for Authed {
                 "the CSRF token is missing or wrong (X-CSRF-Token)",
             ));
         }
-        Ok(Authed {
-            user,
-            csrf: Some(csrf),
-        })
+        Ok(Authed { user })
     }
 }
 
 /// The connection's peer address, put on each request by the accept loop.
 #[derive(Debug, Clone, Copy)]
-pub struct Peer(pub SocketAddr);
+pub(crate) struct Peer(pub SocketAddr);
 
 /// The client's address: the connection's peer, or, when the peer is one of
 /// `[http] trusted_proxies`, the rightmost address of `X-Forwarded-For` that is not a trusted
 /// proxy itself (the leftmost ones are whatever the client wrote). `None` only for a request
 /// that did not come through the accept loop.
-pub fn client_addr(app: &App, parts: &Parts) -> Option<IpAddr> {
+pub(crate) fn client_addr(app: &App, parts: &Parts) -> Option<IpAddr> {
     let peer = parts.extensions.get::<Peer>()?.0.ip();
     Some(forwarded_client(
         &app.settings.http.trusted_proxies,
@@ -313,7 +303,7 @@ pub fn client_addr(app: &App, parts: &Parts) -> Option<IpAddr> {
 /// are read from the right (the nearest proxy's entry last), trusted proxies skipped: the first
 /// other address is the client. A hop that is not an address (`1.2.3.4:80` and `[::1]:80` are)
 /// ends the walk at the peer: no trusted proxy wrote it.
-pub fn forwarded_client(trusted: &[Network], peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+pub(crate) fn forwarded_client(trusted: &[Network], peer: IpAddr, headers: &HeaderMap) -> IpAddr {
     let is_trusted = |ip: IpAddr| trusted.iter().any(|net| net.contains(ip));
     if !is_trusted(peer) {
         return peer;
@@ -341,7 +331,7 @@ pub fn forwarded_client(trusted: &[Network], peer: IpAddr, headers: &HeaderMap) 
 }
 
 /// The `Set-Cookie` value of a session cookie (`value` empty: one that clears it).
-pub fn session_cookie(app: &App, value: &str) -> String {
+pub(crate) fn session_cookie(app: &App, value: &str) -> String {
     let secure = if app.settings.public_url.as_str().starts_with("https://") {
         "; Secure"
     } else {

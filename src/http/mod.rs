@@ -19,8 +19,8 @@
 //! `POST /webhooks/twilio/inbound` (STOP and START), `POST /webhooks/twilio/status` (delivery
 //! status), `POST /webhooks/sendgrid/events` (bounces, spam reports, unsubscribes).
 
-pub mod api;
-pub mod auth;
+pub(crate) mod api;
+pub(crate) mod auth;
 mod console;
 mod health;
 mod router;
@@ -35,15 +35,15 @@ use tracing::{info, warn};
 
 use crate::app::App;
 use crate::shutdown::Shutdown;
-pub use router::router;
-pub use webhooks::{sendgrid_verify, twilio_signature};
+pub(crate) use router::router;
+pub use webhooks::twilio_signature;
 
 /// How long a connection may take to send a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a request may take, body and answer included.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// The largest request body accepted.
-pub const MAX_BODY: usize = 1024 * 1024;
+pub(crate) const MAX_BODY: usize = 1024 * 1024;
 /// Requests handled at once; more wait (and time out).
 pub(crate) const MAX_IN_FLIGHT: usize = 256;
 /// Database connections the requests share.
@@ -93,7 +93,7 @@ impl Drop for PeerTurn {
 }
 
 /// Binds first, so that a taken port fails the start rather than a task later.
-pub async fn bind(app: &App) -> anyhow::Result<tokio::net::TcpListener> {
+pub(crate) async fn bind(app: &App) -> anyhow::Result<tokio::net::TcpListener> {
     let addr = app.settings.http_addr;
     tokio::net::TcpListener::bind(addr)
         .await
@@ -102,7 +102,7 @@ pub async fn bind(app: &App) -> anyhow::Result<tokio::net::TcpListener> {
 
 /// Serves on a bound listener until shutdown, then lets requests in hand finish (10 s at
 /// most).
-pub async fn serve_on(
+pub(crate) async fn serve_on(
     listener: tokio::net::TcpListener,
     app: App,
     shutdown: Shutdown,

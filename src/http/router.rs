@@ -16,7 +16,7 @@ use crate::app::App;
 /// The routes, over the shared handles, behind the time, size and concurrency limits. The
 /// health routes are outside the limit of requests at once: slow requests filling it must not
 /// fail a liveness probe (and get the process restarted).
-pub fn router(app: App) -> Router {
+pub(crate) fn router(app: App) -> Router {
     health_routes(app.clone())
         .merge(
             routes(app).layer(tower::limit::GlobalConcurrencyLimitLayer::new(

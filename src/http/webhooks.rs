@@ -157,7 +157,7 @@ pub(super) async fn twilio_status(
 /// timestamp header followed by the raw body, under the key SendGrid shows (base64 of the
 /// public key's DER SubjectPublicKeyInfo, or of the bare point). Timestamps more than 15
 /// minutes from now are refused, so a captured request cannot be replayed later.
-pub fn sendgrid_verify(
+pub(crate) fn sendgrid_verify(
     key_base64: &str,
     timestamp: &str,
     signature_base64: &str,

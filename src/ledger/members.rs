@@ -12,7 +12,7 @@ use crate::event::{Profile, ProfileChanges};
 
 impl Member {
     /// The member a `member.enrolled` describes.
-    pub fn enrolled(profile: &Profile, enrolled_at: DateTime<Utc>) -> Member {
+    pub(crate) fn enrolled(profile: &Profile, enrolled_at: DateTime<Utc>) -> Member {
         Member {
             profile: profile.clone(),
             enrolled_at,
@@ -20,7 +20,7 @@ impl Member {
     }
 
     /// This member with a `member.updated`'s changes.
-    pub fn updated(&self, c: &ProfileChanges) -> Member {
+    pub(crate) fn updated(&self, c: &ProfileChanges) -> Member {
         let mut m = self.clone();
         let p = &mut m.profile;
         if let Some(email) = &c.email {

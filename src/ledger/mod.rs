@@ -17,8 +17,9 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
-pub use crate::domain::{CartState, Member, MemberState};
-pub use store::OrderRecord;
+pub use crate::domain::CartState;
+pub(crate) use crate::domain::{Member, MemberState};
+pub(crate) use store::OrderRecord;
 
 use crate::domain::points::{Entry, EntryKind, OrderPoints, Points};
 use crate::domain::{MemberId, quoted};
@@ -31,7 +32,7 @@ use crate::triggers::{self, Planned};
 
 /// What became of one event in a batch.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// State changed (or the event was recorded); `planned` messages were queued.
     Applied {
         /// Messages planned by the triggers (before outbox dedupe).
@@ -49,7 +50,7 @@ pub enum Outcome {
 
 /// How a batch takes its members' locks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Locking {
+pub(crate) enum Locking {
     /// Wait for every member's lock.
     Wait,
     /// Take the free ones; events of members another transaction holds come back `Busy`, so
@@ -407,7 +408,7 @@ impl Applying<'_> {
 
 /// Applies a batch of valid events inside the caller's transaction and returns one outcome per
 /// event, in order. An `Err` leaves the transaction to be rolled back; nothing was applied.
-pub async fn apply_batch(
+pub(crate) async fn apply_batch(
     conn: &mut PgConnection,
     events: &[&Event],
     program: &Program,
@@ -722,7 +723,7 @@ async fn insert_planned(
 
 /// What a scheduled scan does to one member, decided by a pure function of the member.
 #[derive(Debug, Default)]
-pub struct ScanChange {
+pub(crate) struct ScanChange {
     /// Recorded as the journal entries' cause.
     pub cause: String,
     /// A key claimed with the change (in `scan_claims`, apart from the event inbox, so no
@@ -739,7 +740,7 @@ pub struct ScanChange {
 /// lock, lapsed lots are expired first, then `change` may change the member further and plan
 /// messages. Changed members, journal entries and messages are written as an event batch's
 /// are. Returns the number of messages planned (before outbox dedupe).
-pub async fn update_members<F>(
+pub(crate) async fn update_members<F>(
     conn: &mut PgConnection,
     ids: &[&str],
     program: &Program,
@@ -824,7 +825,7 @@ where
 
 /// A member as they are at `now` (lots lapsed by then expired, on this copy only) and their
 /// newest open cart: what a preview renders with. `None` when there is no such member.
-pub async fn member_now(
+pub(crate) async fn member_now(
     pool: &sqlx::PgPool,
     id: &str,
     program: &Program,

@@ -12,7 +12,7 @@ use crate::program::Program;
 
 /// What the ledger keeps of an order.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OrderRecord {
+pub(crate) struct OrderRecord {
     /// The order.
     pub order_id: String,
     /// The buyer.

@@ -11,7 +11,7 @@ use crate::domain::Channel;
 ///
 /// The reservation is one row per (member, channel), taken under its row lock, so two
 /// dispatchers can never both send a marketing message inside one cap window.
-pub async fn reserve_cap(
+pub(crate) async fn reserve_cap(
     pool: &PgPool,
     member: &str,
     channel: Channel,
@@ -51,7 +51,7 @@ pub async fn reserve_cap(
 
 /// Gives back the cap message `id` reserved but did not use (it was not sent): free from
 /// `now`. The reservation was only made when the cap had run out, so nothing earlier is lost.
-pub async fn release_cap(pool: &PgPool, id: i64, now: DateTime<Utc>) -> anyhow::Result<()> {
+pub(crate) async fn release_cap(pool: &PgPool, id: i64, now: DateTime<Utc>) -> anyhow::Result<()> {
     sqlx::query!(
         "update marketing_caps set until = least(until, $2) where message_id = $1",
         id,

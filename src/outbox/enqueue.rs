@@ -8,7 +8,7 @@ use crate::domain::{Channel, Trigger};
 
 /// A message planning decided on, for one member.
 #[derive(Debug, Clone, Copy)]
-pub struct Planned<'a> {
+pub(crate) struct Planned<'a> {
     /// The occurrence's key: a key already in the outbox, or retired by retention, is skipped.
     pub dedupe_key: &'a str,
     /// The member.
@@ -27,7 +27,7 @@ pub struct Planned<'a> {
 
 /// A message newly in the outbox.
 #[derive(Debug, Clone)]
-pub struct Enqueued {
+pub(crate) struct Enqueued {
     /// Outbox id.
     pub id: i64,
     /// Its key.
@@ -38,7 +38,7 @@ pub struct Enqueued {
 
 /// Inserts planned messages inside the caller's transaction, skipping every key the outbox
 /// has or had; returns those inserted.
-pub async fn enqueue(
+pub(crate) async fn enqueue(
     conn: &mut PgConnection,
     planned: &[Planned<'_>],
 ) -> Result<Vec<Enqueued>, sqlx::Error> {
@@ -74,7 +74,7 @@ pub async fn enqueue(
 
 /// A test send a marketer asked for.
 #[derive(Debug, Clone, Copy)]
-pub struct TestSend<'a> {
+pub(crate) struct TestSend<'a> {
     /// Its own key: a test never takes the trigger's.
     pub dedupe_key: &'a str,
     /// The member whose data it renders with (empty for none).
@@ -98,7 +98,10 @@ pub struct TestSend<'a> {
 }
 
 /// Test sends `user` queued in the last hour.
-pub async fn test_sends_last_hour(conn: &mut PgConnection, user: &str) -> Result<i64, sqlx::Error> {
+pub(crate) async fn test_sends_last_hour(
+    conn: &mut PgConnection,
+    user: &str,
+) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar!(
         r#"select count(*) as "count!" from messages
            where test and test_by = $1 and created_at > now() - interval '1 hour'"#,
@@ -109,7 +112,7 @@ pub async fn test_sends_last_hour(conn: &mut PgConnection, user: &str) -> Result
 }
 
 /// Inserts test sends inside the caller's transaction; returns their ids.
-pub async fn enqueue_tests(
+pub(crate) async fn enqueue_tests(
     conn: &mut PgConnection,
     sends: &[TestSend<'_>],
 ) -> Result<Vec<i64>, sqlx::Error> {

@@ -18,16 +18,18 @@ mod claim;
 mod enqueue;
 mod record;
 mod retry;
-pub mod search;
+pub(crate) mod search;
 mod upkeep;
 
-pub use caps::{release_cap, reserve_cap};
-pub use claim::{CLAIM, Claimed, Unreadable, claim, renew};
-pub use enqueue::{Enqueued, Planned, TestSend, enqueue, enqueue_tests, test_sends_last_hour};
-pub use record::{Attempt, Settled, record};
-pub use retry::{RETRY_PAGE, Requeue, retry_failed};
-pub use search::{FILTERED, Filter, Message, attempts_of, mask, message, provider_calls, search};
-pub use upkeep::{
+pub(crate) use caps::{release_cap, reserve_cap};
+pub use claim::{CLAIM, claim, renew};
+pub(crate) use claim::{Claimed, Unreadable};
+pub(crate) use enqueue::{Planned, TestSend, enqueue, enqueue_tests, test_sends_last_hour};
+pub(crate) use record::Attempt;
+pub use record::{Settled, record};
+pub use retry::{Requeue, retry_failed};
+pub(crate) use search::{attempts_of, message, provider_calls, search};
+pub(crate) use upkeep::{
     cancel_pending, counts, prune_attempts, prune_messages, recent_calls, set_coupon_codes,
     set_provider_status, unsubscribed_address,
 };

@@ -16,7 +16,7 @@ pub enum Requeue<'a> {
 
 /// Failed messages requeued per statement: a million failures go back in a thousand short
 /// transactions, never in one long one, and no list of them is held in memory.
-pub const RETRY_PAGE: i64 = 1_000;
+pub(crate) const RETRY_PAGE: i64 = 1_000;
 
 /// Puts failed messages back in the queue (ops, after fixing what made them fail), a page at a
 /// time. They are due at `now` with their attempts counted afresh; the earlier attempts stay

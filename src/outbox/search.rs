@@ -41,7 +41,7 @@ pub struct Filter {
 
 /// The `where` clause of `Filter` over `messages`, its values bound as `$1` to `$8` in the
 /// order of `Filter::bind`.
-pub const FILTERED: &str = "($1::text is null or member_id = $1)
+pub(crate) const FILTERED: &str = "($1::text is null or member_id = $1)
            and ($2::text is null or trigger = $2)
            and ($3::text is null or channel = $3)
            and ($4::text is null or status = $4)
@@ -70,7 +70,7 @@ impl Filter {
 
 /// A message in a list.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct Message {
+pub(crate) struct Message {
     /// Outbox id.
     pub id: i64,
     /// The member (empty for a test send to a typed address).
@@ -105,7 +105,7 @@ pub struct Message {
 
 /// One provider call.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct Attempt {
+pub(crate) struct Attempt {
     /// The claim's number.
     pub attempt: i32,
     /// The provider (`policy` for a suppression, `unknown` for a lost claim).
@@ -121,7 +121,7 @@ pub struct Attempt {
 }
 
 /// Masks an address or number for a reader who may not see it.
-pub fn mask(channel: &str, to: &str) -> String {
+pub(crate) fn mask(channel: &str, to: &str) -> String {
     match channel {
         "email" => Email::parse(to).map_or_else(|_| "***".into(), |e| e.masked()),
         _ => Phone::parse(to).map_or_else(|_| "***".into(), |p| p.masked()),
@@ -135,7 +135,7 @@ const COLUMNS: &str = "id, member_id, trigger, channel, status, recipient, provi
 ///
 /// Built at run time, not checked at compile time: its `where` clause is `FILTERED`, shared
 /// with the requeue of failed messages.
-pub async fn search(
+pub(crate) async fn search(
     pool: &PgPool,
     filter: &Filter,
     limit: i64,
@@ -186,7 +186,7 @@ fn shown(channel: &str, to: String, reveal: bool) -> String {
 }
 
 /// One message, with its template variables and the locale its version was pinned in.
-pub async fn message(
+pub(crate) async fn message(
     pool: &PgPool,
     id: i64,
     reveal: bool,
@@ -225,7 +225,7 @@ pub async fn message(
 }
 
 /// Every provider call of message `id`, oldest first.
-pub async fn attempts_of(pool: &PgPool, id: i64) -> anyhow::Result<Vec<Attempt>> {
+pub(crate) async fn attempts_of(pool: &PgPool, id: i64) -> anyhow::Result<Vec<Attempt>> {
     sqlx::query_as!(
         Attempt,
         "select attempt, provider, outcome, error, latency_ms, at from delivery_attempts
@@ -239,7 +239,7 @@ pub async fn attempts_of(pool: &PgPool, id: i64) -> anyhow::Result<Vec<Attempt>>
 
 /// One provider's calls over a window.
 #[derive(Debug, Clone)]
-pub struct ProviderCalls {
+pub(crate) struct ProviderCalls {
     /// The provider.
     pub provider: String,
     /// Calls it took.
@@ -253,7 +253,10 @@ pub struct ProviderCalls {
 }
 
 /// Each provider's calls over the last `minutes` (policy decisions and lost claims aside).
-pub async fn provider_calls(pool: &PgPool, minutes: i32) -> anyhow::Result<Vec<ProviderCalls>> {
+pub(crate) async fn provider_calls(
+    pool: &PgPool,
+    minutes: i32,
+) -> anyhow::Result<Vec<ProviderCalls>> {
     sqlx::query_as!(
         ProviderCalls,
         r#"select provider,
@@ -274,7 +277,7 @@ pub async fn provider_calls(pool: &PgPool, minutes: i32) -> anyhow::Result<Vec<P
 
 /// A recent message with its member's current address and number.
 #[derive(Debug, Clone)]
-pub struct Recent {
+pub(crate) struct Recent {
     /// Outbox id.
     pub id: i64,
     /// The trigger's name.
@@ -296,7 +299,7 @@ pub struct Recent {
 }
 
 /// The `limit` newest messages of `members` (of everyone when `None`), newest first.
-pub async fn recent_of_members(
+pub(crate) async fn recent_of_members(
     pool: &PgPool,
     members: Option<&[String]>,
     limit: i64,
@@ -316,7 +319,7 @@ pub async fn recent_of_members(
 }
 
 /// Messages of `members` due by `now` and not yet settled.
-pub async fn unsent_of(
+pub(crate) async fn unsent_of(
     pool: &PgPool,
     now: DateTime<Utc>,
     members: &[String],

@@ -7,7 +7,10 @@ use std::collections::BTreeMap;
 use sqlx::{PgConnection, PgPool};
 
 /// Cancels messages of these keys that have not been claimed yet (the cart changed).
-pub async fn cancel_pending(conn: &mut PgConnection, keys: &[String]) -> Result<(), sqlx::Error> {
+pub(crate) async fn cancel_pending(
+    conn: &mut PgConnection,
+    keys: &[String],
+) -> Result<(), sqlx::Error> {
     if keys.is_empty() {
         return Ok(());
     }
@@ -23,7 +26,7 @@ pub async fn cancel_pending(conn: &mut PgConnection, keys: &[String]) -> Result<
 }
 
 /// Adds each message's coupon code to its template variables (`coupon_code`).
-pub async fn set_coupon_codes(
+pub(crate) async fn set_coupon_codes(
     conn: &mut PgConnection,
     ids: &[i64],
     codes: &[&str],
@@ -42,7 +45,7 @@ pub async fn set_coupon_codes(
 }
 
 /// Records the delivery status Twilio reported for its message `sid`.
-pub async fn set_provider_status(
+pub(crate) async fn set_provider_status(
     pool: &PgPool,
     sid: &str,
     status: &str,
@@ -58,7 +61,11 @@ pub async fn set_provider_status(
 }
 
 /// Deletes one page of delivery attempts older than `days`; returns how many.
-pub async fn prune_attempts(pool: &PgPool, days: i32, page: i64) -> Result<u64, sqlx::Error> {
+pub(crate) async fn prune_attempts(
+    pool: &PgPool,
+    days: i32,
+    page: i64,
+) -> Result<u64, sqlx::Error> {
     let done = sqlx::query!(
         "delete from delivery_attempts where id in (
              select id from delivery_attempts
@@ -73,7 +80,11 @@ pub async fn prune_attempts(pool: &PgPool, days: i32, page: i64) -> Result<u64, 
 
 /// Deletes one page of messages finished more than `days` ago, with their attempts; their keys
 /// stay in `retired_keys`, so a pruned message can never be planned again. Returns how many.
-pub async fn prune_messages(pool: &PgPool, days: i32, page: i64) -> Result<u64, sqlx::Error> {
+pub(crate) async fn prune_messages(
+    pool: &PgPool,
+    days: i32,
+    page: i64,
+) -> Result<u64, sqlx::Error> {
     let done = sqlx::query!(
         "with old as (
              select id, dedupe_key from messages
@@ -98,7 +109,7 @@ pub async fn prune_messages(pool: &PgPool, days: i32, page: i64) -> Result<u64, 
 }
 
 /// Messages pending, sending and failed, each counted (zero when there are none).
-pub async fn counts(pool: &PgPool) -> Result<BTreeMap<String, i64>, sqlx::Error> {
+pub(crate) async fn counts(pool: &PgPool) -> Result<BTreeMap<String, i64>, sqlx::Error> {
     let rows = sqlx::query!(
         r#"select status, count(*) as "count!" from messages
            where status in ('pending', 'sending', 'failed') group by status"#
@@ -114,7 +125,7 @@ pub async fn counts(pool: &PgPool) -> Result<BTreeMap<String, i64>, sqlx::Error>
 }
 
 /// Provider calls in the last five minutes that were taken and that failed.
-pub async fn recent_calls(pool: &PgPool) -> Result<(i64, i64), sqlx::Error> {
+pub(crate) async fn recent_calls(pool: &PgPool) -> Result<(i64, i64), sqlx::Error> {
     let row = sqlx::query!(
         r#"select count(*) filter (where outcome = 'sent') as "sent!",
                   count(*) filter (where outcome in ('transient', 'permanent', 'unsure'))
@@ -128,7 +139,7 @@ pub async fn recent_calls(pool: &PgPool) -> Result<(i64, i64), sqlx::Error> {
 
 /// The member an unsubscribe link names, the address that message `message_id` went to (else
 /// the member's address now), and the member's locale; `None` for a member no longer known.
-pub async fn unsubscribed_address(
+pub(crate) async fn unsubscribed_address(
     pool: &PgPool,
     member: &str,
     message_id: Option<i64>,

@@ -39,30 +39,30 @@ use handlebars::{
 };
 
 /// The largest template file.
-pub const MAX_FILE_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_FILE_BYTES: usize = 64 * 1024;
 /// The most tags (`{{`) in one file.
-pub const MAX_TAGS: usize = 1_000;
+pub(crate) const MAX_TAGS: usize = 1_000;
 /// How deeply blocks (an `{{else if}}` chain counting one deeper per link), and a tag's
 /// subexpressions and literals, may nest in one file.
-pub const MAX_SOURCE_NESTING: usize = 16;
+pub(crate) const MAX_SOURCE_NESTING: usize = 16;
 /// How deeply partials (inline ones included) may include one another while rendering. With
 /// the nesting of each file, this bounds how deeply a render recurses: at most
 /// (`MAX_PARTIAL_DEPTH` + 1) × `MAX_SOURCE_NESTING` bodies.
-pub const MAX_PARTIAL_DEPTH: u32 = 8;
+pub(crate) const MAX_PARTIAL_DEPTH: u32 = 8;
 /// Steps of one template's render: loop bodies rendered (once per item), partials entered,
 /// values printed.
-pub const MAX_STEPS: u64 = 100_000;
+pub(crate) const MAX_STEPS: u64 = 100_000;
 /// Bytes one template's render may write.
-pub const MAX_OUTPUT: usize = 256 * 1024;
+pub(crate) const MAX_OUTPUT: usize = 256 * 1024;
 /// Bytes one template's render may write in all, into its output and into the buffers
 /// Handlebars renders partial blocks into first.
-pub const MAX_WRITTEN: usize = 2 * MAX_OUTPUT;
+pub(crate) const MAX_WRITTEN: usize = 2 * MAX_OUTPUT;
 /// How long one template's render may take.
-pub const TIME_LIMIT: Duration = Duration::from_secs(2);
+pub(crate) const TIME_LIMIT: Duration = Duration::from_secs(2);
 /// How deeply the tags of an email's MJML may nest.
-pub const MAX_MARKUP_NESTING: usize = 100;
+pub(crate) const MAX_MARKUP_NESTING: usize = 100;
 /// The CSS inliner's work: style rules × elements of the HTML made from MJML.
-pub const MAX_CSS_WORK: u64 = 5_000_000;
+pub(crate) const MAX_CSS_WORK: u64 = 5_000_000;
 /// The stack the MJML stage runs on.
 const MJML_STACK: usize = 16 * 1024 * 1024;
 /// The stack a file's compile runs on (`on_compile_stack`).
@@ -71,11 +71,11 @@ const COMPILE_STACK: usize = 256 * 1024 * 1024;
 /// of a partial as its tag is; a partial's output could otherwise grow by its indent per line).
 const MAX_INDENT: usize = 16;
 /// The names of the budget's own helpers start with this; no template may use it.
-pub const RESERVED: &str = "__budget";
+pub(crate) const RESERVED: &str = "__budget";
 
 /// Which limit a render crossed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exceeded {
+pub(crate) enum Exceeded {
     /// `MAX_STEPS`.
     Steps,
     /// `MAX_PARTIAL_DEPTH`.
@@ -146,7 +146,7 @@ thread_local! {
 /// What a render used of its budget: steps, the deepest partial nesting, bytes written (by
 /// marked bodies and values).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
+pub(crate) struct Usage {
     /// Steps taken.
     pub steps: u64,
     /// The deepest partial nesting.
@@ -482,7 +482,7 @@ fn call(mark: Mark, bytes: Option<usize>) -> (TemplateElement, TemplateMapping) 
 /// Checks one template file before it is compiled: its size, its tags, how deeply its blocks
 /// and subexpressions nest, and that it uses no reserved name. The error says which, with the
 /// line when there is one.
-pub fn check_source(source: &str) -> Result<(), (Option<usize>, String)> {
+pub(crate) fn check_source(source: &str) -> Result<(), (Option<usize>, String)> {
     if source.len() > MAX_FILE_BYTES {
         return Err((
             None,

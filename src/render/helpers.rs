@@ -14,7 +14,7 @@ use handlebars::{
 use serde_json::Value;
 
 /// Registers every helper.
-pub fn register(registry: &mut Handlebars<'static>) {
+pub(crate) fn register(registry: &mut Handlebars<'static>) {
     registry.register_helper("money", Box::new(money));
     registry.register_helper("number", Box::new(number));
     registry.register_helper("date", Box::new(date));
@@ -65,7 +65,7 @@ fn marks(locale: &str) -> (char, char) {
 }
 
 /// An amount in minor units of an ISO 4217 currency, as the locale writes it.
-pub fn format_money(minor: i64, currency: &str, locale: &str) -> String {
+pub(crate) fn format_money(minor: i64, currency: &str, locale: &str) -> String {
     let digits = crate::domain::Currency::parse(currency)
         .map(|c| c.minor_digits())
         .unwrap_or(2);
@@ -98,13 +98,13 @@ pub fn format_money(minor: i64, currency: &str, locale: &str) -> String {
 }
 
 /// A whole number of points, grouped as the locale writes numbers.
-pub fn format_points(n: i64, locale: &str) -> String {
+pub(crate) fn format_points(n: i64, locale: &str) -> String {
     let sign = if n < 0 { "-" } else { "" };
     format!("{sign}{}", grouped(n.unsigned_abs(), marks(locale).0))
 }
 
 /// A date as the locale writes it in prose.
-pub fn format_date(date: NaiveDate, locale: &str) -> String {
+pub(crate) fn format_date(date: NaiveDate, locale: &str) -> String {
     const EN: [&str; 12] = [
         "January",
         "February",
@@ -209,7 +209,7 @@ fn url(
 /// segment when split; the extension characters `^{}\[~]|€` count twice) unless a character
 /// is outside GSM-7, then UCS-2 (70, or 67 a segment, counting UTF-16 units): Korean is
 /// always UCS-2, and one `ş` makes a Turkish message UCS-2.
-pub fn sms_segments(text: &str) -> (&'static str, usize) {
+pub(crate) fn sms_segments(text: &str) -> (&'static str, usize) {
     const BASIC: &str = "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà";
     const EXTENDED: &str = "^{}\\[~]|€\u{c}";
     let mut septets: usize = 0;

@@ -13,15 +13,15 @@ use anyhow::{Context, bail};
 use handlebars::{Handlebars, Template};
 use serde_json::Value;
 
-pub mod budget;
+pub(crate) mod budget;
 mod frames;
-pub mod helpers;
+pub(crate) mod helpers;
 
 use crate::domain::Locale;
 use crate::domain::Trigger;
 
 /// The locale every trigger must have.
-pub const DEFAULT_LOCALE: &str = "en";
+pub(crate) const DEFAULT_LOCALE: &str = "en";
 
 /// A rendered email.
 #[derive(Debug, Clone)]
@@ -68,7 +68,7 @@ pub struct Templates {
 type Graph = std::collections::BTreeMap<String, (Vec<String>, Vec<(String, Vec<String>)>)>;
 
 /// The files a (trigger, locale) may have, by name.
-pub const FILE_NAMES: [&str; 5] = [
+pub(crate) const FILE_NAMES: [&str; 5] = [
     "email.subject.hbs",
     "email.mjml.hbs",
     "email.html.hbs",
@@ -631,7 +631,7 @@ fn compile_file(
 
 /// A rendering error of (trigger/locale) `base` as a file error: the file and line when the
 /// error is in one of its files, else the whole message (an error inside a shared layout).
-pub fn render_error(base: &str, error: &anyhow::Error) -> FileError {
+pub(crate) fn render_error(base: &str, error: &anyhow::Error) -> FileError {
     // Over the render budget: the limit crossed is the message.
     if let Some(limit) = error
         .chain()

@@ -20,13 +20,13 @@ use crate::config::Settings;
 
 /// The size of the shop.
 #[derive(Debug, Clone, Copy)]
-pub struct Size {
+pub(crate) struct Size {
     pub members: i64,
     pub events: i64,
 }
 
 /// Fills the database, then times the report; prints the figures.
-pub async fn run(mut settings: Settings, size: Size) -> anyhow::Result<()> {
+pub(crate) async fn run(mut settings: Settings, size: Size) -> anyhow::Result<()> {
     if size.members < 1 || size.events < size.members * 2 {
         bail!("--report-events must be at least twice --report-members (which must be at least 1)");
     }

@@ -16,28 +16,28 @@ use sqlx::PgPool;
 
 use crate::domain::Trigger;
 
-pub mod bench;
+pub(crate) mod bench;
 
 /// How long after a send a conversion counts.
-pub const CONVERSION_WINDOW_DAYS: i64 = 7;
+pub(crate) const CONVERSION_WINDOW_DAYS: i64 = 7;
 
 /// The default period's length, in days, ending now.
-pub const DEFAULT_DAYS: i64 = 30;
+pub(crate) const DEFAULT_DAYS: i64 = 30;
 
 /// A period of event time, `from` included, `to` excluded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Period {
+pub(crate) struct Period {
     pub from: DateTime<Utc>,
     pub to: DateTime<Utc>,
 }
 
 /// The longest period a report covers: five years.
-pub const MAX_DAYS: i64 = 5 * 366;
+pub(crate) const MAX_DAYS: i64 = 5 * 366;
 
 impl Period {
     /// The period from `from` to `to`; either may be left out (the default is the last 30
     /// days up to `now`; `from` alone runs up to `now`, `to` alone starts 30 days before it).
-    pub fn new(
+    pub(crate) fn new(
         from: Option<DateTime<Utc>>,
         to: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
@@ -70,7 +70,7 @@ impl Period {
     }
 
     /// The period of the same length just before this one (retention's S).
-    pub fn previous(&self) -> anyhow::Result<Period> {
+    pub(crate) fn previous(&self) -> anyhow::Result<Period> {
         let from = self
             .from
             .checked_sub_signed(self.to - self.from)
@@ -82,7 +82,7 @@ impl Period {
     }
 
     /// The `count` periods of this length ending with this one, oldest first.
-    pub fn series(&self, count: usize) -> Vec<Period> {
+    pub(crate) fn series(&self, count: usize) -> Vec<Period> {
         let mut periods = vec![*self];
         while periods.len() < count {
             match periods.last().map(Period::previous) {
@@ -96,7 +96,7 @@ impl Period {
 }
 
 /// A time given as a date (`2026-10-01`, midnight UTC) or an RFC 3339 instant.
-pub fn parse_time(text: &str) -> anyhow::Result<DateTime<Utc>> {
+pub(crate) fn parse_time(text: &str) -> anyhow::Result<DateTime<Utc>> {
     let text = text.trim();
     if let Ok(date) = NaiveDate::parse_from_str(text, "%Y-%m-%d") {
         return Ok(date.and_time(NaiveTime::MIN).and_utc());
@@ -113,7 +113,7 @@ pub fn parse_time(text: &str) -> anyhow::Result<DateTime<Utc>> {
 
 /// The report's figures, in DESIGN.md's JSON shape.
 #[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
-pub struct Report {
+pub(crate) struct Report {
     pub from: DateTime<Utc>,
     pub to: DateTime<Utc>,
     /// (E − N) / S: the share of the previous period's buyers who bought again in this one.
@@ -134,7 +134,7 @@ pub struct Report {
 
 /// Points moved in the period, and the balance owed at its end.
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, utoipa::ToSchema)]
-pub struct Points {
+pub(crate) struct Points {
     /// Given (orders, sign-up, birthday, feedback, adjustments), net of what refunds and
     /// negative adjustments took back.
     pub issued: i64,
@@ -148,7 +148,7 @@ pub struct Points {
 
 /// One trigger's sends in the period and what followed them.
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, utoipa::ToSchema)]
-pub struct TriggerFigures {
+pub(crate) struct TriggerFigures {
     /// Sends: members reached by one occurrence of the trigger (its email and SMS are one).
     pub sent: i64,
     /// Sends followed within 7 days by what the trigger asks for.
@@ -167,7 +167,7 @@ pub struct TriggerFigures {
 
 /// The counts behind the ratios.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Counts {
+pub(crate) struct Counts {
     /// S: members who ordered in the previous period.
     pub previous_buyers: i64,
     /// E: members who ordered in this one.
@@ -197,7 +197,7 @@ fn converts_by_redemption(trigger: Trigger) -> bool {
 }
 
 /// The report for `period`.
-pub async fn loyalty(pool: &PgPool, period: Period) -> anyhow::Result<Report> {
+pub(crate) async fn loyalty(pool: &PgPool, period: Period) -> anyhow::Result<Report> {
     let previous = period.previous()?;
     let (buyers, answers, points, triggers) = tokio::try_join!(
         buyers(pool, previous.from, period),
@@ -412,14 +412,14 @@ fn points_difference(value: Option<f64>) -> String {
 }
 
 /// One figure as people read it: its name, its value, and what it is made of.
-pub struct Line {
+pub(crate) struct Line {
     pub name: &'static str,
     pub value: String,
     pub from: String,
 }
 
 /// The report's figures as people read them (the CLI's table and the console page).
-pub fn lines(r: &Report) -> Vec<Line> {
+pub(crate) fn lines(r: &Report) -> Vec<Line> {
     let c = &r.counts;
     let line = |name, value, from| Line { name, value, from };
     vec![
@@ -480,7 +480,7 @@ pub fn lines(r: &Report) -> Vec<Line> {
 }
 
 /// One trigger's figures as people read them.
-pub struct TriggerLine {
+pub(crate) struct TriggerLine {
     pub name: String,
     pub sent: i64,
     pub conversions: i64,
@@ -492,7 +492,7 @@ pub struct TriggerLine {
 }
 
 /// Each trigger's figures as people read them, by trigger name.
-pub fn trigger_lines(r: &Report) -> Vec<TriggerLine> {
+pub(crate) fn trigger_lines(r: &Report) -> Vec<TriggerLine> {
     r.triggers
         .iter()
         .map(|(name, f)| TriggerLine {
@@ -510,7 +510,7 @@ pub fn trigger_lines(r: &Report) -> Vec<TriggerLine> {
 
 /// The report as CSV: a `figure,value` row per figure, named as in the JSON
 /// (`points.issued`, `triggers.welcome.lift`); an empty value is `null`.
-pub fn csv(r: &Report) -> String {
+pub(crate) fn csv(r: &Report) -> String {
     let mut out = String::from("figure,value\n");
     let mut row = |name: &str, value: String| {
         out.push_str(name);

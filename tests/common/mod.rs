@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use lapin::BasicProperties;
 use lapin::options::{BasicPublishOptions, ExchangeDeleteOptions, QueueDeleteOptions};
-use lifecycle::app::{App, Roles};
-use lifecycle::config::Settings;
-use lifecycle::worker::Worker;
+use lifecycle::testkit::app::{App, Roles};
+use lifecycle::testkit::config::Settings;
+use lifecycle::testkit::worker::Worker;
 
 /// How long any wait may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(30);
@@ -50,7 +50,7 @@ impl TestEnv {
         let outbox = tempfile::tempdir().unwrap();
         let base_db = std::env::var("LIFECYCLE_DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/lifecycle".into());
-        let db: lifecycle::config::DatabaseUrl = base_db.parse().unwrap();
+        let db: lifecycle::testkit::config::DatabaseUrl = base_db.parse().unwrap();
         let mut env: Vec<(String, String)> = vec![
             (
                 "LIFECYCLE_DATABASE_URL".into(),
@@ -137,7 +137,7 @@ impl TestEnv {
 
     /// Publishes event bodies as the platform would (declaring the topology first).
     pub async fn publish(&self, bodies: &[String]) {
-        lifecycle::publish::events(&self.settings, bodies)
+        lifecycle::testkit::publish::events(&self.settings, bodies)
             .await
             .unwrap();
     }
@@ -155,10 +155,10 @@ impl TestEnv {
         body: &[u8],
         properties: BasicProperties,
     ) {
-        let connection = lifecycle::amqp::connect(&self.settings.amqp_url, "test")
+        let connection = lifecycle::testkit::amqp::connect(&self.settings.amqp_url, "test")
             .await
             .unwrap();
-        lifecycle::amqp::declare_topology(&connection, &self.settings)
+        lifecycle::testkit::amqp::declare_topology(&connection, &self.settings)
             .await
             .unwrap();
         let channel = connection.create_channel().await.unwrap();
@@ -181,7 +181,7 @@ impl TestEnv {
     /// Takes every dead letter the dead-letter store has moved to PostgreSQL and not yet
     /// taken: (body, reason). Taking archives them.
     pub async fn take_dead_letters(&self) -> Vec<(Vec<u8>, String)> {
-        let pool = lifecycle::db::pool(&self.settings.database_url, 1).unwrap();
+        let pool = lifecycle::testkit::db::pool(&self.settings.database_url, 1).unwrap();
         let rows: Vec<(i64, Vec<u8>, String)> = sqlx::query_as(
             "update dead_letters set archived_at = now(), archived_by = 'test'
              where archived_at is null returning id, body, reason",
@@ -210,7 +210,7 @@ impl TestEnv {
 
     async fn remove(settings: Settings) {
         let this = &settings;
-        if let Ok(connection) = lifecycle::amqp::connect(&this.amqp_url, "test").await {
+        if let Ok(connection) = lifecycle::testkit::amqp::connect(&this.amqp_url, "test").await {
             let channel = connection.create_channel().await.unwrap();
             let s = &this.ingest;
             for q in [&s.queue, &s.dead_letter_queue, &s.retry_queue] {
@@ -227,7 +227,9 @@ impl TestEnv {
             }
             connection.close(200, "bye".into()).await.ok();
         }
-        lifecycle::db::drop_database(&this.database_url).await.ok();
+        lifecycle::testkit::db::drop_database(&this.database_url)
+            .await
+            .ok();
     }
 }
 

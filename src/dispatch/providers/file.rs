@@ -9,13 +9,13 @@ use super::{Accepted, Content, Failure, Outgoing};
 use crate::config::Settings;
 
 /// Writes `<id>.eml` (email) and `<id>.json` (email and SMS) to a directory.
-pub struct FileProvider {
+pub(crate) struct FileProvider {
     dir: PathBuf,
 }
 
 impl FileProvider {
     /// A provider writing to `outbox_dir`, created when missing.
-    pub fn new(settings: &Settings) -> anyhow::Result<FileProvider> {
+    pub(crate) fn new(settings: &Settings) -> anyhow::Result<FileProvider> {
         let dir = settings.outbox_dir.clone();
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("creating outbox directory {}", dir.display()))?;

@@ -29,7 +29,7 @@ const MAX_BODY: usize = 64 * 1024;
 /// an idle connection kept for every send that may be in flight (each loop's `concurrency`), so
 /// that a busy dispatcher reuses its connections instead of opening (and, over TLS, handshaking)
 /// new ones.
-pub fn client(settings: &Settings) -> anyhow::Result<reqwest::Client> {
+pub(super) fn client(settings: &Settings) -> anyhow::Result<reqwest::Client> {
     let d = &settings.dispatch;
     Ok(reqwest::Client::builder()
         .timeout(d.send_timeout())
@@ -41,7 +41,7 @@ pub fn client(settings: &Settings) -> anyhow::Result<reqwest::Client> {
 }
 
 /// A provider's answer.
-pub struct Response {
+pub(super) struct Response {
     /// Headers (a message id may be there).
     pub headers: HeaderMap,
     /// The body as text: at most `MAX_BODY` bytes of it, invalid UTF-8 replaced.
@@ -49,7 +49,7 @@ pub struct Response {
 }
 
 /// Sends the request; a 2xx answer is `Ok`, anything else a classified failure.
-pub async fn send(provider: &str, request: RequestBuilder) -> Result<Response, Failure> {
+pub(super) async fn send(provider: &str, request: RequestBuilder) -> Result<Response, Failure> {
     let mut response = request
         .send()
         .await
@@ -80,7 +80,7 @@ pub async fn send(provider: &str, request: RequestBuilder) -> Result<Response, F
 }
 
 /// A failure from the status and headers of a non-2xx answer.
-pub fn classify(
+pub(super) fn classify(
     provider: &str,
     status: StatusCode,
     headers: &HeaderMap,
@@ -131,7 +131,7 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 }
 
 /// `Retry-After` as seconds or as an HTTP date, relative to `now`; a date in the past is zero.
-pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+pub(super) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     parse_retry_after(headers.get(RETRY_AFTER)?.to_str().ok()?, now)
 }
 

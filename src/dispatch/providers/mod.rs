@@ -15,15 +15,15 @@ use crate::domain::Trigger;
 use crate::domain::{Channel, Email, Phone};
 use crate::render::RenderedEmail;
 
-pub use file::FileProvider;
+pub(crate) use file::FileProvider;
 pub use http::parse_retry_after;
-pub use sendgrid::SendgridProvider;
-pub use smtp::SmtpProvider;
-pub use twilio::TwilioProvider;
-pub use webhook::WebhookProvider;
+pub(crate) use sendgrid::SendgridProvider;
+pub(crate) use smtp::SmtpProvider;
+pub(crate) use twilio::TwilioProvider;
+pub(crate) use webhook::WebhookProvider;
 
 /// The enhanced status code (RFC 3463: `class.subject.detail`) a reply's text starts with.
-pub fn enhanced_status(text: &str) -> Option<(u8, u16, u16)> {
+pub(crate) fn enhanced_status(text: &str) -> Option<(u8, u16, u16)> {
     let code = text.split_whitespace().next()?;
     let mut parts = code.split('.');
     let class: u8 = parts.next()?.parse().ok()?;
@@ -36,13 +36,13 @@ pub fn enhanced_status(text: &str) -> Option<(u8, u16, u16)> {
 /// Whether an enhanced status says the mailbox itself is gone for good: 5.1.x (bad mailbox or
 /// address) or 5.2.1 (mailbox disabled). Only that suppresses an address; a relay's policy
 /// (5.7.x) says nothing of it.
-pub fn mailbox_gone(status: (u8, u16, u16)) -> bool {
+pub(crate) fn mailbox_gone(status: (u8, u16, u16)) -> bool {
     matches!(status, (5, 1, _) | (5, 2, 1))
 }
 
 /// A message ready for a provider.
 #[derive(Debug, Clone)]
-pub struct Outgoing {
+pub(crate) struct Outgoing {
     /// Outbox id: `X-Lifecycle-Message-Id` and the idempotency key of provider APIs.
     pub message_id: i64,
     /// Why it is sent.
@@ -59,7 +59,7 @@ pub struct Outgoing {
 
 impl Outgoing {
     /// The recipient as logs may show it.
-    pub fn masked_to(&self) -> String {
+    pub(crate) fn masked_to(&self) -> String {
         match self.channel {
             Channel::Email => Email::parse(&self.to)
                 .map(|e| e.masked())
@@ -71,7 +71,7 @@ impl Outgoing {
     }
 
     /// The full RFC 5322 message of an email, as sent over SMTP or written to `.eml`.
-    pub fn mime(&self) -> Result<Vec<u8>, Failure> {
+    pub(crate) fn mime(&self) -> Result<Vec<u8>, Failure> {
         let Content::Email {
             rendered,
             from,
@@ -97,7 +97,7 @@ impl Outgoing {
     /// The JSON form of DESIGN.md (`message_id`, `trigger`, `channel`, `locale`, `to`,
     /// `subject`, `body`, and `html` for an email), as the `file` and `webhook` providers write
     /// it. It borrows the message: an email's HTML is escaped straight into the output.
-    pub fn to_json(&self) -> MessageJson<'_> {
+    pub(crate) fn to_json(&self) -> MessageJson<'_> {
         let (subject, body, html) = match &self.content {
             Content::Email { rendered, .. } => (
                 Some(rendered.subject.as_str()),
@@ -122,7 +122,7 @@ impl Outgoing {
     /// copied from its JSON form when its frame made one (`RenderedEmail::html_json`) rather
     /// than escaped here: escaping 10 kB of HTML was about a tenth of the CPU of dispatch over
     /// HTTP.
-    pub fn json_body(&self) -> Vec<u8> {
+    pub(crate) fn json_body(&self) -> Vec<u8> {
         let json = self.to_json();
         let escaped = match &self.content {
             Content::Email { rendered, .. } => rendered.html_json.as_deref(),
@@ -157,7 +157,7 @@ impl Outgoing {
 /// A message as JSON (`Outgoing::to_json`). The fields are in alphabetical order, as they were
 /// when this was a `serde_json::Value`, so a receiver sees the same bytes as before.
 #[derive(Debug, serde::Serialize)]
-pub struct MessageJson<'a> {
+pub(crate) struct MessageJson<'a> {
     body: &'a str,
     channel: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -172,7 +172,7 @@ pub struct MessageJson<'a> {
 
 /// The rendered content of a message.
 #[derive(Debug, Clone)]
-pub enum Content {
+pub(crate) enum Content {
     /// An email: its parts, and what its RFC 5322 form needs besides.
     Email {
         /// Subject, HTML and text.
@@ -193,7 +193,7 @@ pub enum Content {
 
 /// A provider took the message.
 #[derive(Debug, Clone)]
-pub struct Accepted {
+pub(crate) struct Accepted {
     /// The provider's reference: its message id, the SMTP reply, or the file written; cleaned
     /// (`Accepted::new`), as everything a provider sends back is before it is stored.
     pub reference: String,
@@ -205,7 +205,7 @@ const MAX_REFERENCE: usize = 200;
 impl Accepted {
     /// A provider's reference as it may be stored: no control characters (a NUL in a
     /// provider's id once stopped every result from being recorded), one line, bounded.
-    pub fn new(reference: &str) -> Accepted {
+    pub(crate) fn new(reference: &str) -> Accepted {
         Accepted {
             reference: crate::mask::clean(reference, MAX_REFERENCE),
         }
@@ -329,7 +329,7 @@ impl fmt::Display for Failure {
 }
 
 /// A configured provider.
-pub enum Provider {
+pub(crate) enum Provider {
     /// SMTP relay.
     Smtp(Box<SmtpProvider>),
     /// SendGrid's mail send API.
@@ -344,7 +344,7 @@ pub enum Provider {
 
 impl Provider {
     /// The provider's name as configured and recorded.
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             Provider::Smtp(_) => "smtp",
             Provider::Sendgrid(_) => "sendgrid",
@@ -355,7 +355,7 @@ impl Provider {
     }
 
     /// Hands the message over.
-    pub async fn send(&self, message: &Outgoing) -> Result<Accepted, Failure> {
+    pub(crate) async fn send(&self, message: &Outgoing) -> Result<Accepted, Failure> {
         match self {
             Provider::Smtp(p) => p.send(message).await,
             Provider::Sendgrid(p) => p.send(message).await,
@@ -367,7 +367,7 @@ impl Provider {
 }
 
 /// The email providers of the settings, in order.
-pub fn email_providers(settings: &Settings) -> anyhow::Result<Vec<Provider>> {
+pub(crate) fn email_providers(settings: &Settings) -> anyhow::Result<Vec<Provider>> {
     settings
         .email_providers
         .iter()
@@ -387,7 +387,7 @@ pub fn email_providers(settings: &Settings) -> anyhow::Result<Vec<Provider>> {
 }
 
 /// The SMS providers of the settings, in order.
-pub fn sms_providers(settings: &Settings) -> anyhow::Result<Vec<Provider>> {
+pub(crate) fn sms_providers(settings: &Settings) -> anyhow::Result<Vec<Provider>> {
     settings
         .sms_providers
         .iter()

@@ -10,7 +10,7 @@ use super::{Accepted, Content, Failure, Outgoing, http};
 use crate::config::{Secret, Settings};
 
 /// The SendGrid provider.
-pub struct SendgridProvider {
+pub(crate) struct SendgridProvider {
     client: reqwest::Client,
     endpoint: reqwest::Url,
     api_key: Secret,
@@ -19,7 +19,7 @@ pub struct SendgridProvider {
 
 impl SendgridProvider {
     /// Checks that the API key is set.
-    pub fn new(settings: &Settings) -> anyhow::Result<SendgridProvider> {
+    pub(crate) fn new(settings: &Settings) -> anyhow::Result<SendgridProvider> {
         let api_key = settings.sendgrid_api_key.clone().ok_or_else(|| {
             anyhow::anyhow!(
                 "invalid setting `sendgrid_api_key` (LIFECYCLE_SENDGRID_API_KEY): the sendgrid provider needs it"
@@ -40,7 +40,7 @@ impl SendgridProvider {
     }
 
     /// Sends an email.
-    pub async fn send(&self, message: &Outgoing) -> Result<Accepted, Failure> {
+    pub(crate) async fn send(&self, message: &Outgoing) -> Result<Accepted, Failure> {
         let Content::Email {
             rendered,
             list_unsubscribe,

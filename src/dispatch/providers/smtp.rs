@@ -25,7 +25,7 @@ use super::{Accepted, Content, Failure, Outgoing, enhanced_status, mailbox_gone}
 use crate::config::{Settings, SmtpTls, SmtpUrl};
 
 /// An SMTP relay with pooled connections.
-pub struct SmtpProvider {
+pub(crate) struct SmtpProvider {
     url: SmtpUrl,
     from: lettre::Address,
     hello: ClientId,
@@ -43,7 +43,7 @@ struct Connection {
 
 impl SmtpProvider {
     /// A provider for the relay of the settings; connects on first use.
-    pub fn new(settings: &Settings) -> SmtpProvider {
+    pub(crate) fn new(settings: &Settings) -> SmtpProvider {
         SmtpProvider {
             url: settings.smtp_url.clone(),
             from: settings.from.email.clone(),

@@ -8,7 +8,7 @@ use super::{Accepted, Content, Failure, Outgoing, http};
 use crate::config::{Secret, Settings};
 
 /// The Twilio provider.
-pub struct TwilioProvider {
+pub(crate) struct TwilioProvider {
     client: reqwest::Client,
     endpoint: reqwest::Url,
     account_sid: String,
@@ -19,7 +19,7 @@ pub struct TwilioProvider {
 
 impl TwilioProvider {
     /// Checks that the account, token and sender are set.
-    pub fn new(settings: &Settings) -> anyhow::Result<TwilioProvider> {
+    pub(crate) fn new(settings: &Settings) -> anyhow::Result<TwilioProvider> {
         let missing = |key: &str, env: &str| {
             anyhow::anyhow!("invalid setting `{key}` ({env}): the twilio provider needs it")
         };
@@ -60,7 +60,7 @@ impl TwilioProvider {
     }
 
     /// Sends an SMS.
-    pub async fn send(&self, message: &Outgoing) -> Result<Accepted, Failure> {
+    pub(crate) async fn send(&self, message: &Outgoing) -> Result<Accepted, Failure> {
         let Content::Sms { body } = &message.content else {
             return Err(Failure::permanent("the twilio provider sends SMS only"));
         };

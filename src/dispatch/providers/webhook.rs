@@ -10,7 +10,7 @@ use super::{Accepted, Failure, Outgoing, http};
 use crate::config::Settings;
 
 /// The webhook provider.
-pub struct WebhookProvider {
+pub(crate) struct WebhookProvider {
     client: reqwest::Client,
     url: reqwest::Url,
     key: hmac::Key,
@@ -18,7 +18,7 @@ pub struct WebhookProvider {
 
 impl WebhookProvider {
     /// Checks that the URL and secret are set.
-    pub fn new(settings: &Settings) -> anyhow::Result<WebhookProvider> {
+    pub(crate) fn new(settings: &Settings) -> anyhow::Result<WebhookProvider> {
         let url = settings.webhook_url.as_ref().ok_or_else(|| {
             anyhow::anyhow!(
                 "invalid setting `webhook_url` (LIFECYCLE_WEBHOOK_URL): the webhook provider needs it"
@@ -37,7 +37,7 @@ impl WebhookProvider {
     }
 
     /// Posts the message.
-    pub async fn send(&self, message: &Outgoing) -> Result<Accepted, Failure> {
+    pub(crate) async fn send(&self, message: &Outgoing) -> Result<Accepted, Failure> {
         let body = message.json_body();
         let signature = hex::encode(hmac::sign(&self.key, &body));
         let request = self

@@ -13,7 +13,7 @@ use crate::users::Role;
 /// Which failed messages to requeue: by id, or every failed one matching a filter.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct RetryRequest {
+pub(crate) struct RetryRequest {
     /// These messages (those of them that are failed).
     pub ids: Option<Vec<i64>>,
     /// Every failed message matching it (`{}`: all).
@@ -22,7 +22,7 @@ pub struct RetryRequest {
 
 /// How many went back in the queue.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Requeued {
+pub(crate) struct Requeued {
     /// Messages requeued.
     pub requeued: u64,
 }
@@ -34,7 +34,7 @@ pub struct Requeued {
               (status = 422, body = ApiError)),
     security(("bearer" = []), ("session" = [])))]
 /// Requeues failed messages (ops only).
-pub async fn retry(
+pub(crate) async fn retry(
     State(app): State<App>,
     who: Authed,
     Json(body): Json<RetryRequest>,

@@ -1,10 +1,10 @@
 //! The admin API (`/api`, JSON, authenticated; see `auth`). Its OpenAPI document is generated
 //! from these handlers and types (utoipa) and served open at `/api/openapi.json`.
 
-pub mod messages;
-pub mod ops;
-pub mod reports;
-pub mod templates;
+pub(crate) mod messages;
+pub(crate) mod ops;
+pub(crate) mod reports;
+pub(crate) mod templates;
 
 use axum::Json;
 use axum::Router;
@@ -45,7 +45,7 @@ use crate::app::App;
          (name = "members", description = "A member's profile, points, suppressions and messages"),
          (name = "reports", description = "The loyalty report: retention, repeat purchase, upsell, NPS, points, and each trigger's conversions against its control group"))
 )]
-pub struct ApiDoc;
+pub(crate) struct ApiDoc;
 
 /// The two ways to authenticate.
 struct Security;
@@ -67,7 +67,7 @@ impl utoipa::Modify for Security {
 }
 
 /// `/api` routes.
-pub fn routes() -> Router<App> {
+pub(crate) fn routes() -> Router<App> {
     Router::new()
         .route(
             "/api/openapi.json",

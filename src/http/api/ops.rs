@@ -19,7 +19,7 @@ use crate::users::Role;
 
 /// Paging of a list: how many, and the cursor a previous page gave.
 #[derive(Debug, Default)]
-pub struct Page {
+pub(crate) struct Page {
     /// At most this many (default 50, at most 500).
     pub limit: Option<i64>,
     /// The `next` of the previous page.
@@ -34,7 +34,7 @@ impl Page {
 
 /// A page of messages.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Messages {
+pub(crate) struct Messages {
     /// Newest first.
     pub messages: Vec<Message>,
     /// The cursor of the next page, or null at the end.
@@ -44,7 +44,7 @@ pub struct Messages {
 /// Query parameters of `GET /api/messages` (flat: URL queries cannot nest).
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
-pub struct MessagesQuery {
+pub(crate) struct MessagesQuery {
     /// One member's.
     pub member_id: Option<String>,
     /// One trigger's.
@@ -69,7 +69,7 @@ pub struct MessagesQuery {
 
 impl MessagesQuery {
     /// The filter and the page.
-    pub fn split(self) -> (deliveries::Filter, Page) {
+    pub(crate) fn split(self) -> (deliveries::Filter, Page) {
         (
             deliveries::Filter {
                 member_id: self.member_id,
@@ -93,7 +93,7 @@ impl MessagesQuery {
     responses((status = 200, body = Messages), (status = 401, body = ApiError)),
     security(("bearer" = []), ("session" = [])))]
 /// Messages by member, trigger, channel, status, provider, time and test flag, newest first.
-pub async fn messages(
+pub(crate) async fn messages(
     State(app): State<App>,
     who: Authed,
     Query(query): Query<MessagesQuery>,
@@ -116,7 +116,7 @@ pub async fn messages(
     responses((status = 200, body = Detail), (status = 401, body = ApiError), (status = 404, body = ApiError)),
     security(("bearer" = []), ("session" = [])))]
 /// One message: its template version, every attempt, and its content as rendered.
-pub async fn message(
+pub(crate) async fn message(
     State(app): State<App>,
     who: Authed,
     Path(id): Path<i64>,
@@ -131,7 +131,7 @@ pub async fn message(
 
 /// A page of dead letters.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct DeadLetters {
+pub(crate) struct DeadLetters {
     /// Newest first.
     pub dead_letters: Vec<DeadLetter>,
     /// The cursor of the next page, or null at the end.
@@ -141,7 +141,7 @@ pub struct DeadLetters {
 /// Query parameters of `GET /api/dead-letters`.
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
-pub struct DeadLettersQuery {
+pub(crate) struct DeadLettersQuery {
     /// Reason contains this (case-insensitive).
     pub reason: Option<String>,
     /// Event type.
@@ -165,7 +165,7 @@ pub struct DeadLettersQuery {
     responses((status = 200, body = DeadLetters), (status = 401, body = ApiError), (status = 403, body = ApiError)),
     security(("bearer" = []), ("session" = [])))]
 /// Dead letters by reason, type and time, newest first (archived ones with `archived=true`).
-pub async fn list_dead_letters(
+pub(crate) async fn list_dead_letters(
     State(app): State<App>,
     who: Authed,
     Query(query): Query<DeadLettersQuery>,
@@ -196,7 +196,7 @@ pub async fn list_dead_letters(
 /// or a `filter` skips letters replayed before, unless `again`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct DeadLetterSelection {
+pub(crate) struct DeadLetterSelection {
     /// These.
     pub ids: Option<Vec<i64>>,
     /// Every unarchived one.
@@ -234,7 +234,7 @@ impl DeadLetterSelection {
 
 /// How many were replayed.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Replayed {
+pub(crate) struct Replayed {
     /// Republished to the exchange.
     pub replayed: u64,
 }
@@ -244,7 +244,7 @@ pub struct Replayed {
     responses((status = 200, body = Replayed), (status = 401, body = ApiError), (status = 403, body = ApiError)),
     security(("bearer" = []), ("session" = [])))]
 /// Republishes dead letters with a fresh retry count; one already applied is a no-op.
-pub async fn replay(
+pub(crate) async fn replay(
     State(app): State<App>,
     who: Authed,
     Json(body): Json<DeadLetterSelection>,
@@ -258,7 +258,7 @@ pub async fn replay(
 
 /// How many were archived.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Archived {
+pub(crate) struct Archived {
     /// Archived now.
     pub archived: u64,
 }
@@ -268,7 +268,7 @@ pub struct Archived {
     responses((status = 200, body = Archived), (status = 401, body = ApiError), (status = 403, body = ApiError)),
     security(("bearer" = []), ("session" = [])))]
 /// Archives dead letters: they leave the default list.
-pub async fn archive(
+pub(crate) async fn archive(
     State(app): State<App>,
     who: Authed,
     Json(body): Json<DeadLetterSelection>,
@@ -284,7 +284,7 @@ pub async fn archive(
     responses((status = 200, body = Queues), (status = 401, body = ApiError), (status = 403, body = ApiError)),
     security(("bearer" = []), ("session" = [])))]
 /// Depth and consumers of the input, retry and dead-letter queues; the outbox by status.
-pub async fn queues(State(app): State<App>, who: Authed) -> Result<Json<Queues>, ApiError> {
+pub(crate) async fn queues(State(app): State<App>, who: Authed) -> Result<Json<Queues>, ApiError> {
     who.require(Role::Ops)?;
     crate::queues::snapshot(&app)
         .await
@@ -294,7 +294,7 @@ pub async fn queues(State(app): State<App>, who: Authed) -> Result<Json<Queues>,
 
 /// Query of `GET /api/providers`.
 #[derive(Debug, Deserialize, IntoParams)]
-pub struct ProvidersQuery {
+pub(crate) struct ProvidersQuery {
     /// The window, minutes (default 15).
     pub minutes: Option<i32>,
 }
@@ -303,7 +303,7 @@ pub struct ProvidersQuery {
     responses((status = 200, body = [ProviderHealth]), (status = 401, body = ApiError), (status = 403, body = ApiError)),
     security(("bearer" = []), ("session" = [])))]
 /// Each provider's circuit, recent successes and failures, latency and rate limit.
-pub async fn providers(
+pub(crate) async fn providers(
     State(app): State<App>,
     who: Authed,
     Query(query): Query<ProvidersQuery>,
@@ -317,7 +317,7 @@ pub async fn providers(
 
 /// A member as ops and marketers see them.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Member {
+pub(crate) struct Member {
     /// Their id.
     pub member_id: String,
     /// First name.
@@ -353,7 +353,7 @@ pub struct Member {
     responses((status = 200, body = Member), (status = 401, body = ApiError), (status = 404, body = ApiError)),
     security(("bearer" = []), ("session" = [])))]
 /// A member's profile, consent, suppressions, points, lots, journal and messages.
-pub async fn member(
+pub(crate) async fn member(
     State(app): State<App>,
     who: Authed,
     Path(id): Path<String>,
@@ -366,7 +366,11 @@ pub async fn member(
 }
 
 /// A member as the API and the console show them.
-pub async fn member_view(app: &App, id: &str, reveal: bool) -> Result<Option<Member>, ApiError> {
+pub(crate) async fn member_view(
+    app: &App,
+    id: &str,
+    reveal: bool,
+) -> Result<Option<Member>, ApiError> {
     let program = &app.settings.program;
     let now = app.clock.now();
     let Some((state, _)) = crate::ledger::member_now(&app.pool, id, program, now).await? else {
@@ -453,7 +457,7 @@ pub async fn member_view(app: &App, id: &str, reveal: bool) -> Result<Option<Mem
 /// Lifting a suppression.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct Lift {
+pub(crate) struct Lift {
     /// `email` or `sms`.
     pub channel: String,
     /// Why (recorded in the log with who lifted it).
@@ -462,7 +466,7 @@ pub struct Lift {
 
 /// Whether a suppression was lifted.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Lifted {
+pub(crate) struct Lifted {
     /// False when the member's address was not suppressed.
     pub lifted: bool,
 }
@@ -477,7 +481,7 @@ const MAX_REASON: usize = 500;
     security(("bearer" = []), ("session" = [])))]
 /// Lifts the suppression of a member's address on one channel (ops), with a reason, kept
 /// with who lifted it in `suppression_lifts`.
-pub async fn lift(
+pub(crate) async fn lift(
     State(app): State<App>,
     who: Authed,
     Path(id): Path<String>,

@@ -13,7 +13,7 @@ use crate::users::Role;
 
 /// The period of a report (event time, UTC).
 #[derive(Debug, Default, Deserialize, IntoParams)]
-pub struct PeriodQuery {
+pub(crate) struct PeriodQuery {
     /// Start, included: a date (`2026-10-01`, midnight UTC) or an RFC 3339 time. Default: 30
     /// days before `to`.
     pub from: Option<String>,
@@ -23,7 +23,7 @@ pub struct PeriodQuery {
 
 impl PeriodQuery {
     /// The period asked for, or a 400 naming what is wrong.
-    pub fn period(&self, app: &App) -> Result<Period, ApiError> {
+    pub(crate) fn period(&self, app: &App) -> Result<Period, ApiError> {
         let time = |value: &Option<String>| {
             value
                 .as_deref()
@@ -43,7 +43,7 @@ impl PeriodQuery {
     security(("bearer" = []), ("session" = [])))]
 /// Retention, repeat purchase, upsell, NPS, points, and each trigger's conversions beside its
 /// control group's, for [from, to); a ratio with nothing to divide by is null.
-pub async fn loyalty(
+pub(crate) async fn loyalty(
     State(app): State<App>,
     who: Authed,
     Query(query): Query<PeriodQuery>,

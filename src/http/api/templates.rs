@@ -23,7 +23,7 @@ use crate::users::{Role, User};
 /// `email.txt.hbs`, to derive the text part from the HTML).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct DraftRequest {
+pub(crate) struct DraftRequest {
     /// By file name: `email.subject.hbs`, `email.mjml.hbs` (or `email.html.hbs`),
     /// `email.txt.hbs`, `sms.hbs`.
     pub files: BTreeMap<String, Option<String>>,
@@ -31,7 +31,7 @@ pub struct DraftRequest {
 
 /// A saved version's number.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Saved {
+pub(crate) struct Saved {
     /// The version.
     pub version: i32,
 }
@@ -40,7 +40,7 @@ pub struct Saved {
 /// context as it is now, or the trigger's sample.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct PreviewRequest {
+pub(crate) struct PreviewRequest {
     /// Render for this member (their ledger now).
     pub member_id: Option<String>,
     /// A saved version (default: the published one).
@@ -51,7 +51,7 @@ pub struct PreviewRequest {
 
 /// An email as it will arrive.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct EmailPreview {
+pub(crate) struct EmailPreview {
     /// The subject line.
     pub subject: String,
     /// The HTML part.
@@ -62,7 +62,7 @@ pub struct EmailPreview {
 
 /// An SMS as it will arrive.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct SmsPreview {
+pub(crate) struct SmsPreview {
     /// The text.
     pub body: String,
     /// How many segments it is sent as.
@@ -73,7 +73,7 @@ pub struct SmsPreview {
 
 /// A rendered preview.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Preview {
+pub(crate) struct Preview {
     /// The email.
     pub email: EmailPreview,
     /// The SMS.
@@ -87,7 +87,7 @@ pub struct Preview {
 /// and `phone`, to the user's own.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct TestSendRequest {
+pub(crate) struct TestSendRequest {
     /// The version to send.
     pub version: Option<i32>,
     /// A member whose context it renders (never whose addresses it goes to).
@@ -100,7 +100,7 @@ pub struct TestSendRequest {
 
 /// The test messages queued.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct TestSent {
+pub(crate) struct TestSent {
     /// Their outbox ids (`GET /api/messages/{id}`).
     pub message_ids: Vec<i64>,
 }
@@ -108,14 +108,14 @@ pub struct TestSent {
 /// The version to publish.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct PublishRequest {
+pub(crate) struct PublishRequest {
     /// A saved version, or 0 for the shipped files.
     pub version: i32,
 }
 
 /// What dispatch uses now.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Published {
+pub(crate) struct Published {
     /// The trigger.
     pub trigger: String,
     /// The locale.
@@ -125,7 +125,7 @@ pub struct Published {
 }
 
 /// The trigger of a path, or 404.
-pub fn trigger(name: &str) -> Result<Trigger, ApiError> {
+pub(crate) fn trigger(name: &str) -> Result<Trigger, ApiError> {
     Trigger::parse(name).ok_or_else(|| {
         ApiError::not_found(format!(
             "no trigger {name:?}; the triggers are {}",
@@ -135,7 +135,7 @@ pub fn trigger(name: &str) -> Result<Trigger, ApiError> {
 }
 
 /// The locale of a path, checked.
-pub fn locale(raw: &str) -> Result<String, ApiError> {
+pub(crate) fn locale(raw: &str) -> Result<String, ApiError> {
     crate::domain::Locale::parse(raw)
         .map(|l| l.as_str().to_owned())
         .map_err(|_| ApiError::not_found(format!("{raw:?} is not a locale (ko, ko-KR, tr …)")))
@@ -146,7 +146,7 @@ pub fn locale(raw: &str) -> Result<String, ApiError> {
               (status = 401, body = ApiError)),
     security(("bearer" = []), ("session" = [])))]
 /// Every (trigger, locale): published version, draft version or null.
-pub async fn list(State(app): State<App>, who: Authed) -> Result<Json<Vec<Pair>>, ApiError> {
+pub(crate) async fn list(State(app): State<App>, who: Authed) -> Result<Json<Vec<Pair>>, ApiError> {
     who.require(Role::Marketer)?;
     Ok(Json(app.templates.pairs().await?))
 }
@@ -157,7 +157,7 @@ pub async fn list(State(app): State<App>, who: Authed) -> Result<Json<Vec<Pair>>
               (status = 401, body = ApiError), (status = 404, body = ApiError)),
     security(("bearer" = []), ("session" = [])))]
 /// The versions of one (trigger, locale), newest first.
-pub async fn versions(
+pub(crate) async fn versions(
     State(app): State<App>,
     who: Authed,
     Path((name, raw_locale)): Path<(String, String)>,
@@ -176,7 +176,7 @@ pub async fn versions(
               (status = 422, description = "Does not validate; nothing saved", body = ApiError)),
     security(("bearer" = []), ("session" = [])))]
 /// Validates and saves a draft; the published version is untouched.
-pub async fn save_draft(
+pub(crate) async fn save_draft(
     State(app): State<App>,
     who: Authed,
     Path((name, raw_locale)): Path<(String, String)>,
@@ -189,7 +189,7 @@ pub async fn save_draft(
 }
 
 /// Saves `changes` over the published files as the draft.
-pub async fn draft(
+pub(crate) async fn draft(
     app: &App,
     trigger: Trigger,
     locale: &str,
@@ -211,7 +211,7 @@ pub async fn draft(
               (status = 422, description = "The files do not validate", body = ApiError)),
     security(("bearer" = []), ("session" = [])))]
 /// Renders unsaved files, a version, or the published one, for a member or the sample.
-pub async fn preview(
+pub(crate) async fn preview(
     State(app): State<App>,
     who: Authed,
     Path((name, raw_locale)): Path<(String, String)>,
@@ -267,7 +267,7 @@ async fn context_for(
 }
 
 /// Renders a preview (on the blocking pool: MJML and CSS inlining are CPU work).
-pub async fn render_preview(
+pub(crate) async fn render_preview(
     app: &App,
     trigger: Trigger,
     locale: &str,
@@ -340,7 +340,7 @@ pub async fn render_preview(
               (status = 429, description = "Over [console] test_sends_per_hour", body = ApiError)),
     security(("bearer" = []), ("session" = [])))]
 /// Sends a version (default: the draft, else the published one) through the real providers.
-pub async fn test_send(
+pub(crate) async fn test_send(
     State(app): State<App>,
     who: Authed,
     Path((name, raw_locale)): Path<(String, String)>,
@@ -353,7 +353,7 @@ pub async fn test_send(
 }
 
 /// Plans the test messages of a request by `user`; returns their ids.
-pub async fn queue_test(
+pub(crate) async fn queue_test(
     app: &App,
     user: &User,
     trigger: Trigger,
@@ -491,7 +491,7 @@ pub async fn queue_test(
               (status = 422, body = ApiError)),
     security(("bearer" = []), ("session" = [])))]
 /// Publishes a version: a draft, or an earlier one (a rollback; 0 is the shipped files).
-pub async fn publish(
+pub(crate) async fn publish(
     State(app): State<App>,
     who: Authed,
     Path((name, raw_locale)): Path<(String, String)>,

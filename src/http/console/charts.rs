@@ -10,7 +10,7 @@ fn escape(text: &str) -> String {
 
 /// One series of a bar chart: its name, its CSS class (its colour), and a value per category
 /// (`None`: nothing to show, drawn as a dash).
-pub struct Series<'a> {
+pub(super) struct Series<'a> {
     pub name: &'a str,
     pub class: &'a str,
     pub values: Vec<Option<f64>>,
@@ -39,7 +39,7 @@ fn nice(value: f64) -> f64 {
 /// A vertical bar chart of `series` over `categories` (the periods), with a zero line, four
 /// grid lines and each bar's value above it. `format` writes a value; `span` fixes the axis
 /// (`(min, max)`), else it runs from 0 (or the lowest negative) to a nice maximum.
-pub fn bars(
+pub(super) fn bars(
     title: &str,
     categories: &[String],
     series: &[Series<'_>],

@@ -29,7 +29,7 @@ use crate::users::{self, Role, User};
 const LOGIN_CSRF_COOKIE: &str = "lifecycle_login_csrf";
 
 /// `/console` routes.
-pub fn routes() -> Router<App> {
+pub(super) fn routes() -> Router<App> {
     Router::new()
         .route(
             "/console",

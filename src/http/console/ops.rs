@@ -600,7 +600,6 @@ async fn lift(
     }
     let who = crate::http::auth::Authed {
         user: session.user.clone(),
-        csrf: None,
     };
     let body = crate::http::api::ops::Lift {
         channel: form.channel,

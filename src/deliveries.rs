@@ -68,11 +68,12 @@ async fn render(
     let locale = match pinned_locale.filter(|_| m.template_version.is_some() || m.test) {
         Some(l) => l,
         None => {
-            let member_locale: Option<String> =
-                sqlx::query_scalar("select locale from members where member_id = $1")
-                    .bind(&m.member_id)
-                    .fetch_optional(&app.pool)
-                    .await?;
+            let member_locale: Option<String> = sqlx::query_scalar!(
+                "select locale from members where member_id = $1",
+                m.member_id.as_str()
+            )
+            .fetch_optional(&app.pool)
+            .await?;
             let asked = crate::domain::Locale::parse(member_locale.as_deref().unwrap_or("en"))?;
             catalog.templates.resolve_locale(trigger, &asked).to_owned()
         }
@@ -85,22 +86,8 @@ async fn render(
         .templates_of_for_request(trigger, &locale, version)
         .await?;
     let settings = &app.settings;
+    crate::render::add_shop_variables(&mut context, settings, &locale);
     if let Value::Object(map) = &mut context {
-        map.insert("shop_name".into(), settings.shop_name.clone().into());
-        map.insert("locale".into(), locale.clone().into());
-        map.insert(
-            "shop_address".into(),
-            settings.shop_address.clone().unwrap_or_default().into(),
-        );
-        for key in [
-            "coupon_code",
-            "next_tier",
-            "points_to_next_tier",
-            "next_reward",
-            "points_to_next_reward",
-        ] {
-            map.entry(key).or_insert(Value::Null);
-        }
         map.insert(
             "unsubscribe_url".into(),
             format!(

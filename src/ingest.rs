@@ -122,37 +122,11 @@ impl Ingest {
         let mut carried_rounds = 0;
         loop {
             let carried = batch.len();
-            let first = if carried == 0 {
-                tokio::select! {
-                    _ = shutdown.triggered() => break,
-                    next = consumer.next() => Some(next),
-                }
-            } else {
-                // Held deliveries go again at once, with whatever has arrived meanwhile.
-                tokio::select! {
-                    _ = shutdown.triggered() => break,
-                    next = consumer.next() => Some(next),
-                    _ = tokio::time::sleep(Duration::from_millis(1)) => None,
-                }
+            let Some(pending_error) =
+                gather(&mut consumer, &mut batch, s.batch_size, &shutdown, &tag).await?
+            else {
+                break;
             };
-            let arrived = first.is_some();
-            let mut pending_error = match first {
-                None => None,
-                // The server cancelled the consumer (queue deleted, node shutting down).
-                Some(None) => return Err(anyhow!("the broker cancelled consumer {tag}")),
-                Some(Some(Err(error))) => Some(error),
-                Some(Some(Ok(delivery))) => {
-                    batch.push(delivery);
-                    None
-                }
-            };
-            while arrived && pending_error.is_none() && batch.len() < s.batch_size {
-                match consumer.next().now_or_never() {
-                    Some(Some(Ok(delivery))) => batch.push(delivery),
-                    Some(Some(Err(error))) => pending_error = Some(error),
-                    _ => break,
-                }
-            }
             if !batch.is_empty() {
                 // Waiting for the other consumers' locks when nothing new came in, or when
                 // deliveries were held a few times in a row, so that none is held for ever.
@@ -229,60 +203,12 @@ impl Ingest {
                 Err(rejection) => Outcome::Rejected(rejection.0.clone()),
                 Ok(_) => applied.next().expect("an outcome per valid event"),
             };
-            let kind = parsed.as_ref().map_or("invalid", |e| e.kind.type_name());
-            let count = |outcome: &'static str| {
-                metrics::counter!("lifecycle_events_total", "type" => kind, "outcome" => outcome)
-                    .increment(1);
-            };
-            let dead = |class: &'static str| {
-                metrics::counter!("lifecycle_dead_letters_total", "reason_class" => class)
-                    .increment(1);
-            };
-            match outcome {
-                Outcome::Busy => busy.push(i),
-                Outcome::Applied { .. } => {
-                    count("applied");
-                    Metrics::inc(&self.app.metrics.events_applied);
-                }
-                Outcome::Duplicate => {
-                    count("duplicate");
-                    Metrics::inc(&self.app.metrics.events_duplicate);
-                }
-                Outcome::Rejected(reason) => {
-                    count("dead_lettered");
-                    dead(if parsed.is_err() {
-                        "malformed"
-                    } else {
-                        "refused"
-                    });
-                    Metrics::inc(&self.app.metrics.events_dead_lettered);
-                    // The header keeps the reason whole for ops; the log masks what it quotes.
-                    warn!(reason = crate::mask::text(&reason), routing_key = %delivery.routing_key, "Event dead-lettered.");
-                    confirms.push(self.dead_letter(publisher, delivery, &reason).await);
-                }
-                Outcome::Deferred(reason) => {
-                    let retries = retries_of(delivery);
-                    if retries >= self.app.settings.ingest.max_retries {
-                        count("dead_lettered");
-                        dead("gave_up");
-                        Metrics::inc(&self.app.metrics.events_dead_lettered);
-                        let reason = format!("{reason} (gave up after {retries} retries)");
-                        warn!(
-                            reason = crate::mask::text(&reason),
-                            "Early event dead-lettered."
-                        );
-                        confirms.push(self.dead_letter(publisher, delivery, &reason).await);
-                    } else {
-                        count("deferred");
-                        Metrics::inc(&self.app.metrics.events_deferred);
-                        debug!(
-                            reason = crate::mask::text(&reason),
-                            retries, "Event deferred."
-                        );
-                        confirms.push(self.retry_later(publisher, delivery, retries + 1).await);
-                    }
-                }
+            if matches!(outcome, Outcome::Busy) {
+                busy.push(i);
+                continue;
             }
+            let kind = parsed.as_ref().map_or("invalid", |e| e.kind.type_name());
+            confirms.extend(self.settle(publisher, delivery, kind, outcome).await);
         }
         for confirm in confirms {
             // Without the dead letter or retry safely stored, the original must stay.
@@ -291,29 +217,7 @@ impl Ingest {
                 .context("a dead letter or retry was not confirmed")?;
         }
         let applied_at = started.elapsed();
-        // Tags rise through the batch: one `multiple` ack up to the first held delivery, then
-        // one ack for each settled delivery after it.
-        let first_held = busy.first().copied().unwrap_or(batch.len());
-        let mut acks = Vec::new();
-        if first_held > 0 {
-            acks.push((&batch[first_held - 1], true));
-        }
-        acks.extend(
-            (first_held..batch.len())
-                .filter(|i| busy.binary_search(i).is_err())
-                .map(|i| (&batch[i], false)),
-        );
-        for (delivery, multiple) in acks {
-            match delivery.acker.ack(BasicAckOptions { multiple }).await {
-                Ok(true) => {}
-                Ok(false) => warn!(
-                    "The channel was lost before the ack; the broker will redeliver and the inbox skips them."
-                ),
-                Err(error) => {
-                    warn!(%error, "Ack failed; the broker will redeliver and the inbox skips them.")
-                }
-            }
-        }
+        ack_settled(batch, &busy).await;
         debug!(
             size = batch.len(),
             held = busy.len(),
@@ -322,6 +226,69 @@ impl Ingest {
             "Batch settled."
         );
         Ok(busy)
+    }
+
+    /// Counts what became of one delivery (`kind`: its event type, or `invalid`), and
+    /// publishes its dead letter or its retry, whose confirm is returned to be awaited before
+    /// the batch is acked.
+    async fn settle(
+        &self,
+        publisher: &Publisher,
+        delivery: &Delivery,
+        kind: &'static str,
+        outcome: Outcome,
+    ) -> Option<anyhow::Result<lapin::PublisherConfirm>> {
+        let count = |outcome: &'static str| {
+            metrics::counter!("lifecycle_events_total", "type" => kind, "outcome" => outcome)
+                .increment(1);
+        };
+        let dead = |class: &'static str| {
+            metrics::counter!("lifecycle_dead_letters_total", "reason_class" => class).increment(1);
+            Metrics::inc(&self.app.metrics.events_dead_lettered);
+            count("dead_lettered");
+        };
+        match outcome {
+            Outcome::Busy => None,
+            Outcome::Applied { .. } => {
+                count("applied");
+                Metrics::inc(&self.app.metrics.events_applied);
+                None
+            }
+            Outcome::Duplicate => {
+                count("duplicate");
+                Metrics::inc(&self.app.metrics.events_duplicate);
+                None
+            }
+            Outcome::Rejected(reason) => {
+                dead(if kind == "invalid" {
+                    "malformed"
+                } else {
+                    "refused"
+                });
+                // The header keeps the reason whole for ops; the log masks what it quotes.
+                warn!(reason = crate::mask::text(&reason), routing_key = %delivery.routing_key, "Event dead-lettered.");
+                Some(self.dead_letter(publisher, delivery, &reason).await)
+            }
+            Outcome::Deferred(reason) => {
+                let retries = retries_of(delivery);
+                if retries >= self.app.settings.ingest.max_retries {
+                    dead("gave_up");
+                    let reason = format!("{reason} (gave up after {retries} retries)");
+                    warn!(
+                        reason = crate::mask::text(&reason),
+                        "Early event dead-lettered."
+                    );
+                    return Some(self.dead_letter(publisher, delivery, &reason).await);
+                }
+                count("deferred");
+                Metrics::inc(&self.app.metrics.events_deferred);
+                debug!(
+                    reason = crate::mask::text(&reason),
+                    retries, "Event deferred."
+                );
+                Some(self.retry_later(publisher, delivery, retries + 1).await)
+            }
+        }
     }
 
     /// Applies the valid events of a batch, retrying transient database errors with backoff.
@@ -435,6 +402,79 @@ impl Ingest {
         publisher
             .publish_raw("", &s.retry_queue, &delivery.data, &properties, headers)
             .await
+    }
+}
+
+/// Adds to `batch` (which may hold deliveries carried from the last one) what has arrived, up
+/// to `size`: waits for a first delivery when the batch is empty, else 1 ms at most, then
+/// takes whatever is ready. `None` at shutdown; `Some(error)` when the channel failed after
+/// the deliveries gathered (they are handled first); an `Err` when the broker cancelled the
+/// consumer.
+async fn gather(
+    consumer: &mut lapin::Consumer,
+    batch: &mut Vec<Delivery>,
+    size: usize,
+    shutdown: &Shutdown,
+    tag: &str,
+) -> anyhow::Result<Option<Option<lapin::Error>>> {
+    let first = if batch.is_empty() {
+        tokio::select! {
+            _ = shutdown.triggered() => return Ok(None),
+            next = consumer.next() => Some(next),
+        }
+    } else {
+        // Held deliveries go again at once, with whatever has arrived meanwhile.
+        tokio::select! {
+            _ = shutdown.triggered() => return Ok(None),
+            next = consumer.next() => Some(next),
+            _ = tokio::time::sleep(Duration::from_millis(1)) => None,
+        }
+    };
+    let arrived = first.is_some();
+    let mut pending_error = match first {
+        None => None,
+        // The server cancelled the consumer (queue deleted, node shutting down).
+        Some(None) => return Err(anyhow!("the broker cancelled consumer {tag}")),
+        Some(Some(Err(error))) => Some(error),
+        Some(Some(Ok(delivery))) => {
+            batch.push(delivery);
+            None
+        }
+    };
+    while arrived && pending_error.is_none() && batch.len() < size {
+        match consumer.next().now_or_never() {
+            Some(Some(Ok(delivery))) => batch.push(delivery),
+            Some(Some(Err(error))) => pending_error = Some(error),
+            _ => break,
+        }
+    }
+    Ok(Some(pending_error))
+}
+
+/// Acks a batch's deliveries except the held ones (`busy`, ascending). Tags rise through the
+/// batch: one `multiple` ack up to the first held delivery, then one ack for each settled
+/// delivery after it. A failed ack is logged: the broker redelivers, and the inbox skips them.
+async fn ack_settled(batch: &[Delivery], busy: &[usize]) {
+    let first_held = busy.first().copied().unwrap_or(batch.len());
+    let mut acks = Vec::new();
+    if first_held > 0 {
+        acks.push((&batch[first_held - 1], true));
+    }
+    acks.extend(
+        (first_held..batch.len())
+            .filter(|i| busy.binary_search(i).is_err())
+            .map(|i| (&batch[i], false)),
+    );
+    for (delivery, multiple) in acks {
+        match delivery.acker.ack(BasicAckOptions { multiple }).await {
+            Ok(true) => {}
+            Ok(false) => warn!(
+                "The channel was lost before the ack; the broker will redeliver and the inbox skips them."
+            ),
+            Err(error) => {
+                warn!(%error, "Ack failed; the broker will redeliver and the inbox skips them.")
+            }
+        }
     }
 }
 

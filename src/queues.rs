@@ -133,15 +133,17 @@ pub(crate) async fn sample(app: App, shutdown: Shutdown) -> anyhow::Result<()> {
                 "Reading the queues for the gauges failed."
             ),
         }
-        match sqlx::query_as::<_, (String, i64)>(
-            "select pool, count(*) filter (where occurrence is null) from coupons group by pool",
+        match sqlx::query!(
+            r#"select pool, count(*) filter (where occurrence is null) as "left!"
+               from coupons group by pool"#
         )
         .fetch_all(&app.pool)
         .await
         {
             Ok(pools) => {
-                for (pool, left) in pools {
-                    metrics::gauge!("lifecycle_coupons_remaining", "pool" => pool).set(left as f64);
+                for p in pools {
+                    metrics::gauge!("lifecycle_coupons_remaining", "pool" => p.pool)
+                        .set(p.left as f64);
                 }
             }
             Err(error) => warn!(%error, "Counting coupons for the gauges failed."),

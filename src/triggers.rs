@@ -100,7 +100,7 @@ pub(crate) fn plan(
 }
 
 /// The rewards a balance can buy, cheapest first, as template context.
-fn rewards_within(program: &Program, balance: i64) -> Vec<serde_json::Value> {
+pub(crate) fn rewards_within(program: &Program, balance: i64) -> Vec<serde_json::Value> {
     program
         .rewards
         .iter()
@@ -368,126 +368,6 @@ pub(crate) fn abandoned_cart(
     let context = with_progress(context, state, program, now);
     let key = cart.dedupe_part(cart.version);
     per_channel(Trigger::AbandonedCart, &key, member, now, context)
-}
-
-/// The context `trigger` would render with for this member now, built from the ledger: the
-/// balance, the lots expiring next, the tier and what is ahead; the member's newest open cart
-/// (or the sample cart when there is none). What previews and test sends to a member use.
-pub(crate) fn context_now(
-    trigger: Trigger,
-    state: &MemberState,
-    cart: Option<&CartState>,
-    program: &Program,
-    now: DateTime<Utc>,
-) -> serde_json::Value {
-    let member = &state.member;
-    let balance = state.points.balance();
-    let window = program.tier_window_months;
-    let locale = &member.profile.locale;
-    let context = match trigger {
-        Trigger::Welcome => json!({
-            "member_id": member.profile.member_id,
-            "signup_bonus": program.signup_bonus,
-            "balance": balance,
-            "rewards": rewards_within(program, balance),
-        }),
-        Trigger::RedemptionReady => {
-            let reward = program
-                .rewards
-                .iter()
-                .rev()
-                .find(|r| r.points <= balance)
-                .or(program.rewards.first());
-            json!({
-                "balance": balance,
-                "reward": reward.map(|r| json!({"points": r.points, "discount": r.discount})),
-                "rewards": rewards_within(program, balance),
-            })
-        }
-        Trigger::TierUp => {
-            let points = state.points.tier_points(now, window);
-            let is = program.tier_for(points);
-            json!({
-                "tier": program.tier_name(is, locale),
-                "previous_tier": program.tier_name(is.saturating_sub(1), locale),
-                "benefits": program.tier_benefits(is, locale),
-                "tier_points": points,
-            })
-        }
-        Trigger::PointsExpiring => {
-            let tz = member.profile.timezone.tz();
-            let today = now.with_timezone(&tz).date_naive();
-            let next = state
-                .points
-                .lots
-                .iter()
-                .filter(|l| l.expires_at > now && l.remaining > 0)
-                .map(|l| l.expires_at.with_timezone(&tz).date_naive())
-                .min();
-            let date = next.unwrap_or(today + chrono::Duration::days(30));
-            let points: i64 = state
-                .points
-                .lots
-                .iter()
-                .filter(|l| {
-                    l.expires_at > now && l.expires_at.with_timezone(&tz).date_naive() == date
-                })
-                .map(|l| l.remaining)
-                .sum();
-            let days_left = (date - today).num_days();
-            let notice = program
-                .expiring_notice_days
-                .iter()
-                .rev()
-                .find(|n| days_left <= i64::from(**n))
-                .or(program.expiring_notice_days.first())
-                .copied()
-                .unwrap_or(30);
-            json!({
-                "points": points,
-                "expiry_date": date.to_string(),
-                "days_left": days_left,
-                "notice_days": notice,
-                "balance": balance,
-            })
-        }
-        Trigger::Birthday => json!({"bonus": program.birthday_bonus, "balance": balance}),
-        Trigger::AbandonedCart => match cart {
-            Some(cart) => {
-                let item_count = cart.items.as_array().map_or(0, |items| {
-                    items
-                        .iter()
-                        .map(|i| i["quantity"].as_u64().unwrap_or(0))
-                        .sum::<u64>()
-                });
-                json!({
-                    "cart_id": cart.cart_id,
-                    "items": cart.items,
-                    "item_count": item_count,
-                    "total_minor": cart.total_minor,
-                    "currency": cart.currency,
-                    "checkout_url": cart.checkout_url,
-                })
-            }
-            None => {
-                let sample = crate::render::sample_context(Trigger::AbandonedCart);
-                let keys = [
-                    "cart_id",
-                    "items",
-                    "item_count",
-                    "total_minor",
-                    "currency",
-                    "checkout_url",
-                ];
-                keys.iter()
-                    .map(|k| ((*k).to_owned(), sample[*k].clone()))
-                    .collect()
-            }
-        },
-    };
-    let mut context = with_progress(context, state, program, now);
-    context["first_name"] = json!(member.profile.first_name);
-    context
 }
 
 #[cfg(test)]

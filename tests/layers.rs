@@ -48,6 +48,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     ("the process", &["worker", "http", "bench"]),
     ("the command line", &["cli"]),
+    ("what the tests may use", &["testkit"]),
 ];
 
 /// Every `.rs` file under `dir`.

@@ -334,8 +334,8 @@ impl Machine {
 /// fewer are).
 async fn dispatch(settings: &Settings, messages: usize) -> anyhow::Result<Rate> {
     let app = App::open(settings.clone()).await?;
-    let (due,): (i64,) = sqlx::query_as(
-        "select count(*) from messages where status = 'pending' and due_at <= now()",
+    let due = sqlx::query_scalar!(
+        r#"select count(*) as "count!" from messages where status = 'pending' and due_at <= now()"#
     )
     .fetch_one(&app.pool)
     .await?;
@@ -523,12 +523,14 @@ async fn ingest_phase(
         )
     })?;
     // Every event applied once.
-    let (inbox, planned, due): (i64, i64, i64) = sqlx::query_as(
-        "select (select count(*) from inbox), (select count(*) from messages),
-                (select count(*) from messages where due_at <= now())",
+    let row = sqlx::query!(
+        r#"select (select count(*) from inbox) as "inbox!",
+                  (select count(*) from messages) as "planned!",
+                  (select count(*) from messages where due_at <= now()) as "due!""#
     )
     .fetch_one(&app.pool)
     .await?;
+    let (inbox, planned, due) = (row.inbox, row.planned, row.due);
     if inbox as usize != total {
         bail!("after ingest: {inbox} of {total} events in the inbox");
     }
@@ -536,7 +538,7 @@ async fn ingest_phase(
     // growing by a tenth. This database is a minute old, so the bench does what autovacuum
     // would have; without it the planner of the phases after this one guesses from empty
     // tables (see `db::begin_keyed` for what ingest does about it itself).
-    sqlx::query("analyze").execute(&app.pool).await?;
+    sqlx::query!("analyze").execute(&app.pool).await?;
     app.pool.close().await;
     Ok((total as f64 / elapsed.as_secs_f64(), planned, due))
 }
@@ -580,7 +582,7 @@ async fn publish_one(
 
 /// Cancels the messages earlier phases left waiting, so that a phase times its own traffic.
 async fn cancel_waiting(app: &App) -> anyhow::Result<()> {
-    sqlx::query("update messages set status = 'cancelled' where status = 'pending'")
+    sqlx::query!("update messages set status = 'cancelled' where status = 'pending'")
         .execute(&app.pool)
         .await?;
     Ok(())
@@ -588,8 +590,9 @@ async fn cancel_waiting(app: &App) -> anyhow::Result<()> {
 
 /// Messages due now and not yet settled.
 async fn still_due(pool: &sqlx::PgPool) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "select count(*) from messages where status in ('pending', 'sending') and due_at <= now()",
+    sqlx::query_scalar!(
+        r#"select count(*) as "count!" from messages
+           where status in ('pending', 'sending') and due_at <= now()"#
     )
     .fetch_one(pool)
     .await
@@ -687,13 +690,17 @@ async fn latency(
     worker.stop().await?;
     let (published, started_at) = measured?;
     let ids: Vec<i64> = arrivals.keys().copied().collect();
-    let stamps: Vec<(i64, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
-        "select id, event_at, created_at from messages where id = any($1) and event_at >= $2",
+    let stamps: Vec<(i64, DateTime<Utc>, DateTime<Utc>)> = sqlx::query!(
+        r#"select id, event_at as "event_at!", created_at from messages
+           where id = any($1) and event_at >= $2"#,
+        &ids,
+        started_at
     )
-    .bind(&ids)
-    .bind(started_at)
     .fetch_all(&app.pool)
-    .await?;
+    .await?
+    .into_iter()
+    .map(|r| (r.id, r.event_at, r.created_at))
+    .collect();
     app.pool.close().await;
     if stamps.is_empty() {
         bail!("no message of the latency phase reached the provider");
@@ -815,7 +822,7 @@ async fn scale_out(settings: &Settings, tag: &str, events: usize) -> anyhow::Res
         let deadline = Instant::now() + Duration::from_secs(600);
         let mut first = None;
         loop {
-            let (applied,): (i64,) = sqlx::query_as("select count(*) from inbox")
+            let applied = sqlx::query_scalar!(r#"select count(*) as "count!" from inbox"#)
                 .fetch_one(&pool)
                 .await?;
             if applied > 0 && first.is_none() {

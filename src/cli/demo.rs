@@ -74,13 +74,16 @@ pub(super) async fn run(mut settings: Settings, events: &Path) -> anyhow::Result
     let rows = recent_messages(&app.pool, Some(&member_ids), 100).await?;
     println!("\nMessages for the demo's members:\n");
     print!("{}", table(&rows));
-    let balances: Vec<(String, i64, i64)> =
-        sqlx::query_as("select member_id, balance, lifetime from members where member_id = any($1) order by enrolled_at, member_id")
-            .bind(&member_ids)
-            .fetch_all(&app.pool)
-            .await?;
+    let balances = sqlx::query!(
+        "select member_id, balance, lifetime from members where member_id = any($1)
+         order by enrolled_at, member_id",
+        &member_ids
+    )
+    .fetch_all(&app.pool)
+    .await?;
     println!("\nPoints:\n");
-    for (member, balance, lifetime) in balances {
+    for r in balances {
+        let (member, balance, lifetime) = (r.member_id, r.balance, r.lifetime);
         println!("{member:<14} balance {balance:>5}   lifetime {lifetime:>5}");
     }
     // Up to a second past the clock, so what was sent at the demo's last instant counts.

@@ -17,15 +17,6 @@ use crate::render::Templates;
 use crate::suppress::Tokens;
 use crate::template_store::{Catalog, StoreError, TemplateStore};
 
-/// Context variables a message planned by an older version lacks.
-const PLANNED_LATER: [&str; 5] = [
-    "coupon_code",
-    "next_tier",
-    "points_to_next_tier",
-    "next_reward",
-    "points_to_next_reward",
-];
-
 /// What composing a message needs: templates, settings, and the unsubscribe token key.
 #[derive(Clone)]
 pub(super) struct Composer {
@@ -134,90 +125,92 @@ impl Composer {
         templates: &Templates,
         locale: String,
     ) -> anyhow::Result<Result<Outgoing, Cow<'static, str>>> {
-        let (trigger, channel) = (c.trigger, c.channel);
-        let settings = &self.settings;
         let mut context = c.context.clone();
-        if let Value::Object(map) = &mut context {
-            map.insert(
-                "shop_name".into(),
-                Value::String(settings.shop_name.clone()),
-            );
-            // The helpers format money, points and dates for it.
-            map.insert("locale".into(), Value::String(locale.clone()));
-            map.insert(
-                "shop_address".into(),
-                Value::String(settings.shop_address.clone().unwrap_or_default()),
-            );
-            // Messages planned before these variables existed render too.
-            for key in PLANNED_LATER {
-                map.entry(key).or_insert(Value::Null);
-            }
-        }
-        // A test send to an address the marketer typed needs no member's consent; it is still
-        // refused when that address is suppressed.
-        let explicit = c.test_to.is_some();
-        let refusal = |consent: bool, what: &'static str| -> Option<Cow<'static, str>> {
-            if !consent && !explicit {
-                return Some(Cow::Owned(format!("no consent for {what}")));
-            }
-            c.suppressed
-                .as_ref()
-                .map(|reason| Cow::Owned(format!("suppressed: {reason}")))
+        crate::render::add_shop_variables(&mut context, &self.settings, &locale);
+        let composed = match c.channel {
+            Channel::Email => self.email(c, templates, &locale, context)?,
+            Channel::Sms => sms(c, templates, &locale, &context)?,
         };
-        let (to, content) = match channel {
-            Channel::Email => {
-                let Some(address) = c.test_to.as_deref().or(c.email.as_deref()) else {
-                    return Ok(Err("no email address".into()));
-                };
-                if let Some(reason) = refusal(c.consent_email, "email") {
-                    return Ok(Err(reason));
-                }
-                let to = Email::parse(address)?;
-                // A test send to a typed address has no member to unsubscribe: its link names
-                // no token (the page says the link is not valid).
-                let token = match (c.test, c.member_id.as_str()) {
-                    (true, "") => "test-send".to_owned(),
-                    (_, member) => self.tokens.issue(&MemberId::parse(member)?, Some(c.id)),
-                };
-                let unsubscribe_url = format!(
-                    "{}/unsubscribe/{token}",
-                    settings.public_url.as_str().trim_end_matches('/'),
-                );
-                if let Value::Object(map) = &mut context {
-                    map.insert("unsubscribe_url".into(), unsubscribe_url.clone().into());
-                }
-                let rendered = templates.render_email(trigger, &locale, &context)?;
-                // The MIME form is composed only by the providers that send it (smtp, file).
-                let content = Content::Email {
-                    rendered,
-                    from: settings.from.clone(),
-                    first_name: c.first_name.clone(),
-                    list_unsubscribe: email::list_unsubscribe(
-                        &unsubscribe_url,
-                        settings.unsubscribe_mailto.as_deref(),
-                    ),
-                };
-                (to.to_string(), content)
-            }
-            Channel::Sms => {
-                let Some(number) = c.test_to.as_deref().or(c.phone.as_deref()) else {
-                    return Ok(Err("no phone number".into()));
-                };
-                if let Some(reason) = refusal(c.consent_sms, "SMS") {
-                    return Ok(Err(reason));
-                }
-                let to = Phone::parse(number)?;
-                let body = templates.render_sms(trigger, &locale, &context)?;
-                (to.to_string(), Content::Sms { body })
-            }
-        };
-        Ok(Ok(Outgoing {
+        Ok(composed.map(|(to, content)| Outgoing {
             message_id: c.id,
-            trigger,
-            channel,
+            trigger: c.trigger,
+            channel: c.channel,
             locale,
             to,
             content,
         }))
     }
+
+    /// An email's address and content, with its unsubscribe link, or why it must not go.
+    fn email(
+        &self,
+        c: &Claimed,
+        templates: &Templates,
+        locale: &str,
+        mut context: Value,
+    ) -> anyhow::Result<Result<(String, Content), Cow<'static, str>>> {
+        let Some(address) = c.test_to.as_deref().or(c.email.as_deref()) else {
+            return Ok(Err("no email address".into()));
+        };
+        if let Some(reason) = refusal(c, c.consent_email, "email") {
+            return Ok(Err(reason));
+        }
+        let to = Email::parse(address)?;
+        // A test send to a typed address has no member to unsubscribe: its link names no
+        // token (the page says the link is not valid).
+        let token = match (c.test, c.member_id.as_str()) {
+            (true, "") => "test-send".to_owned(),
+            (_, member) => self.tokens.issue(&MemberId::parse(member)?, Some(c.id)),
+        };
+        let settings = &self.settings;
+        let unsubscribe_url = format!(
+            "{}/unsubscribe/{token}",
+            settings.public_url.as_str().trim_end_matches('/'),
+        );
+        if let Value::Object(map) = &mut context {
+            map.insert("unsubscribe_url".into(), unsubscribe_url.clone().into());
+        }
+        let rendered = templates.render_email(c.trigger, locale, &context)?;
+        // The MIME form is composed only by the providers that send it (smtp, file).
+        let content = Content::Email {
+            rendered,
+            from: settings.from.clone(),
+            first_name: c.first_name.clone(),
+            list_unsubscribe: email::list_unsubscribe(
+                &unsubscribe_url,
+                settings.unsubscribe_mailto.as_deref(),
+            ),
+        };
+        Ok(Ok((to.to_string(), content)))
+    }
+}
+
+/// An SMS's number and body, or why it must not go.
+fn sms(
+    c: &Claimed,
+    templates: &Templates,
+    locale: &str,
+    context: &Value,
+) -> anyhow::Result<Result<(String, Content), Cow<'static, str>>> {
+    let Some(number) = c.test_to.as_deref().or(c.phone.as_deref()) else {
+        return Ok(Err("no phone number".into()));
+    };
+    if let Some(reason) = refusal(c, c.consent_sms, "SMS") {
+        return Ok(Err(reason));
+    }
+    let to = Phone::parse(number)?;
+    let body = templates.render_sms(c.trigger, locale, context)?;
+    Ok(Ok((to.to_string(), Content::Sms { body })))
+}
+
+/// Why `c` must not go on a channel with this `consent`, if it must not. A test send to an
+/// address the marketer typed needs no member's consent; it is still refused when that
+/// address is suppressed.
+fn refusal(c: &Claimed, consent: bool, what: &'static str) -> Option<Cow<'static, str>> {
+    if !consent && c.test_to.is_none() {
+        return Some(Cow::Owned(format!("no consent for {what}")));
+    }
+    c.suppressed
+        .as_ref()
+        .map(|reason| Cow::Owned(format!("suppressed: {reason}")))
 }

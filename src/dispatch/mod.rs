@@ -39,7 +39,7 @@ use crate::shutdown::Shutdown;
 use crate::template_store::Catalog;
 use compose::{Composed, Composer};
 pub use providers::Failure;
-pub(crate) use providers::{Outgoing, Provider};
+pub(crate) use providers::{Accepted, Outgoing, Provider};
 
 /// What one step of the dispatcher did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -449,7 +449,6 @@ impl Dispatcher {
             Channel::Email => &self.email_providers,
             Channel::Sms => &self.sms_providers,
         };
-        let d = &self.app.settings.dispatch;
         let mut delivery = Delivery {
             attempts: Vec::new(),
             outcome: Outcome::Paused,
@@ -465,33 +464,7 @@ impl Dispatcher {
                 );
                 continue;
             }
-            if let Some(limit) = &slot.limit {
-                limit.acquire().await;
-            }
-            let started = Instant::now();
-            let call = tracing::debug_span!(
-                "provider",
-                provider = provider.name(),
-                outcome = tracing::field::Empty
-            );
-            let result = tokio::time::timeout(d.send_timeout(), provider.send(outgoing))
-                .instrument(call.clone())
-                .await
-                .unwrap_or_else(|_| {
-                    Err(Failure::unsure(format!(
-                        "{}: no answer within {} ms",
-                        provider.name(),
-                        d.send_timeout_ms
-                    )))
-                });
-            let latency = started.elapsed();
-            call.record(
-                "outcome",
-                match &result {
-                    Ok(_) => "sent",
-                    Err(failure) => failure.outcome(),
-                },
-            );
+            let (result, latency, call) = self.call(slot, outgoing).await;
             let failure = match result {
                 Ok(accepted) => {
                     slot.breaker.success();
@@ -517,36 +490,14 @@ impl Dispatcher {
                 }
                 Err(failure) => failure,
             };
-            if failure.is_permanent() {
-                slot.breaker.neutral();
-            } else {
-                slot.breaker.failure();
-                any_transient = true;
-            }
-            call.in_scope(|| {
-                warn!(message_id = c.id, provider = provider.name(), to = outgoing.masked_to(), error = %failure, "Provider failed.")
-            });
+            any_transient |= !failure.is_permanent();
+            self.failed(slot, c, outgoing, &failure, &call).await;
             delivery.attempts.push(Attempt {
                 provider: provider.name(),
                 outcome: failure.outcome(),
                 error: Some(failure.to_string()),
                 latency,
             });
-            if failure.rejects_recipient() {
-                // The server refused this address for good: no more mail to it.
-                let reason = format!("bounced: {failure}");
-                if let Err(e) = crate::suppress::suppress(
-                    &self.app.pool,
-                    outgoing.channel,
-                    &outgoing.to,
-                    &reason,
-                    provider.name(),
-                )
-                .await
-                {
-                    warn!(message_id = c.id, error = %e, "Recording a bounce failed.");
-                }
-            }
             let unsure = failure.is_unsure();
             delivery.outcome = Outcome::Failed {
                 failure,
@@ -556,6 +507,88 @@ impl Dispatcher {
                 break;
             }
         }
+        self.show_circuits(providers);
+        delivery
+    }
+
+    /// One provider call within the rate limit and the send timeout (no answer in time is an
+    /// unsure failure), in its span; with how long it took.
+    async fn call(
+        &self,
+        slot: &Slot,
+        outgoing: &Outgoing,
+    ) -> (Result<Accepted, Failure>, Duration, tracing::Span) {
+        let d = &self.app.settings.dispatch;
+        let provider = &slot.provider;
+        if let Some(limit) = &slot.limit {
+            limit.acquire().await;
+        }
+        let started = Instant::now();
+        let call = tracing::debug_span!(
+            "provider",
+            provider = provider.name(),
+            outcome = tracing::field::Empty
+        );
+        let result = tokio::time::timeout(d.send_timeout(), provider.send(outgoing))
+            .instrument(call.clone())
+            .await
+            .unwrap_or_else(|_| {
+                Err(Failure::unsure(format!(
+                    "{}: no answer within {} ms",
+                    provider.name(),
+                    d.send_timeout_ms
+                )))
+            });
+        let latency = started.elapsed();
+        call.record(
+            "outcome",
+            match &result {
+                Ok(_) => "sent",
+                Err(failure) => failure.outcome(),
+            },
+        );
+        (result, latency, call)
+    }
+
+    /// After a provider's failure: its breaker learns of it (a permanent failure is the
+    /// message's, not the provider's), it is logged, and an address the server refused for
+    /// good is suppressed.
+    async fn failed(
+        &self,
+        slot: &Slot,
+        c: &Claimed,
+        outgoing: &Outgoing,
+        failure: &Failure,
+        call: &tracing::Span,
+    ) {
+        let provider = &slot.provider;
+        if failure.is_permanent() {
+            slot.breaker.neutral();
+        } else {
+            slot.breaker.failure();
+        }
+        call.in_scope(|| {
+            warn!(message_id = c.id, provider = provider.name(), to = outgoing.masked_to(), error = %failure, "Provider failed.")
+        });
+        if failure.rejects_recipient() {
+            // The server refused this address for good: no more mail to it.
+            let reason = format!("bounced: {failure}");
+            if let Err(e) = crate::suppress::suppress(
+                &self.app.pool,
+                outgoing.channel,
+                &outgoing.to,
+                &reason,
+                provider.name(),
+            )
+            .await
+            {
+                warn!(message_id = c.id, error = %e, "Recording a bounce failed.");
+            }
+        }
+    }
+
+    /// Each provider's circuit, as a gauge and on the health board.
+    fn show_circuits(&self, providers: &[Slot]) {
         let mut circuits = self.app.health.circuits.lock().expect("circuits lock");
         for slot in providers {
             let open = slot.breaker.is_open();
@@ -563,8 +596,6 @@ impl Dispatcher {
                 .set(if open { 1.0 } else { 0.0 });
             circuits.insert(slot.provider.name().to_owned(), open);
         }
-        drop(circuits);
-        delivery
     }
 
     /// The message's new state from what its providers did: sent; failed (permanently, or out

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, Row};
+use sqlx::PgConnection;
 
 use crate::domain::{CartState, MemberId, quoted};
 use crate::event::Cart;
@@ -88,23 +88,34 @@ impl CartState {
     }
 }
 
-const COLUMNS: &str = "cart_id, member_id, version, open, changed_at, due_at, notified_version, \
-                       items, total_minor, currency, checkout_url";
+/// A cart's row as stored.
+struct Stored {
+    cart_id: String,
+    member_id: String,
+    version: i32,
+    open: bool,
+    changed_at: DateTime<Utc>,
+    due_at: Option<DateTime<Utc>>,
+    notified_version: Option<i32>,
+    items: serde_json::Value,
+    total_minor: i64,
+    currency: String,
+    checkout_url: String,
+}
 
-fn from_row(row: &sqlx::postgres::PgRow) -> Result<CartState, sqlx::Error> {
+fn from_row(row: Stored) -> Result<CartState, sqlx::Error> {
     Ok(CartState {
-        cart_id: row.get("cart_id"),
-        member_id: MemberId::parse(&row.get::<String, _>("member_id"))
-            .map_err(|e| sqlx::Error::Decode(e.into()))?,
-        version: row.get("version"),
-        open: row.get("open"),
-        changed_at: row.get("changed_at"),
-        due_at: row.get("due_at"),
-        notified_version: row.get("notified_version"),
-        items: row.get("items"),
-        total_minor: row.get("total_minor"),
-        currency: row.get("currency"),
-        checkout_url: row.get("checkout_url"),
+        cart_id: row.cart_id,
+        member_id: MemberId::parse(&row.member_id).map_err(|e| sqlx::Error::Decode(e.into()))?,
+        version: row.version,
+        open: row.open,
+        changed_at: row.changed_at,
+        due_at: row.due_at,
+        notified_version: row.notified_version,
+        items: row.items,
+        total_minor: row.total_minor,
+        currency: row.currency,
+        checkout_url: row.checkout_url,
     })
 }
 
@@ -116,13 +127,16 @@ pub(super) async fn load(
     if ids.is_empty() {
         return Ok(HashMap::new());
     }
-    let rows = sqlx::query(&format!(
-        "select {COLUMNS} from carts where cart_id = any($1)"
-    ))
-    .bind(ids)
+    let rows = sqlx::query_as!(
+        Stored,
+        "select cart_id, member_id, version, open, changed_at, due_at, notified_version,
+                items, total_minor, currency, checkout_url
+         from carts where cart_id = any($1)",
+        ids as &[&str]
+    )
     .fetch_all(conn)
     .await?;
-    rows.iter()
+    rows.into_iter()
         .map(|r| from_row(r).map(|c| (c.cart_id.clone(), c)))
         .collect()
 }
@@ -135,17 +149,20 @@ pub(crate) async fn due(
     after: &str,
     limit: i64,
 ) -> Result<Vec<CartState>, sqlx::Error> {
-    let rows = sqlx::query(&format!(
-        "select {COLUMNS} from carts
+    let rows = sqlx::query_as!(
+        Stored,
+        "select cart_id, member_id, version, open, changed_at, due_at, notified_version,
+                items, total_minor, currency, checkout_url
+         from carts
          where open and notified_version is distinct from version and due_at <= $1 and cart_id > $2
-         order by cart_id limit $3"
-    ))
-    .bind(now)
-    .bind(after)
-    .bind(limit)
+         order by cart_id limit $3",
+        now,
+        after,
+        limit
+    )
     .fetch_all(conn)
     .await?;
-    rows.iter().map(from_row).collect()
+    rows.into_iter().map(from_row).collect()
 }
 
 /// Inserts or replaces the given carts.
@@ -164,8 +181,9 @@ pub(super) async fn save(conn: &mut PgConnection, carts: &[&CartState]) -> Resul
     let totals: Vec<i64> = carts.iter().map(|c| c.total_minor).collect();
     let currencies: Vec<&str> = carts.iter().map(|c| c.currency.as_str()).collect();
     let urls: Vec<&str> = carts.iter().map(|c| c.checkout_url.as_str()).collect();
-    sqlx::query(&format!(
-        "insert into carts ({COLUMNS})
+    sqlx::query!(
+        "insert into carts (cart_id, member_id, version, open, changed_at, due_at, notified_version,
+                            items, total_minor, currency, checkout_url)
          select c, m, v, o, ch, d, n, i::jsonb, t, cu, u
          from unnest($1::text[], $2::text[], $3::int[], $4::bool[], $5::timestamptz[],
                      $6::timestamptz[], $7::int[], $8::text[], $9::bigint[], $10::text[], $11::text[])
@@ -174,19 +192,19 @@ pub(super) async fn save(conn: &mut PgConnection, carts: &[&CartState]) -> Resul
              version = excluded.version, open = excluded.open, changed_at = excluded.changed_at,
              due_at = excluded.due_at, notified_version = excluded.notified_version,
              items = excluded.items, total_minor = excluded.total_minor,
-             currency = excluded.currency, checkout_url = excluded.checkout_url"
-    ))
-    .bind(&ids)
-    .bind(&members)
-    .bind(&versions)
-    .bind(&open)
-    .bind(&changed)
-    .bind(&due)
-    .bind(&notified)
-    .bind(&items)
-    .bind(&totals)
-    .bind(&currencies)
-    .bind(&urls)
+             currency = excluded.currency, checkout_url = excluded.checkout_url",
+        &ids as &[&str],
+        &members as &[&str],
+        &versions,
+        &open,
+        &changed,
+        &due as &[Option<DateTime<Utc>>],
+        &notified as &[Option<i32>],
+        &items,
+        &totals,
+        &currencies as &[&str],
+        &urls as &[&str]
+    )
     .execute(conn)
     .await?;
     Ok(())

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, Row};
+use sqlx::PgConnection;
 
 use crate::domain::{
     Birthday, Consent, Email, Locale, Member, MemberId, MemberState, Phone, TimeZone,
@@ -49,11 +49,11 @@ impl Member {
 
 /// Takes the transaction-scoped lock of each member, in one fixed order.
 pub(super) async fn lock(conn: &mut PgConnection, sorted_ids: &[&str]) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "select pg_advisory_xact_lock(k)
          from (select hashtextextended(m, 7) as k from unnest($1::text[]) as m order by 1) as keys",
+        sorted_ids as &[&str]
     )
-    .bind(sorted_ids)
     .execute(conn)
     .await?;
     Ok(())
@@ -65,11 +65,11 @@ pub(super) async fn try_lock(
     conn: &mut PgConnection,
     ids: &[&str],
 ) -> Result<HashSet<String>, sqlx::Error> {
-    sqlx::query_scalar(
-        "select m from unnest($1::text[]) as m
-         where not pg_try_advisory_xact_lock(hashtextextended(m, 7))",
+    sqlx::query_scalar!(
+        r#"select m as "m!" from unnest($1::text[]) as m
+           where not pg_try_advisory_xact_lock(hashtextextended(m, 7))"#,
+        ids as &[&str]
     )
-    .bind(ids)
     .fetch_all(conn)
     .await
     .map(|busy| busy.into_iter().collect())
@@ -80,53 +80,63 @@ pub(super) async fn load(
     conn: &mut PgConnection,
     ids: &[&str],
 ) -> Result<HashMap<MemberId, (Member, i64)>, sqlx::Error> {
-    let rows = sqlx::query(
+    let rows = sqlx::query_as!(
+        Stored,
         "select member_id, email, phone, first_name, locale, timezone, birthday_month, birthday_day,
                 birthday_year, consent_email, consent_sms, enrolled_at, lifetime
          from members where member_id = any($1)",
+        ids as &[&str]
     )
-    .bind(ids)
     .fetch_all(conn)
     .await?;
     rows.iter()
         .map(|row| {
             let member = from_row(row).map_err(|e| sqlx::Error::Decode(e.into()))?;
-            Ok((
-                member.profile.member_id.clone(),
-                (member, row.get("lifetime")),
-            ))
+            Ok((member.profile.member_id.clone(), (member, row.lifetime)))
         })
         .collect()
 }
 
+/// A member's row as stored, with its lifetime points.
+pub(crate) struct Stored {
+    member_id: String,
+    email: Option<String>,
+    phone: Option<String>,
+    first_name: Option<String>,
+    locale: String,
+    timezone: String,
+    birthday_month: Option<i16>,
+    birthday_day: Option<i16>,
+    birthday_year: Option<i16>,
+    consent_email: bool,
+    consent_sms: bool,
+    enrolled_at: DateTime<Utc>,
+    lifetime: i64,
+}
+
 /// Decodes a stored member, re-checking each value (a hand edit of the table is caught here).
-pub(crate) fn from_row(row: &sqlx::postgres::PgRow) -> Result<Member, crate::domain::Invalid> {
-    let text = |name: &str| row.get::<Option<String>, _>(name);
-    let birthday = match (
-        row.get::<Option<i16>, _>("birthday_month"),
-        row.get::<Option<i16>, _>("birthday_day"),
-        row.get::<Option<i16>, _>("birthday_year"),
-    ) {
+pub(crate) fn from_row(row: &Stored) -> Result<Member, crate::domain::Invalid> {
+    let birthday = match (row.birthday_month, row.birthday_day, row.birthday_year) {
         (Some(m), Some(d), None) => Some(Birthday::parse(&format!("{m:02}-{d:02}"))?),
         (Some(m), Some(d), Some(y)) => Some(Birthday::parse(&format!("{y:04}-{m:02}-{d:02}"))?),
         _ => None,
     };
     let profile = Profile {
-        member_id: MemberId::parse(&row.get::<String, _>("member_id"))?,
-        email: text("email").as_deref().map(Email::parse).transpose()?,
-        phone: text("phone").as_deref().map(Phone::parse).transpose()?,
-        first_name: text("first_name"),
-        locale: Locale::parse(&row.get::<String, _>("locale"))?,
-        timezone: TimeZone::parse(&row.get::<String, _>("timezone"))?,
+        member_id: MemberId::parse(&row.member_id)?,
+        email: row.email.as_deref().map(Email::parse).transpose()?,
+        phone: row.phone.as_deref().map(Phone::parse).transpose()?,
+        first_name: row.first_name.clone(),
+        locale: Locale::parse(&row.locale)?,
+        timezone: TimeZone::parse(&row.timezone)?,
         birthday,
         consent: Consent {
-            email: row.get("consent_email"),
-            sms: row.get("consent_sms"),
+            email: row.consent_email,
+            sms: row.consent_sms,
         },
     };
     Ok(Member {
         profile,
-        enrolled_at: row.get("enrolled_at"),
+        enrolled_at: row.enrolled_at,
     })
 }
 
@@ -175,7 +185,7 @@ pub(super) async fn save(
         consent_sms.push(m.profile.consent.sms);
         enrolled.push(m.enrolled_at);
     }
-    sqlx::query(
+    sqlx::query!(
         "insert into members (member_id, email, phone, first_name, locale, timezone, birthday_month,
                               birthday_day, birthday_year, consent_email, consent_sms, enrolled_at,
                               balance, lifetime, updated_at)
@@ -190,22 +200,22 @@ pub(super) async fn save(
              birthday_year = excluded.birthday_year, consent_email = excluded.consent_email,
              consent_sms = excluded.consent_sms, enrolled_at = excluded.enrolled_at,
              balance = excluded.balance, lifetime = excluded.lifetime, updated_at = excluded.updated_at",
+        &ids as &[&str],
+        &emails as &[Option<&str>],
+        &phones as &[Option<&str>],
+        &names as &[Option<&str>],
+        &locales as &[&str],
+        &zones as &[&str],
+        &months as &[Option<i16>],
+        &days as &[Option<i16>],
+        &years as &[Option<i16>],
+        &consent_email,
+        &consent_sms,
+        &enrolled,
+        now,
+        &balances,
+        &lifetimes
     )
-    .bind(&ids)
-    .bind(&emails)
-    .bind(&phones)
-    .bind(&names)
-    .bind(&locales)
-    .bind(&zones)
-    .bind(&months)
-    .bind(&days)
-    .bind(&years)
-    .bind(&consent_email)
-    .bind(&consent_sms)
-    .bind(&enrolled)
-    .bind(now)
-    .bind(&balances)
-    .bind(&lifetimes)
     .execute(conn)
     .await?;
     Ok(())

@@ -461,24 +461,7 @@ async fn apply_locked(
     // (spent oldest first) would then depend on which worker waited.
     let now = clock.now();
     let fresh = claim_inbox(conn, events).await?;
-    let order_ids: Vec<&str> = events
-        .iter()
-        .filter_map(|e| match &e.kind {
-            EventKind::OrderPlaced(o) => Some(o.order_id.as_str()),
-            EventKind::OrderRefunded(r) => Some(r.order_id.as_str()),
-            EventKind::FeedbackSubmitted(f) => f.order_id.as_ref().map(|o| o.as_str()),
-            _ => None,
-        })
-        .collect();
-    let cart_ids: Vec<&str> = events
-        .iter()
-        .filter_map(|e| match &e.kind {
-            EventKind::OrderPlaced(o) => o.cart_id.as_ref().map(|c| c.as_str()),
-            EventKind::CartUpdated(c) => Some(c.cart_id.as_str()),
-            EventKind::CartCheckedOut(c) => Some(c.cart_id.as_str()),
-            _ => None,
-        })
-        .collect();
+    let (order_ids, cart_ids) = orders_and_carts(events);
     let mut state = State {
         members: store::load_members(conn, member_ids, program, now).await?,
         orders: store::load_orders(conn, &order_ids).await?,
@@ -489,14 +472,7 @@ async fn apply_locked(
 
     let mut outcomes = Vec::with_capacity(events.len());
     let mut settled: HashSet<&str> = HashSet::new();
-    let mut not_applied: Vec<&str> = Vec::new();
-    let mut changed: HashSet<MemberId> = HashSet::new();
-    let mut journal: Vec<(MemberId, Entry, &str, DateTime<Utc>)> = Vec::new();
-    let mut orders: HashMap<String, OrderRecord> = HashMap::new();
-    let mut planned: Vec<(MemberId, Planned, DateTime<Utc>)> = Vec::new();
-    let mut carts_changed: HashSet<String> = HashSet::new();
-    let mut cancelled: Vec<String> = Vec::new();
-    let mut answers: Vec<(&str, FeedbackRecord)> = Vec::new();
+    let mut changes = Changes::default();
     for event in events {
         let id = event.id.as_str();
         // Applied before this batch, or earlier in it (a copy deferred here travels on as
@@ -505,13 +481,10 @@ async fn apply_locked(
             outcomes.push(Outcome::Duplicate);
             continue;
         }
-        // What the event records happened when the platform says (never later than now), so
-        // an event applied late counts in the period it happened in.
-        let happened = event.time.map_or(now, |t| t.min(now));
         let span =
             tracing::debug_span!("event", event_id = id, event_type = event.kind.type_name());
         let _in_event = span.enter();
-        match apply(&mut state, event, program, now) {
+        let outcome = match apply(&mut state, event, program, now) {
             Verdict::Applied {
                 before,
                 after,
@@ -524,57 +497,106 @@ async fn apply_locked(
                 for m in &messages {
                     tracing::debug!(dedupe_key = %crate::mask::text(&m.dedupe_key), "Message planned.");
                 }
-                answers.extend(feedback.map(|f| (id, f)));
-                outcomes.push(Outcome::Applied {
-                    planned: messages.len(),
-                });
+                let planned = messages.len();
+                // What the event records happened when the platform says (never later than
+                // now), so an event applied late counts in the period it happened in.
+                let happened = event.time.map_or(now, |t| t.min(now));
                 let member_id = after.member.profile.member_id.clone();
                 // `before` already has lapsed lots expired, so an expiry alone leaves it equal
                 // to `after` while the stored lots still need writing: the entries tell.
                 if before.as_ref() != Some(&after) || !entries.is_empty() {
-                    changed.insert(member_id.clone());
+                    changes.members.insert(member_id.clone());
                 }
-                journal.extend(
-                    entries
-                        .into_iter()
-                        .map(|e| (member_id.clone(), e, id, happened)),
-                );
+                let at = |e| (member_id.clone(), e, id, happened);
+                changes.journal.extend(entries.into_iter().map(at));
+                changes.answers.extend(feedback.map(|f| (id, f)));
                 if let Some(order) = order {
-                    orders.insert(order.order_id.clone(), order);
+                    changes.orders.insert(order.order_id.clone(), order);
                 }
                 if let Some(cart) = cart {
                     // A message planned for the cart as it was must not go now.
-                    cancelled.extend(cart.planned_keys());
-                    carts_changed.insert(cart.cart_id);
+                    changes.cancelled.extend(cart.planned_keys());
+                    changes.carts.insert(cart.cart_id);
                 }
-                planned.extend(
-                    messages
-                        .into_iter()
-                        .map(|p| (member_id.clone(), p, happened)),
-                );
+                let planning = |p| (member_id.clone(), p, happened);
+                changes.planned.extend(messages.into_iter().map(planning));
+                Outcome::Applied { planned }
             }
             Verdict::Deferred(reason) => {
-                not_applied.push(id);
-                outcomes.push(Outcome::Deferred(reason));
+                changes.not_applied.push(id);
+                Outcome::Deferred(reason)
             }
             Verdict::Rejected(reason) => {
-                not_applied.push(id);
-                outcomes.push(Outcome::Rejected(reason));
+                changes.not_applied.push(id);
+                Outcome::Rejected(reason)
             }
+        };
+        outcomes.push(outcome);
+    }
+    changes.save(conn, &state, &loaded, program, now).await?;
+    Ok(outcomes)
+}
+
+/// The ids of the orders and carts a batch's events name.
+fn orders_and_carts<'e>(events: &[&'e Event]) -> (Vec<&'e str>, Vec<&'e str>) {
+    let mut orders = Vec::new();
+    let mut carts = Vec::new();
+    for event in events {
+        match &event.kind {
+            EventKind::OrderPlaced(o) => {
+                orders.push(o.order_id.as_str());
+                carts.extend(o.cart_id.as_ref().map(|c| c.as_str()));
+            }
+            EventKind::OrderRefunded(r) => orders.push(r.order_id.as_str()),
+            EventKind::FeedbackSubmitted(f) => {
+                orders.extend(f.order_id.as_ref().map(|o| o.as_str()))
+            }
+            EventKind::CartUpdated(c) => carts.push(c.cart_id.as_str()),
+            EventKind::CartCheckedOut(c) => carts.push(c.cart_id.as_str()),
+            _ => {}
         }
     }
+    (orders, carts)
+}
 
-    let changed: Vec<&MemberState> = changed.iter().map(|id| &state.members[id]).collect();
-    members::save(conn, &changed, now).await?;
-    store::save_points(conn, &changed, &loaded, &journal).await?;
-    store::save_orders(conn, &orders.into_values().collect::<Vec<_>>()).await?;
-    let carts: Vec<&CartState> = carts_changed.iter().map(|id| &state.carts[id]).collect();
-    carts::save(conn, &carts).await?;
-    outbox::cancel_pending(conn, &cancelled).await?;
-    release_inbox(conn, &not_applied).await?;
-    insert_planned(conn, &planned, program).await?;
-    save_feedback(conn, &answers).await?;
-    Ok(outcomes)
+/// What a batch's events changed, gathered as they are applied and written at the end.
+#[derive(Default)]
+struct Changes<'e> {
+    /// Events deferred or rejected: their inbox claims are released.
+    not_applied: Vec<&'e str>,
+    /// Members whose profile or points changed.
+    members: HashSet<MemberId>,
+    /// Journal entries with the event that caused them and when it happened.
+    journal: Vec<(MemberId, Entry, &'e str, DateTime<Utc>)>,
+    orders: HashMap<String, OrderRecord>,
+    planned: Vec<(MemberId, Planned, DateTime<Utc>)>,
+    carts: HashSet<String>,
+    /// Outbox keys of messages planned for carts that changed since.
+    cancelled: Vec<String>,
+    answers: Vec<(&'e str, FeedbackRecord)>,
+}
+
+impl Changes<'_> {
+    /// Writes the changes in the caller's transaction.
+    async fn save(
+        self,
+        conn: &mut PgConnection,
+        state: &State,
+        loaded: &HashMap<i64, (MemberId, i64)>,
+        program: &Program,
+        now: DateTime<Utc>,
+    ) -> Result<(), sqlx::Error> {
+        let changed: Vec<&MemberState> = self.members.iter().map(|id| &state.members[id]).collect();
+        members::save(conn, &changed, now).await?;
+        store::save_points(conn, &changed, loaded, &self.journal).await?;
+        store::save_orders(conn, &self.orders.into_values().collect::<Vec<_>>()).await?;
+        let carts: Vec<&CartState> = self.carts.iter().map(|id| &state.carts[id]).collect();
+        carts::save(conn, &carts).await?;
+        outbox::cancel_pending(conn, &self.cancelled).await?;
+        release_inbox(conn, &self.not_applied).await?;
+        insert_planned(conn, &self.planned, program).await?;
+        save_feedback(conn, &self.answers).await
+    }
 }
 
 /// Stores feedback answers (by event id: a replayed answer is not stored twice).
@@ -592,19 +614,19 @@ async fn save_feedback(
     let comments: Vec<Option<&str>> = answers.iter().map(|(_, f)| f.comment.as_deref()).collect();
     let points: Vec<i64> = answers.iter().map(|(_, f)| f.points).collect();
     let at: Vec<DateTime<Utc>> = answers.iter().map(|(_, f)| f.at).collect();
-    sqlx::query(
+    sqlx::query!(
         "insert into feedback (event_id, member_id, order_id, score, comment, points, at)
          select * from unnest($1::text[], $2::text[], $3::text[], $4::smallint[], $5::text[],
                               $6::bigint[], $7::timestamptz[])
          on conflict (event_id) do nothing",
+        &ids as &[&str],
+        &members as &[&str],
+        &orders as &[Option<&str>],
+        &scores,
+        &comments as &[Option<&str>],
+        &points,
+        &at,
     )
-    .bind(&ids)
-    .bind(&members)
-    .bind(&orders)
-    .bind(&scores)
-    .bind(&comments)
-    .bind(&points)
-    .bind(&at)
     .execute(conn)
     .await?;
     Ok(())
@@ -633,13 +655,13 @@ async fn claim_inbox(
 ) -> Result<HashSet<String>, sqlx::Error> {
     let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
     let types: Vec<&str> = events.iter().map(|e| e.kind.type_name()).collect();
-    let fresh: Vec<String> = sqlx::query_scalar(
+    let fresh: Vec<String> = sqlx::query_scalar!(
         "insert into inbox (event_id, event_type) select * from unnest($1::text[], $2::text[])
          on conflict (event_id) do nothing
          returning event_id",
+        &ids as &[&str],
+        &types as &[&str],
     )
-    .bind(&ids)
-    .bind(&types)
     .fetch_all(conn)
     .await?;
     Ok(fresh.into_iter().collect())
@@ -651,8 +673,7 @@ async fn release_inbox(conn: &mut PgConnection, ids: &[&str]) -> Result<(), sqlx
     if ids.is_empty() {
         return Ok(());
     }
-    sqlx::query("delete from inbox where event_id = any($1)")
-        .bind(ids)
+    sqlx::query!("delete from inbox where event_id = any($1)", ids as &[&str])
         .execute(conn)
         .await?;
     Ok(())
@@ -772,11 +793,11 @@ where
     let fresh: HashSet<String> = if once.is_empty() {
         HashSet::new()
     } else {
-        sqlx::query_scalar(
+        sqlx::query_scalar!(
             "insert into scan_claims (key) select k from unnest($1::text[]) as k
              on conflict (key) do nothing returning key",
+            &once as &[&str],
         )
-        .bind(&once)
         .fetch_all(&mut *conn)
         .await?
         .into_iter()
@@ -838,10 +859,10 @@ pub(crate) async fn member_now(
     };
     let mut state = states.remove(&key).expect("present");
     state.points.expire(now, program.tier_window_months);
-    let cart: Option<String> = sqlx::query_scalar(
+    let cart: Option<String> = sqlx::query_scalar!(
         "select cart_id from carts where member_id = $1 and open order by changed_at desc limit 1",
+        id
     )
-    .bind(id)
     .fetch_optional(&mut *conn)
     .await?;
     let cart = match cart {

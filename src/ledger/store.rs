@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Months, Utc};
-use sqlx::{PgConnection, Row};
+use sqlx::PgConnection;
 
 use super::{MemberState, members};
 use crate::domain::MemberId;
@@ -43,41 +43,37 @@ pub(super) async fn load_members(
     }
     let present: Vec<&str> = profiles.keys().map(MemberId::as_str).collect();
     let mut points: HashMap<String, Points> = HashMap::new();
-    let lots = sqlx::query(
+    let lots = sqlx::query!(
         "select lot_id, member_id, earned_at, expires_at, points, remaining from point_lots
          where member_id = any($1) order by member_id, earned_at, lot_id",
+        &present as &[&str]
     )
-    .bind(&present)
     .fetch_all(&mut *conn)
     .await?;
     for row in lots {
-        points
-            .entry(row.get("member_id"))
-            .or_default()
-            .lots
-            .push(Lot {
-                id: Some(row.get("lot_id")),
-                earned_at: row.get("earned_at"),
-                expires_at: row.get("expires_at"),
-                points: row.get("points"),
-                remaining: row.get("remaining"),
-            });
+        points.entry(row.member_id).or_default().lots.push(Lot {
+            id: Some(row.lot_id),
+            earned_at: row.earned_at,
+            expires_at: row.expires_at,
+            points: row.points,
+            remaining: row.remaining,
+        });
     }
     let since = now - Months::new(program.tier_window_months);
-    let qualifying = sqlx::query(
+    let qualifying = sqlx::query!(
         "select member_id, at, qualifying from point_entries
          where member_id = any($1) and qualifying <> 0 and at > $2 order by at, id",
+        &present as &[&str],
+        since
     )
-    .bind(&present)
-    .bind(since)
     .fetch_all(&mut *conn)
     .await?;
     for row in qualifying {
         points
-            .entry(row.get("member_id"))
+            .entry(row.member_id)
             .or_default()
             .qualifying
-            .push((row.get("at"), row.get("qualifying")));
+            .push((row.at, row.qualifying));
     }
     Ok(profiles
         .drain()
@@ -135,37 +131,37 @@ pub(super) async fn save_points(
         .map(|(id, (member, _))| (member.as_str(), *id))
         .unzip();
     if !gone.is_empty() {
-        sqlx::query(
+        sqlx::query!(
             "delete from point_lots l using unnest($1::text[], $2::bigint[]) as g(member_id, lot_id)
              where l.member_id = g.member_id and l.lot_id = g.lot_id",
+            &gone_members as &[&str],
+            &gone
         )
-        .bind(&gone_members)
-        .bind(&gone)
         .execute(&mut *conn)
         .await?;
     }
     if !updated.is_empty() {
-        sqlx::query(
+        sqlx::query!(
             "update point_lots l set remaining = u.remaining
              from unnest($1::text[], $2::bigint[], $3::bigint[]) as u(member_id, lot_id, remaining)
              where l.member_id = u.member_id and l.lot_id = u.lot_id",
+            &updated_members as &[&str],
+            &updated,
+            &updated_remaining
         )
-        .bind(&updated_members)
-        .bind(&updated)
-        .bind(&updated_remaining)
         .execute(&mut *conn)
         .await?;
     }
     if !members.is_empty() {
-        sqlx::query(
+        sqlx::query!(
             "insert into point_lots (member_id, earned_at, expires_at, points, remaining)
              select * from unnest($1::text[], $2::timestamptz[], $3::timestamptz[], $4::bigint[], $5::bigint[])",
+            &members as &[&str],
+            &earned,
+            &expires,
+            &points,
+            &remaining
         )
-        .bind(&members)
-        .bind(&earned)
-        .bind(&expires)
-        .bind(&points)
-        .bind(&remaining)
         .execute(&mut *conn)
         .await?;
     }
@@ -189,21 +185,21 @@ pub(super) async fn save_points(
             }
         })
         .collect();
-    sqlx::query(
+    sqlx::query!(
         "insert into point_entries (member_id, kind, points, qualifying, at, cause, event_at)
          select m, k, p, q, a, c, h
          from unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::timestamptz[], $6::text[],
                      $7::timestamptz[])
               with ordinality as j(m, k, p, q, a, c, h, n)
          order by n",
+        &members as &[&str],
+        &kinds as &[&str],
+        &points,
+        &qualifying,
+        &at,
+        &causes as &[&str],
+        &happened
     )
-    .bind(&members)
-    .bind(&kinds)
-    .bind(&points)
-    .bind(&qualifying)
-    .bind(&at)
-    .bind(&causes)
-    .bind(&happened)
     .execute(conn)
     .await?;
     Ok(())
@@ -217,31 +213,31 @@ pub(super) async fn load_orders(
     if ids.is_empty() {
         return Ok(HashMap::new());
     }
-    let rows = sqlx::query(
+    let rows = sqlx::query!(
         "select order_id, member_id, currency, total_minor, earned, refunded_minor, reversed, cart_id, placed_at,
                 skus
          from orders where order_id = any($1)",
+        ids as &[&str]
     )
-    .bind(ids)
     .fetch_all(conn)
     .await?;
-    rows.iter()
+    rows.into_iter()
         .map(|r| {
-            let member_id = MemberId::parse(&r.get::<String, _>("member_id"))
-                .map_err(|e| sqlx::Error::Decode(e.into()))?;
+            let member_id =
+                MemberId::parse(&r.member_id).map_err(|e| sqlx::Error::Decode(e.into()))?;
             let record = OrderRecord {
-                order_id: r.get("order_id"),
+                order_id: r.order_id,
                 member_id,
-                currency: r.get("currency"),
+                currency: r.currency,
                 points: OrderPoints {
-                    total_minor: r.get("total_minor"),
-                    earned: r.get("earned"),
-                    refunded_minor: r.get("refunded_minor"),
-                    reversed: r.get("reversed"),
+                    total_minor: r.total_minor,
+                    earned: r.earned,
+                    refunded_minor: r.refunded_minor,
+                    reversed: r.reversed,
                 },
-                cart_id: r.get("cart_id"),
-                placed_at: r.get("placed_at"),
-                skus: serde_json::from_value(r.get("skus")).unwrap_or_default(),
+                cart_id: r.cart_id,
+                placed_at: r.placed_at,
+                skus: serde_json::from_value(r.skus).unwrap_or_default(),
             };
             Ok((record.order_id.clone(), record))
         })
@@ -269,7 +265,7 @@ pub(super) async fn save_orders(
         .iter()
         .map(|o| serde_json::to_string(&o.skus).expect("strings serialize"))
         .collect();
-    sqlx::query(
+    sqlx::query!(
         "insert into orders (order_id, member_id, currency, total_minor, earned, refunded_minor, reversed, cart_id, placed_at,
                              skus)
          select o, m, c, t, e, f, r, k, p, s::jsonb
@@ -278,17 +274,17 @@ pub(super) async fn save_orders(
               as x(o, m, c, t, e, f, r, k, p, s)
          on conflict (order_id) do update set
              refunded_minor = excluded.refunded_minor, reversed = excluded.reversed",
+        &ids as &[&str],
+        &members as &[&str],
+        &currencies as &[&str],
+        &totals,
+        &earned,
+        &refunded,
+        &reversed,
+        &carts as &[Option<&str>],
+        &placed,
+        &skus
     )
-    .bind(&ids)
-    .bind(&members)
-    .bind(&currencies)
-    .bind(&totals)
-    .bind(&earned)
-    .bind(&refunded)
-    .bind(&reversed)
-    .bind(&carts)
-    .bind(&placed)
-    .bind(&skus)
     .execute(conn)
     .await?;
     Ok(())
@@ -302,10 +298,11 @@ pub(super) async fn feedback_rewarded(
     if ids.is_empty() {
         return Ok(Default::default());
     }
-    let rows: Vec<String> = sqlx::query_scalar(
-        "select distinct order_id from feedback where order_id = any($1) and points > 0",
+    let rows: Vec<String> = sqlx::query_scalar!(
+        r#"select distinct order_id as "order_id!" from feedback
+           where order_id = any($1) and points > 0"#,
+        ids as &[&str]
     )
-    .bind(ids)
     .fetch_all(conn)
     .await?;
     Ok(rows.into_iter().collect())

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 use super::Status;
 
@@ -75,6 +75,24 @@ pub struct Attempt {
 /// message now). Returns the ids whose claim had been taken over by another dispatcher.
 pub async fn record(pool: &PgPool, owner: &str, settled: &[Settled]) -> anyhow::Result<Vec<i64>> {
     let mut tx = crate::db::begin_keyed(pool).await?;
+    let updated = write_states(&mut tx, owner, settled).await?;
+    write_attempts(&mut tx, settled).await?;
+    tx.commit().await?;
+    let updated: std::collections::HashSet<i64> = updated.into_iter().collect();
+    Ok(settled
+        .iter()
+        .map(|s| s.id)
+        .filter(|id| !updated.contains(id))
+        .collect())
+}
+
+/// Writes the messages' new states where the claim is still `owner`'s; returns the ids
+/// written.
+async fn write_states(
+    tx: &mut PgConnection,
+    owner: &str,
+    settled: &[Settled],
+) -> anyhow::Result<Vec<i64>> {
     let ids: Vec<i64> = settled.iter().map(|s| s.id).collect();
     let statuses: Vec<&str> = settled.iter().map(|s| s.status.as_str()).collect();
     let recipients: Vec<Option<&str>> = settled.iter().map(|s| s.recipient.as_deref()).collect();
@@ -96,7 +114,7 @@ pub async fn record(pool: &PgPool, owner: &str, settled: &[Settled]) -> anyhow::
         .iter()
         .map(|s| s.template.as_ref().map(|(version, _)| *version))
         .collect();
-    let updated: Vec<i64> = sqlx::query_scalar!(
+    let updated = sqlx::query_scalar!(
         "update messages m
          set status = r.status, claimed_until = null, claimed_by = null,
              recipient = coalesce(r.recipient, m.recipient),
@@ -126,46 +144,48 @@ pub async fn record(pool: &PgPool, owner: &str, settled: &[Settled]) -> anyhow::
         &versions as &[Option<i32>],
         &locales as &[Option<&str>],
     )
-    .fetch_all(&mut *tx)
+    .fetch_all(tx)
     .await
     .context("recording message states")?;
+    Ok(updated)
+}
 
-    // Attempts of one claim (one per provider tried) share the claim's number.
+/// Writes every provider call of these claims: attempts of one claim (one per provider
+/// tried) share the claim's number.
+async fn write_attempts(tx: &mut PgConnection, settled: &[Settled]) -> anyhow::Result<()> {
     let attempts: Vec<(i64, &Attempt)> = settled
         .iter()
         .flat_map(|s| s.attempts.iter().map(move |a| (s.id, a)))
         .collect();
-    if !attempts.is_empty() {
-        let message_ids: Vec<i64> = attempts.iter().map(|(id, _)| *id).collect();
-        let names: Vec<&str> = attempts.iter().map(|(_, a)| a.provider).collect();
-        let outcomes: Vec<&str> = attempts.iter().map(|(_, a)| a.outcome).collect();
-        let errors: Vec<Option<Cow<str>>> =
-            attempts.iter().map(|(_, a)| storable(&a.error)).collect();
-        let errors: Vec<Option<&str>> = errors.iter().map(Option::as_deref).collect();
-        let latencies: Vec<i32> = attempts
-            .iter()
-            .map(|(_, a)| a.latency.as_millis().min(i32::MAX as u128) as i32)
-            .collect();
-        sqlx::query!(
-            "insert into delivery_attempts (message_id, attempt, provider, outcome, error, latency_ms)
-             select r.id, m.attempts, r.provider, r.outcome, r.error, r.latency
-             from unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::int[])
-                  with ordinality as r(id, provider, outcome, error, latency, n)
-             join messages m on m.id = r.id
-             order by r.n",
-            &message_ids,
-            &names as &[&str],
-            &outcomes as &[&str],
-            &errors as &[Option<&str>],
-            &latencies,
-        )
-        .execute(&mut *tx)
-        .await
-        .context("recording delivery attempts")?;
+    if attempts.is_empty() {
+        return Ok(());
     }
-    tx.commit().await?;
-    let updated: std::collections::HashSet<i64> = updated.into_iter().collect();
-    Ok(ids.into_iter().filter(|id| !updated.contains(id)).collect())
+    let message_ids: Vec<i64> = attempts.iter().map(|(id, _)| *id).collect();
+    let names: Vec<&str> = attempts.iter().map(|(_, a)| a.provider).collect();
+    let outcomes: Vec<&str> = attempts.iter().map(|(_, a)| a.outcome).collect();
+    let errors: Vec<Option<Cow<str>>> = attempts.iter().map(|(_, a)| storable(&a.error)).collect();
+    let errors: Vec<Option<&str>> = errors.iter().map(Option::as_deref).collect();
+    let latencies: Vec<i32> = attempts
+        .iter()
+        .map(|(_, a)| a.latency.as_millis().min(i32::MAX as u128) as i32)
+        .collect();
+    sqlx::query!(
+        "insert into delivery_attempts (message_id, attempt, provider, outcome, error, latency_ms)
+         select r.id, m.attempts, r.provider, r.outcome, r.error, r.latency
+         from unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::int[])
+              with ordinality as r(id, provider, outcome, error, latency, n)
+         join messages m on m.id = r.id
+         order by r.n",
+        &message_ids,
+        &names as &[&str],
+        &outcomes as &[&str],
+        &errors as &[Option<&str>],
+        &latencies,
+    )
+    .execute(tx)
+    .await
+    .context("recording delivery attempts")?;
+    Ok(())
 }
 
 /// `text` as PostgreSQL's `text` takes it: without NUL characters.

@@ -14,8 +14,11 @@ use handlebars::{Handlebars, Template};
 use serde_json::Value;
 
 pub(crate) mod budget;
+mod context;
 mod frames;
 pub(crate) mod helpers;
+
+pub(crate) use context::{add_shop_variables, context_now};
 
 use crate::domain::Locale;
 use crate::domain::Trigger;
@@ -336,77 +339,14 @@ impl Templates {
             next.graph.remove(&name);
         }
         for (file, source) in files {
-            let at = |line: Option<usize>, message: String| FileError {
-                file: file.clone(),
-                line,
-                message,
-            };
-            if !FILE_NAMES.contains(&file.as_str()) {
-                errors.push(at(
-                    None,
-                    format!(
-                        "not a template file; the files are {}",
-                        FILE_NAMES.join(", ")
-                    ),
-                ));
-                continue;
+            if let Err(error) = next.add_file(&base, file, source, self) {
+                errors.push(error);
             }
-            let stem = file.trim_end_matches(".hbs");
-            let name = format!("{base}/{stem}");
-            let (parsed, compiled) = match compile_file(&name, source, false) {
-                Ok(compiled) => compiled,
-                Err((line, message)) => {
-                    errors.push(at(line, message));
-                    continue;
-                }
-            };
-            if let Err((line, message)) = budget::check_pair_file(&parsed) {
-                errors.push(at(line, message));
-                continue;
-            }
-            // A version may include the shared partials and layouts, and partials it defines
-            // inline; never another trigger's or locale's files.
-            let (calls, inlines) = budget::includes(&parsed);
-            let own: HashSet<&str> = inlines.iter().map(|(n, _)| n.as_str()).collect();
-            let called = calls
-                .iter()
-                .chain(inlines.iter().flat_map(|(_, c)| c))
-                .find(|c| !self.is_shared(c) && !own.contains(c.as_str()));
-            if let Some(bad) = called {
-                let line = source
-                    .find(bad.as_str())
-                    .map(|at| budget::line_of(source, at));
-                errors.push(at(
-                    line,
-                    format!(
-                        "includes {bad}, which is not a partial or layout (partials/…, layouts/…) nor one defined inline here"
-                    ),
-                ));
-                continue;
-            }
-            next.graph.insert(name.clone(), (calls, inlines));
-            if let Err(cycle) = check_graph(&next.graph) {
-                next.graph.remove(&name);
-                errors.push(at(None, format!("{cycle:#}")));
-                continue;
-            }
-            next.registry_of(stem).register_template(&name, compiled);
-            next.sources
-                .insert(format!("{base}/{file}"), source.clone());
         }
         if !errors.is_empty() {
             return Err(errors);
         }
-        for required in ["email.subject.hbs", "sms.hbs"] {
-            if !files.contains_key(required) {
-                errors.push(whole(format!("{required} is missing")));
-            }
-        }
-        if !files.contains_key("email.mjml.hbs") && !files.contains_key("email.html.hbs") {
-            errors.push(whole(
-                "the email needs email.mjml.hbs or email.html.hbs".to_owned(),
-            ));
-        }
+        errors.extend(missing_files(files));
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -423,6 +363,71 @@ impl Templates {
         } else {
             Err(errors)
         }
+    }
+
+    /// Compiles one file of a version into these templates, after checking its budget, that
+    /// it includes only shared partials and layouts or its own inline ones, and that its
+    /// includes make no cycle. `shared` holds the partials and layouts.
+    fn add_file(
+        &mut self,
+        base: &str,
+        file: &str,
+        source: &str,
+        shared: &Templates,
+    ) -> Result<(), FileError> {
+        let at = |line: Option<usize>, message: String| FileError {
+            file: file.to_owned(),
+            line,
+            message,
+        };
+        if !FILE_NAMES.contains(&file) {
+            return Err(at(
+                None,
+                format!(
+                    "not a template file; the files are {}",
+                    FILE_NAMES.join(", ")
+                ),
+            ));
+        }
+        let stem = file.trim_end_matches(".hbs");
+        let name = format!("{base}/{stem}");
+        let (parsed, compiled) = match compile_file(&name, source, false) {
+            Ok(compiled) => compiled,
+            Err((line, message)) => {
+                return Err(at(line, message));
+            }
+        };
+        if let Err((line, message)) = budget::check_pair_file(&parsed) {
+            return Err(at(line, message));
+        }
+        // A version may include the shared partials and layouts, and partials it defines
+        // inline; never another trigger's or locale's files.
+        let (calls, inlines) = budget::includes(&parsed);
+        let own: HashSet<&str> = inlines.iter().map(|(n, _)| n.as_str()).collect();
+        let called = calls
+            .iter()
+            .chain(inlines.iter().flat_map(|(_, c)| c))
+            .find(|c| !shared.is_shared(c) && !own.contains(c.as_str()));
+        if let Some(bad) = called {
+            let line = source
+                .find(bad.as_str())
+                .map(|at| budget::line_of(source, at));
+            return Err(at(
+                line,
+                format!(
+                    "includes {bad}, which is not a partial or layout (partials/…, layouts/…) nor one defined inline here"
+                ),
+            ));
+        }
+        self.graph.insert(name.clone(), (calls, inlines));
+        if let Err(cycle) = check_graph(&self.graph) {
+            self.graph.remove(&name);
+            return Err(at(None, format!("{cycle:#}")));
+        }
+        self.registry_of(stem).register_template(&name, compiled);
+        self.sources
+            .insert(format!("{base}/{file}"), source.to_owned());
+        Ok(())
     }
 
     /// Whether `name` is a shared partial or layout.
@@ -937,6 +942,27 @@ pub fn sample_context(trigger: Trigger) -> Value {
         Value::Null
     };
     context
+}
+
+/// The files a version must have that `files` lacks.
+fn missing_files(files: &std::collections::BTreeMap<String, String>) -> Vec<FileError> {
+    let whole = |message: String| FileError {
+        file: String::new(),
+        line: None,
+        message,
+    };
+    let mut errors = Vec::new();
+    for required in ["email.subject.hbs", "sms.hbs"] {
+        if !files.contains_key(required) {
+            errors.push(whole(format!("{required} is missing")));
+        }
+    }
+    if !files.contains_key("email.mjml.hbs") && !files.contains_key("email.html.hbs") {
+        errors.push(whole(
+            "the email needs email.mjml.hbs or email.html.hbs".to_owned(),
+        ));
+    }
+    errors
 }
 
 #[cfg(test)]

@@ -199,6 +199,9 @@ async fn seed(
              where s.member_id = m.member_id",
         ),
     ];
+    // Built at run time: one loop binds each step the parameters its text names (as macros,
+    // several would need casts: `$1 - interval` types `$1` an interval, `random() * $2` a
+    // double).
     for (what, count, sql) in steps {
         // Each statement takes the parameters it names, in order: now, members, a count.
         let mut query = sqlx::query(sql);
@@ -217,15 +220,24 @@ async fn seed(
             .with_context(|| format!("seeding {what}"))?;
     }
     tx.commit().await?;
-    for table in ["members", "orders", "point_entries", "feedback", "messages"] {
-        sqlx::query(&format!("vacuum analyze {table}"))
-            .execute(pool)
-            .await?;
-    }
-    Ok(sqlx::query_as(
-        "select (select count(*) from orders), (select count(*) from point_entries),
-                (select count(*) from feedback), (select count(*) from messages)",
+    sqlx::query!("vacuum analyze members").execute(pool).await?;
+    sqlx::query!("vacuum analyze orders").execute(pool).await?;
+    sqlx::query!("vacuum analyze point_entries")
+        .execute(pool)
+        .await?;
+    sqlx::query!("vacuum analyze feedback")
+        .execute(pool)
+        .await?;
+    sqlx::query!("vacuum analyze messages")
+        .execute(pool)
+        .await?;
+    let row = sqlx::query!(
+        r#"select (select count(*) from orders) as "orders!",
+                (select count(*) from point_entries) as "entries!",
+                (select count(*) from feedback) as "answers!",
+                (select count(*) from messages) as "messages!""#
     )
     .fetch_one(pool)
-    .await?)
+    .await?;
+    Ok((row.orders, row.entries, row.answers, row.messages))
 }

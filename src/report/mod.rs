@@ -229,13 +229,13 @@ pub(crate) async fn loyalty(pool: &PgPool, period: Period) -> anyhow::Result<Rep
 /// one order has two or more, or their orders' smallest and largest SKUs differ; exactly one
 /// when they are all the same one.
 async fn buyers(pool: &PgPool, since: DateTime<Utc>, period: Period) -> anyhow::Result<Counts> {
-    let row: (i64, i64, i64, i64, i64, i64) = sqlx::query_as(
-        r#"select count(*) filter (where before),
-                count(*) filter (where now),
-                count(*) filter (where now and not before),
-                count(*) filter (where orders >= 2),
-                count(*) filter (where several or lowest <> highest),
-                count(*) filter (where not several and lowest = highest)
+    let row = sqlx::query!(
+        r#"select count(*) filter (where before) as "previous_buyers!",
+                count(*) filter (where now) as "buyers!",
+                count(*) filter (where now and not before) as "new_buyers!",
+                count(*) filter (where orders >= 2) as "repeat_buyers!",
+                count(*) filter (where several or lowest <> highest) as "multi_sku_buyers!",
+                count(*) filter (where not several and lowest = highest) as "single_sku_buyers!"
          from (select bool_or(placed_at >= $2) as now,
                       bool_or(placed_at < $2) as before,
                       count(*) filter (where placed_at >= $2) as orders,
@@ -245,20 +245,20 @@ async fn buyers(pool: &PgPool, since: DateTime<Utc>, period: Period) -> anyhow::
                       max((skus->>-1) collate "C") filter (where placed_at >= $2) as highest
                from orders where placed_at >= $1 and placed_at < $3
                group by member_id) buyers"#,
+        since,
+        period.from,
+        period.to
     )
-    .bind(since)
-    .bind(period.from)
-    .bind(period.to)
     .fetch_one(&mut *reading(pool).await?)
     .await
     .context("counting buyers")?;
     Ok(Counts {
-        previous_buyers: row.0,
-        buyers: row.1,
-        new_buyers: row.2,
-        repeat_buyers: row.3,
-        multi_sku_buyers: row.4,
-        single_sku_buyers: row.5,
+        previous_buyers: row.previous_buyers,
+        buyers: row.buyers,
+        new_buyers: row.new_buyers,
+        repeat_buyers: row.repeat_buyers,
+        multi_sku_buyers: row.multi_sku_buyers,
+        single_sku_buyers: row.single_sku_buyers,
         ..Counts::default()
     })
 }
@@ -270,55 +270,63 @@ async fn buyers(pool: &PgPool, since: DateTime<Utc>, period: Period) -> anyhow::
 /// thousands).
 async fn reading(pool: &PgPool) -> anyhow::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
     let mut tx = pool.begin().await.context("starting the report")?;
-    for setting in [
-        "set transaction read only",
-        "set local work_mem = '64MB'",
-        "set local enable_nestloop = off",
-    ] {
-        sqlx::query(setting).execute(&mut *tx).await?;
-    }
+    sqlx::query!("set transaction read only")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query!("set local work_mem = '64MB'")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query!("set local enable_nestloop = off")
+        .execute(&mut *tx)
+        .await?;
     Ok(tx)
 }
 
 /// Members who answered, promoters and detractors, each by their latest answer in the period
 /// (two answers at the same time: the greater event id is the later).
 async fn answers(pool: &PgPool, period: Period) -> anyhow::Result<(i64, i64, i64)> {
-    sqlx::query_as(
-        "select count(*), count(*) filter (where score >= 9), count(*) filter (where score <= 6)
+    let row = sqlx::query!(
+        r#"select count(*) as "answers!", count(*) filter (where score >= 9) as "promoters!",
+                count(*) filter (where score <= 6) as "detractors!"
          from (select distinct on (member_id) score
                from feedback where at >= $1 and at < $2
-               order by member_id, at desc, event_id desc) latest",
+               order by member_id, at desc, event_id desc) latest"#,
+        period.from,
+        period.to
     )
-    .bind(period.from)
-    .bind(period.to)
     .fetch_one(&mut *reading(pool).await?)
     .await
-    .context("counting answers")
+    .context("counting answers")?;
+    Ok((row.answers, row.promoters, row.detractors))
 }
 
 /// Points issued, redeemed and expired in the period, and the balance at its end: today's
 /// balances less what happened since `to` (one snapshot, so the two agree), which reads only
 /// the journal after `from` rather than all of it.
 async fn points(pool: &PgPool, period: Period) -> anyhow::Result<Points> {
-    let row: (i64, i64, i64, i64) = sqlx::query_as(
-        "select coalesce(sum(points) filter (
-                    where event_at < $2 and kind not in ('redemption', 'expiry')), 0)::bigint,
-                coalesce(-sum(points) filter (where event_at < $2 and kind = 'redemption'), 0)::bigint,
-                coalesce(-sum(points) filter (where event_at < $2 and kind = 'expiry'), 0)::bigint,
+    let row = sqlx::query!(
+        r#"select coalesce(sum(points) filter (
+                    where event_at < $2 and kind not in ('redemption', 'expiry')), 0)::bigint
+                    as "issued!",
+                coalesce(-sum(points) filter (where event_at < $2 and kind = 'redemption'), 0)::bigint
+                    as "redeemed!",
+                coalesce(-sum(points) filter (where event_at < $2 and kind = 'expiry'), 0)::bigint
+                    as "expired!",
                 (select coalesce(sum(balance), 0) from members)::bigint
                     - coalesce(sum(points) filter (where event_at >= $2), 0)::bigint
-         from point_entries where event_at >= $1",
+                    as "outstanding!"
+         from point_entries where event_at >= $1"#,
+        period.from,
+        period.to
     )
-    .bind(period.from)
-    .bind(period.to)
     .fetch_one(&mut *reading(pool).await?)
     .await
     .context("summing points")?;
     Ok(Points {
-        issued: row.0,
-        redeemed: row.1,
-        expired: row.2,
-        outstanding: row.3,
+        issued: row.issued,
+        redeemed: row.redeemed,
+        expired: row.expired,
+        outstanding: row.outstanding,
     })
 }
 
@@ -337,8 +345,8 @@ async fn triggers(
         .filter(|t| converts_by_redemption(*t))
         .map(Trigger::as_str)
         .collect();
-    let rows: Vec<(String, bool, i64, i64)> = sqlx::query_as(
-        "with sends as materialized (
+    let rows = sqlx::query!(
+        r#"with sends as materialized (
              select trigger, member_id, status = 'held_out' as held_out, sent_at as at,
                     sent_at + make_interval(days => $3) as until,
                     case when trigger = 'abandoned-cart' then context->>'cart_id' end as cart_id
@@ -349,7 +357,7 @@ async fn triggers(
                    where e.dedupe_key = left(m.dedupe_key, -3) || 'email'
                      and e.status in ('sent', 'held_out')))
          )
-         select trigger, held_out, count(*), 0::bigint from sends group by 1, 2
+         select trigger as "trigger!", held_out as "held_out!", count(*) as "sends!", 0::bigint as "converted!" from sends group by 1, 2
          union all
          select trigger, held_out, 0, count(*) from sends s
          where not (trigger = any($4))
@@ -367,12 +375,12 @@ async fn triggers(
                where r.kind = 'redemption' and r.member_id = s.member_id
                  and r.event_at > s.at and r.event_at <= s.until
                  and r.event_at > $1 and r.event_at <= $2 + make_interval(days => $3))
-         group by 1, 2",
+         group by 1, 2"#,
+        period.from,
+        period.to,
+        CONVERSION_WINDOW_DAYS as i32,
+        &by_redemption as &[&str]
     )
-    .bind(period.from)
-    .bind(period.to)
-    .bind(CONVERSION_WINDOW_DAYS as i32)
-    .bind(&by_redemption)
     .fetch_all(&mut *reading(pool).await?)
     .await
     .context("counting sends and conversions")?;
@@ -380,15 +388,15 @@ async fn triggers(
         .into_iter()
         .map(|t| (t.as_str().to_owned(), TriggerFigures::default()))
         .collect();
-    for (trigger, held_out, sends, converted) in rows {
-        let f = figures.entry(trigger).or_default();
-        let (total, conversions) = if held_out {
+    for row in rows {
+        let f = figures.entry(row.trigger).or_default();
+        let (total, conversions) = if row.held_out {
             (&mut f.control_members, &mut f.control_conversions)
         } else {
             (&mut f.sent, &mut f.conversions)
         };
-        *total += sends;
-        *conversions += converted;
+        *total += row.sends;
+        *conversions += row.converted;
     }
     for f in figures.values_mut() {
         f.conversion_rate = ratio(f.conversions, f.sent);

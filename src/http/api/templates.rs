@@ -256,7 +256,7 @@ async fn context_for(
             else {
                 return Err(ApiError::not_found(format!("no member {id:?}")));
             };
-            crate::triggers::context_now(trigger, &state, cart.as_ref(), program, now)
+            render::context_now(trigger, &state, cart.as_ref(), program, now)
         }
     };
     // A pool's code is drawn when a message is planned; a preview shows where it goes.
@@ -427,10 +427,12 @@ pub(crate) async fn queue_test(
     // that parallel requests cannot all pass it.
     let limit = i64::from(app.settings.console.test_sends_per_hour);
     let mut tx = app.pool.begin().await?;
-    sqlx::query("select pg_advisory_xact_lock(hashtextextended('test-sends:' || $1, 0))")
-        .bind(&user.name)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query!(
+        "select pg_advisory_xact_lock(hashtextextended('test-sends:' || $1, 0))",
+        &user.name
+    )
+    .execute(&mut *tx)
+    .await?;
     let sent = outbox::test_sends_last_hour(&mut tx, &user.name).await?;
     if sent + targets.len() as i64 > limit {
         return Err(ApiError::too_many(

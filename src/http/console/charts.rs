@@ -54,9 +54,14 @@ pub(super) fn bars(
         let min = if lowest < 0.0 { -nice(-lowest) } else { 0.0 };
         (min, nice(highest))
     });
-    let plot_w = WIDTH - LEFT - RIGHT;
-    let plot_h = HEIGHT - TOP - BOTTOM;
-    let y = |v: f64| TOP + plot_h * (max - v.clamp(min, max)) / (max - min);
+    let slot = (WIDTH - LEFT - RIGHT) / categories.len().max(1) as f64;
+    let plot = Plot {
+        min,
+        max,
+        slot,
+        bar_w: (slot * 0.8) / series.len().max(1) as f64,
+        format,
+    };
     let mut svg = String::new();
     let summary = summary(title, categories, series, format);
     let _ = write!(
@@ -70,75 +75,127 @@ pub(super) fn bars(
         r#"<text class="chart-title" x="4" y="15">{}</text>"#,
         escape(title)
     );
-    for i in 0..=4 {
-        let v = min + (max - min) * f64::from(i) / 4.0;
-        let yy = y(v);
+    plot.grid(&mut svg);
+    for (c, category) in categories.iter().enumerate() {
+        let x0 = LEFT + plot.slot * c as f64 + plot.slot * 0.1;
+        for (s, serie) in series.iter().enumerate() {
+            let x = x0 + plot.bar_w * s as f64;
+            plot.bar(
+                &mut svg,
+                x,
+                category,
+                serie,
+                serie.values.get(c).copied().flatten(),
+            );
+        }
+        plot.category(&mut svg, x0, category);
+    }
+    if series.len() > 1 {
+        legend(&mut svg, series);
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+/// A chart's axis and the width of its slots and bars.
+struct Plot<'f> {
+    min: f64,
+    max: f64,
+    /// The width of one category.
+    slot: f64,
+    /// The width of one bar.
+    bar_w: f64,
+    format: &'f dyn Fn(f64) -> String,
+}
+
+impl Plot<'_> {
+    /// Where value `v` is drawn, clamped to the axis.
+    fn y(&self, v: f64) -> f64 {
+        let plot_h = HEIGHT - TOP - BOTTOM;
+        TOP + plot_h * (self.max - v.clamp(self.min, self.max)) / (self.max - self.min)
+    }
+
+    /// Four grid lines with their values, and the zero line.
+    fn grid(&self, svg: &mut String) {
+        for i in 0..=4 {
+            let v = self.min + (self.max - self.min) * f64::from(i) / 4.0;
+            let yy = self.y(v);
+            let _ = write!(
+                svg,
+                r#"<line class="grid" x1="{LEFT}" x2="{}" y1="{yy:.1}" y2="{yy:.1}"/><text class="axis" x="{}" y="{:.1}" text-anchor="end">{}</text>"#,
+                WIDTH - RIGHT,
+                LEFT - 4.0,
+                yy + 4.0,
+                escape(&(self.format)(v))
+            );
+        }
+        let zero = self.y(0.0);
         let _ = write!(
             svg,
-            r#"<line class="grid" x1="{LEFT}" x2="{}" y1="{yy:.1}" y2="{yy:.1}"/><text class="axis" x="{}" y="{:.1}" text-anchor="end">{}</text>"#,
-            WIDTH - RIGHT,
-            LEFT - 4.0,
-            yy + 4.0,
-            escape(&format(v))
+            r#"<line class="zero" x1="{LEFT}" x2="{}" y1="{zero:.1}" y2="{zero:.1}"/>"#,
+            WIDTH - RIGHT
         );
     }
-    let zero = y(0.0);
-    let _ = write!(
-        svg,
-        r#"<line class="zero" x1="{LEFT}" x2="{}" y1="{zero:.1}" y2="{zero:.1}"/>"#,
-        WIDTH - RIGHT
-    );
-    let slot = plot_w / categories.len().max(1) as f64;
-    let bar_w = (slot * 0.8) / series.len().max(1) as f64;
-    for (c, category) in categories.iter().enumerate() {
-        let x0 = LEFT + slot * c as f64 + slot * 0.1;
-        for (s, serie) in series.iter().enumerate() {
-            let x = x0 + bar_w * s as f64;
-            match serie.values.get(c).copied().flatten() {
-                Some(v) => {
-                    let (top, bottom) = if v >= 0.0 { (y(v), zero) } else { (zero, y(v)) };
-                    let label = format(v);
-                    let _ = write!(
-                        svg,
-                        r#"<rect class="{}" x="{x:.1}" y="{top:.1}" width="{:.1}" height="{:.1}"><title>{}: {}, {}</title></rect>"#,
-                        escape(serie.class),
-                        (bar_w - 2.0).max(1.0),
-                        (bottom - top).max(0.5),
-                        escape(category),
-                        escape(serie.name),
-                        escape(&label),
-                    );
-                    // The value above its bar when it fits (else in the bar's tooltip and the
-                    // chart's text alternative).
-                    if label.chars().count() as f64 * 6.0 <= bar_w + 4.0 {
-                        let _ = write!(
-                            svg,
-                            r#"<text class="value" x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
-                            x + bar_w / 2.0,
-                            top - 3.0,
-                            escape(&label),
-                        );
-                    }
-                }
-                None => {
-                    let _ = write!(
-                        svg,
-                        r#"<text class="value none" x="{:.1}" y="{:.1}" text-anchor="middle">–</text>"#,
-                        x + bar_w / 2.0,
-                        zero - 3.0
-                    );
-                }
-            }
+
+    /// One bar at `x` with its value above it, or a dash for no value.
+    fn bar(
+        &self,
+        svg: &mut String,
+        x: f64,
+        category: &str,
+        serie: &Series<'_>,
+        value: Option<f64>,
+    ) {
+        let zero = self.y(0.0);
+        let Some(v) = value else {
+            let _ = write!(
+                svg,
+                r#"<text class="value none" x="{:.1}" y="{:.1}" text-anchor="middle">–</text>"#,
+                x + self.bar_w / 2.0,
+                zero - 3.0
+            );
+            return;
+        };
+        let (top, bottom) = if v >= 0.0 {
+            (self.y(v), zero)
+        } else {
+            (zero, self.y(v))
+        };
+        let label = (self.format)(v);
+        let _ = write!(
+            svg,
+            r#"<rect class="{}" x="{x:.1}" y="{top:.1}" width="{:.1}" height="{:.1}"><title>{}: {}, {}</title></rect>"#,
+            escape(serie.class),
+            (self.bar_w - 2.0).max(1.0),
+            (bottom - top).max(0.5),
+            escape(category),
+            escape(serie.name),
+            escape(&label),
+        );
+        // The value above its bar when it fits (else in the bar's tooltip and the chart's text
+        // alternative).
+        if label.chars().count() as f64 * 6.0 <= self.bar_w + 4.0 {
+            let _ = write!(
+                svg,
+                r#"<text class="value" x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+                x + self.bar_w / 2.0,
+                top - 3.0,
+                escape(&label),
+            );
         }
-        // A label wider than its slot goes on two lines, broken at a hyphen.
+    }
+
+    /// A category's label under its slot; one wider than its slot goes on two lines, broken at
+    /// a hyphen.
+    fn category(&self, svg: &mut String, x0: f64, category: &str) {
         let lines: Vec<&str> = match category.split_once('-') {
-            Some((a, b)) if category.chars().count() as f64 * 6.5 > slot => vec![a, b],
-            _ => vec![category.as_str()],
+            Some((a, b)) if category.chars().count() as f64 * 6.5 > self.slot => vec![a, b],
+            _ => vec![category],
         };
         let _ = write!(
             svg,
             r#"<text class="axis" x="{:.1}" y="{:.1}" text-anchor="middle">"#,
-            x0 + slot * 0.4,
+            x0 + self.slot * 0.4,
             HEIGHT - BOTTOM + 16.0,
         );
         for (n, line) in lines.iter().enumerate() {
@@ -146,30 +203,30 @@ pub(super) fn bars(
             let _ = write!(
                 svg,
                 r#"<tspan x="{:.1}" dy="{}">{}{hyphen}</tspan>"#,
-                x0 + slot * 0.4,
+                x0 + self.slot * 0.4,
                 if n == 0 { "0" } else { "1.1em" },
                 escape(line)
             );
         }
         svg.push_str("</text>");
     }
-    if series.len() > 1 {
-        let mut x = LEFT;
-        for serie in series {
-            let _ = write!(
-                svg,
-                r#"<rect class="{}" x="{x:.1}" y="{:.1}" width="10" height="10"/><text class="axis" x="{:.1}" y="{:.1}">{}</text>"#,
-                escape(serie.class),
-                HEIGHT - 14.0,
-                x + 14.0,
-                HEIGHT - 5.0,
-                escape(serie.name)
-            );
-            x += 24.0 + 7.0 * serie.name.chars().count() as f64;
-        }
+}
+
+/// The series' names with their colours, under the chart.
+fn legend(svg: &mut String, series: &[Series<'_>]) {
+    let mut x = LEFT;
+    for serie in series {
+        let _ = write!(
+            svg,
+            r#"<rect class="{}" x="{x:.1}" y="{:.1}" width="10" height="10"/><text class="axis" x="{:.1}" y="{:.1}">{}</text>"#,
+            escape(serie.class),
+            HEIGHT - 14.0,
+            x + 14.0,
+            HEIGHT - 5.0,
+            escape(serie.name)
+        );
+        x += 24.0 + 7.0 * serie.name.chars().count() as f64;
     }
-    svg.push_str("</svg>");
-    svg
 }
 
 /// What a chart shows, in words, for screen readers.

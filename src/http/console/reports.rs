@@ -81,6 +81,93 @@ fn readable(t: DateTime<Utc>) -> String {
     }
 }
 
+/// A share as a whole percentage.
+fn percent(v: f64) -> String {
+    format!("{:.0}%", v * 100.0)
+}
+
+/// The charts of the programme's figures over the periods `labels` name, one per figure.
+fn kpi_charts(reports: &[Report], labels: &[String]) -> Vec<String> {
+    let plain = |v: f64| format!("{v:.2}");
+    type Pick = fn(&Report) -> Option<f64>;
+    type Format<'a> = &'a dyn Fn(f64) -> String;
+    type Span = Option<(f64, f64)>;
+    let ratios: [(&str, Pick, Format, Span); 4] = [
+        (
+            "Retention rate",
+            |r| r.retention_rate,
+            &percent,
+            Some((0.0, 1.0)),
+        ),
+        (
+            "Repeat-purchase rate",
+            |r| r.repeat_purchase_rate,
+            &percent,
+            Some((0.0, 1.0)),
+        ),
+        ("Upsell ratio", |r| r.upsell_ratio, &plain, None),
+        ("NPS", |r| r.nps, &compact, Some((-100.0, 100.0))),
+    ];
+    let points = |name, class, pick: fn(&report::Points) -> i64| Series {
+        name,
+        class,
+        values: reports
+            .iter()
+            .map(|r| Some(pick(&r.points) as f64))
+            .collect(),
+    };
+    let mut charts: Vec<String> = ratios
+        .into_iter()
+        .map(|(title, pick, format, span)| {
+            let series = Series {
+                name: title,
+                class: "s-main",
+                values: reports.iter().map(pick).collect(),
+            };
+            charts::bars(title, labels, &[series], format, span)
+        })
+        .collect();
+    charts.push(charts::bars(
+        "Points issued, redeemed and expired",
+        labels,
+        &[
+            points("issued", "s-issued", |p| p.issued),
+            points("redeemed", "s-redeemed", |p| p.redeemed),
+            points("expired", "s-expired", |p| p.expired),
+        ],
+        &compact,
+        None,
+    ));
+    charts.push(charts::bars(
+        "Points outstanding at the end of each period",
+        labels,
+        &[points("outstanding", "s-main", |p| p.outstanding)],
+        &compact,
+        None,
+    ));
+    charts
+}
+
+/// Each trigger's conversion beside its control group's, in the period of `current`.
+fn trigger_chart(current: &Report) -> String {
+    let names: Vec<String> = current.triggers.keys().cloned().collect();
+    let rates = |name, class, pick: fn(&report::TriggerFigures) -> Option<f64>| Series {
+        name,
+        class,
+        values: current.triggers.values().map(pick).collect(),
+    };
+    charts::bars(
+        "Conversion within 7 days: with the message and without it (control)",
+        &names,
+        &[
+            rates("sent", "s-main", |f| f.conversion_rate),
+            rates("control", "s-control", |f| f.control_conversion_rate),
+        ],
+        &percent,
+        Some((0.0, 1.0)),
+    )
+}
+
 async fn report_page(
     State(app): State<App>,
     session: Session,
@@ -119,92 +206,8 @@ async fn report_page(
         return error_page(ApiError::internal("no period"));
     };
     let labels: Vec<String> = series.iter().map(label).collect();
-    let pct = |v: f64| format!("{:.0}%", v * 100.0);
-    let plain = |v: f64| format!("{v:.2}");
-    let whole = compact;
-    type Pick = fn(&Report) -> Option<f64>;
-    type Format<'a> = &'a dyn Fn(f64) -> String;
-    type Span = Option<(f64, f64)>;
-    let ratios: [(&str, Pick, Format, Span); 4] = [
-        (
-            "Retention rate",
-            |r| r.retention_rate,
-            &pct,
-            Some((0.0, 1.0)),
-        ),
-        (
-            "Repeat-purchase rate",
-            |r| r.repeat_purchase_rate,
-            &pct,
-            Some((0.0, 1.0)),
-        ),
-        ("Upsell ratio", |r| r.upsell_ratio, &plain, None),
-        ("NPS", |r| r.nps, &whole, Some((-100.0, 100.0))),
-    ];
-    let points = |name, class, pick: fn(&report::Points) -> i64| Series {
-        name,
-        class,
-        values: reports
-            .iter()
-            .map(|r| Some(pick(&r.points) as f64))
-            .collect(),
-    };
-    let mut kpi_charts: Vec<String> = ratios
-        .into_iter()
-        .map(|(title, pick, format, span)| {
-            let series = Series {
-                name: title,
-                class: "s-main",
-                values: reports.iter().map(pick).collect(),
-            };
-            charts::bars(title, &labels, &[series], format, span)
-        })
-        .collect();
-    kpi_charts.push(charts::bars(
-        "Points issued, redeemed and expired",
-        &labels,
-        &[
-            points("issued", "s-issued", |p| p.issued),
-            points("redeemed", "s-redeemed", |p| p.redeemed),
-            points("expired", "s-expired", |p| p.expired),
-        ],
-        &whole,
-        None,
-    ));
-    kpi_charts.push(charts::bars(
-        "Points outstanding at the end of each period",
-        &labels,
-        &[points("outstanding", "s-main", |p| p.outstanding)],
-        &whole,
-        None,
-    ));
-    let names: Vec<String> = current.triggers.keys().cloned().collect();
-    let trigger_chart = charts::bars(
-        "Conversion within 7 days: with the message and without it (control)",
-        &names,
-        &[
-            Series {
-                name: "sent",
-                class: "s-main",
-                values: current
-                    .triggers
-                    .values()
-                    .map(|f| f.conversion_rate)
-                    .collect(),
-            },
-            Series {
-                name: "control",
-                class: "s-control",
-                values: current
-                    .triggers
-                    .values()
-                    .map(|f| f.control_conversion_rate)
-                    .collect(),
-            },
-        ],
-        &pct,
-        Some((0.0, 1.0)),
-    );
+    let kpi_charts = kpi_charts(&reports, &labels);
+    let trigger_chart = trigger_chart(current);
     let figures = report::lines(current);
     let triggers = report::trigger_lines(current);
     let api_query = url::form_urlencoded::Serializer::new(String::new())

@@ -407,9 +407,9 @@ impl Ingest {
 
 /// Adds to `batch` (which may hold deliveries carried from the last one) what has arrived, up
 /// to `size`: waits for a first delivery when the batch is empty, else 1 ms at most, then
-/// takes whatever is ready. `None` at shutdown; `Some(error)` when the channel failed after
-/// the deliveries gathered (they are handled first); an `Err` when the broker cancelled the
-/// consumer.
+/// takes whatever is ready. `None` at shutdown; `Some(Some(error))` when the channel failed
+/// after the deliveries gathered (they are handled first), `Some(None)` when it did not; an
+/// `Err` when the broker cancelled the consumer.
 async fn gather(
     consumer: &mut lapin::Consumer,
     batch: &mut Vec<Delivery>,

@@ -1,7 +1,7 @@
-//! What the integration tests, the fuzz targets and the binary use from the library: the only
-//! public paths. Every module is private to the crate; what is public here is a test's view of
-//! the worker (starting it, its roles, its stores and scans, the values its inputs parse into),
-//! not an API for other programs.
+//! What the integration tests and the fuzz targets use from the library. Every module is
+//! private to the crate; beside `lifecycle::main` (the binary's), this is the one public path:
+//! a test's view of the worker (starting it, its roles, its stores and scans, the values its
+//! inputs parse into), not an API for other programs.
 
 /// The broker's connection and topology.
 pub mod amqp {

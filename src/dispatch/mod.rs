@@ -185,24 +185,21 @@ impl Dispatcher {
             return Ok(Step::Idle);
         }
         let n = claimed.len();
-        let (claimed, unreadable): (Vec<_>, Vec<_>) = claimed.into_iter().partition(Result::is_ok);
-        let claimed: Vec<Claimed> = claimed.into_iter().filter_map(Result::ok).collect();
-        for Unreadable { id, reason } in unreadable.into_iter().filter_map(Result::err) {
-            warn!(message_id = id, reason, "Message cannot be read; it fails.");
-            Metrics::inc(&self.app.metrics.messages_failed);
-            let mut settled = Settled::new(id);
-            settled.error = Some(reason);
-            self.recorder.record(&self.app, &self.owner, settled).await;
-        }
         let claimed_in = started.elapsed();
-        let oldest = claimed.iter().map(|c| c.created_at).min();
-        let ids: Vec<i64> = claimed.iter().map(|c| c.id).collect();
+        let oldest = claimed.iter().flatten().map(|c| c.created_at).min();
+        let ids: Vec<i64> = claimed
+            .iter()
+            .map(|c| c.as_ref().map_or_else(|u| u.id, |c| c.id))
+            .collect();
         // The batch renders with the templates in force when it was claimed.
         let catalog = self.composer.store.current();
         let catalog = &catalog;
         let sending = futures_util::stream::iter(claimed)
             .map(|c| async move {
-                let settled = self.settle(c, catalog).await;
+                let settled = match c {
+                    Ok(c) => self.settle(c, catalog).await,
+                    Err(unreadable) => self.unreadable(unreadable),
+                };
                 self.recorder.record(&self.app, &self.owner, settled).await;
             })
             .buffer_unordered(d.concurrency)
@@ -288,6 +285,24 @@ impl Dispatcher {
             "trigger" => trigger,
         )
         .increment(1);
+        settled
+    }
+
+    /// A claimed message whose stored names do not parse: it fails, counted and logged as a
+    /// message that cannot be rendered.
+    fn unreadable(&self, u: Unreadable) -> Settled {
+        let error = crate::mask::text(&u.reason);
+        warn!(message_id = u.id, error, "Message cannot be rendered.");
+        Metrics::inc(&self.app.metrics.messages_failed);
+        metrics::counter!(
+            "lifecycle_messages_total",
+            "status" => "failed",
+            "provider" => "none",
+            "trigger" => u.trigger,
+        )
+        .increment(1);
+        let mut settled = Settled::new(u.id);
+        settled.error = Some(error);
         settled
     }
 
@@ -412,8 +427,8 @@ impl Dispatcher {
             // The marketer asked for it now, usually to their own phone.
             return Ok(None);
         }
-        if outgoing.channel == Channel::Sms {
-            let tz = c.timezone;
+        // A stored zone that does not parse has no quiet hours.
+        if let (Channel::Sms, Some(tz)) = (outgoing.channel, c.timezone) {
             let quiet = self
                 .app
                 .settings

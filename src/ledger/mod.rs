@@ -84,21 +84,24 @@ struct FeedbackRecord {
 /// size of `Applied` costs nothing worth a box).
 #[allow(clippy::large_enum_variant)]
 enum Verdict {
-    Applied {
-        /// The member before the event, after lapsed lots were expired.
-        before: Option<MemberState>,
-        after: MemberState,
-        /// Journal entries, expiries first.
-        entries: Vec<Entry>,
-        /// The order the event created or changed.
-        order: Option<OrderRecord>,
-        /// The cart the event changed.
-        cart: Option<CartState>,
-        /// The feedback the event gave.
-        feedback: Option<FeedbackRecord>,
-    },
+    Applied(Applied),
     Deferred(String),
     Rejected(String),
+}
+
+/// What an applied event changed.
+struct Applied {
+    /// The member before the event, after lapsed lots were expired.
+    before: Option<MemberState>,
+    after: MemberState,
+    /// Journal entries, expiries first.
+    entries: Vec<Entry>,
+    /// The order the event created or changed.
+    order: Option<OrderRecord>,
+    /// The cart the event changed.
+    cart: Option<CartState>,
+    /// The feedback the event gave.
+    feedback: Option<FeedbackRecord>,
 }
 
 /// Applies one event to the in-memory state. Pure: no I/O, time comes in as `now`. Nothing
@@ -173,14 +176,14 @@ fn apply(state: &mut State, event: &Event, program: &Program, now: DateTime<Utc>
         state.orders.insert(order.order_id.clone(), order.clone());
     }
     state.members.insert(member_id.clone(), after.clone());
-    Verdict::Applied {
+    Verdict::Applied(Applied {
         before,
         after,
         entries,
         order,
         cart,
         feedback,
-    }
+    })
 }
 
 /// Why an event changes nothing: it is early (deferred), or wrong (rejected).
@@ -189,9 +192,10 @@ enum Refusal {
     Rejected(String),
 }
 
-/// One event being applied: what it reads, and what it changed so far. Each kind of event has
-/// its method, which returns the member after the event, or the verdict that stops it
-/// (deferred, rejected) with nothing changed.
+/// One event being applied: what it reads, and what it changed so far. Each kind of event that
+/// does more than change the profile (`member.updated`, applied in `apply`) has its method,
+/// which returns the member after the event, or the refusal that stops it (deferred,
+/// rejected) with nothing changed.
 struct Applying<'a> {
     state: &'a mut State,
     member_id: &'a MemberId,
@@ -485,41 +489,14 @@ async fn apply_locked(
             tracing::debug_span!("event", event_id = id, event_type = event.kind.type_name());
         let _in_event = span.enter();
         let outcome = match apply(&mut state, event, program, now) {
-            Verdict::Applied {
-                before,
-                after,
-                entries,
-                order,
-                cart,
-                feedback,
-            } => {
-                let messages = triggers::plan(before.as_ref(), event, &after, program, now);
+            Verdict::Applied(applied) => {
+                let messages =
+                    triggers::plan(applied.before.as_ref(), event, &applied.after, program, now);
                 for m in &messages {
                     tracing::debug!(dedupe_key = %crate::mask::text(&m.dedupe_key), "Message planned.");
                 }
                 let planned = messages.len();
-                // What the event records happened when the platform says (never later than
-                // now), so an event applied late counts in the period it happened in.
-                let happened = event.time.map_or(now, |t| t.min(now));
-                let member_id = after.member.profile.member_id.clone();
-                // `before` already has lapsed lots expired, so an expiry alone leaves it equal
-                // to `after` while the stored lots still need writing: the entries tell.
-                if before.as_ref() != Some(&after) || !entries.is_empty() {
-                    changes.members.insert(member_id.clone());
-                }
-                let at = |e| (member_id.clone(), e, id, happened);
-                changes.journal.extend(entries.into_iter().map(at));
-                changes.answers.extend(feedback.map(|f| (id, f)));
-                if let Some(order) = order {
-                    changes.orders.insert(order.order_id.clone(), order);
-                }
-                if let Some(cart) = cart {
-                    // A message planned for the cart as it was must not go now.
-                    changes.cancelled.extend(cart.planned_keys());
-                    changes.carts.insert(cart.cart_id);
-                }
-                let planning = |p| (member_id.clone(), p, happened);
-                changes.planned.extend(messages.into_iter().map(planning));
+                changes.applied(event, applied, messages, now);
                 Outcome::Applied { planned }
             }
             Verdict::Deferred(reason) => {
@@ -576,7 +553,48 @@ struct Changes<'e> {
     answers: Vec<(&'e str, FeedbackRecord)>,
 }
 
-impl Changes<'_> {
+impl<'e> Changes<'e> {
+    /// Takes in what `event` changed and the messages it planned.
+    fn applied(
+        &mut self,
+        event: &'e Event,
+        applied: Applied,
+        messages: Vec<Planned>,
+        now: DateTime<Utc>,
+    ) {
+        let id = event.id.as_str();
+        let Applied {
+            before,
+            after,
+            entries,
+            order,
+            cart,
+            feedback,
+        } = applied;
+        // What the event records happened when the platform says (never later than now), so
+        // an event applied late counts in the period it happened in.
+        let happened = event.time.map_or(now, |t| t.min(now));
+        let member_id = after.member.profile.member_id.clone();
+        // `before` already has lapsed lots expired, so an expiry alone leaves it equal to
+        // `after` while the stored lots still need writing: the entries tell.
+        if before.as_ref() != Some(&after) || !entries.is_empty() {
+            self.members.insert(member_id.clone());
+        }
+        let at = |e| (member_id.clone(), e, id, happened);
+        self.journal.extend(entries.into_iter().map(at));
+        self.answers.extend(feedback.map(|f| (id, f)));
+        if let Some(order) = order {
+            self.orders.insert(order.order_id.clone(), order);
+        }
+        if let Some(cart) = cart {
+            // A message planned for the cart as it was must not go now.
+            self.cancelled.extend(cart.planned_keys());
+            self.carts.insert(cart.cart_id);
+        }
+        let planning = |p| (member_id.clone(), p, happened);
+        self.planned.extend(messages.into_iter().map(planning));
+    }
+
     /// Writes the changes in the caller's transaction.
     async fn save(
         self,
@@ -1028,7 +1046,7 @@ mod model {
                 birthday: None,
                 consent: Consent { email: true, sms: false },
             }));
-            let enrolled = matches!(apply(&mut state, &enrol, &program, now), Verdict::Applied { .. });
+            let enrolled = matches!(apply(&mut state, &enrol, &program, now), Verdict::Applied(_));
             prop_assert!(enrolled);
             let mut model = Model { lots: vec![(now, 100)], ..Model::default() };
 
@@ -1111,7 +1129,7 @@ mod model {
                 };
                 let event = event(n, kind);
                 let planned: BTreeSet<String> = match apply(&mut state, &event, &program, now) {
-                    Verdict::Applied { before, after, .. } => {
+                    Verdict::Applied(Applied { before, after, .. }) => {
                         triggers::plan(before.as_ref(), &event, &after, &program, now)
                             .into_iter().map(|p| p.dedupe_key).collect()
                     }

@@ -94,77 +94,114 @@ pub(super) async fn save_points(
     loaded: &HashMap<i64, (MemberId, i64)>,
     journal: &[(MemberId, Entry, &str, DateTime<Utc>)],
 ) -> Result<(), sqlx::Error> {
-    let mut kept: HashSet<i64> = HashSet::new();
-    let (mut updated_members, mut updated, mut updated_remaining) =
-        (Vec::new(), Vec::new(), Vec::new());
-    let (mut members, mut earned, mut expires, mut points, mut remaining) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for m in changed {
-        for lot in &m.points.lots {
-            match lot.id {
-                Some(id) => {
-                    kept.insert(id);
-                    if loaded.get(&id).map(|(_, remaining)| *remaining) != Some(lot.remaining) {
-                        updated_members.push(m.member.profile.member_id.as_str());
-                        updated.push(id);
-                        updated_remaining.push(lot.remaining);
-                    }
-                }
-                None => {
-                    members.push(m.member.profile.member_id.as_str());
-                    earned.push(lot.earned_at);
-                    expires.push(lot.expires_at);
-                    points.push(lot.points);
-                    remaining.push(lot.remaining);
+    write_lots(conn, &LotChanges::of(changed, loaded)).await?;
+    append_journal(conn, journal).await
+}
+
+/// What changed in the stored lots of some members, as the columns of three statements.
+#[derive(Default)]
+struct LotChanges<'a> {
+    /// Emptied or lapsed lots: (member, lot).
+    gone_members: Vec<&'a str>,
+    gone: Vec<i64>,
+    /// Spent lots: (member, lot, remaining).
+    updated_members: Vec<&'a str>,
+    updated: Vec<i64>,
+    updated_remaining: Vec<i64>,
+    /// New lots: (member, earned, expires, points, remaining).
+    members: Vec<&'a str>,
+    earned: Vec<DateTime<Utc>>,
+    expires: Vec<DateTime<Utc>>,
+    points: Vec<i64>,
+    remaining: Vec<i64>,
+}
+
+impl<'a> LotChanges<'a> {
+    /// Compares the changed members' lots with those stored (`loaded`: each stored lot's
+    /// member and remaining points when the batch began).
+    fn of(changed: &[&'a MemberState], loaded: &'a HashMap<i64, (MemberId, i64)>) -> Self {
+        let mut c = LotChanges::default();
+        let mut kept: HashSet<i64> = HashSet::new();
+        for m in changed {
+            let member = m.member.profile.member_id.as_str();
+            for lot in &m.points.lots {
+                let Some(id) = lot.id else {
+                    c.members.push(member);
+                    c.earned.push(lot.earned_at);
+                    c.expires.push(lot.expires_at);
+                    c.points.push(lot.points);
+                    c.remaining.push(lot.remaining);
+                    continue;
+                };
+                kept.insert(id);
+                if loaded.get(&id).map(|(_, remaining)| *remaining) != Some(lot.remaining) {
+                    c.updated_members.push(member);
+                    c.updated.push(id);
+                    c.updated_remaining.push(lot.remaining);
                 }
             }
         }
+        // A stored lot of a changed member that is no longer among its lots was emptied or
+        // lapsed.
+        let changed_ids: HashSet<&MemberId> = changed
+            .iter()
+            .map(|m| &m.member.profile.member_id)
+            .collect();
+        (c.gone_members, c.gone) = loaded
+            .iter()
+            .filter(|(id, (member, _))| changed_ids.contains(member) && !kept.contains(*id))
+            .map(|(id, (member, _))| (member.as_str(), *id))
+            .unzip();
+        c
     }
-    // A stored lot of a changed member that is no longer among its lots was emptied or lapsed.
-    let changed_ids: HashSet<&MemberId> = changed
-        .iter()
-        .map(|m| &m.member.profile.member_id)
-        .collect();
-    let (gone_members, gone): (Vec<&str>, Vec<i64>) = loaded
-        .iter()
-        .filter(|(id, (member, _))| changed_ids.contains(member) && !kept.contains(*id))
-        .map(|(id, (member, _))| (member.as_str(), *id))
-        .unzip();
-    if !gone.is_empty() {
+}
+
+/// Deletes, updates and inserts lots, one statement each (none when there is nothing to do).
+async fn write_lots(conn: &mut PgConnection, c: &LotChanges<'_>) -> Result<(), sqlx::Error> {
+    if !c.gone.is_empty() {
         sqlx::query!(
             "delete from point_lots l using unnest($1::text[], $2::bigint[]) as g(member_id, lot_id)
              where l.member_id = g.member_id and l.lot_id = g.lot_id",
-            &gone_members as &[&str],
-            &gone
+            &c.gone_members as &[&str],
+            &c.gone
         )
         .execute(&mut *conn)
         .await?;
     }
-    if !updated.is_empty() {
+    if !c.updated.is_empty() {
         sqlx::query!(
             "update point_lots l set remaining = u.remaining
              from unnest($1::text[], $2::bigint[], $3::bigint[]) as u(member_id, lot_id, remaining)
              where l.member_id = u.member_id and l.lot_id = u.lot_id",
-            &updated_members as &[&str],
-            &updated,
-            &updated_remaining
+            &c.updated_members as &[&str],
+            &c.updated,
+            &c.updated_remaining
         )
         .execute(&mut *conn)
         .await?;
     }
-    if !members.is_empty() {
+    if !c.members.is_empty() {
         sqlx::query!(
             "insert into point_lots (member_id, earned_at, expires_at, points, remaining)
              select * from unnest($1::text[], $2::timestamptz[], $3::timestamptz[], $4::bigint[], $5::bigint[])",
-            &members as &[&str],
-            &earned,
-            &expires,
-            &points,
-            &remaining
+            &c.members as &[&str],
+            &c.earned,
+            &c.expires,
+            &c.points,
+            &c.remaining
         )
         .execute(&mut *conn)
         .await?;
     }
+    Ok(())
+}
+
+/// Appends journal entries in order, each with its cause and when it happened: the event's
+/// time, except an expiry, which happened when its lot lapsed, whatever applied it.
+async fn append_journal(
+    conn: &mut PgConnection,
+    journal: &[(MemberId, Entry, &str, DateTime<Utc>)],
+) -> Result<(), sqlx::Error> {
     if journal.is_empty() {
         return Ok(());
     }
@@ -174,7 +211,6 @@ pub(super) async fn save_points(
     let qualifying: Vec<i64> = journal.iter().map(|(_, e, ..)| e.qualifying).collect();
     let at: Vec<DateTime<Utc>> = journal.iter().map(|(_, e, ..)| e.at).collect();
     let causes: Vec<&str> = journal.iter().map(|(_, _, c, _)| *c).collect();
-    // When it happened: the event's time; a lot lapses when it lapses, whatever applied it.
     let happened: Vec<DateTime<Utc>> = journal
         .iter()
         .map(|(_, e, _, t)| {

@@ -16,8 +16,10 @@ pub struct Claimed {
     pub id: i64,
     /// The member it is for (empty for a test send to a typed address).
     pub member_id: String,
-    /// The member's zone (quiet hours).
-    pub timezone: TimeZone,
+    /// The member's zone (quiet hours); none when the stored name does not parse, which the
+    /// ledger never stores (such a message has no quiet hours, as before zones were parsed
+    /// here).
+    pub timezone: Option<TimeZone>,
     /// This claim's attempt number (1 for the first).
     pub attempt: i32,
     /// The trigger.
@@ -57,11 +59,13 @@ pub struct Claimed {
 }
 
 /// A claimed message whose stored names do not parse (a trigger this release does not know,
-/// a zone or locale written by hand): it cannot be sent, and the dispatcher fails it.
+/// a channel or locale written by hand): it cannot be sent, and the dispatcher fails it.
 #[derive(Debug, Clone)]
 pub struct Unreadable {
     /// Outbox id.
     pub id: i64,
+    /// Its trigger, as stored.
+    pub trigger: String,
     /// What does not parse.
     pub reason: String,
 }
@@ -108,14 +112,17 @@ pub async fn claim(
     Ok(rows
         .into_iter()
         .map(|r| {
-            let unreadable = |reason: String| Unreadable { id: r.id, reason };
+            let unreadable = |reason: String| Unreadable {
+                id: r.id,
+                trigger: r.trigger.clone(),
+                reason,
+            };
             let trigger = Trigger::parse(&r.trigger)
                 .ok_or_else(|| unreadable(format!("unknown trigger {:?}", r.trigger)))?;
             let channel = Channel::parse(&r.channel).map_err(|e| unreadable(e.to_string()))?;
             let locale = Locale::parse(&r.locale)
-                .map_err(|e| unreadable(format!("the member's locale: {e}")))?;
-            let timezone = TimeZone::parse(&r.timezone)
-                .map_err(|e| unreadable(format!("the member's zone: {e}")))?;
+                .map_err(|e| unreadable(format!("the message's locale: {e}")))?;
+            let timezone = TimeZone::parse(&r.timezone).ok();
             Ok(Claimed {
                 id: r.id,
                 member_id: r.member_id,

@@ -360,7 +360,6 @@ pub(crate) async fn queue_test(
     locale: &str,
     request: TestSendRequest,
 ) -> Result<Vec<i64>, ApiError> {
-    let unprocessable = |e: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e);
     let version = match request.version {
         Some(v) => v,
         None => match app.templates.draft(trigger, locale).await? {
@@ -372,55 +371,7 @@ pub(crate) async fn queue_test(
     app.templates
         .templates_of_for_request(trigger, locale, version)
         .await?;
-    let email = request
-        .email
-        .as_deref()
-        .filter(|e| !e.trim().is_empty())
-        .map(|e| Email::parse(e.trim()))
-        .transpose()
-        .map_err(|e| unprocessable(format!("email: {e}")))?;
-    let phone = request
-        .phone
-        .as_deref()
-        .filter(|p| !p.trim().is_empty())
-        .map(|p| Phone::parse(p.trim()))
-        .transpose()
-        .map_err(|e| unprocessable(format!("phone: {e}")))?;
-    let own = crate::users::contact(&app.pool, &user.name).await?;
-    // Where it goes: what was asked for, else the user's own address and number.
-    let (email, phone) = match (email, phone) {
-        (None, None) => (own.email.clone(), own.phone.clone()),
-        asked => asked,
-    };
-    let allowed = &app.settings.console.test_recipients;
-    let mut targets: Vec<(Channel, String)> = Vec::new();
-    if let Some(email) = email {
-        if own.email.as_ref() != Some(&email)
-            && !allowed.contains(&TestRecipient::Email(email.to_string()))
-        {
-            return Err(unprocessable(format!(
-                "email: {} is neither on [console] test_recipients nor your own address",
-                email.masked()
-            )));
-        }
-        targets.push((Channel::Email, email.to_string()));
-    }
-    if let Some(phone) = phone {
-        if own.phone.as_ref() != Some(&phone)
-            && !allowed.contains(&TestRecipient::Phone(phone.to_string()))
-        {
-            return Err(unprocessable(format!(
-                "phone: {} is neither on [console] test_recipients nor your own number",
-                phone.masked()
-            )));
-        }
-        targets.push((Channel::Sms, phone.to_string()));
-    }
-    if targets.is_empty() {
-        return Err(unprocessable(
-            "say where the test goes (email or phone); you have no address of your own (lifecycle users add --email)".into(),
-        ));
-    }
+    let targets = recipients(app, user, &request).await?;
     let member = request.member_id.as_deref().filter(|m| !m.is_empty());
     let context = context_for(app, trigger, member).await?;
     // The hourly limit is counted and taken in one transaction, under the user's lock, so
@@ -483,6 +434,67 @@ pub(crate) async fn queue_test(
     );
     app.outbox_ready.notify_waiters();
     Ok(ids)
+}
+
+/// Where a test send goes, per channel: what the request asked for, else the user's own
+/// address and number; an address that is neither the user's own nor on
+/// `[console] test_recipients` is refused, and so is a request that names nowhere to go.
+async fn recipients(
+    app: &App,
+    user: &User,
+    request: &TestSendRequest,
+) -> Result<Vec<(Channel, String)>, ApiError> {
+    let unprocessable = |e: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e);
+    let email = request
+        .email
+        .as_deref()
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| Email::parse(e.trim()))
+        .transpose()
+        .map_err(|e| unprocessable(format!("email: {e}")))?;
+    let phone = request
+        .phone
+        .as_deref()
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| Phone::parse(p.trim()))
+        .transpose()
+        .map_err(|e| unprocessable(format!("phone: {e}")))?;
+    let own = crate::users::contact(&app.pool, &user.name).await?;
+    // Where it goes: what was asked for, else the user's own address and number.
+    let (email, phone) = match (email, phone) {
+        (None, None) => (own.email.clone(), own.phone.clone()),
+        asked => asked,
+    };
+    let allowed = &app.settings.console.test_recipients;
+    let mut targets: Vec<(Channel, String)> = Vec::new();
+    if let Some(email) = email {
+        if own.email.as_ref() != Some(&email)
+            && !allowed.contains(&TestRecipient::Email(email.to_string()))
+        {
+            return Err(unprocessable(format!(
+                "email: {} is neither on [console] test_recipients nor your own address",
+                email.masked()
+            )));
+        }
+        targets.push((Channel::Email, email.to_string()));
+    }
+    if let Some(phone) = phone {
+        if own.phone.as_ref() != Some(&phone)
+            && !allowed.contains(&TestRecipient::Phone(phone.to_string()))
+        {
+            return Err(unprocessable(format!(
+                "phone: {} is neither on [console] test_recipients nor your own number",
+                phone.masked()
+            )));
+        }
+        targets.push((Channel::Sms, phone.to_string()));
+    }
+    if targets.is_empty() {
+        return Err(unprocessable(
+            "say where the test goes (email or phone); you have no address of your own (lifecycle users add --email)".into(),
+        ));
+    }
+    Ok(targets)
 }
 
 #[utoipa::path(post, path = "/api/templates/{trigger}/{locale}/publish", tag = "templates",

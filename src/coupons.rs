@@ -48,36 +48,7 @@ pub(crate) async fn draw(
     }
     for (pool, occurrences) in wanted {
         let names: Vec<&str> = occurrences.keys().copied().collect();
-        sqlx::query!(
-            "with wanted as (
-                 select o, row_number() over (order by o) as n
-                 from unnest($2::text[]) as o
-                 where not exists (select 1 from coupons c where c.occurrence = o)
-             ), free as (
-                 select id, row_number() over (order by id) as n
-                 from (select id from coupons
-                       where pool = $1 and occurrence is null
-                       order by id limit (select count(*) from wanted)
-                       for update skip locked) as f
-             )
-             update coupons c set occurrence = w.o, drawn_at = now()
-             from free f join wanted w using (n)
-             where c.id = f.id",
-            pool,
-            &names as &[&str]
-        )
-        .execute(&mut *conn)
-        .await?;
-        let codes: Vec<(String, String)> = sqlx::query!(
-            r#"select occurrence as "occurrence!", code from coupons where occurrence = any($1)"#,
-            &names as &[&str]
-        )
-        .fetch_all(&mut *conn)
-        .await?
-        .into_iter()
-        .map(|r| (r.occurrence, r.code))
-        .collect();
-        let codes: BTreeMap<String, String> = codes.into_iter().collect();
+        let codes = take_codes(conn, pool, &names).await?;
         let mut ids = Vec::new();
         let mut values = Vec::new();
         for (occurrence, message_ids) in &occurrences {
@@ -109,6 +80,46 @@ pub(crate) async fn draw(
         }
     }
     Ok(())
+}
+
+/// Gives each occurrence among `names` that has no code yet a free code of `pool` (oldest
+/// first, skipping codes another transaction is taking), and returns the code of every
+/// occurrence among them that has one.
+async fn take_codes(
+    conn: &mut PgConnection,
+    pool: &str,
+    names: &[&str],
+) -> Result<BTreeMap<String, String>, sqlx::Error> {
+    sqlx::query!(
+        "with wanted as (
+             select o, row_number() over (order by o) as n
+             from unnest($2::text[]) as o
+             where not exists (select 1 from coupons c where c.occurrence = o)
+         ), free as (
+             select id, row_number() over (order by id) as n
+             from (select id from coupons
+                   where pool = $1 and occurrence is null
+                   order by id limit (select count(*) from wanted)
+                   for update skip locked) as f
+         )
+         update coupons c set occurrence = w.o, drawn_at = now()
+         from free f join wanted w using (n)
+         where c.id = f.id",
+        pool,
+        names as &[&str]
+    )
+    .execute(&mut *conn)
+    .await?;
+    let codes: Vec<(String, String)> = sqlx::query!(
+        r#"select occurrence as "occurrence!", code from coupons where occurrence = any($1)"#,
+        names as &[&str]
+    )
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|r| (r.occurrence, r.code))
+    .collect();
+    Ok(codes.into_iter().collect())
 }
 
 /// Codes left in `pool`, counted up to `at_most` (enough to compare with the low-water mark

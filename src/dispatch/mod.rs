@@ -288,12 +288,22 @@ impl Dispatcher {
         settled
     }
 
+    /// A message that cannot be rendered (a broken template, a value that does not parse):
+    /// it fails.
+    fn broken(&self, mut settled: Settled, error: &anyhow::Error) -> Settled {
+        let error = crate::mask::text(&format!("{error:#}"));
+        warn!(
+            message_id = settled.id,
+            error, "Message cannot be rendered."
+        );
+        Metrics::inc(&self.app.metrics.messages_failed);
+        settled.error = Some(error);
+        settled
+    }
+
     /// A claimed message whose stored names do not parse: it fails, counted and logged as a
     /// message that cannot be rendered.
     fn unreadable(&self, u: Unreadable) -> Settled {
-        let error = crate::mask::text(&u.reason);
-        warn!(message_id = u.id, error, "Message cannot be rendered.");
-        Metrics::inc(&self.app.metrics.messages_failed);
         metrics::counter!(
             "lifecycle_messages_total",
             "status" => "failed",
@@ -301,9 +311,7 @@ impl Dispatcher {
             "trigger" => u.trigger,
         )
         .increment(1);
-        let mut settled = Settled::new(u.id);
-        settled.error = Some(error);
-        settled
+        self.broken(Settled::new(u.id), &anyhow::anyhow!(u.reason))
     }
 
     /// Decides and sends one claimed message: compose, defer, deliver, conclude.
@@ -322,19 +330,10 @@ impl Dispatcher {
                     message_id = c.id,
                     error, "Templates could not be loaded; the message waits."
                 );
-                settled.status = Status::Pending;
-                settled.uncounted = true;
-                settled.retry_at = Some(later(self.app.clock.now(), Duration::from_secs(30)));
-                settled.error = Some(format!("deferred: templates could not be loaded: {error}"));
-                return settled;
+                let until = later(self.app.clock.now(), Duration::from_secs(30));
+                return settled.deferred(until, format!("templates could not be loaded: {error}"));
             }
-            Composed::Broken(error) => {
-                let error = crate::mask::text(&format!("{error:#}"));
-                warn!(message_id = c.id, error, "Message cannot be rendered.");
-                Metrics::inc(&self.app.metrics.messages_failed);
-                settled.error = Some(error);
-                return settled;
-            }
+            Composed::Broken(error) => return self.broken(settled, &error),
         };
         settled.recipient = Some(outgoing.to.clone());
         if !c.test
@@ -357,11 +356,7 @@ impl Dispatcher {
             Ok(None) => {}
             Ok(Some((until, reason))) => {
                 debug!(message_id = c.id, until = %until, reason, "Message deferred.");
-                settled.status = Status::Pending;
-                settled.uncounted = true;
-                settled.retry_at = Some(until);
-                settled.error = Some(format!("deferred: {reason}"));
-                return settled;
+                return settled.deferred(until, reason);
             }
             Err(error) => {
                 warn!(
@@ -369,11 +364,8 @@ impl Dispatcher {
                     error = format!("{error:#}"),
                     "Checking the cap failed."
                 );
-                settled.status = Status::Pending;
-                settled.uncounted = true;
-                settled.retry_at = Some(later(self.app.clock.now(), Duration::from_secs(30)));
-                settled.error = Some("deferred: the marketing cap could not be checked".into());
-                return settled;
+                let until = later(self.app.clock.now(), Duration::from_secs(30));
+                return settled.deferred(until, "the marketing cap could not be checked".into());
             }
         }
         let delivery = self.deliver(&c, &outgoing).await;

@@ -152,39 +152,34 @@ pub(super) async fn save(
     if members.is_empty() {
         return Ok(());
     }
-    let n = members.len();
-    let (mut ids, mut emails, mut phones, mut names) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    let (mut locales, mut zones, mut months, mut days, mut years) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    let (mut consent_email, mut consent_sms, mut enrolled) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    for m in &members {
-        ids.push(m.profile.member_id.as_str());
-        emails.push(m.profile.email.as_ref().map(Email::as_str));
-        phones.push(m.profile.phone.as_ref().map(Phone::as_str));
-        names.push(m.profile.first_name.as_deref());
-        locales.push(m.profile.locale.as_str());
-        zones.push(m.profile.timezone.name());
-        months.push(m.profile.birthday.map(|b| b.month() as i16));
-        days.push(m.profile.birthday.map(|b| b.day() as i16));
-        years.push(m.profile.birthday.and_then(|b| b.year()).map(|y| y as i16));
-        consent_email.push(m.profile.consent.email);
-        consent_sms.push(m.profile.consent.sms);
-        enrolled.push(m.enrolled_at);
-    }
+    let profiles: Vec<&Profile> = members.iter().map(|m| &m.profile).collect();
+    let ids: Vec<&str> = profiles.iter().map(|p| p.member_id.as_str()).collect();
+    let emails: Vec<Option<&str>> = profiles
+        .iter()
+        .map(|p| p.email.as_ref().map(Email::as_str))
+        .collect();
+    let phones: Vec<Option<&str>> = profiles
+        .iter()
+        .map(|p| p.phone.as_ref().map(Phone::as_str))
+        .collect();
+    let names: Vec<Option<&str>> = profiles.iter().map(|p| p.first_name.as_deref()).collect();
+    let locales: Vec<&str> = profiles.iter().map(|p| p.locale.as_str()).collect();
+    let zones: Vec<&str> = profiles.iter().map(|p| p.timezone.name()).collect();
+    let months: Vec<Option<i16>> = profiles
+        .iter()
+        .map(|p| p.birthday.map(|b| b.month() as i16))
+        .collect();
+    let days: Vec<Option<i16>> = profiles
+        .iter()
+        .map(|p| p.birthday.map(|b| b.day() as i16))
+        .collect();
+    let years: Vec<Option<i16>> = profiles
+        .iter()
+        .map(|p| p.birthday.and_then(|b| b.year()).map(|y| y as i16))
+        .collect();
+    let consent_email: Vec<bool> = profiles.iter().map(|p| p.consent.email).collect();
+    let consent_sms: Vec<bool> = profiles.iter().map(|p| p.consent.sms).collect();
+    let enrolled: Vec<DateTime<Utc>> = members.iter().map(|m| m.enrolled_at).collect();
     sqlx::query!(
         "insert into members (member_id, email, phone, first_name, locale, timezone, birthday_month,
                               birthday_day, birthday_year, consent_email, consent_sms, enrolled_at,

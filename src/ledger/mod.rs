@@ -808,24 +808,66 @@ where
         .iter()
         .filter_map(|(.., decided)| decided.as_ref()?.once.as_deref())
         .collect();
-    let fresh: HashSet<String> = if once.is_empty() {
-        HashSet::new()
-    } else {
-        sqlx::query_scalar!(
-            "insert into scan_claims (key) select k from unnest($1::text[]) as k
-             on conflict (key) do nothing returning key",
-            &once as &[&str],
-        )
-        .fetch_all(&mut *conn)
-        .await?
-        .into_iter()
-        .collect()
-    };
+    let fresh = claim_scan_keys(conn, &once).await?;
+    let (saved, journal, planned) = scan_changes(expired, &fresh, now);
+    let saved_refs: Vec<&MemberState> = saved.iter().collect();
+    members::save(conn, &saved_refs, now).await?;
+    // A scan's changes happen at the scan's time.
+    let journal_refs: Vec<(MemberId, Entry, &str, DateTime<Utc>)> = journal
+        .iter()
+        .map(|(m, e, c)| (m.clone(), e.clone(), c.as_str(), now))
+        .collect();
+    store::save_points(conn, &saved_refs, &loaded, &journal_refs).await?;
+    insert_planned(conn, &planned, program).await?;
+    Ok(planned.len())
+}
 
+/// Claims the keys of changes applied once: returns those no run claimed before.
+async fn claim_scan_keys(
+    conn: &mut PgConnection,
+    once: &[&str],
+) -> Result<HashSet<String>, sqlx::Error> {
+    if once.is_empty() {
+        return Ok(HashSet::new());
+    }
+    Ok(sqlx::query_scalar!(
+        "insert into scan_claims (key) select k from unnest($1::text[]) as k
+         on conflict (key) do nothing returning key",
+        once as &[&str],
+    )
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .collect())
+}
+
+/// A scanned member: as loaded (lapsed lots expired), its expiry entries, as the scan's change
+/// left it, and the change decided.
+type Scanned = (
+    MemberId,
+    MemberState,
+    Vec<Entry>,
+    MemberState,
+    Option<ScanChange>,
+);
+
+/// What a scan's decisions come to: the members to save, the journal with each entry's
+/// cause, and the messages to plan. A change whose key another run claimed is not applied,
+/// but its member's expiry still is.
+#[allow(clippy::type_complexity)]
+fn scan_changes(
+    scanned: Vec<Scanned>,
+    fresh: &HashSet<String>,
+    now: DateTime<Utc>,
+) -> (
+    Vec<MemberState>,
+    Vec<(MemberId, Entry, String)>,
+    Vec<(MemberId, Planned, DateTime<Utc>)>,
+) {
     let mut journal: Vec<(MemberId, Entry, String)> = Vec::new();
     let mut planned: Vec<(MemberId, Planned, DateTime<Utc>)> = Vec::new();
     let mut saved: Vec<MemberState> = Vec::new();
-    for (id, base, entries, changed, decided) in expired {
+    for (id, base, entries, changed, decided) in scanned {
         let expiry = !entries.is_empty();
         journal.extend(
             entries
@@ -850,16 +892,7 @@ where
             None => {}
         }
     }
-    let saved_refs: Vec<&MemberState> = saved.iter().collect();
-    members::save(conn, &saved_refs, now).await?;
-    // A scan's changes happen at the scan's time.
-    let journal_refs: Vec<(MemberId, Entry, &str, DateTime<Utc>)> = journal
-        .iter()
-        .map(|(m, e, c)| (m.clone(), e.clone(), c.as_str(), now))
-        .collect();
-    store::save_points(conn, &saved_refs, &loaded, &journal_refs).await?;
-    insert_planned(conn, &planned, program).await?;
-    Ok(planned.len())
+    (saved, journal, planned)
 }
 
 /// A member as they are at `now` (lots lapsed by then expired, on this copy only) and their

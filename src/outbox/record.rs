@@ -55,6 +55,16 @@ impl Settled {
             template: None,
         }
     }
+
+    /// This message deferred to `until` for `reason`: pending again, and the claim does not
+    /// count as an attempt.
+    pub(crate) fn deferred(mut self, until: DateTime<Utc>, reason: String) -> Settled {
+        self.status = Status::Pending;
+        self.uncounted = true;
+        self.retry_at = Some(until);
+        self.error = Some(format!("deferred: {reason}"));
+        self
+    }
 }
 
 /// One provider call, as recorded in `delivery_attempts`.

@@ -135,8 +135,35 @@ impl Templates {
         Templates::compile(sources)
     }
 
-    /// Compiles templates from their sources.
+    /// Compiles templates from their sources: every file within the budget, then the shared
+    /// partials and layouts (refusing an include cycle), then each (trigger, locale)'s files.
     fn compile(sources: Sources) -> anyhow::Result<Templates> {
+        let mut templates = Templates::empty();
+        for (path, source) in &sources {
+            let (line, message) = match budget::check_source(source) {
+                Ok(()) => continue,
+                Err(refused) => refused,
+            };
+            let at = line.map_or(String::new(), |l| format!(" line {l}"));
+            bail!("templates/{path}{at}: {message}");
+        }
+        for (path, source) in &sources {
+            templates.add_shared(path, source)?;
+        }
+        // A partial that includes itself, directly or not, would recurse until the stack
+        // overflows (the render's depth limit stops it, but a literal cycle is refused here
+        // with its name): refuse it before anything renders.
+        check_graph(&templates.graph)?;
+        for (path, source) in &sources {
+            templates.add_pair_file(path, source)?;
+        }
+        check_graph(&templates.graph)?;
+        templates.check_complete()?;
+        Ok(templates)
+    }
+
+    /// No templates yet: the two registries with lifecycle's helpers, strict.
+    fn empty() -> Templates {
         let mut html = Handlebars::new();
         let mut text = Handlebars::new();
         text.register_escape_fn(budget::no_escape);
@@ -147,80 +174,58 @@ impl Templates {
             helpers::register(registry);
             budget::register(registry);
         }
-        let mut templates = Templates {
+        Templates {
             html,
             text,
             available: HashSet::new(),
             sources: Default::default(),
             graph: Graph::new(),
             frames: std::sync::Arc::new(frames::Frames::new(frames::PUBLISHED_BUDGET)),
+        }
+    }
+
+    /// Registers `path` in both registries if it is a shared partial or layout
+    /// (`partials/x.hbs`, `layouts/x.hbs`).
+    fn add_shared(&mut self, path: &str, source: &str) -> anyhow::Result<()> {
+        let shared = (path.starts_with("partials/") || path.starts_with("layouts/"))
+            && path.matches('/').count() == 1;
+        let Some(name) = path.strip_suffix(".hbs").filter(|_| shared) else {
+            return Ok(());
         };
-        for (path, source) in &sources {
-            let (line, message) = match budget::check_source(source) {
-                Ok(()) => continue,
-                Err(refused) => refused,
-            };
+        let (parsed, compiled) = compile_file(name, source, true).map_err(|(line, message)| {
             let at = line.map_or(String::new(), |l| format!(" line {l}"));
-            bail!("templates/{path}{at}: {message}");
-        }
-        for (path, source) in &sources {
-            let shared = (path.starts_with("partials/") || path.starts_with("layouts/"))
-                && path.matches('/').count() == 1;
-            if !shared {
-                continue;
-            }
-            let Some(name) = path.strip_suffix(".hbs") else {
-                continue;
-            };
-            let (parsed, compiled) =
-                compile_file(name, source, true).map_err(|(line, message)| {
-                    let at = line.map_or(String::new(), |l| format!(" line {l}"));
-                    anyhow::anyhow!("compiling template {name}.hbs{at}: {message}")
-                })?;
-            templates.html.register_template(name, compiled.clone());
-            templates.text.register_template(name, compiled);
-            templates
-                .graph
-                .insert(name.to_owned(), budget::includes(&parsed));
-            templates.sources.insert(path.clone(), source.clone());
-        }
-        // A partial that includes itself, directly or not, would recurse until the stack
-        // overflows (the render's depth limit stops it, but a literal cycle is refused here
-        // with its name): refuse it before anything renders.
-        check_graph(&templates.graph)?;
-        for (path, source) in &sources {
-            let parts: Vec<&str> = path.split('/').collect();
-            let [trigger, locale_name, file] = parts[..] else {
-                continue;
-            };
-            if Trigger::parse(trigger).is_none() {
-                continue;
-            }
-            let Some(stem) = file.strip_suffix(".hbs") else {
-                continue;
-            };
-            Locale::parse(locale_name)
-                .with_context(|| format!("template directory {trigger}/{locale_name}"))?;
-            let name = format!("{trigger}/{locale_name}/{stem}");
-            let (parsed, compiled) =
-                compile_file(&name, source, false).map_err(|(line, message)| {
-                    let at = line.map_or(String::new(), |l| format!(" line {l}"));
-                    anyhow::anyhow!("compiling template {name}.hbs{at}: {message}")
-                })?;
-            templates
-                .graph
-                .insert(name.clone(), budget::includes(&parsed));
-            templates
-                .registry_of(stem)
-                .register_template(&name, compiled);
-            templates.sources.insert(path.clone(), source.clone());
-            templates
-                .available
-                .insert(format!("{trigger}/{locale_name}"));
-        }
-        check_graph(&templates.graph)?;
-        templates.check_complete()?;
-        Ok(templates)
+            anyhow::anyhow!("compiling template {name}.hbs{at}: {message}")
+        })?;
+        self.html.register_template(name, compiled.clone());
+        self.text.register_template(name, compiled);
+        self.graph
+            .insert(name.to_owned(), budget::includes(&parsed));
+        self.sources.insert(path.to_owned(), source.to_owned());
+        Ok(())
+    }
+
+    /// Registers `path` if it is a (trigger, locale)'s file (`welcome/ko/sms.hbs`).
+    fn add_pair_file(&mut self, path: &str, source: &str) -> anyhow::Result<()> {
+        let parts: Vec<&str> = path.split('/').collect();
+        let [trigger, locale_name, file] = parts[..] else {
+            return Ok(());
+        };
+        let (Some(_), Some(stem)) = (Trigger::parse(trigger), file.strip_suffix(".hbs")) else {
+            return Ok(());
+        };
+        Locale::parse(locale_name)
+            .with_context(|| format!("template directory {trigger}/{locale_name}"))?;
+        let name = format!("{trigger}/{locale_name}/{stem}");
+        let (parsed, compiled) =
+            compile_file(&name, source, false).map_err(|(line, message)| {
+                let at = line.map_or(String::new(), |l| format!(" line {l}"));
+                anyhow::anyhow!("compiling template {name}.hbs{at}: {message}")
+            })?;
+        self.graph.insert(name.clone(), budget::includes(&parsed));
+        self.registry_of(stem).register_template(&name, compiled);
+        self.sources.insert(path.to_owned(), source.to_owned());
+        self.available.insert(format!("{trigger}/{locale_name}"));
+        Ok(())
     }
 
     /// The registry of a file: the escaping one for HTML and MJML, the other for the rest.

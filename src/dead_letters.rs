@@ -418,7 +418,8 @@ pub(crate) async fn replay(app: &App, selection: Selection<'_>, by: &str) -> any
     let mut after = 0_i64;
     let mut replayed_total = 0_u64;
     loop {
-        let rows = sqlx::query!(
+        let rows = sqlx::query_as!(
+            Replayed,
             r#"select id, coalesce(event_type, routing_key) as "routing_key!", body
                from dead_letters
                where ($1::bigint[] is null or id = any($1))
@@ -452,31 +453,7 @@ pub(crate) async fn replay(app: &App, selection: Selection<'_>, by: &str) -> any
             connection = Some(opened);
         }
         let channel = publisher.as_ref().expect("opened above");
-        // The page is published, then its confirms awaited: one round trip a page.
-        let mut confirms = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let routing_key: &str = &row.routing_key;
-            let body: &[u8] = &row.body;
-            let properties = lapin::BasicProperties::default()
-                .with_content_type("application/cloudevents+json".into());
-            let confirm = channel
-                .publish_raw(
-                    &app.settings.exchange,
-                    routing_key,
-                    body,
-                    &properties,
-                    FieldTable::default(),
-                )
-                .await;
-            confirms.push((row.id, confirm));
-        }
-        let mut replayed = Vec::with_capacity(rows.len());
-        for (id, confirm) in confirms {
-            Publisher::confirmed(confirm)
-                .await
-                .with_context(|| format!("replaying dead letter {id}"))?;
-            replayed.push(id);
-        }
+        let replayed = publish_page(channel, &app.settings.exchange, &rows).await?;
         sqlx::query!(
             "update dead_letters set replays = replays + 1, replayed_at = now(), replayed_by = $2
              where id = any($1)",
@@ -501,6 +478,46 @@ pub(crate) async fn replay(app: &App, selection: Selection<'_>, by: &str) -> any
         info!(n = replayed_total, by, "Dead letters replayed.");
     }
     Ok(replayed_total)
+}
+
+/// A dead letter as it is replayed.
+struct Replayed {
+    id: i64,
+    /// The event's type, or the stored routing key for a body without one.
+    routing_key: String,
+    body: Vec<u8>,
+}
+
+/// Publishes a page of letters to `exchange`, then awaits their confirms: one round trip a
+/// page. Returns their ids, once the broker has them all.
+async fn publish_page(
+    channel: &Publisher,
+    exchange: &str,
+    letters: &[Replayed],
+) -> anyhow::Result<Vec<i64>> {
+    let mut confirms = Vec::with_capacity(letters.len());
+    for letter in letters {
+        let properties = lapin::BasicProperties::default()
+            .with_content_type("application/cloudevents+json".into());
+        let confirm = channel
+            .publish_raw(
+                exchange,
+                &letter.routing_key,
+                &letter.body,
+                &properties,
+                FieldTable::default(),
+            )
+            .await;
+        confirms.push((letter.id, confirm));
+    }
+    let mut replayed = Vec::with_capacity(letters.len());
+    for (id, confirm) in confirms {
+        Publisher::confirmed(confirm)
+            .await
+            .with_context(|| format!("replaying dead letter {id}"))?;
+        replayed.push(id);
+    }
+    Ok(replayed)
 }
 
 /// Dead letters archived per statement: archiving a million holds no list of them, and

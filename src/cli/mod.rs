@@ -75,6 +75,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// GET /readyz on the configured HTTP address: exit 0 when ready, 1 otherwise (a
+    /// container's health check: the image has no curl).
+    Healthcheck,
 }
 
 /// The stack of every thread the process starts (reserved, and touched only as used). lapin
@@ -158,6 +161,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Deliveries(args) => deliveries::run(args, settings).await,
         Command::DeadLetters(args) => dead_letters::run(args, settings).await,
         Command::Report(args) => report::run(args, settings).await,
+        Command::Healthcheck => serve::healthcheck(&settings).await,
         Command::Queues { json } => queues::run(json, settings).await,
     }
 }

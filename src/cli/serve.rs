@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
+
 use crate::app::{App, Roles};
 use crate::config::Settings;
 use crate::worker::Worker;
@@ -54,5 +56,34 @@ pub(super) async fn publish(file: PathBuf, settings: Settings) -> anyhow::Result
     let lines = crate::publish::read_lines(&file)?;
     let n = crate::publish::events(&settings, &lines).await?;
     println!("published {n} events to exchange {}", settings.exchange);
+    Ok(())
+}
+
+/// How long a health check waits for its answer.
+const HEALTHCHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// GETs `/readyz` on the configured HTTP address (on loopback when it listens on every
+/// address): `Ok` when it answers 200, else an error saying what it answered or why it could
+/// not ask.
+pub(super) async fn healthcheck(settings: &Settings) -> anyhow::Result<()> {
+    let mut addr = settings.http_addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let url = format!("http://{addr}/readyz");
+    let client = reqwest::Client::builder()
+        .timeout(HEALTHCHECK_TIMEOUT)
+        .build()
+        .context("building the HTTP client")?;
+    let response = client
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("{url} did not answer"))?;
+    let status = response.status();
+    anyhow::ensure!(status.is_success(), "{url} answered {status}: not ready");
     Ok(())
 }

@@ -350,24 +350,30 @@ pub(crate) fn abandoned_cart(
     if !cart.is_due(now) {
         return Vec::new();
     }
+    let mut context = cart_variables(cart);
+    context["first_name"] = json!(member.profile.first_name);
+    let context = with_progress(context, state, program, now);
+    let key = cart.dedupe_part(cart.version);
+    per_channel(Trigger::AbandonedCart, &key, member, now, context)
+}
+
+/// An open cart's template variables: `cart_id`, `items`, `item_count` (the quantities
+/// summed), `total_minor`, `currency`, `checkout_url`.
+pub(crate) fn cart_variables(cart: &CartState) -> serde_json::Value {
     let item_count = cart.items.as_array().map_or(0, |items| {
         items
             .iter()
             .map(|i| i["quantity"].as_u64().unwrap_or(0))
             .sum::<u64>()
     });
-    let context = json!({
-        "first_name": member.profile.first_name,
+    json!({
         "cart_id": cart.cart_id,
         "items": cart.items,
         "item_count": item_count,
         "total_minor": cart.total_minor,
         "currency": cart.currency,
         "checkout_url": cart.checkout_url,
-    });
-    let context = with_progress(context, state, program, now);
-    let key = cart.dedupe_part(cart.version);
-    per_channel(Trigger::AbandonedCart, &key, member, now, context)
+    })
 }
 
 #[cfg(test)]

@@ -323,17 +323,12 @@ impl Applying<'_> {
             self.earn(&mut after, EntryKind::Adjustment, adjustment.points);
             return Ok(after);
         }
-        match after
-            .points
-            .spend(EntryKind::Adjustment, -adjustment.points, self.now)
-        {
-            Ok(entry) => self.entries.push(entry),
-            Err(overdraft) => {
-                return Err(Refusal::Deferred(format!(
-                    "adjustment refused: {overdraft}"
-                )));
-            }
-        }
+        self.spend(
+            &mut after,
+            EntryKind::Adjustment,
+            -adjustment.points,
+            "adjustment",
+        )?;
         Ok(after)
     }
 
@@ -344,18 +339,30 @@ impl Applying<'_> {
         before: &MemberState,
     ) -> Result<MemberState, Refusal> {
         let mut after = before.clone();
-        match after
-            .points
-            .spend(EntryKind::Redemption, redemption.points, self.now)
-        {
-            Ok(entry) => self.entries.push(entry),
-            Err(overdraft) => {
-                return Err(Refusal::Deferred(format!(
-                    "redemption refused: {overdraft}"
-                )));
-            }
-        }
+        self.spend(
+            &mut after,
+            EntryKind::Redemption,
+            redemption.points,
+            "redemption",
+        )?;
         Ok(after)
+    }
+
+    /// Spends `points` of `kind` from `member`, journalled; an overdraft defers the event
+    /// (`what` names it in the reason).
+    fn spend(
+        &mut self,
+        member: &mut MemberState,
+        kind: EntryKind,
+        points: i64,
+        what: &str,
+    ) -> Result<(), Refusal> {
+        let entry = member
+            .points
+            .spend(kind, points, self.now)
+            .map_err(|overdraft| Refusal::Deferred(format!("{what} refused: {overdraft}")))?;
+        self.entries.push(entry);
+        Ok(())
     }
 
     /// A cart's new contents (its abandonment timer starts again).

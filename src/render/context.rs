@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use crate::config::Settings;
 use crate::domain::{CartState, MemberState, Trigger};
 use crate::program::Program;
-use crate::triggers::{rewards_within, with_progress};
+use crate::triggers::{cart_variables, rewards_within, with_progress};
 
 /// The context `trigger` would render with for this member now: the balance, the lots expiring
 /// next, the tier and what is ahead; the member's newest open cart (or the sample cart when
@@ -44,7 +44,7 @@ pub(crate) fn context_now(
         Trigger::TierUp => tier_up(state, program, now),
         Trigger::PointsExpiring => points_expiring(state, program, now),
         Trigger::Birthday => json!({"bonus": program.birthday_bonus, "balance": balance}),
-        Trigger::AbandonedCart => cart.map_or_else(sample_cart, cart_context),
+        Trigger::AbandonedCart => cart.map_or_else(sample_cart, cart_variables),
     };
     let mut context = with_progress(context, state, program, now);
     context["first_name"] = json!(state.member.profile.first_name);
@@ -101,24 +101,6 @@ fn points_expiring(state: &MemberState, program: &Program, now: DateTime<Utc>) -
         "days_left": days_left,
         "notice_days": notice,
         "balance": state.points.balance(),
-    })
-}
-
-/// An open cart's variables.
-fn cart_context(cart: &CartState) -> Value {
-    let item_count = cart.items.as_array().map_or(0, |items| {
-        items
-            .iter()
-            .map(|i| i["quantity"].as_u64().unwrap_or(0))
-            .sum::<u64>()
-    });
-    json!({
-        "cart_id": cart.cart_id,
-        "items": cart.items,
-        "item_count": item_count,
-        "total_minor": cart.total_minor,
-        "currency": cart.currency,
-        "checkout_url": cart.checkout_url,
     })
 }
 

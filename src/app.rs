@@ -75,6 +75,50 @@ impl Health {
         metrics::gauge!("lifecycle_results_writer_stuck").set(if stuck { 1.0 } else { 0.0 });
     }
 
+    /// Each role this process runs with its state, and whether all of them are alive: what
+    /// `/readyz` reports besides the database, and what `serve` waits for before it tells
+    /// systemd it is ready.
+    pub fn roles_state(&self) -> (bool, serde_json::Map<String, serde_json::Value>) {
+        let roles = self.roles.get().copied();
+        let mut alive_all = true;
+        let mut report = serde_json::Map::new();
+        let mut check = |name: &str, runs: bool, alive: bool, state: serde_json::Value| {
+            if runs {
+                alive_all &= alive;
+                report.insert(name.into(), state);
+            }
+        };
+        let consumers = self.ingest_consumers.load(Ordering::Relaxed);
+        check(
+            "ingest",
+            roles.is_some_and(|r| r.ingest),
+            consumers > 0,
+            serde_json::json!({"consumers": consumers, "alive": consumers > 0}),
+        );
+        let loops = self.dispatch_loops.load(Ordering::Relaxed);
+        // A dispatcher whose results cannot be written holds its claims and sends nothing new.
+        let stuck = self.writer_stuck_for().map(|d| d.as_secs());
+        let alive = loops > 0 && stuck.is_none();
+        let mut dispatch = serde_json::json!({"loops": loops, "alive": alive});
+        if let Some(secs) = stuck {
+            dispatch["writer_stuck_secs"] = secs.into();
+        }
+        check(
+            "dispatch",
+            roles.is_some_and(|r| r.dispatch),
+            alive,
+            dispatch,
+        );
+        let scheduler = self.scheduler.load(Ordering::Relaxed);
+        check(
+            "scheduler",
+            roles.is_some_and(|r| r.schedule),
+            scheduler,
+            serde_json::json!({"alive": scheduler}),
+        );
+        (alive_all, report)
+    }
+
     /// How long the results writer has been stuck, if it is.
     pub fn writer_stuck_for(&self) -> Option<std::time::Duration> {
         self.writer_stuck_since

@@ -33,12 +33,31 @@ pub(super) async fn serve(args: Serve, settings: Settings) -> anyhow::Result<()>
         schedule: !args.no_schedule,
         http: !args.no_http,
     };
+    let health = app.health.clone();
     let worker = Worker::start(app, roles).await?;
+    let ready = async {
+        while !health.roles_state().0 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        tell_service_manager(sd_notify::NotifyState::Ready);
+        std::future::pending::<()>().await
+    };
     tokio::select! {
         _ = crate::shutdown::signal() => tracing::info!("Signal received; finishing work in hand."),
         _ = worker.stopped() => {}
+        _ = ready => {}
     }
+    tell_service_manager(sd_notify::NotifyState::Stopping);
     worker.stop().await
+}
+
+/// Tells systemd (a `Type=notify` unit) where `serve` stands: `READY=1` once every role it
+/// runs is alive,
+/// `STOPPING=1` as it begins to stop. Without `$NOTIFY_SOCKET` it does nothing.
+fn tell_service_manager(state: sd_notify::NotifyState<'_>) {
+    if let Err(error) = sd_notify::notify(false, &[state]) {
+        tracing::warn!(%error, "Could not notify the service manager.");
+    }
 }
 
 /// Creates the database if missing and applies the migrations.
@@ -74,7 +93,7 @@ pub(super) async fn healthcheck(settings: &Settings) -> anyhow::Result<()> {
         });
     }
     let url = format!("http://{addr}/readyz");
-    let client = reqwest::Client::builder()
+    let client = crate::dispatch::providers::client_builder()
         .timeout(HEALTHCHECK_TIMEOUT)
         .build()
         .context("building the HTTP client")?;

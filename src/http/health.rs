@@ -1,7 +1,5 @@
 //! `/readyz` (each role and the database) and `/metrics` (Prometheus text).
 
-use std::sync::atomic::Ordering;
-
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -11,44 +9,7 @@ use crate::app::App;
 /// Each role's state and the database's, as JSON; 503 unless every role this process runs is
 /// alive and PostgreSQL answers.
 pub(super) async fn ready(State(app): State<App>) -> Response {
-    let h = &app.health;
-    let roles = h.roles.get().copied();
-    let mut ready = true;
-    let mut report = serde_json::Map::new();
-    let mut check = |name: &str, runs: bool, alive: bool, state: serde_json::Value| {
-        if runs {
-            ready &= alive;
-            report.insert(name.into(), state);
-        }
-    };
-    let consumers = h.ingest_consumers.load(Ordering::Relaxed);
-    check(
-        "ingest",
-        roles.is_some_and(|r| r.ingest),
-        consumers > 0,
-        serde_json::json!({"consumers": consumers, "alive": consumers > 0}),
-    );
-    let loops = h.dispatch_loops.load(Ordering::Relaxed);
-    // A dispatcher whose results cannot be written holds its claims and sends nothing new.
-    let stuck = h.writer_stuck_for().map(|d| d.as_secs());
-    let alive = loops > 0 && stuck.is_none();
-    let mut dispatch = serde_json::json!({"loops": loops, "alive": alive});
-    if let Some(secs) = stuck {
-        dispatch["writer_stuck_secs"] = secs.into();
-    }
-    check(
-        "dispatch",
-        roles.is_some_and(|r| r.dispatch),
-        alive,
-        dispatch,
-    );
-    let scheduler = h.scheduler.load(Ordering::Relaxed);
-    check(
-        "scheduler",
-        roles.is_some_and(|r| r.schedule),
-        scheduler,
-        serde_json::json!({"alive": scheduler}),
-    );
+    let (mut ready, mut report) = app.health.roles_state();
     // The database's error text names hosts, users and databases: it goes to the log, and
     // /readyz, which anyone may read, says only that the database is down.
     let database = sqlx::query_scalar!("select 1").fetch_one(&app.pool).await;
@@ -58,10 +19,9 @@ pub(super) async fn ready(State(app): State<App>) -> Response {
             "Readiness: the database did not answer."
         );
     }
-    check(
-        "database",
-        true,
-        database.is_ok(),
+    ready &= database.is_ok();
+    report.insert(
+        "database".into(),
         serde_json::json!({"alive": database.is_ok()}),
     );
     report.insert("ready".into(), ready.into());

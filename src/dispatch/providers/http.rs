@@ -31,13 +31,23 @@ const MAX_BODY: usize = 64 * 1024;
 /// new ones.
 pub(super) fn client(settings: &Settings) -> anyhow::Result<reqwest::Client> {
     let d = &settings.dispatch;
-    Ok(reqwest::Client::builder()
+    Ok(client_builder()
         .timeout(d.send_timeout())
         .connect_timeout(Duration::from_secs(5).min(d.send_timeout()))
         .pool_max_idle_per_host(d.concurrency.saturating_mul(d.pipelines.max(1)))
         .tcp_nodelay(true)
         .user_agent(concat!("lifecycle/", env!("CARGO_PKG_VERSION")))
         .build()?)
+}
+
+/// A client builder that trusts the Mozilla roots compiled in (webpki-root-certs) besides the
+/// system's, as lapin, lettre and sqlx do: the container image carries no CA bundle, and
+/// without a root reqwest cannot build a client at all.
+pub(crate) fn client_builder() -> reqwest::ClientBuilder {
+    let roots = webpki_root_certs::TLS_SERVER_ROOT_CERTS
+        .iter()
+        .filter_map(|der| reqwest::Certificate::from_der(der).ok());
+    reqwest::Client::builder().tls_certs_merge(roots)
 }
 
 /// A provider's answer.

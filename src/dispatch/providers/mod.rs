@@ -16,6 +16,7 @@ use crate::domain::{Channel, Email, Phone};
 use crate::render::RenderedEmail;
 
 pub(crate) use file::FileProvider;
+pub(crate) use http::client_builder;
 pub use http::parse_retry_after;
 pub(crate) use sendgrid::SendgridProvider;
 pub(crate) use smtp::SmtpProvider;

@@ -120,8 +120,14 @@ async fn the_image_migrates_serves_and_sends_a_welcome_read_only_as_its_own_user
             )
         })
         .chain([("LIFECYCLE_HTTP_ADDR".to_owned(), addr)])
+        // A host name, not an address: the C library in the scratch image resolves it.
+        .map(|(k, v)| match k.as_str() {
+            "LIFECYCLE_DATABASE_URL" => (k, v.replacen("@127.0.0.1:", "@localhost:", 1)),
+            _ => (k, v),
+        })
         .flat_map(|(k, v)| ["--env".to_owned(), format!("{k}={v}")])
         .collect();
+    assert!(vars.iter().any(|v| v.contains("@localhost:")), "{vars:?}");
     let name = format!("lifecycle-{}", env.tag);
     let state = tempfile::tempdir().unwrap();
     std::fs::set_permissions(

@@ -124,6 +124,10 @@ fn describe() {
         "Messages in the outbox, by status."
     );
     describe_gauge!(
+        "lifecycle_outbox_due_messages",
+        "Pending messages due now (not those waiting for quiet hours or a retry's backoff)."
+    );
+    describe_gauge!(
         "lifecycle_queue_messages",
         "Messages ready in the broker's queues (events, retry, dead)."
     );

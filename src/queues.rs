@@ -127,6 +127,10 @@ pub(crate) async fn sample(app: App, shutdown: Shutdown) -> anyhow::Result<()> {
                 for (status, n) in q.outbox {
                     metrics::gauge!("lifecycle_outbox_messages", "status" => status).set(n as f64);
                 }
+                match crate::outbox::due(&app.pool).await {
+                    Ok(n) => metrics::gauge!("lifecycle_outbox_due_messages").set(n as f64),
+                    Err(error) => warn!(%error, "Counting the due messages failed."),
+                }
             }
             Err(error) => warn!(
                 error = format!("{error:#}"),

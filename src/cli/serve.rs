@@ -52,8 +52,7 @@ pub(super) async fn serve(args: Serve, settings: Settings) -> anyhow::Result<()>
 }
 
 /// Tells systemd (a `Type=notify` unit) where `serve` stands: `READY=1` once every role it
-/// runs is alive,
-/// `STOPPING=1` as it begins to stop. Without `$NOTIFY_SOCKET` it does nothing.
+/// runs is alive, `STOPPING=1` as it begins to stop. Without `$NOTIFY_SOCKET` it does nothing.
 fn tell_service_manager(state: sd_notify::NotifyState<'_>) {
     if let Err(error) = sd_notify::notify(false, &[state]) {
         tracing::warn!(%error, "Could not notify the service manager.");

@@ -43,9 +43,9 @@ pub mod domain {
     pub use crate::domain::{Email, Locale, MemberId, Phone, Trigger};
 }
 
-/// The event decoder.
+/// The event decoder, and the schemas of what it accepts.
 pub mod event {
-    pub use crate::event::parse;
+    pub use crate::event::{parse, schemas};
 }
 
 /// Twilio's signature, as the webhook checks it.

@@ -127,7 +127,7 @@ impl Email {
     pub fn parse(raw: &str) -> Result<Self, Invalid> {
         let trimmed = raw.trim();
         let error = || invalid(format!("email {} is not a valid address", quoted(raw)));
-        if trimmed.len() > 254 {
+        if raw.len() > 254 {
             return Err(error());
         }
         let address: lettre::Address = trimmed.parse().map_err(|_| error())?;
@@ -284,6 +284,12 @@ impl Birthday {
             _ => return Err(error()),
         };
         let (m, d) = month_day.split_once('-').ok_or_else(error)?;
+        if !(m.len() == 2
+            && d.len() == 2
+            && (m.bytes().chain(d.bytes())).all(|b| b.is_ascii_digit()))
+        {
+            return Err(error());
+        }
         let (month, day): (u32, u32) = (
             m.parse().map_err(|_| error())?,
             d.parse().map_err(|_| error())?,
@@ -415,6 +421,11 @@ const CURRENCIES: &[(&str, u8)] = &[
 ];
 
 impl Currency {
+    /// The codes `parse` accepts.
+    pub fn codes() -> impl Iterator<Item = &'static str> {
+        CURRENCIES.iter().map(|(code, _)| *code)
+    }
+
     /// Parses a known ISO 4217 code (upper case).
     pub fn parse(raw: &str) -> Result<Self, Invalid> {
         CURRENCIES

@@ -13,6 +13,10 @@ use crate::domain::{
     TimeZone, quoted,
 };
 
+mod schema;
+
+pub use schema::schemas;
+
 /// Why an event was refused; the text is the dead letter's reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -215,16 +219,29 @@ pub struct CartRef {
     pub member_id: MemberId,
 }
 
-/// The CloudEvents envelope as it arrives.
-#[derive(Deserialize)]
+/// The CloudEvents envelope as it arrives; `schema` completes its schema per type (`type` and
+/// `data`).
+#[derive(Deserialize, schemars::JsonSchema)]
 struct Envelope {
+    /// The CloudEvents version.
+    #[schemars(extend("const" = "1.0"))]
     specversion: String,
+    /// The idempotency key: a retry publishes the same id, and lifecycle applies it once.
+    #[schemars(with = "schema::Identifier")]
     id: String,
+    /// The platform that published it.
+    #[schemars(length(min = 1))]
     source: String,
+    /// The event type, also the routing key.
     #[serde(rename = "type")]
     kind: String,
+    /// When it happened (RFC 3339); records keep it, capped at lifecycle's now.
+    #[schemars(with = "Option<schema::Rfc3339>")]
     time: Option<String>,
+    /// `application/json` when given.
+    #[schemars(with = "Option<schema::JsonMediaType>")]
     datacontenttype: Option<String>,
+    /// The type's data.
     data: Option<serde_json::Value>,
 }
 
@@ -240,7 +257,14 @@ pub fn parse(body: &[u8], max_bytes: usize) -> Result<Event, Rejection> {
         if e.is_syntax() || e.is_eof() {
             Rejection(format!("not JSON: {e}"))
         } else {
-            Rejection(format!("not a CloudEvent: {e}"))
+            // Parsed again, only to name the field: the first pass stays as fast as it was.
+            let mut at = serde_json::Deserializer::from_slice(body);
+            match serde_path_to_error::deserialize::<_, Envelope>(&mut at) {
+                Err(e) if e.path().to_string() != "." => {
+                    Rejection(format!("not a CloudEvent: {}: {}", e.path(), e.inner()))
+                }
+                _ => Rejection(format!("not a CloudEvent: {e}")),
+            }
         }
     })?;
     if envelope.specversion != "1.0" {
@@ -271,26 +295,11 @@ pub fn parse(body: &[u8], max_bytes: usize) -> Result<Event, Rejection> {
         })
         .transpose()?;
     let data = envelope.data.unwrap_or(serde_json::Value::Null);
-    let kind = match envelope.kind.as_str() {
-        "member.enrolled" => EventKind::MemberEnrolled(decode::<wire::Profile>(data)?.try_into()?),
-        "member.updated" => {
-            EventKind::MemberUpdated(decode::<wire::ProfileChanges>(data)?.try_into()?)
-        }
-        "order.placed" => EventKind::OrderPlaced(decode::<wire::Order>(data)?.try_into()?),
-        "order.refunded" => EventKind::OrderRefunded(decode::<wire::Refund>(data)?.try_into()?),
-        "points.adjusted" => {
-            EventKind::PointsAdjusted(decode::<wire::Adjustment>(data)?.try_into()?)
-        }
-        "points.redeemed" => {
-            EventKind::PointsRedeemed(decode::<wire::Redemption>(data)?.try_into()?)
-        }
-        "cart.updated" => EventKind::CartUpdated(decode::<wire::Cart>(data)?.try_into()?),
-        "cart.checked_out" => EventKind::CartCheckedOut(decode::<wire::CartRef>(data)?.try_into()?),
-        "feedback.submitted" => {
-            EventKind::FeedbackSubmitted(decode::<wire::Feedback>(data)?.try_into()?)
-        }
-        other => return Err(Rejection(format!("unknown event type {}", quoted(other)))),
-    };
+    let kind = KINDS
+        .iter()
+        .find(|kind| kind.name == envelope.kind)
+        .ok_or_else(|| Rejection(format!("unknown event type {}", quoted(&envelope.kind))))?;
+    let kind = (kind.decode)(data)?;
     Ok(Event {
         id,
         source: envelope.source,
@@ -298,6 +307,99 @@ pub fn parse(body: &[u8], max_bytes: usize) -> Result<Event, Rejection> {
         kind,
     })
 }
+
+/// An event type the decoder accepts: its name, how its `data` decodes, and the schema of that
+/// `data` (`schema::schemas` publishes it), kept in one table so the two cannot disagree.
+struct Kind {
+    name: &'static str,
+    decode: fn(serde_json::Value) -> Result<EventKind, Rejection>,
+    schema: fn(&mut schemars::SchemaGenerator) -> schemars::Schema,
+}
+
+/// DESIGN.md's event types.
+const KINDS: [Kind; 9] = [
+    Kind {
+        name: "member.enrolled",
+        decode: |data| {
+            Ok(EventKind::MemberEnrolled(
+                decode::<wire::Profile>(data)?.try_into()?,
+            ))
+        },
+        schema: |g| g.subschema_for::<wire::Profile>(),
+    },
+    Kind {
+        name: "member.updated",
+        decode: |data| {
+            Ok(EventKind::MemberUpdated(
+                decode::<wire::ProfileChanges>(data)?.try_into()?,
+            ))
+        },
+        schema: |g| g.subschema_for::<wire::ProfileChanges>(),
+    },
+    Kind {
+        name: "order.placed",
+        decode: |data| {
+            Ok(EventKind::OrderPlaced(
+                decode::<wire::Order>(data)?.try_into()?,
+            ))
+        },
+        schema: |g| g.subschema_for::<wire::Order>(),
+    },
+    Kind {
+        name: "order.refunded",
+        decode: |data| {
+            Ok(EventKind::OrderRefunded(
+                decode::<wire::Refund>(data)?.try_into()?,
+            ))
+        },
+        schema: |g| g.subschema_for::<wire::Refund>(),
+    },
+    Kind {
+        name: "points.adjusted",
+        decode: |data| {
+            Ok(EventKind::PointsAdjusted(
+                decode::<wire::Adjustment>(data)?.try_into()?,
+            ))
+        },
+        schema: |g| g.subschema_for::<wire::Adjustment>(),
+    },
+    Kind {
+        name: "points.redeemed",
+        decode: |data| {
+            Ok(EventKind::PointsRedeemed(
+                decode::<wire::Redemption>(data)?.try_into()?,
+            ))
+        },
+        schema: |g| g.subschema_for::<wire::Redemption>(),
+    },
+    Kind {
+        name: "cart.updated",
+        decode: |data| {
+            Ok(EventKind::CartUpdated(
+                decode::<wire::Cart>(data)?.try_into()?,
+            ))
+        },
+        schema: |g| g.subschema_for::<wire::Cart>(),
+    },
+    Kind {
+        name: "cart.checked_out",
+        decode: |data| {
+            Ok(EventKind::CartCheckedOut(
+                decode::<wire::CartRef>(data)?.try_into()?,
+            ))
+        },
+        schema: |g| g.subschema_for::<wire::CartRef>(),
+    },
+    Kind {
+        name: "feedback.submitted",
+        decode: |data| {
+            Ok(EventKind::FeedbackSubmitted(
+                decode::<wire::Feedback>(data)?.try_into()?,
+            ))
+        },
+        schema: |g| g.subschema_for::<wire::Feedback>(),
+    },
+];
 
 /// Decodes `data` into its wire struct, naming the path of a bad field.
 fn decode<T: DeserializeOwned>(data: serde_json::Value) -> Result<T, Rejection> {
@@ -319,16 +421,16 @@ fn field<T>(name: &str, result: Result<T, Invalid>) -> Result<T, Rejection> {
     result.map_err(|e| Rejection(format!("data.{name}: {e}")))
 }
 
-/// A display name: trimmed, at most 100 characters, no control characters (CR, LF, NUL …), so
-/// it is safe in a mail header and a greeting.
+/// A display name: at most 100 characters and no control characters (CR, LF, NUL …) as sent,
+/// so it is safe in a mail header and a greeting; stored trimmed.
 fn display_name(name: &str, raw: String) -> Result<Option<String>, Rejection> {
-    let trimmed = raw.trim();
-    if trimmed.chars().any(char::is_control) {
+    if raw.chars().any(char::is_control) {
         return Err(Rejection(format!(
             "data.{name}: must not contain control characters"
         )));
     }
-    if trimmed.chars().count() > 100 {
+    let trimmed = raw.trim();
+    if raw.chars().count() > 100 {
         return Err(Rejection(format!(
             "data.{name}: longer than 100 characters"
         )));
@@ -380,8 +482,15 @@ fn items(raw: Vec<wire::Item>) -> Result<Vec<Item>, Rejection> {
 }
 
 /// Wire structs: exactly the JSON of DESIGN.md's event table. Unknown fields are ignored so
-/// the platform can add fields without breaking the worker.
+/// the platform can add fields without breaking the worker. Each field's `schemars` attribute
+/// states, for `docs/events/`, the check its `TryFrom` makes (see `schema`).
 mod wire {
+    use schemars::JsonSchema;
+
+    use super::schema::{
+        CheckoutUrl, Comment, CurrencyCode, DisplayName, E164, EmailAddress, IanaZone, Identifier,
+        LanguageTag, MinorUnits, MonthDay, PositiveMinorUnits, Quantity,
+    };
     use super::*;
 
     /// Distinguishes an absent field (`None`) from an explicit `null` (`Some(None)`).
@@ -391,27 +500,49 @@ mod wire {
         Option::<T>::deserialize(d).map(Some)
     }
 
-    #[derive(Deserialize)]
+    /// What the member agreed to be sent, per channel.
+    #[derive(Deserialize, JsonSchema)]
     pub struct ConsentWire {
+        /// Marketing and lifecycle email.
         pub email: bool,
+        /// SMS.
         pub sms: bool,
     }
 
-    #[derive(Deserialize)]
+    /// The channels whose consent changes; an absent one stays as it was.
+    #[derive(Deserialize, JsonSchema)]
     pub struct PartialConsent {
+        /// Email consent, if it changed.
         pub email: Option<bool>,
+        /// SMS consent, if it changed.
         pub sms: Option<bool>,
     }
 
-    #[derive(Deserialize)]
+    /// `member.enrolled`: a member joined the programme.
+    #[derive(Deserialize, JsonSchema)]
     pub struct Profile {
+        /// The platform's id of the member.
+        #[schemars(with = "Identifier")]
         pub member_id: String,
+        /// Email address (RFC 5321, at most 254 bytes).
+        #[schemars(with = "Option<EmailAddress>")]
         pub email: Option<String>,
+        /// Mobile number in E.164 form.
+        #[schemars(with = "Option<E164>")]
         pub phone: Option<String>,
+        /// Given name for greetings.
+        #[schemars(with = "Option<DisplayName>")]
         pub first_name: Option<String>,
+        /// Language of messages (BCP 47).
+        #[schemars(with = "LanguageTag")]
         pub locale: String,
+        /// IANA time zone of quiet hours and birthdays.
+        #[schemars(with = "IanaZone")]
         pub timezone: String,
+        /// `MM-DD`, or `YYYY-MM-DD` when the year is known.
+        #[schemars(with = "Option<MonthDay>")]
         pub birthday: Option<String>,
+        /// Consent per channel.
         pub consent: ConsentWire,
     }
 
@@ -451,19 +582,35 @@ mod wire {
         }
     }
 
-    #[derive(Deserialize)]
+    /// `member.updated`: fields absent stay as they were; `null` clears an optional one.
+    #[derive(Deserialize, JsonSchema)]
     pub struct ProfileChanges {
+        /// The platform's id of the member.
+        #[schemars(with = "Identifier")]
         pub member_id: String,
+        /// New address, or `null` to clear it.
         #[serde(default, deserialize_with = "nullable")]
+        #[schemars(with = "Option<EmailAddress>")]
         pub email: Option<Option<String>>,
+        /// New number, or `null` to clear it.
         #[serde(default, deserialize_with = "nullable")]
+        #[schemars(with = "Option<E164>")]
         pub phone: Option<Option<String>>,
+        /// New given name, or `null` to clear it.
         #[serde(default, deserialize_with = "nullable")]
+        #[schemars(with = "Option<DisplayName>")]
         pub first_name: Option<Option<String>>,
+        /// New language.
+        #[schemars(with = "Option<LanguageTag>")]
         pub locale: Option<String>,
+        /// New time zone.
+        #[schemars(with = "Option<IanaZone>")]
         pub timezone: Option<String>,
+        /// New birthday, or `null` to clear it.
         #[serde(default, deserialize_with = "nullable")]
+        #[schemars(with = "Option<MonthDay>")]
         pub birthday: Option<Option<String>>,
+        /// Consent changes.
         pub consent: Option<PartialConsent>,
     }
 
@@ -525,22 +672,44 @@ mod wire {
         }
     }
 
-    #[derive(Deserialize)]
+    /// One line of an order or cart.
+    #[derive(Deserialize, JsonSchema)]
     pub struct Item {
+        /// Stock keeping unit.
+        #[schemars(with = "Identifier")]
         pub sku: String,
+        /// Product name as shown to the customer.
+        #[schemars(with = "DisplayName", length(min = 1))]
         pub name: String,
+        /// How many.
+        #[schemars(with = "Quantity")]
         pub quantity: u32,
+        /// Price of one, in minor units of the currency.
+        #[schemars(with = "MinorUnits")]
         pub unit_price: i64,
     }
 
-    #[derive(Deserialize)]
+    /// `order.placed`: points are earned on `total`.
+    #[derive(Deserialize, JsonSchema)]
     pub struct Order {
+        /// The platform's id of the order; a second event with it earns nothing more.
+        #[schemars(with = "Identifier")]
         pub order_id: String,
+        /// The buyer.
+        #[schemars(with = "Identifier")]
         pub member_id: String,
+        /// What was paid, in minor units of `currency`.
+        #[schemars(with = "MinorUnits")]
         pub total: i64,
+        /// ISO 4217 code.
+        #[schemars(with = "CurrencyCode")]
         pub currency: String,
+        /// What was bought.
         #[serde(default)]
+        #[schemars(length(max = 500))]
         pub items: Vec<Item>,
+        /// The cart this order checks out, if any.
+        #[schemars(with = "Option<Identifier>")]
         pub cart_id: Option<String>,
     }
 
@@ -562,11 +731,20 @@ mod wire {
         }
     }
 
-    #[derive(Deserialize)]
+    /// `order.refunded`: the points the refunded part earned are taken back.
+    #[derive(Deserialize, JsonSchema)]
     pub struct Refund {
+        /// The refunded order.
+        #[schemars(with = "Identifier")]
         pub order_id: String,
+        /// The buyer.
+        #[schemars(with = "Identifier")]
         pub member_id: String,
+        /// How much was refunded, in minor units, more than 0.
+        #[schemars(with = "PositiveMinorUnits")]
         pub amount: i64,
+        /// ISO 4217 code.
+        #[schemars(with = "CurrencyCode")]
         pub currency: String,
     }
 
@@ -586,10 +764,17 @@ mod wire {
         }
     }
 
-    #[derive(Deserialize)]
+    /// `points.adjusted`: points given or taken by hand or by another programme.
+    #[derive(Deserialize, JsonSchema)]
     pub struct Adjustment {
+        /// Whose points.
+        #[schemars(with = "Identifier")]
         pub member_id: String,
+        /// Points added (positive) or removed (negative), never 0.
+        #[schemars(range(min = -100_000_000, max = 100_000_000), extend("not" = {"const": 0}))]
         pub points: i64,
+        /// Why (`referral`, `review`, `manual`, …).
+        #[schemars(with = "Identifier")]
         pub reason: String,
     }
 
@@ -611,11 +796,20 @@ mod wire {
         }
     }
 
-    #[derive(Deserialize)]
+    /// `feedback.submitted`: the answer to "how likely are you to recommend us?".
+    #[derive(Deserialize, JsonSchema)]
     pub struct Feedback {
+        /// Who answered.
+        #[schemars(with = "Identifier")]
         pub member_id: String,
+        /// From 0 to 10.
+        #[schemars(range(min = 0, max = 10))]
         pub score: i64,
+        /// The order it is about, if any (feedback points are given once per order).
+        #[schemars(with = "Option<Identifier>")]
         pub order_id: Option<String>,
+        /// What they wrote, if anything.
+        #[schemars(with = "Option<Comment>")]
         pub comment: Option<String>,
     }
 
@@ -629,7 +823,7 @@ mod wire {
                 .ok_or_else(|| {
                     Rejection(format!("data.score: {} is not between 0 and 10", w.score))
                 })?;
-            let comment = match w.comment.map(|c| c.trim().to_owned()) {
+            let comment = match w.comment {
                 Some(c) if c.chars().count() > 2000 => {
                     return Err(Rejection(
                         "data.comment: longer than 2000 characters".into(),
@@ -641,7 +835,7 @@ mod wire {
                             .into(),
                     ));
                 }
-                Some(c) => (!c.is_empty()).then_some(c),
+                Some(c) => Some(c.trim().to_owned()).filter(|c| !c.is_empty()),
                 None => None,
             };
             Ok(super::Feedback {
@@ -657,10 +851,17 @@ mod wire {
         }
     }
 
-    #[derive(Deserialize)]
+    /// `points.redeemed`: points spent on a reward.
+    #[derive(Deserialize, JsonSchema)]
     pub struct Redemption {
+        /// Whose points.
+        #[schemars(with = "Identifier")]
         pub member_id: String,
+        /// Points spent.
+        #[schemars(range(min = 1, max = 100_000_000))]
         pub points: i64,
+        /// What they bought, if said.
+        #[schemars(with = "Option<DisplayName>")]
         pub reward: Option<String>,
     }
 
@@ -685,14 +886,27 @@ mod wire {
         }
     }
 
-    #[derive(Deserialize)]
+    /// `cart.updated`: the cart as it is now; an unchanged cart may be abandoned.
+    #[derive(Deserialize, JsonSchema)]
     pub struct Cart {
+        /// The platform's id of the cart.
+        #[schemars(with = "Identifier")]
         pub cart_id: String,
+        /// Its owner.
+        #[schemars(with = "Identifier")]
         pub member_id: String,
+        /// What is in it.
         #[serde(default)]
+        #[schemars(length(max = 500))]
         pub items: Vec<Item>,
+        /// Its value, in minor units of `currency`.
+        #[schemars(with = "MinorUnits")]
         pub total: i64,
+        /// ISO 4217 code.
+        #[schemars(with = "CurrencyCode")]
         pub currency: String,
+        /// Where the customer resumes checkout.
+        #[schemars(with = "CheckoutUrl")]
         pub checkout_url: String,
     }
 
@@ -700,10 +914,14 @@ mod wire {
         type Error = Rejection;
 
         fn try_from(w: Cart) -> Result<Self, Rejection> {
-            let url_ok = url::Url::parse(&w.checkout_url)
-                .map(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
-                .unwrap_or(false);
-            if !url_ok || w.checkout_url.len() > 2048 {
+            // As sent, not as the URL parser would clean it: lower-case `http(s)://`, no
+            // spaces or control characters, at most 2,048 characters.
+            let raw = &w.checkout_url;
+            let url_ok = (raw.starts_with("http://") || raw.starts_with("https://"))
+                && !raw.chars().any(|c| c == ' ' || c.is_control())
+                && raw.chars().count() <= 2048
+                && url::Url::parse(raw).is_ok_and(|u| u.host().is_some());
+            if !url_ok {
                 return Err(Rejection(format!(
                     "data.checkout_url: {} is not an http(s) URL",
                     quoted(&w.checkout_url)
@@ -719,9 +937,14 @@ mod wire {
         }
     }
 
-    #[derive(Deserialize)]
+    /// `cart.checked_out`: the cart became an order and is no longer abandoned.
+    #[derive(Deserialize, JsonSchema)]
     pub struct CartRef {
+        /// The cart.
+        #[schemars(with = "Identifier")]
         pub cart_id: String,
+        /// Its owner.
+        #[schemars(with = "Identifier")]
         pub member_id: String,
     }
 
@@ -943,6 +1166,29 @@ mod tests {
                 "data.items[0].unit_price: more than the ledger holds",
             ),
             (event("order.placed", "42"), "data must be a JSON object"),
+            // As sent, not as trimmed or cleaned: the published schemas say the same.
+            (
+                enrolled(&format!(r#"{{{base},"birthday":"+1-05"}}"#)),
+                "data.birthday",
+            ),
+            (
+                enrolled(&format!(
+                    r#"{{{base},"first_name":"{}  "}}"#,
+                    "a".repeat(99)
+                )),
+                "data.first_name: longer than 100",
+            ),
+            (
+                event(
+                    "cart.updated",
+                    r#"{"cart_id":"c","member_id":"m","total":1,"currency":"USD","checkout_url":" https://x.example/c"}"#,
+                ),
+                "data.checkout_url",
+            ),
+            (
+                r#"{"specversion":1,"id":"x","source":"s","type":"t"}"#.into(),
+                "not a CloudEvent: specversion: invalid type",
+            ),
         ];
         for (body, expected) in cases {
             let reason = rejected(&body);

@@ -55,6 +55,9 @@ pub async fn declare_topology(connection: &Connection, settings: &Settings) -> a
         )
         .await
         .with_context(|| context("exchange", &settings.exchange))?;
+    if !settings.notifications_exchange.is_empty() {
+        declare_notifications(&channel, &settings.notifications_exchange).await?;
+    }
     channel
         .exchange_declare(
             s.dead_letter_exchange.as_str().into(),
@@ -111,6 +114,23 @@ pub async fn declare_topology(connection: &Connection, settings: &Settings) -> a
     let channel = declare_queue(connection, channel, &s.retry_queue, &retry_args).await?;
     channel.close(200, "declared".into()).await.ok();
     Ok(())
+}
+
+/// Declares the exchange lifecycle's notifications go to: a durable topic exchange, routing
+/// key = type, where the platform binds its queues.
+pub(crate) async fn declare_notifications(channel: &Channel, name: &str) -> anyhow::Result<()> {
+    channel
+        .exchange_declare(
+            name.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("declaring exchange {name}"))
 }
 
 /// Declares a durable quorum queue with `args` on `channel`. When the broker refuses because

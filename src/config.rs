@@ -38,6 +38,15 @@ pub struct Settings {
     pub database_url: DatabaseUrl,
     /// Topic exchange the platform publishes to.
     pub exchange: String,
+    /// Topic exchange lifecycle publishes its notifications to (events back to the platform);
+    /// empty turns them off.
+    pub notifications_exchange: String,
+    /// Where the same notifications are POSTed, signed as Standard Webhooks; unset, not at all.
+    #[serde(deserialize_with = "parsed_opt")]
+    pub notify_url: Option<HttpUrl>,
+    /// The Standard Webhooks signing secret of `notify_url`.
+    #[serde(deserialize_with = "parsed_opt")]
+    pub notify_secret: Option<SigningSecret>,
     /// Address of the HTTP server (health, metrics, admin API).
     #[serde(deserialize_with = "parsed")]
     pub http_addr: SocketAddr,
@@ -108,6 +117,8 @@ pub struct Settings {
     pub http: HttpSettings,
     /// The console's test sends (`[console]`).
     pub console: ConsoleSettings,
+    /// Publishing and POSTing notifications (`[notifications]`).
+    pub notifications: NotificationSettings,
     /// The loyalty programme's rules.
     pub program: crate::program::Program,
 }
@@ -119,6 +130,9 @@ impl Default for Settings {
             amqp_url: parse_default("amqp://guest:guest@127.0.0.1:5672/%2f"),
             database_url: parse_default("postgres://postgres@127.0.0.1:5432/lifecycle"),
             exchange: "commerce.events".into(),
+            notifications_exchange: "lifecycle.notifications".into(),
+            notify_url: None,
+            notify_secret: None,
             http_addr: parse("127.0.0.1:8080"),
             email_providers: vec![EmailProviderKind::File],
             sms_providers: vec![SmsProviderKind::File],
@@ -148,7 +162,46 @@ impl Default for Settings {
             retention: RetentionSettings::default(),
             http: HttpSettings::default(),
             console: ConsoleSettings::default(),
+            notifications: NotificationSettings::default(),
             program: crate::program::Program::default(),
+        }
+    }
+}
+
+/// How notifications leave: a page at a time, each page waited for; over HTTP, retried with a
+/// doubling delay until a day has passed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotificationSettings {
+    /// Notifications published (or POSTed) per page.
+    #[serde(deserialize_with = "parsed")]
+    pub batch_size: i64,
+    /// The pause between looks when nothing waits, in milliseconds.
+    #[serde(deserialize_with = "parsed")]
+    pub poll_interval_ms: u64,
+    /// The first delay before a failed POST is tried again, in milliseconds; it doubles.
+    #[serde(deserialize_with = "parsed")]
+    pub retry_base_ms: u64,
+    /// The longest delay between tries, in milliseconds.
+    #[serde(deserialize_with = "parsed")]
+    pub retry_max_ms: u64,
+    /// How long a notification is POSTed again before it is dead (visible to ops).
+    #[serde(deserialize_with = "parsed")]
+    pub dead_after_hours: u32,
+    /// How long one POST may take, in milliseconds.
+    #[serde(deserialize_with = "parsed")]
+    pub timeout_ms: u64,
+}
+
+impl Default for NotificationSettings {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            poll_interval_ms: 200,
+            retry_base_ms: 5_000,
+            retry_max_ms: 3_600_000,
+            dead_after_hours: 24,
+            timeout_ms: 15_000,
         }
     }
 }
@@ -559,6 +612,9 @@ pub struct RetentionSettings {
     /// Delivery attempts, of messages kept or not.
     #[serde(deserialize_with = "parsed")]
     pub attempts_days: u32,
+    /// Notifications that left (published, and POSTed or dead).
+    #[serde(deserialize_with = "parsed")]
+    pub notifications_days: u32,
     /// Rows deleted per statement.
     #[serde(deserialize_with = "parsed")]
     pub page_size: i64,
@@ -570,6 +626,7 @@ impl Default for RetentionSettings {
             inbox_days: 90,
             messages_days: 365,
             attempts_days: 90,
+            notifications_days: 30,
             page_size: 5_000,
         }
     }
@@ -910,6 +967,43 @@ impl FromStr for HttpUrl {
     }
 }
 
+/// A Standard Webhooks signing secret: `whsec_` and the base64 of 24 to 64 random bytes (the
+/// prefix may be left out). `Debug` never shows it, and nor does a refusal.
+#[derive(Clone)]
+pub struct SigningSecret(Vec<u8>);
+
+impl SigningSecret {
+    /// What a secret looks like, for errors.
+    const FORM: &'static str = "whsec_ and the base64 of 24 to 64 random bytes; `echo whsec_$(openssl rand -base64 32)` makes one";
+
+    /// The HMAC key.
+    pub fn key(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SigningSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SigningSecret(***)")
+    }
+}
+
+impl FromStr for SigningSecret {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        use base64::Engine;
+        let encoded = s.trim().strip_prefix("whsec_").unwrap_or(s.trim());
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .map_err(|_| format!("not base64: expected {}", Self::FORM))?;
+        if !(24..=64).contains(&key.len()) {
+            return Err(format!("{} bytes: expected {}", key.len(), Self::FORM));
+        }
+        Ok(SigningSecret(key))
+    }
+}
+
 impl Settings {
     /// Loads the file named by `path` (or `LIFECYCLE_CONFIG`, or `lifecycle.toml` when present)
     /// and overlays the process environment.
@@ -966,11 +1060,53 @@ impl Settings {
                 }
             })?;
         settings.check()?;
+        settings.check_notifications()?;
         settings
             .program
             .check()
             .map_err(|e| anyhow::anyhow!("invalid setting {e}"))?;
         Ok(settings)
+    }
+
+    /// The notification settings: a URL needs its secret, and the secret is Standard Webhooks'.
+    fn check_notifications(&self) -> anyhow::Result<()> {
+        if self.notify_url.is_some() && self.notify_secret.is_none() {
+            bail!(
+                "invalid setting `notify_secret` ({ENV_PREFIX}NOTIFY_SECRET): LIFECYCLE_NOTIFY_URL is set, so its signing secret must be ({})",
+                SigningSecret::FORM
+            );
+        }
+        let n = &self.notifications;
+        for (key, value) in [
+            ("notifications.batch_size", n.batch_size.max(0) as u64),
+            ("notifications.poll_interval_ms", n.poll_interval_ms),
+            ("notifications.retry_base_ms", n.retry_base_ms),
+            ("notifications.timeout_ms", n.timeout_ms),
+            (
+                "notifications.dead_after_hours",
+                u64::from(n.dead_after_hours),
+            ),
+        ] {
+            if value == 0 {
+                let env = format!(
+                    "{ENV_PREFIX}{}",
+                    key.replace('.', "__").to_ascii_uppercase()
+                );
+                bail!("invalid setting `{key}` ({env}): must be at least 1");
+            }
+        }
+        if n.retry_max_ms < n.retry_base_ms {
+            bail!(
+                "invalid setting `notifications.retry_max_ms` ({ENV_PREFIX}NOTIFICATIONS__RETRY_MAX_MS): below notifications.retry_base_ms"
+            );
+        }
+        // Bounded so that no delay added to a time can overflow it.
+        if n.retry_max_ms > 86_400_000 || n.dead_after_hours > 24 * 365 {
+            bail!(
+                "invalid setting `notifications.retry_max_ms` or `notifications.dead_after_hours`: at most a day and a year"
+            );
+        }
+        Ok(())
     }
 
     /// Cross-field checks that no single key's parser can make.

@@ -351,6 +351,7 @@ impl Ingest {
             &self.app.settings.program,
             &self.app.clock,
             locking,
+            crate::notifications::Sinks::of(&self.app.settings),
         )
         .await?;
         tx.commit().await?;

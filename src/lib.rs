@@ -43,6 +43,8 @@ mod ingest;
 mod ledger;
 mod mask;
 mod metrics;
+mod notifications;
+mod notifier;
 mod outbox;
 mod program;
 mod publish;

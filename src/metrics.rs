@@ -163,6 +163,34 @@ fn describe() {
         "lifecycle_results_writer_stuck",
         "1 while the dispatcher's results writer has failed for longer than dispatch.writer_stuck_ms, else 0."
     );
+    describe_gauge!(
+        "lifecycle_notifications_unpublished",
+        "Notifications recorded but not yet published to the notifications exchange."
+    );
+    describe_gauge!(
+        "lifecycle_notifications_oldest_unpublished_seconds",
+        "How long the oldest unpublished notification has waited (0 when none)."
+    );
+    describe_gauge!(
+        "lifecycle_notifications_posts_pending",
+        "Notifications waiting for a successful POST to LIFECYCLE_NOTIFY_URL."
+    );
+    describe_gauge!(
+        "lifecycle_notifications_oldest_post_seconds",
+        "How long the oldest notification waiting for its POST has waited (0 when none)."
+    );
+    describe_gauge!(
+        "lifecycle_notifications_posts_dead",
+        "Notifications whose POSTs were given up on after notifications.dead_after_hours."
+    );
+    describe_counter!(
+        "lifecycle_notifications_published_total",
+        "Notifications the broker confirmed, by type."
+    );
+    describe_counter!(
+        "lifecycle_notifications_posts_total",
+        "POSTs of notifications, by outcome (delivered, failed, dead)."
+    );
     describe_counter!(
         "lifecycle_results_dropped_total",
         "Results the database refused even without their texts: their claims lapse and the messages go again."

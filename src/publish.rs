@@ -80,6 +80,27 @@ impl Publisher {
             .with_context(|| format!("publishing to exchange {exchange:?}"))
     }
 
+    /// Publishes a body persistently, not `mandatory`: no queue bound (nobody subscribed yet)
+    /// is not an error. The notifier publishes this way.
+    pub(crate) async fn publish_to_any(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> anyhow::Result<PublisherConfirm> {
+        self.channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                properties.with_delivery_mode(2),
+            )
+            .await
+            .with_context(|| format!("publishing to exchange {exchange:?}"))
+    }
+
     /// Waits for a confirm and checks that the broker took the message and routed it.
     pub(crate) async fn confirmed(confirm: anyhow::Result<PublisherConfirm>) -> anyhow::Result<()> {
         let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, confirm?)

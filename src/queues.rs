@@ -35,6 +35,8 @@ pub struct Queues {
     pub dead: Depth,
     /// Messages in the outbox by status (`pending`, `sending`, `failed`).
     pub outbox: BTreeMap<String, i64>,
+    /// Notifications back to the platform still to leave, and those given up on.
+    pub notifications: crate::notifications::Backlog,
     /// What moved over the last five minutes, per minute.
     pub rates: Rates,
 }
@@ -94,6 +96,9 @@ pub async fn snapshot(app: &App) -> anyhow::Result<Queues> {
     let (sent, failed) = crate::outbox::recent_calls(&app.pool)
         .await
         .context("reading the rates")?;
+    let notifications = crate::notifications::backlog(&app.pool)
+        .await
+        .context("counting the notifications")?;
     let per_minute = |n: i64| n as f64 / 5.0;
     Ok(Queues {
         rates: Rates {
@@ -105,6 +110,7 @@ pub async fn snapshot(app: &App) -> anyhow::Result<Queues> {
         retry: depths[1],
         dead: depths[2],
         outbox,
+        notifications,
     })
 }
 
@@ -126,6 +132,25 @@ pub(crate) async fn sample(app: App, shutdown: Shutdown) -> anyhow::Result<()> {
                 }
                 for (status, n) in q.outbox {
                     metrics::gauge!("lifecycle_outbox_messages", "status" => status).set(n as f64);
+                }
+                let n = q.notifications;
+                for (name, value) in [
+                    ("lifecycle_notifications_unpublished", n.unpublished as f64),
+                    (
+                        "lifecycle_notifications_oldest_unpublished_seconds",
+                        n.oldest_unpublished_seconds,
+                    ),
+                    (
+                        "lifecycle_notifications_posts_pending",
+                        n.posts_pending as f64,
+                    ),
+                    (
+                        "lifecycle_notifications_oldest_post_seconds",
+                        n.oldest_post_seconds,
+                    ),
+                    ("lifecycle_notifications_posts_dead", n.posts_dead as f64),
+                ] {
+                    metrics::gauge!(name).set(value);
                 }
                 match crate::outbox::due(&app.pool).await {
                     Ok(n) => metrics::gauge!("lifecycle_outbox_due_messages").set(n as f64),

@@ -346,7 +346,8 @@ pub async fn run_scan(app: &App, job: Job, now: DateTime<Utc>) -> anyhow::Result
             _ => {
                 let ids = candidates(&mut tx, job, program, now, &after, limit).await?;
                 let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-                planned += ledger::update_members(&mut tx, &refs, program, now, |member| {
+                let sinks = crate::notifications::Sinks::of(&app.settings);
+                planned += ledger::update_members(&mut tx, &refs, program, now, sinks, |member| {
                     change(job, member, program, now)
                 })
                 .await?;
@@ -373,6 +374,7 @@ async fn prune(app: &App) -> anyhow::Result<()> {
         ("inbox", r.inbox_days),
         ("attempts", r.attempts_days),
         ("messages", r.messages_days),
+        ("notifications", r.notifications_days),
     ];
     for (what, days) in steps {
         if days == 0 {
@@ -384,6 +386,7 @@ async fn prune(app: &App) -> anyhow::Result<()> {
             let done = match what {
                 "inbox" => prune_inbox(&app.pool, days, r.page_size).await,
                 "attempts" => outbox::prune_attempts(&app.pool, days, r.page_size).await,
+                "notifications" => crate::notifications::prune(&app.pool, days, r.page_size).await,
                 _ => outbox::prune_messages(&app.pool, days, r.page_size).await,
             }
             .with_context(|| format!("pruning {what}"))?;

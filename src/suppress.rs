@@ -5,46 +5,94 @@
 use aws_lc_rs::hmac;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 use crate::domain::{Channel, MemberId};
+use crate::notifications::{How, Notice, Sinks};
 
-/// Records that `address` must not get messages on `channel`; a second suppression keeps the
-/// first reason.
+/// A change to whether an address may be messaged on a channel, and whom the platform is
+/// told of: `member`, or every member with that address when `None`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Change<'a> {
+    pub channel: Channel,
+    pub address: &'a str,
+    pub how: How,
+    pub member: Option<&'a str>,
+}
+
+/// Records that the address must not get messages on the channel; a second suppression keeps
+/// the first reason. A new one is told to the platform (`member.unsubscribed`) in the same
+/// transaction. True when it is new.
 pub(crate) async fn suppress(
     pool: &PgPool,
-    channel: Channel,
-    address: &str,
+    sinks: Sinks,
+    change: Change<'_>,
     reason: &str,
     source: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query!(
+) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let new = sqlx::query!(
         "insert into suppressions (channel, address, reason, source) values ($1, $2, $3, $4)
          on conflict (channel, address) do nothing",
-        channel.as_str(),
-        address,
+        change.channel.as_str(),
+        change.address,
         reason,
         source
     )
-    .execute(pool)
-    .await?;
-    Ok(())
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        > 0;
+    if new {
+        tell(&mut tx, sinks, change, false).await?;
+    }
+    tx.commit().await?;
+    Ok(new)
 }
 
-/// Lifts a suppression (SMS START); true when there was one.
+/// Lifts a suppression (SMS START, or ops), told to the platform (`member.resubscribed`) in
+/// the same transaction; true when there was one.
 pub(crate) async fn restore(
     pool: &PgPool,
-    channel: Channel,
-    address: &str,
+    sinks: Sinks,
+    change: Change<'_>,
 ) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query!(
+    let mut tx = pool.begin().await?;
+    let lifted = sqlx::query!(
         "delete from suppressions where channel = $1 and address = $2",
-        channel.as_str(),
-        address
+        change.channel.as_str(),
+        change.address
     )
-    .execute(pool)
-    .await?;
-    Ok(done.rows_affected() > 0)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        > 0;
+    if lifted {
+        tell(&mut tx, sinks, change, true).await?;
+    }
+    tx.commit().await?;
+    Ok(lifted)
+}
+
+/// Records the notices of a change: one per member it concerns.
+async fn tell(
+    conn: &mut PgConnection,
+    sinks: Sinks,
+    change: Change<'_>,
+    subscribed: bool,
+) -> Result<(), sqlx::Error> {
+    if !sinks.any() {
+        return Ok(());
+    }
+    let members = match change.member {
+        Some(member) => vec![member.to_owned()],
+        None => crate::ledger::with_address(conn, change.channel, change.address).await?,
+    };
+    let notices: Vec<Notice> = members
+        .iter()
+        .map(|m| Notice::subscription(m, change.channel, change.how, subscribed))
+        .collect();
+    crate::notifications::record(conn, sinks, &notices).await
 }
 
 /// What an inbound SMS asks for.

@@ -43,6 +43,11 @@ pub mod domain {
     pub use crate::domain::{Email, Locale, MemberId, Phone, Trigger};
 }
 
+/// Where notifications go.
+pub mod notifications {
+    pub use crate::notifications::Sinks;
+}
+
 /// The event decoder, and the schemas of what it accepts.
 pub mod event {
     pub use crate::event::{parse, schemas};

@@ -55,6 +55,11 @@ impl Worker {
         if roles.schedule {
             let scheduler = Scheduler::new(app.clone());
             supervisor.spawn("scheduler", scheduler.run(shutdown.clone()));
+            // Notifications leave from the replicas that run the scans, one at a time.
+            supervisor.spawn(
+                "notifier",
+                crate::notifier::run(app.clone(), shutdown.clone()),
+            );
         }
         if roles.ingest {
             let ingest = Ingest::new(app.clone());

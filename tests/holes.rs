@@ -18,6 +18,7 @@ use common::{
 use lifecycle::testkit::app::Roles;
 use lifecycle::testkit::dispatch::{Dispatcher, Step};
 use lifecycle::testkit::domain::Trigger;
+use lifecycle::testkit::notifications::Sinks;
 use lifecycle::testkit::outbox::{self, Settled, Status};
 use lifecycle::testkit::worker::Worker;
 use serde_json::json;
@@ -76,7 +77,8 @@ async fn only_the_owner_of_a_claim_settles_it_and_a_lapsed_claim_is_recorded_uns
     );
     let mut failed = Settled::new(id);
     failed.error = Some("from a stale dispatcher".into());
-    let lost = outbox::record(&pool, "dispatcher-a", &[failed])
+    let sinks = Sinks::of(&env.settings);
+    let lost = outbox::record(&pool, sinks, "dispatcher-a", &[failed])
         .await
         .unwrap();
     assert_eq!(lost, [id]);
@@ -100,11 +102,20 @@ async fn only_the_owner_of_a_claim_settles_it_and_a_lapsed_claim_is_recorded_uns
     let mut sent = Settled::new(id);
     sent.status = Status::Sent;
     assert!(
-        outbox::record(&pool, "dispatcher-b", &[sent])
+        outbox::record(&pool, sinks, "dispatcher-b", &[sent])
             .await
             .unwrap()
             .is_empty()
     );
+    // The platform hears of the message once, as B settled it: A's stale result is not told.
+    let told: Vec<(String, serde_json::Value)> =
+        sqlx::query_as("select type, data::jsonb from notifications where type like 'message.%'")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert_eq!(told[0].0, "message.sent");
+    assert_eq!(told[0].1["message_id"], id);
     worker.stop().await.unwrap();
     env.cleanup().await;
 }

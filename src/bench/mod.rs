@@ -188,6 +188,7 @@ pub(crate) async fn run(mut settings: Settings, options: Options) -> anyhow::Res
     }
     let tag = format!("bench{}", std::process::id());
     settings.exchange = format!("lifecycle.{tag}.events");
+    settings.notifications_exchange = format!("lifecycle.{tag}.notifications");
     settings.ingest.queue = format!("lifecycle.{tag}.events");
     settings.ingest.dead_letter_exchange = format!("lifecycle.{tag}.dlx");
     settings.ingest.dead_letter_queue = format!("lifecycle.{tag}.dead");
@@ -368,6 +369,7 @@ async fn time_worker(
 ) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let worker = Worker::start(app.clone(), roles).await?;
+    let notifier = Notifier::start(app);
     let deadline = started + Duration::from_secs(300);
     loop {
         let verdict = match done(&app.metrics) {
@@ -378,14 +380,36 @@ async fn time_worker(
             Ok(true) => break,
             Ok(false) => tokio::time::sleep(Duration::from_millis(5)).await,
             Err(reason) => {
+                notifier.stop().await;
                 worker.stop().await.ok();
                 bail!("{reason}");
             }
         }
     }
     let elapsed = started.elapsed();
+    notifier.stop().await;
     worker.stop().await?;
     Ok(elapsed)
+}
+
+/// The notifier, as the replica with the scheduler role runs it beside ingest and dispatch
+/// (publishing every notification they record): its cost is in the figures.
+struct Notifier {
+    trigger: crate::shutdown::ShutdownTrigger,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Notifier {
+    fn start(app: &App) -> Notifier {
+        let (trigger, shutdown) = crate::shutdown::channel();
+        let task = tokio::spawn(crate::notifier::run(app.clone(), shutdown));
+        Notifier { trigger, task }
+    }
+
+    async fn stop(self) {
+        self.trigger.trigger();
+        self.task.await.ok();
+    }
 }
 
 /// Publishes to a bare quorum queue, then consumes and acks every message as ingest batches
@@ -668,6 +692,7 @@ async fn latency(
     let app = App::open(settings.clone()).await?;
     cancel_waiting(&app).await?;
     let worker = Worker::start(app.clone(), INGEST_AND_DISPATCH).await?;
+    let notifier = Notifier::start(&app);
     let measured = async {
         let connection = amqp::connect(&settings.amqp_url, "lifecycle-bench-steady").await?;
         let publisher = Publisher::open(&connection).await?;
@@ -687,6 +712,7 @@ async fn latency(
     }
     .await;
     let arrivals = http.recorded();
+    notifier.stop().await;
     worker.stop().await?;
     let (published, started_at) = measured?;
     let ids: Vec<i64> = arrivals.keys().copied().collect();
@@ -897,7 +923,11 @@ async fn cleanup(connection: &Connection, settings: &Settings) {
                 .await
                 .ok();
         }
-        for exchange in [&settings.exchange, &s.dead_letter_exchange] {
+        for exchange in [
+            &settings.exchange,
+            &s.dead_letter_exchange,
+            &settings.notifications_exchange,
+        ] {
             channel
                 .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
                 .await

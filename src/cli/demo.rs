@@ -5,6 +5,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
+use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
 use sqlx::PgPool;
 
 use crate::amqp;
@@ -50,6 +52,7 @@ pub(super) async fn run(mut settings: Settings, events: &Path) -> anyhow::Result
     settings.now = Some(crate::domain::Instant(first));
 
     let app = App::open(settings).await?;
+    let heard = Listener::bind(&app).await?;
     let worker = Worker::start(
         app.clone(),
         Roles {
@@ -60,7 +63,13 @@ pub(super) async fn run(mut settings: Settings, events: &Path) -> anyhow::Result
         },
     )
     .await?;
-    let result = tell(&app, &lines, &times, end, &member_ids).await;
+    let mut result = tell(&app, &lines, &times, end, &member_ids).await;
+    if result.is_ok() && heard.is_some() {
+        result = wait("the notifications to be published", || async {
+            Ok(crate::notifications::backlog(&app.pool).await?.unpublished == 0)
+        })
+        .await;
+    }
     worker.stop().await?;
     result?;
     let m = &app.metrics;
@@ -95,6 +104,13 @@ pub(super) async fn run(mut settings: Settings, events: &Path) -> anyhow::Result
         "\nThe loyalty report of the 30 days to the demo's end (`lifecycle report`; the whole database):\n"
     );
     print!("{}", super::report::table(&report));
+    if let Some(heard) = heard {
+        println!(
+            "\nNotifications to the platform, as a queue bound to {} received them:\n",
+            app.settings.notifications_exchange
+        );
+        print!("{}", heard.drain().await?);
+    }
     println!(
         "\nFiles written by the file providers are in {}/.",
         app.settings.outbox_dir.display()
@@ -237,6 +253,88 @@ pub(super) async fn recent_messages(
         .collect();
     out.reverse();
     Ok(out)
+}
+
+/// A queue of the demo's own, bound to the notifications exchange with `#`: what a platform
+/// subscribed to everything would hear.
+struct Listener {
+    connection: lapin::Connection,
+    channel: lapin::Channel,
+    queue: String,
+}
+
+impl Listener {
+    /// Binds the queue; `None` when notifications are off.
+    async fn bind(app: &App) -> anyhow::Result<Option<Listener>> {
+        let exchange = app.settings.notifications_exchange.as_str();
+        if exchange.is_empty() {
+            return Ok(None);
+        }
+        let connection = amqp::connect(&app.settings.amqp_url, "lifecycle-demo-listener").await?;
+        amqp::declare_topology(&connection, &app.settings).await?;
+        let channel = connection.create_channel().await?;
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?
+            .name()
+            .to_string();
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(Some(Listener {
+            connection,
+            channel,
+            queue,
+        }))
+    }
+
+    /// Takes everything the queue holds, as a table (the data without the member id).
+    async fn drain(self) -> anyhow::Result<String> {
+        let mut rows = Vec::new();
+        while let Some(message) = self
+            .channel
+            .basic_get(self.queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .await?
+        {
+            let event: serde_json::Value = serde_json::from_slice(&message.delivery.data)?;
+            let data = event["data"].as_object().cloned().unwrap_or_default();
+            let details: Vec<String> = data
+                .iter()
+                .filter(|(k, v)| *k != "member_id" && !v.is_null())
+                .map(|(k, v)| match v {
+                    serde_json::Value::String(s) => format!("{k}={s}"),
+                    other => format!("{k}={other}"),
+                })
+                .collect();
+            rows.push(vec![
+                event["id"].as_str().unwrap_or_default().to_owned(),
+                event["type"].as_str().unwrap_or_default().to_owned(),
+                event["subject"].as_str().unwrap_or_default().to_owned(),
+                details.join(" "),
+            ]);
+        }
+        crate::amqp::bounded(self.channel.close(200, "bye".into())).await;
+        crate::amqp::bounded(self.connection.close(200, "bye".into())).await;
+        Ok(super::table::text_table(
+            &["id", "type", "member", "data"],
+            &rows,
+            "(none: every event was already applied)",
+        ))
+    }
 }
 
 /// Formats messages as an aligned text table.

@@ -1,4 +1,4 @@
-//! `queues`: the broker's queues and the outbox by status.
+//! `queues`: the broker's queues, the outbox by status, and the notifications waiting.
 
 use crate::app::App;
 use crate::config::Settings;
@@ -20,5 +20,20 @@ pub(super) async fn run(json: bool, settings: Settings) -> anyhow::Result<()> {
     for (status, n) in &q.outbox {
         println!("{status:<8} {n:>10}");
     }
+    let n = q.notifications;
+    println!();
+    println!(
+        "{:<14} {:>10} {:>12}",
+        "notifications", "waiting", "oldest (s)"
+    );
+    println!(
+        "{:<14} {:>10} {:>12.0}",
+        "unpublished", n.unpublished, n.oldest_unpublished_seconds
+    );
+    println!(
+        "{:<14} {:>10} {:>12.0}",
+        "to POST", n.posts_pending, n.oldest_post_seconds
+    );
+    println!("{:<14} {:>10}", "POSTs dead", n.posts_dead);
     Ok(())
 }

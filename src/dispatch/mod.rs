@@ -580,14 +580,16 @@ impl Dispatcher {
         if failure.rejects_recipient() {
             // The server refused this address for good: no more mail to it.
             let reason = format!("bounced: {failure}");
-            if let Err(e) = crate::suppress::suppress(
-                &self.app.pool,
-                outgoing.channel,
-                &outgoing.to,
-                &reason,
-                provider.name(),
-            )
-            .await
+            let change = crate::suppress::Change {
+                channel: outgoing.channel,
+                address: &outgoing.to,
+                how: crate::notifications::How::HardBounce,
+                member: Some(c.member_id.as_str()),
+            };
+            let sinks = crate::notifications::Sinks::of(&self.app.settings);
+            if let Err(e) =
+                crate::suppress::suppress(&self.app.pool, sinks, change, &reason, provider.name())
+                    .await
             {
                 warn!(message_id = c.id, error = %e, "Recording a bounce failed.");
             }
@@ -730,7 +732,14 @@ impl Recorder {
         let started = Instant::now();
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         loop {
-            match outbox::record(&app.pool, owner, results).await {
+            match outbox::record(
+                &app.pool,
+                crate::notifications::Sinks::of(&app.settings),
+                owner,
+                results,
+            )
+            .await
+            {
                 Ok(lost) => {
                     warn_lost(&lost);
                     break;
@@ -793,7 +802,14 @@ impl Recorder {
         }
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         loop {
-            match outbox::record(&app.pool, owner, std::slice::from_ref(&bare)).await {
+            match outbox::record(
+                &app.pool,
+                crate::notifications::Sinks::of(&app.settings),
+                owner,
+                std::slice::from_ref(&bare),
+            )
+            .await
+            {
                 Ok(lost) => return warn_lost(&lost),
                 Err(error) if crate::db::is_transient_error(&error) => {
                     warn!(

@@ -8,6 +8,7 @@ use tracing::{info, warn};
 
 use crate::app::App;
 use crate::domain::{Channel, Email};
+use crate::notifications::{How, Sinks};
 use crate::suppress;
 
 /// The words of the unsubscribe pages, per language.
@@ -137,14 +138,15 @@ pub(super) async fn one_click(State(app): State<App>, Path(token): Path<String>)
         Err(error) => return try_again(shop, &error),
     };
     if let Some(email) = &recipient.email {
-        if let Err(error) = suppress::suppress(
-            &app.pool,
-            Channel::Email,
-            email,
-            "unsubscribed",
-            "unsubscribe",
-        )
-        .await
+        let change = suppress::Change {
+            channel: Channel::Email,
+            address: email,
+            how: How::OneClick,
+            member: Some(&recipient.member),
+        };
+        let sinks = Sinks::of(&app.settings);
+        if let Err(error) =
+            suppress::suppress(&app.pool, sinks, change, "unsubscribed", "unsubscribe").await
         {
             return try_again(shop, &error);
         }

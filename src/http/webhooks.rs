@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use crate::app::App;
 use crate::domain::{Channel, Email, Phone};
+use crate::notifications::{How, Sinks};
 use crate::suppress::{self, Keyword};
 
 /// Twilio's request signature: base64 HMAC-SHA1, under the auth token, of the URL followed by
@@ -94,14 +95,23 @@ pub(super) async fn twilio_inbound(
     let Ok(number) = Phone::parse(from) else {
         return (StatusCode::BAD_REQUEST, "From is not an E.164 number\n").into_response();
     };
+    let sinks = Sinks::of(&app.settings);
+    let change = |how| suppress::Change {
+        channel: Channel::Sms,
+        address: number.as_str(),
+        how,
+        member: None,
+    };
     let result = match suppress::keyword(text) {
         Some(Keyword::Stop) => {
             info!(from = number.masked(), "SMS STOP: suppressed.");
-            suppress::suppress(&app.pool, Channel::Sms, number.as_str(), "STOP", "twilio").await
+            suppress::suppress(&app.pool, sinks, change(How::Stop), "STOP", "twilio")
+                .await
+                .map(|_| ())
         }
         Some(Keyword::Start) => {
             info!(from = number.masked(), "SMS START: suppression lifted.");
-            suppress::restore(&app.pool, Channel::Sms, number.as_str())
+            suppress::restore(&app.pool, sinks, change(How::Start))
                 .await
                 .map(|_| ())
         }
@@ -226,19 +236,25 @@ pub(super) async fn sendgrid_events(
         let (Some(address), Some(kind)) = (event["email"].as_str(), event["event"].as_str()) else {
             continue;
         };
-        let reason = match kind {
-            "bounce" if hard_bounce(event) => "bounced",
-            "spamreport" => "complained (spam report)",
-            "unsubscribe" | "group_unsubscribe" => "unsubscribed",
+        let (reason, how) = match kind {
+            "bounce" if hard_bounce(event) => ("bounced", How::HardBounce),
+            "spamreport" => ("complained (spam report)", How::Complaint),
+            "unsubscribe" | "group_unsubscribe" => ("unsubscribed", How::OneClick),
             _ => continue,
         };
         let Ok(email) = Email::parse(address) else {
             continue;
         };
+        let change = suppress::Change {
+            channel: Channel::Email,
+            address: email.as_str(),
+            how,
+            member: None,
+        };
         if let Err(e) = suppress::suppress(
             &app.pool,
-            Channel::Email,
-            email.as_str(),
+            Sinks::of(&app.settings),
+            change,
             reason,
             "sendgrid",
         )

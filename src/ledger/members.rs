@@ -140,6 +140,32 @@ pub(crate) fn from_row(row: &Stored) -> Result<Member, crate::domain::Invalid> {
     })
 }
 
+/// The members whose address on `channel` is `address`, in id order.
+pub(super) async fn with_address(
+    conn: &mut PgConnection,
+    channel: crate::domain::Channel,
+    address: &str,
+) -> Result<Vec<String>, sqlx::Error> {
+    match channel {
+        crate::domain::Channel::Email => {
+            sqlx::query_scalar!(
+                "select member_id from members where email = $1 order by member_id",
+                address
+            )
+            .fetch_all(conn)
+            .await
+        }
+        crate::domain::Channel::Sms => {
+            sqlx::query_scalar!(
+                "select member_id from members where phone = $1 order by member_id",
+                address
+            )
+            .fetch_all(conn)
+            .await
+        }
+    }
+}
+
 /// Inserts or replaces the given members, with their point totals.
 pub(super) async fn save(
     conn: &mut PgConnection,

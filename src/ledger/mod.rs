@@ -26,6 +26,7 @@ use crate::domain::{MemberId, quoted};
 use crate::event::{
     Adjustment, Cart, CartRef, Event, EventKind, Feedback, Order, Profile, Redemption, Refund,
 };
+use crate::notifications::{Notice, Sinks};
 use crate::outbox;
 use crate::program::Program;
 use crate::triggers::{self, Planned};
@@ -425,6 +426,7 @@ pub(crate) async fn apply_batch(
     program: &Program,
     clock: &crate::clock::Clock,
     locking: Locking,
+    sinks: Sinks,
 ) -> Result<Vec<Outcome>, sqlx::Error> {
     // Members first: a redelivered copy of an event is for the same member, so a second worker
     // handling it waits here (or leaves it) rather than deadlocking on the inbox row below.
@@ -439,12 +441,12 @@ pub(crate) async fn apply_batch(
         Locking::SkipBusy => members::try_lock(conn, &member_ids).await?,
     };
     if busy.is_empty() {
-        return apply_locked(conn, events, &member_ids, program, clock).await;
+        return apply_locked(conn, events, &member_ids, program, clock, sinks).await;
     }
     let is_busy = |e: &&Event| busy.contains(e.kind.member_id().as_str());
     let free: Vec<&Event> = events.iter().filter(|e| !is_busy(e)).copied().collect();
     member_ids.retain(|m| !busy.contains(*m));
-    let mut applied = apply_locked(conn, &free, &member_ids, program, clock)
+    let mut applied = apply_locked(conn, &free, &member_ids, program, clock, sinks)
         .await?
         .into_iter();
     Ok(events
@@ -463,6 +465,7 @@ async fn apply_locked(
     member_ids: &[&str],
     program: &Program,
     clock: &crate::clock::Clock,
+    sinks: Sinks,
 ) -> Result<Vec<Outcome>, sqlx::Error> {
     if events.is_empty() {
         return Ok(Vec::new());
@@ -503,6 +506,16 @@ async fn apply_locked(
                     tracing::debug!(dedupe_key = %crate::mask::text(&m.dedupe_key), "Message planned.");
                 }
                 let planned = messages.len();
+                if sinks.any() {
+                    changes.notices.extend(notices_of(
+                        applied.before.as_ref(),
+                        &applied.after,
+                        &applied.entries,
+                        id,
+                        program,
+                        now,
+                    ));
+                }
                 changes.applied(event, applied, messages, now);
                 Outcome::Applied { planned }
             }
@@ -517,7 +530,9 @@ async fn apply_locked(
         };
         outcomes.push(outcome);
     }
-    changes.save(conn, &state, &loaded, program, now).await?;
+    changes
+        .save(conn, &state, &loaded, program, now, sinks)
+        .await?;
     Ok(outcomes)
 }
 
@@ -558,6 +573,8 @@ struct Changes<'e> {
     /// Outbox keys of messages planned for carts that changed since.
     cancelled: Vec<String>,
     answers: Vec<(&'e str, FeedbackRecord)>,
+    /// What the platform is told.
+    notices: Vec<Notice>,
 }
 
 impl<'e> Changes<'e> {
@@ -610,6 +627,7 @@ impl<'e> Changes<'e> {
         loaded: &HashMap<i64, (MemberId, i64)>,
         program: &Program,
         now: DateTime<Utc>,
+        sinks: Sinks,
     ) -> Result<(), sqlx::Error> {
         let changed: Vec<&MemberState> = self.members.iter().map(|id| &state.members[id]).collect();
         members::save(conn, &changed, now).await?;
@@ -620,8 +638,51 @@ impl<'e> Changes<'e> {
         outbox::cancel_pending(conn, &self.cancelled).await?;
         release_inbox(conn, &self.not_applied).await?;
         insert_planned(conn, &self.planned, program).await?;
-        save_feedback(conn, &self.answers).await
+        save_feedback(conn, &self.answers).await?;
+        crate::notifications::record(conn, sinks, &self.notices).await
     }
+}
+
+/// What the platform is told of one change to a member (`before` with lapsed lots already
+/// expired, `entries` holding those expiries): the points that lapsed, the new balance if it
+/// moved (since the balance last told, before the lapse), and a new tier. `cause` is the
+/// event id or `scan:<name>`.
+fn notices_of(
+    before: Option<&MemberState>,
+    after: &MemberState,
+    entries: &[Entry],
+    cause: &str,
+    program: &Program,
+    now: DateTime<Utc>,
+) -> Vec<Notice> {
+    let member = after.member.profile.member_id.as_str();
+    let lapsed: i64 = entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Expiry)
+        .map(|e| -e.points)
+        .sum();
+    let before_balance = before.map_or(0, |b| b.points.balance());
+    let mut out = Vec::new();
+    if lapsed > 0 {
+        out.push(Notice::expired(member, lapsed, before_balance));
+    }
+    let balance = after.points.balance();
+    if balance != before_balance + lapsed {
+        out.push(Notice::balance_changed(member, balance, cause));
+    }
+    let tier = |state: Option<&MemberState>| {
+        let points = state.map_or(0, |s| s.points.tier_points(now, program.tier_window_months));
+        program.tier_for(points)
+    };
+    let (was, is) = (tier(before), tier(Some(after)));
+    if was != is {
+        out.push(Notice::tier_changed(
+            member,
+            &program.tiers[was].name,
+            &program.tiers[is].name,
+        ));
+    }
+    out
 }
 
 /// Stores feedback answers (by event id: a replayed answer is not stored twice).
@@ -791,6 +852,7 @@ pub(crate) async fn update_members<F>(
     ids: &[&str],
     program: &Program,
     now: DateTime<Utc>,
+    sinks: Sinks,
     mut change: F,
 ) -> Result<usize, sqlx::Error>
 where
@@ -816,7 +878,7 @@ where
         .filter_map(|(.., decided)| decided.as_ref()?.once.as_deref())
         .collect();
     let fresh = claim_scan_keys(conn, &once).await?;
-    let (saved, journal, planned) = scan_changes(expired, &fresh, now);
+    let (saved, journal, planned, notices) = scan_changes(expired, &fresh, program, now);
     let saved_refs: Vec<&MemberState> = saved.iter().collect();
     members::save(conn, &saved_refs, now).await?;
     // A scan's changes happen at the scan's time.
@@ -826,6 +888,9 @@ where
         .collect();
     store::save_points(conn, &saved_refs, &loaded, &journal_refs).await?;
     insert_planned(conn, &planned, program).await?;
+    if sinks.any() {
+        crate::notifications::record(conn, sinks, &notices).await?;
+    }
     Ok(planned.len())
 }
 
@@ -859,23 +924,27 @@ type Scanned = (
 );
 
 /// What a scan's decisions come to: the members to save, the journal with each entry's
-/// cause, and the messages to plan. A change whose key another run claimed is not applied,
-/// but its member's expiry still is.
+/// cause, the messages to plan, and what the platform is told. A change whose key another run
+/// claimed is not applied, but its member's expiry still is.
 #[allow(clippy::type_complexity)]
 fn scan_changes(
     scanned: Vec<Scanned>,
     fresh: &HashSet<String>,
+    program: &Program,
     now: DateTime<Utc>,
 ) -> (
     Vec<MemberState>,
     Vec<(MemberId, Entry, String)>,
     Vec<(MemberId, Planned, DateTime<Utc>)>,
+    Vec<Notice>,
 ) {
     let mut journal: Vec<(MemberId, Entry, String)> = Vec::new();
     let mut planned: Vec<(MemberId, Planned, DateTime<Utc>)> = Vec::new();
     let mut saved: Vec<MemberState> = Vec::new();
+    let mut notices: Vec<Notice> = Vec::new();
     for (id, base, entries, changed, decided) in scanned {
         let expiry = !entries.is_empty();
+        let mut told = entries.clone();
         journal.extend(
             entries
                 .into_iter()
@@ -885,6 +954,21 @@ fn scan_changes(
         match applies {
             Some(d) => {
                 let touched = !d.entries.is_empty();
+                told.extend(d.entries.iter().cloned());
+                let cause = match touched {
+                    true => format!("scan:{}", d.cause),
+                    false => "scan:expiry".to_owned(),
+                };
+                if expiry || touched {
+                    notices.extend(notices_of(
+                        Some(&base),
+                        &changed,
+                        &told,
+                        &cause,
+                        program,
+                        now,
+                    ));
+                }
                 journal.extend(
                     d.entries
                         .into_iter()
@@ -895,11 +979,30 @@ fn scan_changes(
                     saved.push(changed);
                 }
             }
-            None if expiry => saved.push(base),
+            None if expiry => {
+                notices.extend(notices_of(
+                    Some(&base),
+                    &base,
+                    &told,
+                    "scan:expiry",
+                    program,
+                    now,
+                ));
+                saved.push(base);
+            }
             None => {}
         }
     }
-    (saved, journal, planned)
+    (saved, journal, planned, notices)
+}
+
+/// The members whose address on `channel` is `address`, in id order.
+pub(crate) async fn with_address(
+    conn: &mut PgConnection,
+    channel: crate::domain::Channel,
+    address: &str,
+) -> Result<Vec<String>, sqlx::Error> {
+    members::with_address(conn, channel, address).await
 }
 
 /// A member as they are at `now` (lots lapsed by then expired, on this copy only) and their

@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 
 use super::Status;
+use crate::notifications::{MessageOutcome, Notice, Sinks};
 
 /// How a claimed message was settled.
 #[derive(Debug, Clone)]
@@ -81,14 +82,38 @@ pub struct Attempt {
 }
 
 /// Writes the results of `owner`'s claims in one transaction: message states (only where the
-/// claim is still `owner`'s) and every attempt (always: an attempt happened, whoever holds the
-/// message now). Returns the ids whose claim had been taken over by another dispatcher.
-pub async fn record(pool: &PgPool, owner: &str, settled: &[Settled]) -> anyhow::Result<Vec<i64>> {
+/// claim is still `owner`'s), every attempt (always: an attempt happened, whoever holds the
+/// message now), and a notification of each message settled for good. Returns the ids whose
+/// claim had been taken over by another dispatcher.
+pub async fn record(
+    pool: &PgPool,
+    sinks: Sinks,
+    owner: &str,
+    settled: &[Settled],
+) -> anyhow::Result<Vec<i64>> {
     let mut tx = crate::db::begin_keyed(pool).await?;
     let updated = write_states(&mut tx, owner, settled).await?;
     write_attempts(&mut tx, settled).await?;
+    let notices: Vec<Notice> = updated
+        .iter()
+        .filter_map(|m| {
+            Notice::message(&MessageOutcome {
+                message_id: m.id,
+                member_id: &m.member_id,
+                status: &m.status,
+                trigger: &m.trigger,
+                channel: &m.channel,
+                provider: m.provider.as_deref(),
+                reason: m.last_error.as_deref(),
+                test: m.test,
+            })
+        })
+        .collect();
+    crate::notifications::record(&mut tx, sinks, &notices)
+        .await
+        .context("recording notifications")?;
     tx.commit().await?;
-    let updated: std::collections::HashSet<i64> = updated.into_iter().collect();
+    let updated: std::collections::HashSet<i64> = updated.into_iter().map(|m| m.id).collect();
     Ok(settled
         .iter()
         .map(|s| s.id)
@@ -96,13 +121,25 @@ pub async fn record(pool: &PgPool, owner: &str, settled: &[Settled]) -> anyhow::
         .collect())
 }
 
-/// Writes the messages' new states where the claim is still `owner`'s; returns the ids
+/// A message as `write_states` left it.
+struct Written {
+    id: i64,
+    member_id: String,
+    status: String,
+    trigger: String,
+    channel: String,
+    provider: Option<String>,
+    last_error: Option<String>,
+    test: bool,
+}
+
+/// Writes the messages' new states where the claim is still `owner`'s; returns the messages
 /// written.
 async fn write_states(
     tx: &mut PgConnection,
     owner: &str,
     settled: &[Settled],
-) -> anyhow::Result<Vec<i64>> {
+) -> anyhow::Result<Vec<Written>> {
     let ids: Vec<i64> = settled.iter().map(|s| s.id).collect();
     let statuses: Vec<&str> = settled.iter().map(|s| s.status.as_str()).collect();
     let recipients: Vec<Option<&str>> = settled.iter().map(|s| s.recipient.as_deref()).collect();
@@ -124,7 +161,8 @@ async fn write_states(
         .iter()
         .map(|s| s.template.as_ref().map(|(version, _)| *version))
         .collect();
-    let updated = sqlx::query_scalar!(
+    let updated = sqlx::query_as!(
+        Written,
         "update messages m
          set status = r.status, claimed_until = null, claimed_by = null,
              recipient = coalesce(r.recipient, m.recipient),
@@ -140,7 +178,8 @@ async fn write_states(
               as r(id, status, recipient, provider, ref, error, retry_at, uncounted, sent_at,
                    version, locale)
          where m.id = r.id and m.status = 'sending' and m.claimed_by = $10
-         returning m.id",
+         returning m.id, m.member_id, m.status, m.trigger, m.channel, m.provider, m.last_error,
+                   m.test",
         &ids,
         &statuses as &[&str],
         &recipients as &[Option<&str>],

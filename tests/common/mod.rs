@@ -59,6 +59,10 @@ impl TestEnv {
                     .to_owned(),
             ),
             ("LIFECYCLE_EXCHANGE".into(), format!("{tag}.events")),
+            (
+                "LIFECYCLE_NOTIFICATIONS_EXCHANGE".into(),
+                format!("{tag}.notifications"),
+            ),
             ("LIFECYCLE_INGEST__QUEUE".into(), format!("{tag}.events")),
             (
                 "LIFECYCLE_INGEST__DEAD_LETTER_EXCHANGE".into(),
@@ -219,7 +223,11 @@ impl TestEnv {
                     .await
                     .ok();
             }
-            for e in [&this.exchange, &s.dead_letter_exchange] {
+            for e in [
+                &this.exchange,
+                &s.dead_letter_exchange,
+                &this.notifications_exchange,
+            ] {
                 channel
                     .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
                     .await
@@ -519,8 +527,19 @@ impl Serve {
 
     /// The same with extra variables and stderr where given.
     pub fn start_with(env: &TestEnv, extra: &[(&str, String)], stderr: Stdio) -> Serve {
+        Serve::start_args(env, &[], extra, stderr)
+    }
+
+    /// The same with arguments after `serve` (`--no-schedule`, …).
+    pub fn start_args(
+        env: &TestEnv,
+        args: &[&str],
+        extra: &[(&str, String)],
+        stderr: Stdio,
+    ) -> Serve {
         let child = Command::new(env!("CARGO_BIN_EXE_lifecycle"))
             .arg("serve")
+            .args(args)
             .envs(env.env_vars())
             .env("RUST_LOG", "warn")
             .env("NO_COLOR", "1")

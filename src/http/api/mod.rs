@@ -32,6 +32,7 @@ use crate::app::App;
         ops::replay,
         ops::archive,
         ops::queues,
+        ops::dead_notifications,
         ops::providers,
         ops::member,
         ops::lift,
@@ -41,7 +42,7 @@ use crate::app::App;
     tags((name = "templates", description = "Template versions: drafts, previews, test sends, publishing and rollback"),
          (name = "messages", description = "The outbox: search, one message with its attempts and content, retry"),
          (name = "dead-letters", description = "Refused events: list, replay, archive"),
-         (name = "queues", description = "The broker's queues, the outbox, the providers"),
+         (name = "queues", description = "The broker's queues, the outbox, the notifications back to the platform, the providers"),
          (name = "members", description = "A member's profile, points, suppressions and messages"),
          (name = "reports", description = "The loyalty report: retention, repeat purchase, upsell, NPS, points, and each trigger's conversions against its control group"))
 )]
@@ -101,6 +102,7 @@ pub(crate) fn routes() -> Router<App> {
         .route("/api/dead-letters/replay", post(ops::replay))
         .route("/api/dead-letters/archive", post(ops::archive))
         .route("/api/queues", get(ops::queues))
+        .route("/api/notifications/dead", get(ops::dead_notifications))
         .route("/api/providers", get(ops::providers))
         .route("/api/members/{member_id}", get(ops::member))
         .route(

@@ -14,6 +14,7 @@ use crate::dead_letters::{self, DeadLetter, Selection};
 use crate::deliveries::{self, Detail, Message, ProviderHealth};
 use crate::domain::Channel;
 use crate::http::auth::{ApiError, Authed};
+use crate::notifications::DeadPost;
 use crate::queues::Queues;
 use crate::users::Role;
 
@@ -283,13 +284,29 @@ pub(crate) async fn archive(
 #[utoipa::path(get, path = "/api/queues", tag = "queues",
     responses((status = 200, body = Queues), (status = 401, body = ApiError), (status = 403, body = ApiError)),
     security(("bearer" = []), ("session" = [])))]
-/// Depth and consumers of the input, retry and dead-letter queues; the outbox by status.
+/// Depth and consumers of the input, retry and dead-letter queues; the outbox by status; the
+/// notifications waiting to be published or POSTed.
 pub(crate) async fn queues(State(app): State<App>, who: Authed) -> Result<Json<Queues>, ApiError> {
     who.require(Role::Ops)?;
     crate::queues::snapshot(&app)
         .await
         .map(Json)
         .map_err(ApiError::from_anyhow)
+}
+
+#[utoipa::path(get, path = "/api/notifications/dead", tag = "queues",
+    responses((status = 200, body = [DeadPost]), (status = 401, body = ApiError), (status = 403, body = ApiError)),
+    security(("bearer" = []), ("session" = [])))]
+/// Notifications whose POSTs to LIFECYCLE_NOTIFY_URL were given up on (after
+/// `notifications.dead_after_hours` of failures), newest first, at most 500.
+pub(crate) async fn dead_notifications(
+    State(app): State<App>,
+    who: Authed,
+) -> Result<Json<Vec<DeadPost>>, ApiError> {
+    who.require(Role::Ops)?;
+    Ok(Json(
+        crate::notifications::dead_posts(&app.pool, 500).await?,
+    ))
 }
 
 /// Query of `GET /api/providers`.
@@ -514,7 +531,14 @@ pub(crate) async fn lift(
     let Some(address) = address else {
         return Ok(Json(Lifted { lifted: false }));
     };
-    let lifted = crate::suppress::restore(&app.pool, channel, &address).await?;
+    let change = crate::suppress::Change {
+        channel,
+        address: &address,
+        how: crate::notifications::How::Ops,
+        member: Some(&id),
+    };
+    let sinks = crate::notifications::Sinks::of(&app.settings);
+    let lifted = crate::suppress::restore(&app.pool, sinks, change).await?;
     if lifted {
         sqlx::query!(
             "insert into suppression_lifts (member_id, channel, address, reason, lifted_by)

@@ -20,9 +20,5 @@ create table notifications (
     http_done_at timestamptz
 );
 create index notifications_amqp_pending on notifications (id) where amqp_pending;
-create index notifications_http_pending on notifications (http_next_at, id)
+create index notifications_http_pending on notifications (member_id, id)
     where http_state = 'pending';
-
--- A suppression names an address; the platform is told which members it concerns.
-create index members_email on members (email) where email is not null;
-create index members_phone on members (phone) where phone is not null;

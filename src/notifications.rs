@@ -265,14 +265,43 @@ pub(crate) async fn published(pool: &PgPool, ids: &[i64]) -> Result<(), sqlx::Er
     Ok(())
 }
 
-/// Notifications whose POST is due, oldest first.
+/// Stops waiting to send notifications one way when that way is now off (the exchange set
+/// empty, or the URL unset since they were recorded): they would wait forever, and keep the
+/// backlog gauges and their alert up. Returns how many were let go.
+pub(crate) async fn forget_unsendable(pool: &PgPool, sinks: Sinks) -> Result<u64, sqlx::Error> {
+    let mut forgotten = 0;
+    if !sinks.amqp {
+        forgotten +=
+            sqlx::query!("update notifications set amqp_pending = false where amqp_pending")
+                .execute(pool)
+                .await?
+                .rows_affected();
+    }
+    if !sinks.http {
+        forgotten += sqlx::query!(
+            "update notifications set http_state = null, http_next_at = null
+             where http_state = 'pending'"
+        )
+        .execute(pool)
+        .await?
+        .rows_affected();
+    }
+    Ok(forgotten)
+}
+
+/// Notifications whose POST is due, in id order, each only when no earlier one of its member
+/// still waits: a member's notifications are POSTed in the order of their changes, a failed
+/// one holding back the member's later ones until it is delivered or dead.
 pub(crate) async fn due_posts(pool: &PgPool, limit: i64) -> Result<Vec<Stored>, sqlx::Error> {
     sqlx::query_as!(
         Stored,
-        r#"select id, type as kind, member_id, data, at, http_attempts as attempts
-           from notifications
-           where http_state = 'pending' and http_next_at <= now()
-           order by http_next_at, id limit $1"#,
+        r#"select n.id, n.type as kind, n.member_id, n.data, n.at, n.http_attempts as attempts
+           from notifications n
+           where n.http_state = 'pending' and n.http_next_at <= now()
+             and not exists (select 1 from notifications e
+                             where e.http_state = 'pending' and e.member_id = n.member_id
+                               and e.id < n.id)
+           order by n.id limit $1"#,
         limit
     )
     .fetch_all(pool)

@@ -37,6 +37,14 @@ const LOCK_RETRY: Duration = Duration::from_secs(1);
 /// trouble is logged and started over after a backoff.
 pub(crate) async fn run(app: App, shutdown: Shutdown) -> anyhow::Result<()> {
     let sinks = Sinks::of(&app.settings);
+    match notifications::forget_unsendable(&app.pool, sinks).await {
+        Ok(0) => {}
+        Ok(n) => warn!(
+            notifications = n,
+            "Notifications recorded for a way now turned off will not be sent that way."
+        ),
+        Err(error) => warn!(%error, "Letting go of unsendable notifications failed."),
+    }
     if !sinks.any() {
         shutdown.triggered().await;
         return Ok(());
@@ -101,10 +109,20 @@ async fn send_while_holding_the_lock(
 async fn watch_lock(lock: &mut PgConnection, shutdown: &Shutdown) -> anyhow::Result<()> {
     while !shutdown.is_triggered() {
         shutdown.sleep(Duration::from_secs(2)).await;
-        sqlx::query!("select 1 as alive")
-            .fetch_one(&mut *lock)
-            .await
-            .context("the notifier's lock connection was lost")?;
+        // Bounded: a half-open connection (after a failover) must not keep this replica
+        // sending while another holds the lock.
+        let alive = tokio::time::timeout(
+            Duration::from_secs(5),
+            sqlx::query!("select 1 as alive").fetch_one(&mut *lock),
+        )
+        .await;
+        match alive {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                return Err(error).context("the notifier's lock connection was lost");
+            }
+            Err(_) => anyhow::bail!("the notifier's lock connection did not answer within 5 s"),
+        }
     }
     Ok(())
 }
@@ -201,9 +219,15 @@ async fn post(app: &App, shutdown: &Shutdown) -> anyhow::Result<()> {
             shutdown.sleep(pause).await;
             continue;
         }
+        // A member whose POST failed in this page waits for the next: their later
+        // notifications must not overtake it.
+        let mut held: std::collections::HashSet<&str> = std::collections::HashSet::new();
         for notice in &due {
             if shutdown.is_triggered() {
                 break;
+            }
+            if held.contains(notice.member_id.as_str()) {
+                continue;
             }
             let error = post_one(&client, url.as_str(), &key, notice, source)
                 .await
@@ -220,6 +244,9 @@ async fn post(app: &App, shutdown: &Shutdown) -> anyhow::Result<()> {
             };
             metrics::counter!("lifecycle_notifications_posts_total", "outcome" => outcome)
                 .increment(1);
+            if error.is_some() && !dead {
+                held.insert(&notice.member_id);
+            }
             if let Some(error) = error {
                 warn!(
                     notification = notice.event_id(),

@@ -10,8 +10,9 @@ use sqlx::{PgConnection, PgPool};
 use crate::domain::{Channel, MemberId};
 use crate::notifications::{How, Notice, Sinks};
 
-/// A change to whether an address may be messaged on a channel, and whom the platform is
-/// told of: `member`, or every member with that address when `None`.
+/// A change to whether an address may be messaged on a channel. The platform is told of every
+/// member with that address now, and of `member` (whose message it was, perhaps sent to an
+/// address they have since changed).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Change<'a> {
     pub channel: Channel,
@@ -74,7 +75,7 @@ pub(crate) async fn restore(
     Ok(lifted)
 }
 
-/// Records the notices of a change: one per member it concerns.
+/// Records the notices of a change: one per member it concerns, in member order.
 async fn tell(
     conn: &mut PgConnection,
     sinks: Sinks,
@@ -84,10 +85,13 @@ async fn tell(
     if !sinks.any() {
         return Ok(());
     }
-    let members = match change.member {
-        Some(member) => vec![member.to_owned()],
-        None => crate::ledger::with_address(conn, change.channel, change.address).await?,
-    };
+    let mut members = crate::ledger::with_address(conn, change.channel, change.address).await?;
+    if let Some(member) = change.member
+        && !members.iter().any(|m| m == member)
+    {
+        members.push(member.to_owned());
+        members.sort();
+    }
     let notices: Vec<Notice> = members
         .iter()
         .map(|m| Notice::subscription(m, change.channel, change.how, subscribed))

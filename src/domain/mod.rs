@@ -277,7 +277,7 @@ impl Birthday {
         };
         let (year, month_day) = match raw.len() {
             5 => (None, raw),
-            10 => {
+            10 if raw.as_bytes()[..4].iter().all(u8::is_ascii_digit) => {
                 let date = NaiveDate::parse_from_str(raw, "%Y-%m-%d").map_err(|_| error())?;
                 (Some(chrono::Datelike::year(&date)), &raw[5..])
             }

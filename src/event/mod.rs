@@ -782,7 +782,7 @@ mod wire {
         type Error = Rejection;
 
         fn try_from(w: Adjustment) -> Result<Self, Rejection> {
-            if w.points == 0 || w.points.abs() > 100_000_000 {
+            if w.points == 0 || !(-100_000_000..=100_000_000).contains(&w.points) {
                 return Err(Rejection(
                     "data.points: must be non-zero and at most 100000000 either way".into(),
                 ));
@@ -1184,6 +1184,17 @@ mod tests {
                     r#"{"cart_id":"c","member_id":"m","total":1,"currency":"USD","checkout_url":" https://x.example/c"}"#,
                 ),
                 "data.checkout_url",
+            ),
+            (
+                event(
+                    "points.adjusted",
+                    r#"{"member_id":"m","points":-9223372036854775808,"reason":"manual"}"#,
+                ),
+                "data.points: must be non-zero and at most 100000000 either way",
+            ),
+            (
+                enrolled(&format!(r#"{{{base},"birthday":"+990-07-14"}}"#)),
+                "data.birthday",
             ),
             (
                 r#"{"specversion":1,"id":"x","source":"s","type":"t"}"#.into(),

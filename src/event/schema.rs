@@ -3,9 +3,10 @@
 //!
 //! The field types below are markers: each states in JSON Schema the check the decoder makes on
 //! that kind of field (identifiers, E.164 numbers, `MM-DD` birthdays, ISO 4217 codes, amounts,
-//! display names). The schema refuses nothing the decoder accepts; where JSON Schema cannot say
-//! all of a check (an address's syntax, a year's leap day, a URL's host), the decoder is the
-//! stricter of the two.
+//! display names). The schema refuses nothing the decoder accepts, even under a validator that
+//! asserts `format`: addresses and links carry none, as lettre and the URL parser take
+//! internationalized ones that such validators refuse. Where JSON Schema cannot say all of a
+//! check (an address's syntax, a year's leap day, a URL's host), the decoder is the stricter.
 
 use std::borrow::Cow;
 
@@ -47,9 +48,10 @@ marker!(
     json!({"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[!-~]+$"})
 );
 marker!(
-    /// `Email`: checked by lettre's RFC 5321 parser, at most 254 bytes.
+    /// `Email`: checked by lettre's RFC 5321 parser (which takes what `format: email`
+    /// validators refuse, such as an internationalized domain), at most 254 bytes.
     EmailAddress,
-    json!({"type": "string", "format": "email", "maxLength": 254})
+    json!({"type": "string", "maxLength": 254, "pattern": "@"})
 );
 marker!(
     /// `Phone`: `+` and 8 to 15 digits, the first not 0.
@@ -125,7 +127,6 @@ marker!(
     CheckoutUrl,
     json!({
         "type": "string",
-        "format": "uri",
         "maxLength": 2048,
         "pattern": r"^https?://[^\u0000-\u0020\u007F-\u009F]+$"
     })

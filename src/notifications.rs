@@ -204,6 +204,11 @@ pub(crate) struct Stored {
     pub attempts: i32,
 }
 
+/// The CloudEvents `id` of notification `id`.
+fn event_id(id: i64) -> String {
+    format!("ntf-{id}")
+}
+
 /// The CloudEvent of a notification, as published and POSTed.
 #[derive(Serialize)]
 struct CloudEvent<'a> {
@@ -221,7 +226,7 @@ struct CloudEvent<'a> {
 impl Stored {
     /// The CloudEvents `id`: stable, so a consumer can drop a second copy.
     pub(crate) fn event_id(&self) -> String {
-        format!("ntf-{}", self.id)
+        event_id(self.id)
     }
 
     /// The CloudEvent's JSON; the same bytes every time it is sent.
@@ -411,7 +416,7 @@ pub(crate) async fn dead_posts(pool: &PgPool, limit: i64) -> Result<Vec<DeadPost
     Ok(rows
         .into_iter()
         .map(|r| DeadPost {
-            id: format!("ntf-{}", r.id),
+            id: event_id(r.id),
             kind: r.r#type,
             member_id: r.member_id,
             at: r.at,

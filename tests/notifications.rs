@@ -12,7 +12,9 @@ use aws_lc_rs::hmac;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use common::fake_api::{FakeApi, Reply};
-use common::{Serve, TestEnv, count, free_port, publish_in_order, wait_for};
+use common::{
+    SendgridSigner, Serve, TestEnv, count, free_port, publish_in_order, twilio_post, wait_for,
+};
 use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lifecycle::testkit::app::{App, Roles};
@@ -222,55 +224,12 @@ fn one<'a>(got: &'a [Got], kind: &str, member: &str) -> &'a Value {
     &found[0].event["data"]
 }
 
-fn twilio_post(base: &str, token: &str, form: &[(&str, &str)]) -> reqwest::RequestBuilder {
-    let url = format!("{base}/webhooks/twilio/inbound");
-    let params: Vec<(String, String)> = form
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let signature = lifecycle::testkit::http::twilio_signature(token, &url, &params);
-    reqwest::Client::new()
-        .post(url)
-        .header("X-Twilio-Signature", signature)
-        .form(form)
-}
-
-/// SendGrid's signing side (as tests/suppression.rs has it): a P-256 key pair and its public
-/// key as SendGrid shows it.
-fn sendgrid_key() -> (aws_lc_rs::signature::EcdsaKeyPair, String) {
-    use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
-    let pair = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING).unwrap();
-    let spki_prefix: [u8; 26] = [
-        0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08,
-        0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
-    ];
-    let public = STANDARD.encode([&spki_prefix[..], pair.public_key().as_ref()].concat());
-    (pair, public)
-}
-
-fn sendgrid_post(
-    base: &str,
-    pair: &aws_lc_rs::signature::EcdsaKeyPair,
-    body: &str,
-) -> reqwest::RequestBuilder {
-    let timestamp = chrono::Utc::now().timestamp().to_string();
-    let signed = [timestamp.as_bytes(), body.as_bytes()].concat();
-    let rng = aws_lc_rs::rand::SystemRandom::new();
-    let signature = STANDARD.encode(pair.sign(&rng, &signed).unwrap().as_ref());
-    reqwest::Client::new()
-        .post(format!("{base}/webhooks/sendgrid/events"))
-        .header("X-Twilio-Email-Event-Webhook-Signature", signature)
-        .header("X-Twilio-Email-Event-Webhook-Timestamp", timestamp)
-        .header("Content-Type", "application/json")
-        .body(body.to_owned())
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_link_a_stop_a_start_and_a_hard_bounce_are_each_told_once() {
-    let (pair, sendgrid_public) = sendgrid_key();
+    let signer = SendgridSigner::new();
     let (env, base) = http_env(&[
         ("LIFECYCLE_TWILIO_AUTH_TOKEN", "tw-token".into()),
-        ("LIFECYCLE_SENDGRID_WEBHOOK_KEY", sendgrid_public),
+        ("LIFECYCLE_SENDGRID_WEBHOOK_KEY", signer.public_key.clone()),
     ]);
     let subscriber = Subscriber::bind(&env).await;
     let worker = Worker::start(env.app().await, NO_DISPATCH).await.unwrap();
@@ -305,14 +264,11 @@ async fn a_link_a_stop_a_start_and_a_hard_bounce_are_each_told_once() {
     assert_eq!(clicked.status(), 200);
     // STOP twice (the second changes nothing), then START.
     for body in ["STOP", "stop", "START"] {
-        let answer = twilio_post(
-            &base,
-            "tw-token",
-            &[("From", "+14155550102"), ("Body", body)],
-        )
-        .send()
-        .await
-        .unwrap();
+        let form = [("From", "+14155550102"), ("Body", body)];
+        let answer = twilio_post(&base, "/webhooks/twilio/inbound", "tw-token", &form)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(answer.status(), 200, "{body}");
     }
     // A hard bounce, reported twice.
@@ -320,7 +276,7 @@ async fn a_link_a_stop_a_start_and_a_hard_bounce_are_each_told_once() {
                          "status": "5.1.1", "reason": "550 5.1.1 no such user"}])
     .to_string();
     for _ in 0..2 {
-        let answer = sendgrid_post(&base, &pair, &bounce).send().await.unwrap();
+        let answer = signer.post(&base, &bounce).send().await.unwrap();
         assert_eq!(answer.status(), 204);
     }
 

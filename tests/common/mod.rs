@@ -635,3 +635,64 @@ pub fn restart_postgres() {
         ],
     );
 }
+
+/// A POST to one of Twilio's webhook routes, signed with `token` as Twilio signs it.
+pub fn twilio_post(
+    base: &str,
+    path: &str,
+    token: &str,
+    form: &[(&str, &str)],
+) -> reqwest::RequestBuilder {
+    let url = format!("{base}{path}");
+    let params: Vec<(String, String)> = form
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let signature = lifecycle::testkit::http::twilio_signature(token, &url, &params);
+    reqwest::Client::new()
+        .post(url)
+        .header("X-Twilio-Signature", signature)
+        .form(form)
+}
+
+/// SendGrid's signing side: a P-256 key pair, its public key as SendGrid shows it (base64 of
+/// the SubjectPublicKeyInfo), and requests signed as SendGrid signs them.
+pub struct SendgridSigner {
+    pub pair: aws_lc_rs::signature::EcdsaKeyPair,
+    pub public_key: String,
+}
+
+impl SendgridSigner {
+    pub fn new() -> SendgridSigner {
+        use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
+        use base64::Engine;
+        let pair = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING).unwrap();
+        let spki_prefix: [u8; 26] = [
+            0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06,
+            0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+        ];
+        let public_key = base64::engine::general_purpose::STANDARD
+            .encode([&spki_prefix[..], pair.public_key().as_ref()].concat());
+        SendgridSigner { pair, public_key }
+    }
+
+    /// A POST of `body` to the events route, signed now.
+    pub fn post(&self, base: &str, body: &str) -> reqwest::RequestBuilder {
+        use base64::Engine;
+        let timestamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            .to_string();
+        let signed = [timestamp.as_bytes(), body.as_bytes()].concat();
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let signature = base64::engine::general_purpose::STANDARD
+            .encode(self.pair.sign(&rng, &signed).unwrap().as_ref());
+        reqwest::Client::new()
+            .post(format!("{base}/webhooks/sendgrid/events"))
+            .header("X-Twilio-Email-Event-Webhook-Signature", signature)
+            .header("X-Twilio-Email-Event-Webhook-Timestamp", timestamp)
+            .header("Content-Type", "application/json")
+            .body(body.to_owned())
+    }
+}
